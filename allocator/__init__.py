@@ -1,0 +1,1 @@
+"""allot's domain: rounds, sites, batches and reservations, decided in Redis, kept in PostgreSQL."""

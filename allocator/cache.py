@@ -1,0 +1,55 @@
+"""A small time-bounded cache with single-flight loading.
+
+Under a flash crowd thousands of requests ask for the same round or the same stock snapshot in
+the same millisecond; only one of them goes to Redis, the others wait for its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TtlCache(Generic[K, V]):
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._values: dict[K, tuple[float, V]] = {}
+        self._loading: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        hit = self._values.get(key)
+        if hit is not None and hit[0] > self._clock():
+            return hit[1]
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key, load))
+            # The caller that started the load may be cancelled (its client went away); the
+            # others still get the result, and a failure is never left unretrieved.
+            pending.add_done_callback(_retrieve)
+            self._loading[key] = pending
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
+        try:
+            value = await load()
+            self._values[key] = (self._clock() + self._ttl, value)
+            return value
+        finally:
+            del self._loading[key]
+
+    def invalidate(self, key: K | None = None) -> None:
+        if key is None:
+            self._values.clear()
+        else:
+            self._values.pop(key, None)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -1,0 +1,551 @@
+"""The allocator: every citizen and operator action, decided in Redis, recorded in PostgreSQL.
+
+Handlers call these methods and never touch Redis or PostgreSQL themselves. Each method either
+returns a value or raises a ``Problem`` from allocator.errors; store failures become
+``Unavailable`` (503 with Retry-After) within the configured timeout, never a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+import orjson
+from asyncpg.pool import PoolConnectionProxy
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from allocator.cache import TtlCache
+from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.errors import (
+    AlreadyReserved,
+    BatchConflict,
+    InvalidRequest,
+    NotCollectable,
+    NotFound,
+    Problem,
+    RoundNotOpen,
+    SoldOut,
+    Unavailable,
+)
+from allocator.identity import Hasher, mask_citizen_id
+from allocator.keys import Keys, RoundKeys
+from allocator.model import (
+    PICKUP_ALPHABET,
+    RESERVATION_ID,
+    Reservation,
+    Round,
+    Site,
+    ms_to_rfc3339,
+    to_ms,
+)
+from allocator.redistyping import awaited
+from allocator.scripts import Scripts
+
+log = logging.getLogger("allot.allocator")
+
+T = TypeVar("T")
+
+LEDGER_GROUP = "ledger"
+CODE_CANDIDATES = 3
+SNAPSHOT_TTL = 1.0  # seconds a worker may serve a cached round, site list or stock snapshot
+
+
+def new_reservation_id(round_id: str) -> str:
+    return f"{secrets.token_urlsafe(16)}.{round_id}"
+
+
+def new_pickup_code() -> str:
+    return "".join(secrets.choice(PICKUP_ALPHABET) for _ in range(8))
+
+
+def batch_digest(items: Sequence[tuple[str, int]]) -> str:
+    """Same contents, same digest, whatever the order of the rows or the form (JSON or CSV)."""
+    return hashlib.sha256(orjson.dumps(sorted(items))).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    round_id: str
+    site_id: str
+    citizen_id: str  # validated and normalised
+    phone: str  # validated
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """What one claim came to: a reservation (created or the existing one), or a refusal."""
+
+    reservation: Reservation | None = None
+    created: bool = False
+    refusal: Problem | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchAnswer:
+    body: dict[str, Any]
+    created: bool
+
+
+class Allocator:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool | None,
+        keys: Keys,
+        hasher: Hasher,
+        *,
+        timeout: float = 0.8,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.keys = keys
+        self.hasher = hasher
+        self.timeout = timeout
+        self.clock = clock
+        self.scripts = Scripts.register(redis)
+        self._rounds: TtlCache[str, Round | None] = TtlCache(SNAPSHOT_TTL)
+        self._round_ids: TtlCache[None, list[str]] = TtlCache(SNAPSHOT_TTL)
+        self._sites: TtlCache[None, dict[str, Site]] = TtlCache(SNAPSHOT_TTL)
+        self._stock: TtlCache[str, dict[str, int]] = TtlCache(SNAPSHOT_TTL)
+        self._known_groups: set[str] = set()
+
+    # -- guards ------------------------------------------------------------------------------
+
+    async def _redis(self, aw: Awaitable[T]) -> T:
+        """Await a Redis call, turning any store failure into a prompt 503."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await aw
+        except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, ResponseError) and not _is_transient_response(exc):
+                log.error("redis refused a command: %s", exc)
+            raise Unavailable("The reservation store is not answering; please try again.") from exc
+
+    @asynccontextmanager
+    async def _pg(self) -> AsyncIterator[PoolConnectionProxy]:
+        if self.pool is None:
+            raise Unavailable("The ledger database is not configured.")
+        try:
+            async with self.pool.acquire(timeout=2) as con:
+                yield con
+        except TRANSIENT_PG_ERRORS as exc:
+            raise Unavailable("The ledger database is not answering; please try again.") from exc
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    # -- cached reads --------------------------------------------------------------------------
+
+    async def find_round(self, round_id: str) -> Round | None:
+        async def load() -> Round | None:
+            h = await self._redis(awaited(self.redis.hgetall(self.keys.round(round_id).round)))
+            return Round.from_redis(round_id, h) if h else None
+
+        return await self._rounds.get(round_id, load)
+
+    async def round(self, round_id: str) -> Round:
+        found = await self.find_round(round_id)
+        if found is None:
+            raise NotFound(f"There is no round {round_id!r}.")
+        return found
+
+    async def round_ids(self) -> list[str]:
+        async def load() -> list[str]:
+            members = await self._redis(awaited(self.redis.smembers(self.keys.rounds)))
+            return sorted(m.decode() for m in members)
+
+        return await self._round_ids.get(None, load)
+
+    async def rounds(self) -> list[Round]:
+        found = [await self.find_round(r) for r in await self.round_ids()]
+        return sorted((r for r in found if r is not None), key=lambda r: (r.opens_at, r.round_id))
+
+    async def sites(self, *, fresh: bool = False) -> dict[str, Site]:
+        async def load() -> dict[str, Site]:
+            raw = await self._redis(awaited(self.redis.hgetall(self.keys.sites)))
+            return {k.decode(): Site(site_id=k.decode(), **orjson.loads(v)) for k, v in raw.items()}
+
+        if fresh:
+            self._sites.invalidate()
+        return await self._sites.get(None, load)
+
+    async def stock(self, round_id: str) -> dict[str, int]:
+        """Units left per site with stock loaded in the round; may lag by up to SNAPSHOT_TTL."""
+
+        async def load() -> dict[str, int]:
+            raw = await self._redis(awaited(self.redis.hgetall(self.keys.round(round_id).stock)))
+            return {k.decode(): int(v) for k, v in raw.items()}
+
+        return await self._stock.get(round_id, load)
+
+    async def round_public(self, rnd: Round) -> dict[str, Any]:
+        return rnd.public(self.now(), sum((await self.stock(rnd.round_id)).values()))
+
+    async def site_list(self, round_id: str) -> list[dict[str, Any]]:
+        await self.round(round_id)
+        stock = await self.stock(round_id)
+        sites = await self.sites()
+        return [
+            sites[s].public(units)
+            for s, units in sorted(stock.items(), key=lambda kv: _site_order(sites, kv[0]))
+            if s in sites
+        ]
+
+    async def alternatives(self, rnd: Round, site_id: str) -> list[dict[str, Any]]:
+        """Up to 5 other sites that can still serve a share: same district first, then most left."""
+        stock = await self.stock(rnd.round_id)
+        sites = await self.sites()
+        here = sites.get(site_id)
+        options = [
+            (s.district != (here.district if here else None), -units, s.site_id, s)
+            for sid, units in stock.items()
+            if sid != site_id and units >= rnd.per_person and (s := sites.get(sid)) is not None
+        ]
+        options.sort(key=lambda o: o[:3])
+        return [
+            {"site_id": s.site_id, "name": s.name, "district": s.district, "remaining": -neg}
+            for _, neg, _, s in options[:5]
+        ]
+
+    # -- citizens ------------------------------------------------------------------------------
+
+    async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """Decide several claims on one round in one script call; one result per item."""
+        rk = self.keys.round(round_id)
+        code_keys: list[str] = []
+        args: list[str | int] = [len(items)]
+        for item in items:
+            ck = rk.codes(item.site_id)
+            if ck not in code_keys:
+                code_keys.append(ck)
+            args += [
+                7 + code_keys.index(ck),
+                item.site_id,
+                self.hasher.citizen(item.citizen_id),
+                self.hasher.phone(item.phone),
+                mask_citizen_id(item.citizen_id),
+                new_reservation_id(round_id),
+                *(new_pickup_code() for _ in range(CODE_CANDIDATES)),
+            ]
+        keys = [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, *code_keys]
+        replies = await self._redis(self.scripts.claim(keys=keys, args=args))
+        outcomes = []
+        for item, reply in zip(items, replies, strict=True):
+            outcomes.append(await self._claim_outcome(round_id, item, reply))
+        return outcomes
+
+    async def _claim_outcome(
+        self, round_id: str, item: ClaimRequest, reply: list[bytes]
+    ) -> ClaimOutcome:
+        status = reply[0].decode()
+        if status in ("created", "existing"):
+            reservation = Reservation.from_record(round_id, reply[1])
+            return ClaimOutcome(reservation=reservation, created=status == "created")
+        if status == "no-round":
+            return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
+        if status == "not-open":
+            opens, closes = (ms_to_rfc3339(int(x)) for x in reply[1:3])
+            when = "has not opened yet" if self.now_ms() < int(reply[1]) else "has closed"
+            return ClaimOutcome(
+                refusal=RoundNotOpen(
+                    f"Round {round_id!r} {when}: reservations are taken from {opens} to {closes}.",
+                    opens_at=opens,
+                    closes_at=closes,
+                )
+            )
+        if status == "already-reserved":
+            return ClaimOutcome(
+                refusal=AlreadyReserved(
+                    "This citizen ID already holds a reservation in this round "
+                    "(at another site or with another phone number)."
+                )
+            )
+        if status == "sold-out":
+            left = int(reply[1])
+            if left == 0 and item.site_id not in await self.sites(fresh=True):
+                return ClaimOutcome(refusal=NotFound(f"There is no site {item.site_id!r}."))
+            rnd = await self.round(round_id)
+            return ClaimOutcome(
+                refusal=SoldOut(
+                    f"Site {item.site_id!r} has {left} unit(s) left; a share is {rnd.per_person}.",
+                    alternatives=await self.alternatives(rnd, item.site_id),
+                )
+            )
+        if status == "no-code":
+            log.error("all %d pickup-code candidates were taken; retry", CODE_CANDIDATES)
+            return ClaimOutcome(refusal=Unavailable("Please try again."))
+        raise AssertionError(f"claim.lua answered {status!r}")
+
+    async def reserve(
+        self, round_id: str, site_id: str, citizen_id: str, phone: str
+    ) -> tuple[Reservation, bool]:
+        [outcome] = await self.claim_many(
+            round_id, [ClaimRequest(round_id, site_id, citizen_id, phone)]
+        )
+        if outcome.refusal is not None:
+            raise outcome.refusal
+        assert outcome.reservation is not None
+        return outcome.reservation, outcome.created
+
+    async def reservation(self, reservation_id: str) -> Reservation:
+        round_id = _round_of(reservation_id)
+        record = await self._redis(
+            awaited(self.redis.hget(self.keys.round(round_id).reservations, reservation_id))
+        )
+        if record is None:
+            raise NotFound("There is no such reservation.")
+        return Reservation.from_record(round_id, record)
+
+    async def cancel(self, reservation_id: str) -> Reservation:
+        round_id = _round_of(reservation_id)
+        rk = self.keys.round(round_id)
+        reply = await self._redis(
+            self.scripts.cancel(
+                keys=[rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+                args=[reservation_id],
+            )
+        )
+        status = reply[0].decode()
+        if status == "not-found":
+            raise NotFound("There is no such reservation.")
+        reservation = Reservation.from_record(round_id, reply[1])
+        if status == "not-collectable":
+            raise NotCollectable(
+                f"This reservation is {self._shown_status(reservation, await self.round(round_id))}"
+                " and can no longer be cancelled."
+            )
+        self._stock.invalidate(round_id)
+        return reservation
+
+    def _shown_status(self, reservation: Reservation, rnd: Round) -> str:
+        return reservation.effective_status(self.now_ms(), to_ms(rnd.pickup_end))
+
+    # -- operators -----------------------------------------------------------------------------
+
+    async def upsert_sites(self, sites: Sequence[Site]) -> int:
+        async with self._pg() as con, con.transaction():
+            await con.executemany(
+                "INSERT INTO sites (site_id, name, address, district) VALUES ($1, $2, $3, $4)"
+                " ON CONFLICT (site_id) DO UPDATE SET name = EXCLUDED.name,"
+                " address = EXCLUDED.address, district = EXCLUDED.district, updated_at = now()",
+                [(s.site_id, s.name, s.address, s.district) for s in sites],
+            )
+        await self.mirror_sites(sites)
+        return len(sites)
+
+    async def mirror_sites(self, sites: Sequence[Site]) -> None:
+        mapping = {
+            s.site_id: orjson.dumps({"name": s.name, "address": s.address, "district": s.district})
+            for s in sites
+        }
+        if mapping:
+            await self._redis(awaited(self.redis.hset(self.keys.sites, mapping=mapping)))
+        self._sites.invalidate()
+
+    async def upsert_round(self, rnd: Round) -> bool:
+        """Write the round to PostgreSQL, then to Redis; True when it is new."""
+        spec = orjson.dumps(rnd.to_redis()).decode()
+        async with self._pg() as con:
+            created = await con.fetchval(
+                "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person,"
+                " pickup_start, pickup_end, mode, spec) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
+                " ON CONFLICT (round_id) DO UPDATE SET title = EXCLUDED.title,"
+                " opens_at = EXCLUDED.opens_at, closes_at = EXCLUDED.closes_at,"
+                " per_person = EXCLUDED.per_person, pickup_start = EXCLUDED.pickup_start,"
+                " pickup_end = EXCLUDED.pickup_end, mode = EXCLUDED.mode, spec = EXCLUDED.spec,"
+                " updated_at = now() RETURNING (xmax = 0)",
+                rnd.round_id,
+                rnd.title,
+                rnd.opens_at,
+                rnd.closes_at,
+                rnd.per_person,
+                rnd.pickup_start,
+                rnd.pickup_end,
+                rnd.mode,
+                spec,
+            )
+        await self.mirror_round(rnd)
+        return bool(created)
+
+    async def mirror_round(self, rnd: Round) -> None:
+        rk = self.keys.round(rnd.round_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(rk.round, mapping=rnd.to_redis())
+            pipe.sadd(self.keys.rounds, rnd.round_id)
+            await self._redis(pipe.execute())
+        await self.ensure_ledger_group(rk)
+        self._rounds.invalidate(rnd.round_id)
+        self._round_ids.invalidate()
+
+    async def ensure_ledger_group(self, rk: RoundKeys) -> None:
+        """The consumer group starts at 0, so no entry written before it existed is skipped."""
+        if rk.ledger in self._known_groups:
+            return
+        try:
+            await self._redis(
+                awaited(self.redis.xgroup_create(rk.ledger, LEDGER_GROUP, id="0", mkstream=True))
+            )
+        except Unavailable as exc:
+            if "BUSYGROUP" not in str(exc.__cause__):
+                raise
+        self._known_groups.add(rk.ledger)
+
+    async def load_batch(
+        self, round_id: str, batch_id: str, items: Sequence[tuple[str, int]]
+    ) -> BatchAnswer:
+        """Add a batch all or nothing; the same batch_id and items again change nothing."""
+        await self.round(round_id)
+        sites = await self.sites(fresh=True)
+        unknown = [
+            {"field": f"items[{i}].site_id", "message": f"unknown site {s!r}"}
+            for i, (s, _) in enumerate(items)
+            if s not in sites
+        ]
+        if unknown:
+            raise InvalidRequest(unknown)
+        rk = self.keys.round(round_id)
+        canonical = sorted(items)
+        reply = await self._redis(
+            self.scripts.load_batch(
+                keys=[rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger],
+                args=[
+                    batch_id,
+                    batch_digest(items),
+                    orjson.dumps(canonical).decode(),
+                    *(v for pair in canonical for v in pair),
+                ],
+            )
+        )
+        status = reply[0].decode()
+        if status == "no-round":
+            raise NotFound(f"There is no round {round_id!r}.")
+        if status == "conflict":
+            raise BatchConflict(f"Batch {batch_id!r} was already loaded with other contents.")
+        self._stock.invalidate(round_id)
+        body = {
+            "batch_id": batch_id,
+            "units_added": sum(q for _, q in items),
+            "sites": len(items),
+        }
+        return BatchAnswer(body=body, created=status == "loaded")
+
+    async def pickup(
+        self, site_id: str, code: str, citizen_id: str | None, round_id: str | None = None
+    ) -> Reservation:
+        """Hand over at the counter; without a round, the round whose code it is is found."""
+        round_id = round_id or await self._round_of_code(site_id, code)
+        if round_id is None:
+            raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
+        rk = self.keys.round(round_id)
+        citizen = self.hasher.citizen(citizen_id) if citizen_id else ""
+        reply = await self._redis(
+            self.scripts.pickup(
+                keys=[rk.round, rk.reservations, rk.codes(site_id), rk.tally, rk.ledger],
+                args=[code, citizen],
+            )
+        )
+        status = reply[0].decode()
+        if status == "not-found":
+            raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
+        reservation = Reservation.from_record(round_id, reply[1])
+        if status == "not-collectable":
+            why = reply[2].decode()
+            if why == "citizen":
+                raise NotCollectable("The ID number does not match this reservation's holder.")
+            raise NotCollectable(f"This reservation is {why} and cannot be collected.")
+        return reservation
+
+    async def _round_of_code(self, site_id: str, code: str) -> str | None:
+        """The round holding this code at this site; a round in its pickup window wins a tie."""
+        round_ids = await self.round_ids()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for r in round_ids:
+                pipe.hexists(self.keys.round(r).codes(site_id), code)
+            found: list[bool] = await self._redis(pipe.execute())
+        holders = [r for r, hit in zip(round_ids, found, strict=True) if hit]
+        if len(holders) <= 1:
+            return holders[0] if holders else None
+        now = self.now()
+        for r in holders:
+            rnd = await self.find_round(r)
+            if rnd is not None and rnd.pickup_start <= now < rnd.pickup_end:
+                return r
+        return holders[-1]
+
+    async def stats(self, round_id: str) -> dict[str, Any]:
+        await self.round(round_id)
+        rk = self.keys.round(round_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(rk.loaded)
+            pipe.hgetall(rk.stock)
+            pipe.hgetall(rk.tally)
+            pipe.hlen(rk.holders)
+            pipe.xlen(rk.ledger)
+            loaded_raw, stock_raw, tally_raw, live, backlog = await self._redis(pipe.execute())
+        loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
+        stock = {k.decode(): int(v) for k, v in stock_raw.items()}
+        tally = {k.decode(): int(v) for k, v in tally_raw.items()}
+        recorded: int | None
+        try:
+            async with self._pg() as con:
+                recorded = await con.fetchval(
+                    "SELECT count(*) FROM reservations WHERE round_id = $1", round_id
+                )
+        except Unavailable:
+            recorded = None
+        site_ids = sorted(set(loaded) | set(stock))
+        return {
+            "round_id": round_id,
+            "loaded": sum(loaded.values()),
+            "reserved": sum(v for k, v in tally.items() if k.startswith("reserved:")),
+            "collected": sum(v for k, v in tally.items() if k.startswith("collected:")),
+            "remaining": sum(stock.values()),
+            "reservations": live,
+            "sites": [
+                {
+                    "site_id": s,
+                    "loaded": loaded.get(s, 0),
+                    "reserved": tally.get(f"reserved:{s}", 0),
+                    "remaining": stock.get(s, 0),
+                }
+                for s in site_ids
+            ],
+            "ledger": {"recorded": recorded, "lag": backlog},
+        }
+
+    async def ping(self) -> None:
+        """Readiness: Redis runs a real script, PostgreSQL answers a query."""
+        await self._redis(awaited(self.redis.eval("return 1", 0)))
+        async with self._pg() as con:
+            await con.fetchval("SELECT 1")
+
+
+def _round_of(reservation_id: str) -> str:
+    match = RESERVATION_ID.fullmatch(reservation_id)
+    if match is None:
+        raise NotFound("There is no such reservation.")
+    return match.group(2)
+
+
+def _site_order(sites: dict[str, Site], site_id: str) -> tuple[str, str]:
+    s = sites.get(site_id)
+    return (s.district, site_id) if s else ("", site_id)
+
+
+def _is_transient_response(exc: ResponseError) -> bool:
+    text = str(exc)
+    return text.startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "NOSCRIPT"))

@@ -1,0 +1,75 @@
+"""Every Redis key allot uses is built here, and nowhere else.
+
+Per-round keys share the hash tag ``{r:<round_id>}`` so each Lua script touches one slot and runs
+unchanged on Redis Cluster. Citizen IDs and phones never appear in a key name: they are kept only
+as HMAC hashes inside hash fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RoundKeys:
+    """The keys of one round; see docs/architecture.md for what each holds."""
+
+    round: str  # hash: title, times (ISO and *_ms), per_person, mode
+    stock: str  # hash: site_id -> units left
+    loaded: str  # hash: site_id -> units ever loaded
+    tally: str  # hash: reserved:<site>, collected:<site>, created
+    holders: str  # hash: citizen hash -> reservation_id (live: confirmed or collected)
+    reservations: str  # hash: reservation_id -> record JSON
+    batches: str  # hash: batch_id -> digest
+    ledger: str  # stream: one entry per state change, drained into PostgreSQL
+    dead: str  # stream: ledger entries that failed too often, kept for an operator
+    _codes_prefix: str
+
+    def codes(self, site_id: str) -> str:
+        """Hash of pickup code -> reservation_id for one site in this round."""
+        return f"{self._codes_prefix}{site_id}"
+
+    def all_static(self) -> tuple[str, ...]:
+        return (
+            self.round,
+            self.stock,
+            self.loaded,
+            self.tally,
+            self.holders,
+            self.reservations,
+            self.batches,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prefix: str = "allot"
+
+    @property
+    def rounds(self) -> str:
+        """Set of every round_id."""
+        return f"{self.prefix}:rounds"
+
+    @property
+    def sites(self) -> str:
+        """Hash: site_id -> JSON {name, address, district}."""
+        return f"{self.prefix}:sites"
+
+    def round(self, round_id: str) -> RoundKeys:
+        tag = f"{self.prefix}:{{r:{round_id}}}:"
+        return RoundKeys(
+            round=tag + "round",
+            stock=tag + "stock",
+            loaded=tag + "loaded",
+            tally=tag + "tally",
+            holders=tag + "holders",
+            reservations=tag + "reservations",
+            batches=tag + "batches",
+            ledger=tag + "ledger",
+            dead=tag + "ledger:dead",
+            _codes_prefix=tag + "codes:",
+        )
+
+    def gate(self, name: str) -> str:
+        """A token bucket; ``name`` is already hashed where it names a person or address."""
+        return f"{self.prefix}:gate:{name}"

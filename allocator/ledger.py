@@ -1,0 +1,350 @@
+"""The ledger writer: drains each round's Redis stream into PostgreSQL.
+
+Every state change a Lua script makes is appended, in the same atomic step, to the round's
+stream. This writer reads the stream through a consumer group and commits entries in batches:
+
+* rows are written with ``INSERT … ON CONFLICT`` keyed by reservation_id, and a status only ever
+  moves forward (confirmed -> collected | cancelled | expired), so a replayed or reordered entry
+  changes nothing;
+* an entry is acknowledged (``XACK``, then ``XDEL``) only after its transaction committed, so a
+  writer killed in between leaves it pending, and it is delivered again;
+* on start a consumer first re-reads its own pending entries, and entries a dead consumer left
+  pending longer than ``claim_idle_ms`` are taken over with ``XAUTOCLAIM``;
+* while PostgreSQL is down, nothing is acknowledged and the writer backs off; reservations go on
+  in Redis and the backlog (the stream's length) shows as ledger lag;
+* an entry PostgreSQL refuses for its data ``max_attempts`` times is moved to the round's
+  dead-letter stream and logged, so one bad entry cannot stop the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from allocator.config import LedgerSettings
+from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.keys import Keys
+from allocator.redistyping import awaited
+
+log = logging.getLogger("allot.ledger")
+
+GROUP = "ledger"
+
+UPSERT_RESERVATION = """
+INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
+                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (reservation_id) DO UPDATE
+   SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
+"""
+
+INSERT_BATCH = """
+INSERT INTO batches (round_id, batch_id, digest, items, units, loaded_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (round_id, batch_id) DO NOTHING
+"""
+
+
+def _ts(ms: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    round_id: str
+    entry_id: bytes
+    fields: dict[bytes, bytes]
+
+    def statement(self) -> tuple[str, tuple[Any, ...]]:
+        kind = self.fields.get(b"kind", b"").decode()
+        if kind == "reservation":
+            r = orjson.loads(self.fields[b"record"])
+            return UPSERT_RESERVATION, (
+                r["id"],
+                self.round_id,
+                r["site"],
+                int(r["qty"]),
+                r["status"],
+                r["code"],
+                r["cit"],
+                r["ph"],
+                r["mask"],
+                _ts(int(r["created"])),
+                _ts(int(r["updated"])),
+            )
+        if kind == "batch":
+            items = orjson.loads(self.fields[b"items"])
+            return INSERT_BATCH, (
+                self.round_id,
+                self.fields[b"batch_id"].decode(),
+                self.fields[b"digest"].decode(),
+                orjson.dumps(items).decode(),
+                sum(int(q) for _, q in items),
+                _ts(int(self.fields[b"at"])),
+            )
+        raise ValueError(f"unknown ledger entry kind {kind!r}")
+
+
+def consumer_name(worker: int = 0) -> str:
+    """Stable across restarts of the same worker slot, so a restarted writer finds its pending."""
+    return f"{socket.gethostname()}-w{worker}"
+
+
+class LedgerWriter:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool,
+        keys: Keys,
+        settings: LedgerSettings,
+        *,
+        consumer: str | None = None,
+        block_ms: int = 200,
+        on_lag: Callable[[int], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.keys = keys
+        self.settings = settings
+        self.consumer = consumer or consumer_name()
+        self.block_ms = block_ms
+        self.on_lag = on_lag
+        self.committed = 0  # entries committed by this writer, for tests and logs
+        self._groups: set[str] = set()
+        self._failures: dict[bytes, int] = {}
+        self._stopping = asyncio.Event()
+        self._backoff = 0.0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Drain until stop() is called; every failure is logged and retried, never raised."""
+        log.info("ledger writer %s started (pid %d)", self.consumer, os.getpid())
+        next_claim = 0.0
+        while not self._stopping.is_set():
+            try:
+                loop = asyncio.get_running_loop()
+                streams = await self._streams()
+                if loop.time() >= next_claim:
+                    await self._autoclaim(streams)
+                    next_claim = loop.time() + self.settings.claim_idle_ms / 2000
+                    await self._report_lag(streams)
+                progressed = await self.step(streams)
+                self._backoff = 0.0
+                if not progressed and not streams:
+                    await self._sleep(self.block_ms / 1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._backoff = min(5.0, max(0.1, self._backoff * 2))
+                level = logging.WARNING if _transient(exc) else logging.ERROR
+                log.log(
+                    level,
+                    "ledger writer: %s: %s; retrying in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    self._backoff,
+                )
+                await self._sleep(self._backoff)
+        log.info("ledger writer %s stopped", self.consumer)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # -- one pass ----------------------------------------------------------------------------
+
+    async def step(self, streams: dict[str, str] | None = None) -> bool:
+        """Commit one batch: this consumer's pending entries first, else new ones."""
+        if streams is None:
+            streams = await self._streams()
+        if not streams:
+            return False
+        count = self.settings.batch_size
+        entries = self._parse(
+            await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(streams, "0"), count)
+        )
+        if not entries:
+            entries = self._parse(
+                await self.redis.xreadgroup(
+                    GROUP, self.consumer, dict.fromkeys(streams, ">"), count, block=self.block_ms
+                )
+            )
+        if not entries:
+            return False
+        await self._commit(entries, streams)
+        return True
+
+    async def drain(self) -> None:
+        """Commit until every stream is empty; callers bound it with asyncio.timeout."""
+        while True:
+            streams = await self._streams()
+            await self.step(streams)
+            if not await self.backlog(streams):
+                return
+
+    async def backlog(self, streams: dict[str, str] | None = None) -> int:
+        """Entries not yet committed: every committed entry is deleted from its stream."""
+        if streams is None:
+            streams = await self._streams()
+        if not streams:
+            return 0
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xlen(stream)
+            return sum(await pipe.execute())
+
+    async def _streams(self) -> dict[str, str]:
+        """stream key -> round_id for every round, with its consumer group in place."""
+        round_ids = sorted(m.decode() for m in await awaited(self.redis.smembers(self.keys.rounds)))
+        streams = {self.keys.round(r).ledger: r for r in round_ids}
+        for stream in streams:
+            if stream not in self._groups:
+                try:
+                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._groups.add(stream)
+        return streams
+
+    def _parse(self, reply: Any) -> list[Entry]:
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            round_id = self._round_of_stream(stream.decode())
+            for entry_id, fields in items:
+                if fields:  # a pending entry deleted meanwhile comes back with no fields
+                    entries.append(Entry(round_id, entry_id, fields))
+        return entries
+
+    def _round_of_stream(self, stream: str) -> str:
+        # <prefix>:{r:<round_id>}:ledger
+        return stream.rsplit("{r:", 1)[1].split("}", 1)[0]
+
+    async def _commit(self, entries: Sequence[Entry], streams: dict[str, str]) -> None:
+        try:
+            async with self.pool.acquire() as con, con.transaction():
+                for sql, rows in _grouped(entries):
+                    await con.executemany(sql, rows)
+        except TRANSIENT_PG_ERRORS:
+            raise
+        except (asyncpg.PostgresError, ValueError, KeyError) as exc:
+            log.warning("ledger batch of %d refused (%s); committing one by one", len(entries), exc)
+            for entry in entries:
+                await self._commit_one(entry)
+            return
+        await self._ack(entries)
+
+    async def _commit_one(self, entry: Entry) -> None:
+        try:
+            sql, row = entry.statement()
+            async with self.pool.acquire() as con:
+                await con.execute(sql, *row)
+        except TRANSIENT_PG_ERRORS:
+            raise
+        except (asyncpg.PostgresError, ValueError, KeyError) as exc:
+            failures = self._failures.get(entry.entry_id, 0) + 1
+            self._failures[entry.entry_id] = failures
+            if failures < self.settings.max_attempts:
+                log.warning(
+                    "ledger entry %s of round %s refused (%d/%d): %s",
+                    entry.entry_id.decode(),
+                    entry.round_id,
+                    failures,
+                    self.settings.max_attempts,
+                    exc,
+                )
+                return
+            await self._dead_letter(entry, exc)
+            return
+        await self._ack([entry])
+
+    async def _dead_letter(self, entry: Entry, exc: Exception) -> None:
+        rk = self.keys.round(entry.round_id)
+        log.error(
+            "ledger entry %s of round %s moved to %s after %d attempts: %s",
+            entry.entry_id.decode(),
+            entry.round_id,
+            rk.dead,
+            self.settings.max_attempts,
+            exc,
+        )
+        fields = dict(entry.fields)
+        fields[b"error"] = str(exc).encode()
+        fields[b"entry_id"] = entry.entry_id
+        await self.redis.xadd(rk.dead, fields)  # type: ignore[arg-type]
+        await self._ack([entry])
+
+    async def _ack(self, entries: Sequence[Entry]) -> None:
+        by_stream: dict[str, list[bytes]] = {}
+        for e in entries:
+            by_stream.setdefault(self.keys.round(e.round_id).ledger, []).append(e.entry_id)
+            self._failures.pop(e.entry_id, None)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in by_stream.items():
+                pipe.xack(stream, GROUP, *ids)
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        self.committed += len(entries)
+
+    async def _autoclaim(self, streams: dict[str, str]) -> None:
+        """Take over entries another consumer left pending for longer than claim_idle_ms."""
+        for stream in streams:
+            start = "0-0"
+            while True:
+                reply = await self.redis.xautoclaim(
+                    stream,
+                    GROUP,
+                    self.consumer,
+                    self.settings.claim_idle_ms,
+                    start_id=start,
+                    count=self.settings.batch_size,
+                    justid=True,
+                )
+                start_b, claimed = reply[0], reply[1]
+                if claimed:
+                    log.warning(
+                        "ledger writer %s took over %d pending entries of %s",
+                        self.consumer,
+                        len(claimed),
+                        stream,
+                    )
+                start = start_b.decode() if isinstance(start_b, bytes) else str(start_b)
+                if start == "0-0":
+                    break
+
+    async def _report_lag(self, streams: dict[str, str]) -> None:
+        if self.on_lag is not None:
+            self.on_lag(await self.backlog(streams))
+
+
+def _grouped(entries: Sequence[Entry]) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """Consecutive entries of the same kind as one executemany, keeping stream order."""
+    groups: list[tuple[str, list[tuple[Any, ...]]]] = []
+    for entry in entries:
+        sql, row = entry.statement()
+        if groups and groups[-1][0] == sql:
+            groups[-1][1].append(row)
+        else:
+            groups.append((sql, [row]))
+    return groups
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, (*TRANSIENT_PG_ERRORS, RedisError))

@@ -1,0 +1,166 @@
+"""Plain values of the domain and their public (API) shapes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+ID_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
+PICKUP_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+PICKUP_CODE = re.compile(rf"[{PICKUP_ALPHABET}]{{8}}")
+# reservation_id = 128 random bits (22 URL-safe base64 characters), a dot, then the round_id:
+# the round is needed to find the reservation's keys, and it is public anyway.
+RESERVATION_ID = re.compile(r"([A-Za-z0-9_-]{22})\.([a-z0-9_-]{1,64})")
+STATUSES = ("confirmed", "collected", "cancelled", "expired")
+
+
+def ms_to_rfc3339(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="milliseconds")
+
+
+def to_ms(value: dt.datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def parse_rfc3339(value: str) -> dt.datetime:
+    """An aware datetime; raises ValueError for anything without an offset."""
+    parsed = dt.datetime.fromisoformat(value)
+    if parsed.tzinfo is None:
+        raise ValueError("needs an offset, e.g. 2026-03-01T09:00:00+08:00")
+    return parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Site:
+    site_id: str
+    name: str
+    address: str
+    district: str
+
+    def public(self, remaining: int) -> dict[str, Any]:
+        return {
+            "site_id": self.site_id,
+            "name": self.name,
+            "address": self.address,
+            "district": self.district,
+            "remaining": remaining,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    round_id: str
+    title: str
+    opens_at: dt.datetime
+    closes_at: dt.datetime
+    per_person: int
+    pickup_start: dt.datetime
+    pickup_end: dt.datetime
+    mode: str = "fcfs"
+
+    def status(self, now: dt.datetime) -> str:
+        if now < self.opens_at:
+            return "upcoming"
+        if now < self.closes_at:
+            return "open"
+        return "closed"
+
+    def public(self, now: dt.datetime, remaining: int) -> dict[str, Any]:
+        return {
+            "round_id": self.round_id,
+            "title": self.title,
+            "opens_at": self.opens_at.isoformat(),
+            "closes_at": self.closes_at.isoformat(),
+            "per_person": self.per_person,
+            "pickup_start": self.pickup_start.isoformat(),
+            "pickup_end": self.pickup_end.isoformat(),
+            "mode": self.mode,
+            "status": self.status(now),
+            "remaining": remaining,
+        }
+
+    def to_redis(self) -> dict[str, str | int]:
+        """Fields of the round hash; the *_ms ones are what the Lua scripts read."""
+        return {
+            "title": self.title,
+            "opens_at": self.opens_at.isoformat(),
+            "closes_at": self.closes_at.isoformat(),
+            "pickup_start": self.pickup_start.isoformat(),
+            "pickup_end": self.pickup_end.isoformat(),
+            "opens_ms": to_ms(self.opens_at),
+            "closes_ms": to_ms(self.closes_at),
+            "pickup_end_ms": to_ms(self.pickup_end),
+            "per_person": self.per_person,
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_redis(cls, round_id: str, h: dict[bytes, bytes]) -> Round:
+        return cls(
+            round_id=round_id,
+            title=h[b"title"].decode(),
+            opens_at=parse_rfc3339(h[b"opens_at"].decode()),
+            closes_at=parse_rfc3339(h[b"closes_at"].decode()),
+            per_person=int(h[b"per_person"]),
+            pickup_start=parse_rfc3339(h[b"pickup_start"].decode()),
+            pickup_end=parse_rfc3339(h[b"pickup_end"].decode()),
+            mode=h[b"mode"].decode(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One citizen's claim, as recorded by the Lua scripts (see lua/claim.lua)."""
+
+    reservation_id: str
+    round_id: str
+    site_id: str
+    quantity: int
+    status: str  # as stored: confirmed | collected | cancelled; 'expired' is derived
+    pickup_code: str
+    citizen_hash: str
+    phone_hash: str
+    citizen_id_masked: str
+    created_ms: int
+    updated_ms: int
+
+    @classmethod
+    def from_record(cls, round_id: str, record: bytes | str) -> Reservation:
+        r = orjson.loads(record)
+        return cls(
+            reservation_id=r["id"],
+            round_id=round_id,
+            site_id=r["site"],
+            quantity=int(r["qty"]),
+            status=r["status"],
+            pickup_code=r["code"],
+            citizen_hash=r["cit"],
+            phone_hash=r["ph"],
+            citizen_id_masked=r["mask"],
+            created_ms=int(r["created"]),
+            updated_ms=int(r["updated"]),
+        )
+
+    def effective_status(self, now_ms: int, pickup_end_ms: int) -> str:
+        """A confirmed reservation not collected by the end of the pickup window has expired."""
+        if self.status == "confirmed" and now_ms >= pickup_end_ms:
+            return "expired"
+        return self.status
+
+    def public(self, rnd: Round, now_ms: int) -> dict[str, Any]:
+        return {
+            "reservation_id": self.reservation_id,
+            "round_id": self.round_id,
+            "site_id": self.site_id,
+            "quantity": self.quantity,
+            "status": self.effective_status(now_ms, to_ms(rnd.pickup_end)),
+            "pickup_code": self.pickup_code,
+            "pickup_start": rnd.pickup_start.isoformat(),
+            "pickup_end": rnd.pickup_end.isoformat(),
+            "created_at": ms_to_rfc3339(self.created_ms),
+            "citizen_id_masked": self.citizen_id_masked,
+        }

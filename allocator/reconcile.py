@@ -1,0 +1,148 @@
+"""``allot reconcile``: prove, per round and site, that Redis and the ledger tell the same story.
+
+Checks, per site: Redis balances (loaded = remaining + reserved + collected, remaining >= 0);
+and, once the stream backlog is drained, Redis agrees with PostgreSQL (units loaded by recorded
+batches, units held by live reservations, units collected, number of reservations). Per round:
+no citizen holds two live reservations in the ledger, and the dead-letter stream is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+
+from allocator.keys import Keys
+from allocator.redistyping import awaited
+
+
+async def _backlog(redis: Redis, keys: Keys, round_id: str) -> int:
+    return int(await redis.xlen(keys.round(round_id).ledger))
+
+
+async def wait_for_ledger(redis: Redis, keys: Keys, round_ids: list[str], wait: float) -> None:
+    """Give the writer up to ``wait`` seconds to drain every round's stream."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while loop.time() < deadline:
+        if not any([await _backlog(redis, keys, r) for r in round_ids]):
+            return
+        await asyncio.sleep(0.2)
+
+
+async def reconcile(
+    redis: Redis,
+    con: asyncpg.Connection,
+    keys: Keys,
+    round_ids: list[str] | None = None,
+    *,
+    wait: float = 30.0,
+) -> dict[str, Any]:
+    if round_ids is None:
+        round_ids = sorted(m.decode() for m in await awaited(redis.smembers(keys.rounds)))
+    await wait_for_ledger(redis, keys, round_ids, wait)
+    rounds = [await _round(redis, con, keys, r) for r in round_ids]
+    return {"ok": all(r["ok"] for r in rounds), "rounds": rounds}
+
+
+async def _round(
+    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
+) -> dict[str, Any]:
+    rk = keys.round(round_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hgetall(rk.loaded)
+        pipe.hgetall(rk.stock)
+        pipe.hgetall(rk.tally)
+        pipe.hlen(rk.reservations)
+        pipe.xlen(rk.ledger)
+        pipe.xlen(rk.dead)
+        pipe.exists(rk.round)
+        loaded_raw, stock_raw, tally_raw, n_res, backlog, dead, exists = await pipe.execute()
+    loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
+    stock = {k.decode(): int(v) for k, v in stock_raw.items()}
+    tally = {k.decode(): int(v) for k, v in tally_raw.items()}
+
+    ledger_loaded: dict[str, int] = defaultdict(int)
+    for row in await con.fetch("SELECT items FROM batches WHERE round_id = $1", round_id):
+        for site_id, units in orjson.loads(row["items"]):
+            ledger_loaded[site_id] += int(units)
+    by_status: dict[tuple[str, str], int] = {}
+    for row in await con.fetch(
+        "SELECT site_id, status, sum(quantity) AS units FROM reservations"
+        " WHERE round_id = $1 GROUP BY site_id, status",
+        round_id,
+    ):
+        by_status[(row["site_id"], row["status"])] = int(row["units"])
+    recorded = await con.fetchval("SELECT count(*) FROM reservations WHERE round_id = $1", round_id)
+    doubles = await con.fetchval(
+        "SELECT count(*) FROM (SELECT citizen_hash FROM reservations"
+        " WHERE round_id = $1 AND status <> 'cancelled'"
+        " GROUP BY citizen_hash HAVING count(*) > 1) d",
+        round_id,
+    )
+
+    problems: list[str] = []
+    if not exists:
+        problems.append("the round is not in Redis (lost? see `allot rebuild`)")
+    if backlog:
+        problems.append(f"{backlog} ledger entries still wait in Redis; ledger figures are behind")
+    if dead:
+        problems.append(f"{dead} ledger entries are in the dead-letter stream {rk.dead}")
+    if doubles:
+        problems.append(f"{doubles} citizen(s) hold two live reservations in the ledger")
+    if not backlog and recorded != n_res:
+        problems.append(f"Redis has {n_res} reservations, the ledger {recorded}")
+
+    sites = []
+    for site_id in sorted(set(loaded) | set(stock) | set(ledger_loaded)):
+        reserved = tally.get(f"reserved:{site_id}", 0)
+        collected = tally.get(f"collected:{site_id}", 0)
+        remaining = stock.get(site_id, 0)
+        ledger = {
+            "loaded": ledger_loaded.get(site_id, 0),
+            "live": by_status.get((site_id, "confirmed"), 0)
+            + by_status.get((site_id, "expired"), 0),
+            "collected": by_status.get((site_id, "collected"), 0),
+        }
+        site_problems = []
+        if loaded.get(site_id, 0) != remaining + reserved + collected:
+            site_problems.append(
+                f"loaded {loaded.get(site_id, 0)} != remaining {remaining}"
+                f" + reserved {reserved} + collected {collected}"
+            )
+        if remaining < 0:
+            site_problems.append(f"remaining is negative ({remaining})")
+        if not backlog:
+            for name, redis_value in (
+                ("loaded", loaded.get(site_id, 0)),
+                ("live", reserved),
+                ("collected", collected),
+            ):
+                if ledger[name] != redis_value:
+                    site_problems.append(f"{name}: Redis {redis_value}, ledger {ledger[name]}")
+        sites.append(
+            {
+                "site_id": site_id,
+                "loaded": loaded.get(site_id, 0),
+                "remaining": remaining,
+                "reserved": reserved,
+                "collected": collected,
+                "ledger": ledger,
+                "ok": not site_problems,
+                "problems": site_problems,
+            }
+        )
+    ok = not problems and all(s["ok"] for s in sites)
+    return {
+        "round_id": round_id,
+        "ok": ok,
+        "backlog": backlog,
+        "dead_letters": dead,
+        "reservations": {"redis": n_res, "ledger": recorded},
+        "problems": problems,
+        "sites": sites,
+    }

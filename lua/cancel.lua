@@ -1,0 +1,41 @@
+-- cancel.lua: cancel a reservation and give its units back to the site, atomically.
+--
+-- KEYS[1]  round metadata hash   <p>:{r:<round>}:round         pickup_end_ms
+-- KEYS[2]  stock hash            <p>:{r:<round>}:stock         site_id -> units left
+-- KEYS[3]  holders hash          <p>:{r:<round>}:holders       citizen hash -> reservation_id
+-- KEYS[4]  reservations hash     <p>:{r:<round>}:reservations  reservation_id -> record (JSON)
+-- KEYS[5]  tally hash            <p>:{r:<round>}:tally         reserved:<site>
+-- KEYS[6]  ledger stream         <p>:{r:<round>}:ledger
+-- ARGV[1]  reservation_id
+-- returns  {'cancelled', record}          now cancelled (or was already: cancelling is idempotent)
+--          {'not-collectable', record}    collected, or past the pickup window (expired)
+--          {'not-found'}
+
+local reservation_id = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local record = redis.call('HGET', KEYS[4], reservation_id)
+if not record then
+  return {'not-found'}
+end
+local r = cjson.decode(record)
+if r.status == 'cancelled' then
+  return {'cancelled', record}
+end
+local pickup_end = tonumber(redis.call('HGET', KEYS[1], 'pickup_end_ms') or '0')
+if r.status ~= 'confirmed' or now >= pickup_end then
+  return {'not-collectable', record}
+end
+
+r.status = 'cancelled'
+r.updated = now
+record = cjson.encode(r)
+redis.call('HSET', KEYS[4], reservation_id, record)
+if redis.call('HGET', KEYS[3], r.cit) == reservation_id then
+  redis.call('HDEL', KEYS[3], r.cit)
+end
+redis.call('HINCRBY', KEYS[2], r.site, r.qty)
+redis.call('HINCRBY', KEYS[5], 'reserved:' .. r.site, -r.qty)
+redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record)
+return {'cancelled', record}

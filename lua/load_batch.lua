@@ -1,0 +1,48 @@
+-- load_batch.lua: add an operator's inventory batch to a round, all or nothing, once per batch_id.
+--
+-- KEYS[1]  round metadata hash   <p>:{r:<round>}:round
+-- KEYS[2]  stock hash            <p>:{r:<round>}:stock     site_id -> units left
+-- KEYS[3]  loaded hash           <p>:{r:<round>}:loaded    site_id -> units ever loaded
+-- KEYS[4]  batches hash          <p>:{r:<round>}:batches   batch_id -> digest
+-- KEYS[5]  ledger stream         <p>:{r:<round>}:ledger
+-- ARGV[1]  batch_id
+-- ARGV[2]  digest of the batch's contents (hex), compared on a replay
+-- ARGV[3]  the items as JSON [[site_id, units], ...], recorded in the ledger
+-- ARGV[4..] pairs: site_id, units (whole, >= 1); the caller has checked the sites exist
+-- returns  {'loaded', units added} | {'replay'} (same batch_id, same digest: nothing changed) |
+--          {'conflict'} (same batch_id, other contents) | {'no-round'}
+
+local batch_id, digest, items = ARGV[1], ARGV[2], ARGV[3]
+if (#ARGV - 3) % 2 ~= 0 or #ARGV < 5 then
+  return redis.error_reply('ERR load_batch: ARGV needs batch_id, digest, items and site/unit pairs')
+end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  return {'no-round'}
+end
+local seen = redis.call('HGET', KEYS[4], batch_id)
+if seen then
+  if seen == digest then
+    return {'replay'}
+  end
+  return {'conflict'}
+end
+for i = 4, #ARGV, 2 do
+  local units = tonumber(ARGV[i + 1])
+  if not units or units < 1 or units ~= math.floor(units) then
+    return redis.error_reply('ERR load_batch: units must be whole and >= 1')
+  end
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = 0
+for i = 4, #ARGV, 2 do
+  local units = tonumber(ARGV[i + 1])
+  redis.call('HINCRBY', KEYS[2], ARGV[i], units)
+  redis.call('HINCRBY', KEYS[3], ARGV[i], units)
+  added = added + units
+end
+redis.call('HSET', KEYS[4], batch_id, digest)
+redis.call('XADD', KEYS[5], '*', 'kind', 'batch', 'batch_id', batch_id, 'digest', digest,
+  'items', items, 'at', tostring(now))
+return {'loaded', tostring(added)}

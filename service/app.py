@@ -1,0 +1,174 @@
+"""The application factory and the one middleware that turns every failure into problem+json."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from allocator import db
+from allocator.config import Settings
+from allocator.core import Allocator
+from allocator.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unavailable
+from allocator.identity import Hasher
+from allocator.keys import Keys
+from allocator.ledger import LedgerWriter, consumer_name
+from allocator.redistyping import awaited
+from service.appkeys import ALLOCATOR, LEDGER, METRICS, PG_POOL, REDIS, SETTINGS
+from service.metrics import Metrics
+from service.validation import CSV_LIMIT
+from service.views import routes
+
+log = logging.getLogger("allot.service")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+PROBLEM_TYPE = "urn:allot:problem:"
+
+
+def problem_response(problem: Problem) -> web.Response:
+    body = {
+        "type": PROBLEM_TYPE + problem.code,
+        "title": problem.title,
+        "status": problem.status,
+        "detail": problem.detail,
+        "code": problem.code,
+        **problem.extra,
+    }
+    return web.Response(
+        body=orjson.dumps(body),
+        status=problem.status,
+        content_type="application/problem+json",
+        headers=problem.headers,
+    )
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Domain errors, aiohttp's own HTTP errors and anything unforeseen, as problem+json.
+
+    Nothing escapes as a bare 500 or a stack trace: an unforeseen error is logged with its trace
+    and answered 503 ``unavailable`` with Retry-After, the one 5xx the contract allows.
+    """
+    try:
+        return await handler(request)
+    except Problem as problem:
+        return problem_response(problem)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return problem_response(NotFound(f"Nothing is at {request.path}."))
+        if exc.status == 405:
+            allowed = exc.headers.get("Allow", "")
+            p: Problem = MethodNotAllowed(f"{request.method} is not allowed here.")
+            p.headers["Allow"] = allowed
+            return problem_response(p)
+        if exc.status == 413:
+            return problem_response(PayloadTooLarge("The body is too large."))
+        if exc.status < 400:
+            raise
+        log.warning("HTTP %s for %s %s: %s", exc.status, request.method, request.path, exc.reason)
+        return problem_response(Unavailable(exc.reason or "Please try again."))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error for %s %s", request.method, request.path)
+        return problem_response(Unavailable("Something went wrong on our side; please try again."))
+
+
+@web.middleware
+async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[METRICS].request_duration.labels(route, str(response.status)).observe(
+        time.perf_counter() - started
+    )
+    return response
+
+
+def redis_client(settings: Settings) -> Redis:
+    """Bounded everything: connections, waits for a connection, connect and read timeouts.
+
+    No automatic retries: a timed-out claim may have run, and the citizen's own retry is the
+    safe one (it gets the same reservation back with 200).
+    """
+    timeout = settings.service.redis_timeout_ms / 1000
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=64,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 0.5),
+        health_check_interval=10,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool)
+
+
+def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) -> web.Application:
+    app = web.Application(middlewares=[timing, problems], client_max_size=CSV_LIMIT + 1)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    hasher = Hasher(settings.pepper_bytes)
+
+    async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+        client = redis_client(settings)
+        app[REDIS] = client
+        try:
+            await asyncio.wait_for(awaited(client.ping()), 2)
+        except Exception as exc:
+            log.warning(
+                "redis at startup: %s: %s; serving 503 until it answers", type(exc).__name__, exc
+            )
+        yield
+        await client.aclose()
+        await client.connection_pool.disconnect()
+
+    async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
+        pool = await db.create_pool(settings.database_url)
+        app[PG_POOL] = pool
+        yield
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(pool.close(), 5)
+
+    async def allocator_ctx(app: web.Application) -> AsyncIterator[None]:
+        app[ALLOCATOR] = Allocator(
+            app[REDIS],
+            app[PG_POOL],
+            Keys(settings.service.redis_prefix),
+            hasher,
+            timeout=settings.service.redis_timeout_ms / 1000,
+        )
+        yield
+
+    async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+        writer = LedgerWriter(
+            app[REDIS],
+            app[PG_POOL],
+            Keys(settings.service.redis_prefix),
+            settings.ledger,
+            consumer=consumer_name(worker),
+            on_lag=app[METRICS].ledger_lag.set,
+        )
+        app[LEDGER] = writer
+        task = asyncio.create_task(writer.run(), name="ledger-writer")
+        yield
+        writer.stop()
+        try:
+            await asyncio.wait_for(task, 5)
+        except TimeoutError:
+            log.warning("ledger writer did not stop within 5 s; cancelled")
+
+    app.cleanup_ctx.extend([redis_ctx, pg_ctx, allocator_ctx])
+    if run_ledger:
+        app.cleanup_ctx.append(ledger_ctx)
+    app.add_routes(routes)
+    return app

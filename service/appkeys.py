@@ -1,0 +1,19 @@
+"""Typed application keys: every resource the handlers read from ``request.app``."""
+
+from __future__ import annotations
+
+import asyncpg
+from aiohttp import web
+from redis.asyncio import Redis
+
+from allocator.config import Settings
+from allocator.core import Allocator
+from allocator.ledger import LedgerWriter
+from service.metrics import Metrics
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+REDIS = web.AppKey("redis", Redis)
+PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
+ALLOCATOR = web.AppKey("allocator", Allocator)
+LEDGER = web.AppKey("ledger", LedgerWriter)

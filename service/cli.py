@@ -1,0 +1,278 @@
+"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Any
+
+import orjson
+
+from allocator import db
+from allocator.config import ConfigError, Settings, load_settings
+from allocator.keys import Keys
+
+log = logging.getLogger("allot.cli")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+
+def run_worker(settings: Settings, host: str, port: int, worker: int, reuse_port: bool) -> None:
+    """One worker process: its own uvloop event loop, pools and ledger writer."""
+    import uvloop
+    from aiohttp import web
+
+    from service.app import create_app
+
+    setup_logging()
+    web.run_app(
+        create_app(settings, worker=worker),
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        access_log=None,  # no per-request log line: under a flash crowd it would be the bottleneck
+        print=None,
+        loop=uvloop.new_event_loop(),
+        shutdown_timeout=5,
+    )
+
+
+def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
+    """Run N workers on one port (SO_REUSEPORT) and restart any that dies."""
+    ctx = multiprocessing.get_context("spawn")
+    metrics_dir = tempfile.mkdtemp(prefix="allot-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    stopping = False
+
+    def start(index: int) -> Any:
+        p = ctx.Process(
+            target=run_worker, args=(settings, host, port, index, True), name=f"allot-w{index}"
+        )
+        p.start()
+        log.info("worker %d started (pid %s)", index, p.pid)
+        return p
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+
+    procs = [start(i) for i in range(workers)]
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    last_restart = [0.0] * workers
+    log.info("serving on http://%s:%d with %d workers", host, port, workers)
+    while not stopping or any(p.is_alive() for p in procs):
+        wait_for_sentinels([p.sentinel for p in procs], timeout=1.0)
+        for i, p in enumerate(procs):
+            if p.is_alive() or stopping:
+                continue
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(p.pid)  # type: ignore[no-untyped-call]
+            log.error("worker %d (pid %s) exited with %s; restarting", i, p.pid, p.exitcode)
+            p.close()
+            if time.monotonic() - last_restart[i] < 1.0:
+                time.sleep(1.0)  # a worker that dies at once must not spin the CPU
+            last_restart[i] = time.monotonic()
+            procs[i] = start(i)
+    for p in procs:
+        p.join()
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    settings.pepper_bytes  # noqa: B018 - refuse to start without a pepper, before anything else
+    if settings.dev_mode and not settings.id_pepper:
+        log.warning("development mode: a fixed, public ID pepper is in use; never in production")
+    applied = asyncio.run(db.migrate(settings.database_url, attempts=15))
+    if applied:
+        log.info("migrations applied: %s", ", ".join(applied))
+    workers = args.workers or settings.service.workers
+    host = args.host or settings.service.host
+    port = args.port or settings.service.port
+    if workers == 1:
+        log.info("serving on http://%s:%d", host, port)
+        run_worker(settings, host, port, 0, reuse_port=False)
+        return 0
+    return supervise(settings, host, port, workers)
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    applied = asyncio.run(db.migrate(settings.database_url, attempts=15))
+    print(orjson.dumps({"applied": applied}).decode())
+    return 0
+
+
+# -- demo, reconcile, rebuild -----------------------------------------------------------------
+
+DEMO_ROUND = "demo"
+DEMO_SITES = [
+    ("xuhui-01", "漕溪药房", "徐汇区漕溪北路 88 号", "徐汇区"),
+    ("xuhui-02", "田林社区卫生服务中心", "徐汇区田林路 120 号", "徐汇区"),
+    ("jingan-01", "静安寺大药房", "静安区南京西路 1688 号", "静安区"),
+    ("jingan-02", "曹家渡社区活动中心", "静安区万航渡路 701 号", "静安区"),
+    ("pudong-01", "陆家嘴药房", "浦东新区世纪大道 100 号", "浦东新区"),
+    ("pudong-02", "花木社区卫生服务中心", "浦东新区梅花路 550 号", "浦东新区"),
+]
+DEMO_UNITS = 500
+
+
+async def demo(settings: Settings) -> dict[str, Any]:
+    """A round open now (for a week), six sites in three districts, 500 units each."""
+    from allocator.model import Round, Site
+
+    async with _stores(settings) as (allocator, _redis, _con):
+        await allocator.upsert_sites([Site(*s) for s in DEMO_SITES])
+        tz = dt.timezone(dt.timedelta(hours=8))
+        now = dt.datetime.now(tz).replace(microsecond=0)
+        existing = await allocator.find_round(DEMO_ROUND)
+        opens = existing.opens_at if existing and existing.opens_at <= now else now
+        rnd = Round(
+            round_id=DEMO_ROUND,
+            title="口罩预约（演示） Mask reservation (demo)",
+            opens_at=opens - dt.timedelta(minutes=1),
+            closes_at=now + dt.timedelta(days=7),
+            per_person=5,
+            pickup_start=opens - dt.timedelta(minutes=1),
+            pickup_end=now + dt.timedelta(days=14),
+        )
+        await allocator.upsert_round(rnd)
+        answer = await allocator.load_batch(
+            DEMO_ROUND, "demo-initial", [(s[0], DEMO_UNITS) for s in DEMO_SITES]
+        )
+        return {"round_id": DEMO_ROUND, "batch": answer.body, "new_batch": answer.created}
+
+
+class _stores:
+    """An allocator with real Redis and PostgreSQL connections for one CLI command."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> Any:
+        from allocator.core import Allocator
+        from allocator.identity import Hasher
+        from service.app import redis_client
+
+        await db.migrate(self.settings.database_url, attempts=15)
+        self.redis = redis_client(self.settings)
+        self.pool = await db.create_pool(self.settings.database_url)
+        self.con = await self.pool.acquire()
+        keys = Keys(self.settings.service.redis_prefix)
+        pepper = (
+            self.settings.pepper_bytes
+            if (self.settings.id_pepper or self.settings.dev_mode)
+            else b"-"
+        )
+        self.allocator = Allocator(self.redis, self.pool, keys, Hasher(pepper), timeout=5)
+        return self.allocator, self.redis, self.con
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pool.release(self.con)
+        await self.pool.close()
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
+
+
+async def _reconcile(settings: Settings, round_id: str | None, wait: float) -> dict[str, Any]:
+    from allocator.reconcile import reconcile
+
+    async with _stores(settings) as (allocator, redis, con):
+        return await reconcile(
+            redis, con, allocator.keys, [round_id] if round_id else None, wait=wait
+        )
+
+
+async def _rebuild(settings: Settings, round_id: str | None, force: bool) -> list[dict[str, Any]]:
+    from allocator.rebuild import ledger_round_ids, rebuild_round
+
+    async with _stores(settings) as (allocator, redis, con):
+        round_ids = [round_id] if round_id else await ledger_round_ids(con)
+        return [await rebuild_round(redis, con, allocator.keys, r, force=force) for r in round_ids]
+
+
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    print(orjson.dumps(asyncio.run(demo(settings))).decode())
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    report = asyncio.run(_reconcile(settings, args.round, args.wait))
+    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    return 0 if report["ok"] else 1
+
+
+def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.rebuild import RebuildRefused
+
+    try:
+        summary = asyncio.run(_rebuild(settings, args.round, args.force))
+    except RebuildRefused as exc:
+        print(f"allot rebuild: refused: {exc}", file=sys.stderr)
+        return 1
+    print(orjson.dumps({"rebuilt": summary}, option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="allot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="apply migrations, then serve HTTP")
+    serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default $ALLOT_PORT, else 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes sharing the port")
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
+    sub.add_parser("demo", help="create a demo round open now, with sites and stock").set_defaults(
+        func=cmd_demo
+    )
+    rec = sub.add_parser(
+        "reconcile", help="JSON report of Redis against the ledger; exit 1 on a mismatch"
+    )
+    rec.add_argument("--round", help="only this round")
+    rec.add_argument("--wait", type=float, default=30.0, help="seconds to let the ledger catch up")
+    rec.set_defaults(func=cmd_reconcile)
+    reb = sub.add_parser("rebuild", help="rebuild Redis state from the ledger")
+    reb.add_argument("--round", help="only this round")
+    reb.add_argument("--force", action="store_true", help="overwrite state still in Redis")
+    reb.set_defaults(func=cmd_rebuild)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        settings = load_settings()
+        return int(args.func(args, settings))
+    except ConfigError as exc:
+        print(f"allot: configuration: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

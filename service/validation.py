@@ -1,0 +1,356 @@
+"""Reading and checking request bodies. Every refusal names each bad field and changes nothing.
+
+Unknown members of a citizen's body are ignored, never honoured: quantity, status and the like
+are set by the server alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from allocator.errors import (
+    InvalidRequest,
+    MalformedJson,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
+from allocator.model import ID_PATTERN, PICKUP_CODE, Round, Site, parse_rfc3339
+
+JSON_LIMIT = 16 * 1024
+CSV_LIMIT = 1024 * 1024
+MAX_PER_PERSON = 1000
+MAX_BATCH_UNITS = 10_000_000
+MAX_TEXT = 200
+
+
+def path_id(request: web.Request, name: str) -> str:
+    """A round or site id from the path; one that cannot exist is simply not found."""
+    value = request.match_info[name]
+    if not ID_PATTERN.fullmatch(value):
+        raise NotFound(f"There is no {name.removesuffix('_id')} {value!r}.")
+    return value
+
+
+def media_type(request: web.Request) -> str:
+    return request.content_type.lower()
+
+
+def _is_json(mt: str) -> bool:
+    return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it exceeds ``limit`` (before parsing)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    if not _is_json(media_type(request)):
+        raise UnsupportedMediaType("Send the body as application/json.")
+    raw = await read_body(request, JSON_LIMIT)
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"The body is not valid JSON: {exc.msg}.") from None
+    if not isinstance(body, dict):
+        raise MalformedJson("The body must be a JSON object.")
+    return body
+
+
+class _Errors:
+    """Collects one message per bad field, then raises them all at once."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, str]] = []
+
+    def add(self, field: str, message: str) -> None:
+        self.items.append({"field": field, "message": message})
+
+    def check(self) -> None:
+        if self.items:
+            raise InvalidRequest(self.items)
+
+    def string(
+        self,
+        body: Mapping[str, Any],
+        name: str,
+        field: str | None = None,
+        *,
+        optional: bool = False,
+    ) -> str | None:
+        field = field or name
+        value = body.get(name)
+        if value is None:
+            if not optional:
+                self.add(field, "is required")
+            return None
+        if not isinstance(value, str):
+            self.add(field, "must be a string")
+            return None
+        return value
+
+    def ident(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
+        value = self.string(body, name, field)
+        if value is not None and not ID_PATTERN.fullmatch(value):
+            self.add(field or name, "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            return None
+        return value
+
+    def text(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
+        value = self.string(body, name, field)
+        if value is not None and not (0 < len(value.strip()) <= MAX_TEXT):
+            self.add(field or name, f"must be 1-{MAX_TEXT} characters")
+            return None
+        return value.strip() if value is not None else None
+
+    def integer(
+        self, body: Mapping[str, Any], name: str, low: int, high: int, field: str | None = None
+    ) -> int | None:
+        field = field or name
+        value = body.get(name)
+        if value is None:
+            self.add(field, "is required")
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.add(field, "must be a whole number")
+            return None
+        if not low <= value <= high:
+            self.add(field, f"must be from {low} to {high}")
+            return None
+        return value
+
+    def time(self, body: Mapping[str, Any], name: str) -> Any:
+        value = self.string(body, name)
+        if value is None:
+            return None
+        try:
+            return parse_rfc3339(value)
+        except ValueError as exc:
+            self.add(name, f"must be an RFC 3339 time with an offset ({exc})")
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class ReservationRequest:
+    site_id: str
+    citizen_id: str
+    phone: str
+
+
+def parse_reservation(body: Mapping[str, Any]) -> ReservationRequest:
+    errors = _Errors()
+    raw_id = errors.string(body, "citizen_id")
+    citizen_id = None
+    if raw_id is not None:
+        try:
+            citizen_id = normalise_citizen_id(raw_id)
+        except InvalidIdentity as exc:
+            errors.add("citizen_id", str(exc))
+    raw_phone = errors.string(body, "phone")
+    phone = None
+    if raw_phone is not None:
+        try:
+            phone = validate_phone(raw_phone)
+        except InvalidIdentity as exc:
+            errors.add("phone", str(exc))
+    site_id = errors.ident(body, "site_id")
+    errors.check()
+    assert site_id
+    assert citizen_id
+    assert phone
+    return ReservationRequest(site_id=site_id, citizen_id=citizen_id, phone=phone)
+
+
+def parse_sites(body: Mapping[str, Any]) -> list[Site]:
+    errors = _Errors()
+    raw = body.get("sites")
+    if not isinstance(raw, list) or not raw:
+        errors.add("sites", "must be a non-empty list")
+        errors.check()
+    assert isinstance(raw, list)
+    if len(raw) > 10_000:
+        errors.add("sites", "at most 10000 sites at once")
+        errors.check()
+    sites: list[Site] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        where = f"sites[{i}]"
+        if not isinstance(item, dict):
+            errors.add(where, "must be an object")
+            continue
+        site_id = errors.ident(item, "site_id", f"{where}.site_id")
+        name = errors.text(item, "name", f"{where}.name")
+        address = errors.text(item, "address", f"{where}.address")
+        district = errors.text(item, "district", f"{where}.district")
+        if site_id in seen:
+            errors.add(f"{where}.site_id", f"{site_id!r} is listed twice")
+        if site_id and name and address and district:
+            seen.add(site_id)
+            sites.append(Site(site_id, name, address, district))
+    errors.check()
+    return sites
+
+
+def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
+    errors = _Errors()
+    if not ID_PATTERN.fullmatch(round_id):
+        errors.add("round_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+    title = errors.text(body, "title")
+    opens_at = errors.time(body, "opens_at")
+    closes_at = errors.time(body, "closes_at")
+    pickup_start = errors.time(body, "pickup_start")
+    pickup_end = errors.time(body, "pickup_end")
+    per_person = errors.integer(body, "per_person", 1, MAX_PER_PERSON)
+    mode = body.get("mode", "fcfs")
+    if mode != "fcfs":
+        errors.add("mode", "only 'fcfs' is supported")
+    if opens_at and closes_at and not opens_at < closes_at:
+        errors.add("closes_at", "must be after opens_at")
+    if pickup_start and pickup_end and not pickup_start < pickup_end:
+        errors.add("pickup_end", "must be after pickup_start")
+    if closes_at and pickup_end and not closes_at <= pickup_end:
+        errors.add("pickup_end", "must not be before closes_at")
+    errors.check()
+    assert title
+    assert per_person
+    return Round(round_id, title, opens_at, closes_at, per_person, pickup_start, pickup_end)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: str
+    items: list[tuple[str, int]]
+
+
+def _check_items(rows: list[tuple[str, Any, Any]], errors: _Errors) -> list[tuple[str, int]]:
+    """rows: (field prefix, site_id, quantity) as received."""
+    items: list[tuple[str, int]] = []
+    seen: dict[str, str] = {}
+    for where, site_id, quantity in rows:
+        ok = True
+        if not isinstance(site_id, str) or not ID_PATTERN.fullmatch(site_id):
+            errors.add(f"{where}.site_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            ok = False
+        elif site_id in seen:
+            errors.add(f"{where}.site_id", f"{site_id!r} is already listed at {seen[site_id]}")
+            ok = False
+        if isinstance(quantity, bool) or not isinstance(quantity, int):
+            errors.add(f"{where}.quantity", "must be a whole number")
+            ok = False
+        elif not 1 <= quantity <= MAX_BATCH_UNITS:
+            errors.add(f"{where}.quantity", f"must be from 1 to {MAX_BATCH_UNITS}")
+            ok = False
+        if ok:
+            seen[site_id] = where
+            items.append((site_id, quantity))
+    if not rows:
+        errors.add("items", "must list at least one site")
+    errors.check()
+    return items
+
+
+def parse_batch_json(body: Mapping[str, Any]) -> Batch:
+    errors = _Errors()
+    batch_id = errors.ident(body, "batch_id")
+    raw = body.get("items")
+    if not isinstance(raw, list):
+        errors.add("items", "must be a list of {site_id, quantity}")
+        errors.check()
+    assert isinstance(raw, list)
+    rows = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            errors.add(f"items[{i}]", "must be an object")
+            continue
+        rows.append((f"items[{i}]", item.get("site_id"), item.get("quantity")))
+    items = _check_items(rows, errors)
+    assert batch_id
+    return Batch(batch_id, items)
+
+
+def parse_batch_csv(raw: bytes, batch_id: str | None) -> Batch:
+    """CSV with the header ``site_id,quantity``; rows are named by their line number."""
+    errors = _Errors()
+    if batch_id is None:
+        errors.add("batch_id", "is required as a query parameter for CSV batches")
+    elif not ID_PATTERN.fullmatch(batch_id):
+        errors.add("batch_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        errors.add("body", "must be UTF-8 text")
+        errors.check()
+        raise AssertionError("unreachable") from None
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip() for h in next(reader, [])]
+    if header != ["site_id", "quantity"]:
+        errors.add("line 1", "the header must be exactly: site_id,quantity")
+        errors.check()
+    rows: list[tuple[str, Any, Any]] = []
+    for record in reader:
+        line = reader.line_num
+        if not record or all(not c.strip() for c in record):
+            continue
+        if len(record) != 2:
+            errors.add(f"line {line}", "must have exactly two values: site_id,quantity")
+            continue
+        site_id, quantity = (c.strip() for c in record)
+        qty: Any = int(quantity) if quantity.isdigit() else quantity
+        rows.append((f"line {line}", site_id, qty))
+    items = _check_items(rows, errors)
+    assert batch_id
+    return Batch(batch_id, items)
+
+
+@dataclass(frozen=True, slots=True)
+class PickupRequest:
+    site_id: str
+    pickup_code: str
+    citizen_id: str | None
+    round_id: str | None
+
+
+def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
+    errors = _Errors()
+    site_id = errors.ident(body, "site_id")
+    code = errors.string(body, "pickup_code")
+    if code is not None:
+        code = code.strip().upper()
+        if not PICKUP_CODE.fullmatch(code):
+            errors.add("pickup_code", "must be 8 characters of 23456789ABCDEFGHJKLMNPQRSTUVWXYZ")
+    raw_id = errors.string(body, "citizen_id", optional=True)
+    citizen_id = None
+    if raw_id is not None:
+        try:
+            citizen_id = normalise_citizen_id(raw_id)
+        except InvalidIdentity as exc:
+            errors.add("citizen_id", str(exc))
+    round_id = None
+    if body.get("round_id") is not None:
+        round_id = errors.ident(body, "round_id")
+    errors.check()
+    assert site_id
+    assert code
+    return PickupRequest(site_id, code, citizen_id, round_id)

@@ -1,0 +1,207 @@
+"""Request handlers: parse and check, call the allocator, shape the answer. Nothing else."""
+
+from __future__ import annotations
+
+import hmac
+from html import escape
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from allocator.errors import Problem, Unauthorized
+from service.appkeys import ALLOCATOR, METRICS, SETTINGS
+from service.openapi import openapi_document
+from service.validation import (
+    CSV_LIMIT,
+    media_type,
+    parse_batch_csv,
+    parse_batch_json,
+    parse_pickup,
+    parse_reservation,
+    parse_round,
+    parse_sites,
+    path_id,
+    read_body,
+    read_json,
+)
+
+routes = web.RouteTableDef()
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def require_operator(request: web.Request) -> None:
+    token = request.app[SETTINGS].admin_token
+    given = request.headers.get("Authorization", "")
+    scheme, _, value = given.partition(" ")
+    if (
+        not token
+        or scheme.lower() != "bearer"
+        or not hmac.compare_digest(value.strip().encode(), token.encode())
+    ):
+        raise Unauthorized("Operator endpoints need 'Authorization: Bearer <ALLOT_ADMIN_TOKEN>'.")
+
+
+# -- citizens ---------------------------------------------------------------------------------
+
+
+@routes.get("/api/v1/rounds")
+async def list_rounds(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    return json_response(
+        {"rounds": [await allocator.round_public(r) for r in await allocator.rounds()]}
+    )
+
+
+@routes.get("/api/v1/rounds/{round_id}")
+async def get_round(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    rnd = await allocator.round(path_id(request, "round_id"))
+    return json_response(await allocator.round_public(rnd))
+
+
+@routes.get("/api/v1/rounds/{round_id}/sites")
+async def list_sites(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    return json_response({"sites": await allocator.site_list(path_id(request, "round_id"))})
+
+
+@routes.post("/api/v1/rounds/{round_id}/reservations")
+async def create_reservation(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    counter = request.app[METRICS].reservations
+    try:
+        round_id = path_id(request, "round_id")
+        ask = parse_reservation(await read_json(request))
+        reservation, created = await allocator.reserve(
+            round_id, ask.site_id, ask.citizen_id, ask.phone
+        )
+        rnd = await allocator.round(round_id)
+    except Problem as problem:
+        counter.labels(problem.code).inc()
+        raise
+    counter.labels("created" if created else "existing").inc()
+    body = reservation.public(rnd, allocator.now_ms())
+    if not created:
+        return json_response(body)
+    location = f"/api/v1/reservations/{reservation.reservation_id}"
+    return json_response(body, status=201, headers={"Location": location})
+
+
+@routes.get("/api/v1/reservations/{reservation_id}")
+async def get_reservation(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    reservation = await allocator.reservation(request.match_info["reservation_id"])
+    rnd = await allocator.round(reservation.round_id)
+    return json_response(reservation.public(rnd, allocator.now_ms()))
+
+
+@routes.delete("/api/v1/reservations/{reservation_id}")
+async def cancel_reservation(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    reservation = await allocator.cancel(request.match_info["reservation_id"])
+    rnd = await allocator.round(reservation.round_id)
+    return json_response(reservation.public(rnd, allocator.now_ms()))
+
+
+# -- operators --------------------------------------------------------------------------------
+
+
+@routes.put("/api/v1/admin/sites")
+async def put_sites(request: web.Request) -> web.Response:
+    require_operator(request)
+    sites = parse_sites(await read_json(request))
+    return json_response({"upserted": await request.app[ALLOCATOR].upsert_sites(sites)})
+
+
+@routes.put("/api/v1/admin/rounds/{round_id}")
+async def put_round(request: web.Request) -> web.Response:
+    require_operator(request)
+    allocator = request.app[ALLOCATOR]
+    rnd = parse_round(request.match_info["round_id"], await read_json(request))
+    created = await allocator.upsert_round(rnd)
+    return json_response(await allocator.round_public(rnd), status=201 if created else 200)
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/batches")
+async def post_batch(request: web.Request) -> web.Response:
+    require_operator(request)
+    round_id = path_id(request, "round_id")
+    if media_type(request) == "text/csv":
+        batch = parse_batch_csv(await read_body(request, CSV_LIMIT), request.query.get("batch_id"))
+    else:
+        batch = parse_batch_json(await read_json(request))
+    answer = await request.app[ALLOCATOR].load_batch(round_id, batch.batch_id, batch.items)
+    return json_response(answer.body, status=201 if answer.created else 200)
+
+
+@routes.get("/api/v1/admin/rounds/{round_id}/stats")
+async def get_stats(request: web.Request) -> web.Response:
+    require_operator(request)
+    return json_response(await request.app[ALLOCATOR].stats(path_id(request, "round_id")))
+
+
+@routes.post("/api/v1/admin/pickups")
+async def post_pickup(request: web.Request) -> web.Response:
+    require_operator(request)
+    allocator = request.app[ALLOCATOR]
+    ask = parse_pickup(await read_json(request))
+    reservation = await allocator.pickup(ask.site_id, ask.pickup_code, ask.citizen_id, ask.round_id)
+    rnd = await allocator.round(reservation.round_id)
+    return json_response(reservation.public(rnd, allocator.now_ms()))
+
+
+# -- operations -------------------------------------------------------------------------------
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    await request.app[ALLOCATOR].ping()  # Unavailable -> 503 problem+json with Retry-After
+    return json_response({"status": "ready"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(),
+        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+    )
+
+
+@routes.get("/api/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.Response:
+    """A plain list of rounds until the citizen page (issue #4) lands."""
+    allocator = request.app[ALLOCATOR]
+    rows = []
+    for rnd in await allocator.rounds():
+        info = await allocator.round_public(rnd)
+        rows.append(
+            f"<li><strong>{escape(rnd.title)}</strong> ({escape(rnd.round_id)}): "
+            f"{escape(info['status'])}, {info['remaining']} left, "
+            f"{escape(info['opens_at'])} to {escape(info['closes_at'])}</li>"
+        )
+    html = (
+        "<!doctype html><html lang='en'><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        "<title>allot</title><h1>allot: rounds</h1><ul>"
+        + ("".join(rows) or "<li>No rounds yet.</li>")
+        + "</ul><p>API: <a href='/api/v1/openapi.json'>/api/v1/openapi.json</a></p></html>"
+    )
+    return web.Response(text=html, content_type="text/html")

@@ -1,0 +1,234 @@
+"""Shared fixtures: real Redis and PostgreSQL, isolated per test.
+
+* Redis: the server at ALLOT_TEST_REDIS_URL (default 127.0.0.1:6379/0); every test gets its own
+  key prefix and deletes only keys under it afterwards.
+* PostgreSQL: the server at ALLOT_TEST_DATABASE_URL; the session migrates one template
+  database, every test gets a fresh copy of it, and each is dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+from hypothesis import HealthCheck, settings as hypothesis_settings
+from redis.asyncio import Redis
+from stdnum.cn import ric
+
+from allocator import db
+from allocator.config import Settings, load_settings
+from allocator.keys import Keys
+from service.app import create_app
+
+REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+hypothesis_settings.register_profile(
+    "allot",
+    deadline=None,
+    max_examples=40,
+    stateful_step_count=30,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+hypothesis_settings.register_profile("allot-long", parent=hypothesis_settings.get_profile("allot"), max_examples=300)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "allot"))
+
+
+def db_url(name: str, base: str = PG_URL) -> str:
+    return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+
+
+def citizen_id(n: int, born: str = "19800101") -> str:
+    """A valid 18-character ID, distinct for each n (region 110101, sequence from n)."""
+    body = f"110101{born}{n % 1000:03d}"
+    assert len(body) == 17
+    # the sequence only has 3 digits: vary the birth day for larger n so IDs stay distinct
+    if n >= 1000:
+        day = dt.date(1950, 1, 1) + dt.timedelta(days=n // 1000)
+        body = f"110101{day:%Y%m%d}{n % 1000:03d}"
+    return body + ric.calc_check_digit(body + "0")  # stdnum ignores the last character
+
+
+def phone(n: int) -> str:
+    return f"139{n:08d}"
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    name = f"allot_test_tmpl_{uuid.uuid4().hex[:10]}"
+    asyncio.run(db.migrate(db_url(name)))
+    yield name
+    asyncio.run(_drop(name))
+
+
+async def _drop(name: str) -> None:
+    con = await asyncpg.connect(PG_URL)
+    try:
+        await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await con.close()
+
+
+@pytest.fixture
+async def database_url(pg_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test only."""
+    name = f"allot_test_{uuid.uuid4().hex[:12]}"
+    con = await asyncpg.connect(PG_URL)
+    try:
+        await con.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
+    finally:
+        await con.close()
+    yield db_url(name)
+    await _drop(name)
+
+
+@pytest.fixture
+async def pg(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    con = await asyncpg.connect(database_url)
+    yield con
+    await con.close()
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"allot-test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def redis(redis_prefix: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+@pytest.fixture
+def keys(redis_prefix: str) -> Keys:
+    return Keys(redis_prefix)
+
+
+# -- the service --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(database_url: str, redis_prefix: str) -> Settings:
+    base = load_settings(environ={})
+    return replace(
+        base,
+        redis_url=REDIS_URL,
+        database_url=database_url,
+        admin_token=ADMIN_TOKEN,
+        id_pepper="test-pepper",
+        service=replace(base.service, redis_prefix=redis_prefix, redis_timeout_ms=2000),
+    )
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> TestClient[Any, Any]:
+    """The real application (ledger writer included) on a real socket."""
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture(autouse=True)
+async def _fail_on_unretrieved_task_exceptions() -> AsyncIterator[None]:
+    """Any 'Task exception was never retrieved' fails the test that caused it."""
+    seen: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(lp: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        seen.append(context)
+        lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    yield
+    loop.set_exception_handler(previous)
+    assert not seen, f"unhandled exceptions in the event loop: {seen}"
+
+
+# -- scenario helpers ----------------------------------------------------------------------
+
+
+def tz8() -> dt.timezone:
+    return dt.timezone(dt.timedelta(hours=8))
+
+
+def round_body(
+    *,
+    opens_in: float = -60,
+    closes_in: float = 3600,
+    per_person: int = 1,
+    pickup_in: float = -60,
+    pickup_for: float = 7200,
+    title: str = "Masks",
+) -> dict[str, Any]:
+    now = dt.datetime.now(tz8())
+    return {
+        "title": title,
+        "opens_at": (now + dt.timedelta(seconds=opens_in)).isoformat(),
+        "closes_at": (now + dt.timedelta(seconds=closes_in)).isoformat(),
+        "per_person": per_person,
+        "pickup_start": (now + dt.timedelta(seconds=pickup_in)).isoformat(),
+        "pickup_end": (now + dt.timedelta(seconds=pickup_in + pickup_for)).isoformat(),
+    }
+
+
+async def seed(
+    client: TestClient[Any, Any],
+    round_id: str = "r1",
+    stock: dict[str, int] | None = None,
+    districts: dict[str, str] | None = None,
+    **round_kwargs: Any,
+) -> None:
+    """Sites, an open round and one batch, through the operator API."""
+    stock = {"s1": 10} if stock is None else stock
+    districts = districts or {}
+    sites = [
+        {
+            "site_id": s,
+            "name": f"Site {s}",
+            "address": f"{s} road 1",
+            "district": districts.get(s, "d1"),
+        }
+        for s in stock
+    ]
+    r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
+    assert r.status == 200, await r.text()
+    r = await client.put(f"/api/v1/admin/rounds/{round_id}", json=round_body(**round_kwargs), headers=ADMIN)
+    assert r.status in (200, 201), await r.text()
+    items = [{"site_id": s, "quantity": q} for s, q in stock.items() if q > 0]
+    if items:
+        r = await client.post(
+            f"/api/v1/admin/rounds/{round_id}/batches",
+            json={"batch_id": f"seed-{round_id}", "items": items},
+            headers=ADMIN,
+        )
+        assert r.status == 201, await r.text()
+
+
+async def reserve(
+    client: TestClient[Any, Any], n: int, site: str = "s1", round_id: str = "r1", **extra: Any
+) -> Any:
+    body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": site, **extra}
+    return await client.post(f"/api/v1/rounds/{round_id}/reservations", json=body)
