@@ -315,8 +315,7 @@ class LedgerWriter:
                     self.settings.claim_idle_ms,
                     start_id=start,
                     count=self.settings.batch_size,
-                    justid=True,
-                )
+                )  # not justid: redis-py then drops the cursor, and we must page
                 start_b, claimed = reply[0], reply[1]
                 if claimed:
                     log.warning(

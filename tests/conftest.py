@@ -20,7 +20,8 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from hypothesis import HealthCheck, settings as hypothesis_settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from redis.asyncio import Redis
 from stdnum.cn import ric
 
@@ -41,7 +42,9 @@ hypothesis_settings.register_profile(
     stateful_step_count=30,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-hypothesis_settings.register_profile("allot-long", parent=hypothesis_settings.get_profile("allot"), max_examples=300)
+hypothesis_settings.register_profile(
+    "allot-long", parent=hypothesis_settings.get_profile("allot"), max_examples=300
+)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "allot"))
 
 
@@ -143,9 +146,7 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
 
 
 @pytest.fixture
-async def client(
-    aiohttp_client: Any, settings: Settings, redis: Redis
-) -> TestClient[Any, Any]:
+async def client(aiohttp_client: Any, settings: Settings, redis: Redis) -> TestClient[Any, Any]:
     """The real application (ledger writer included) on a real socket."""
     return await aiohttp_client(create_app(settings))
 
@@ -215,7 +216,9 @@ async def seed(
     ]
     r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
     assert r.status == 200, await r.text()
-    r = await client.put(f"/api/v1/admin/rounds/{round_id}", json=round_body(**round_kwargs), headers=ADMIN)
+    r = await client.put(
+        f"/api/v1/admin/rounds/{round_id}", json=round_body(**round_kwargs), headers=ADMIN
+    )
     assert r.status in (200, 201), await r.text()
     items = [{"site_id": s, "quantity": q} for s, q in stock.items() if q > 0]
     if items:

@@ -6,10 +6,12 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ADMIN, citizen_id, phone, reserve, seed
+from tests.conftest import citizen_id, reserve, seed
 
 
-async def test_reserve_answers_201_with_location_and_pickup_code(client: TestClient[Any, Any]) -> None:
+async def test_reserve_answers_201_with_location_and_pickup_code(
+    client: TestClient[Any, Any],
+) -> None:
     """The happy path: a citizen leaves with a code and a link to come back to."""
     await seed(client, stock={"s1": 10}, per_person=2)
     r = await reserve(client, 1)
