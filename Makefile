@@ -1,0 +1,72 @@
+# Developer entry points. `make run` for a local service, `make test`, `make lint`.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: help install run test lint format bench loadtest clean clean-run services-up services-down
+
+help:
+	@echo "make install    create $(VENV) and install allot with the dev and loadtest extras"
+	@echo "make run        start Redis/PostgreSQL if needed, migrate, load demo data, serve"
+	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to narrow it)"
+	@echo "make lint       ruff check, ruff format --check, mypy"
+	@echo "make format     ruff format and ruff check --fix"
+	@echo "make clean      remove $(VENV) and build artefacts (keeps .run/)"
+	@echo "make clean-run  stop the private servers and remove .run/"
+
+install: $(STAMP)
+
+# Redone only when pyproject.toml changes (or the venv is gone).
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev,loadtest]'
+	@touch $@
+
+run: install
+	scripts/run.sh
+
+# One shell line, so that the exports from services.sh reach pytest. The output is captured
+# in a variable first: a bare eval of a command substitution would hide a failing services.sh.
+test: install
+	services="$$(scripts/services.sh up)"; eval "$$services"; \
+	export ALLOT_TEST_REDIS_URL="$${ALLOT_TEST_REDIS_URL:-$$ALLOT_REDIS_URL}"; \
+	export ALLOT_TEST_DATABASE_URL="$${ALLOT_TEST_DATABASE_URL:-$$ALLOT_DATABASE_URL}"; \
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench:
+	@echo "make bench: not yet implemented, see issue #5" >&2
+	@exit 1
+
+loadtest:
+	@echo "make loadtest: not yet implemented, see issue #3" >&2
+	@exit 1
+
+services-up:
+	@scripts/services.sh up
+
+services-down:
+	@scripts/services.sh down
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	find . -path ./.run -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
+
+clean-run:
+	scripts/services.sh down
+	rm -rf .run
