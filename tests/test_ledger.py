@@ -1,0 +1,214 @@
+"""The ledger writer: at-least-once delivery from the stream, exactly one row per reservation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from allocator import db
+from allocator.config import LedgerSettings, Settings
+from allocator.core import Allocator
+from allocator.identity import Hasher
+from allocator.keys import Keys
+from allocator.ledger import GROUP, Entry, LedgerWriter
+from allocator.model import Round, Site
+from tests.conftest import citizen_id, phone
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(database_url)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def allocator(redis: Redis, pool: asyncpg.Pool, keys: Keys) -> Allocator:
+    a = Allocator(redis, pool, keys, Hasher(b"pepper"), timeout=2)
+    await a.upsert_sites([Site("s1", "One", "Road 1", "d1"), Site("s2", "Two", "Road 2", "d1")])
+    now = dt.datetime.now(dt.UTC)
+    await a.upsert_round(
+        Round(
+            "r1",
+            "Masks",
+            now - dt.timedelta(minutes=1),
+            now + dt.timedelta(hours=1),
+            1,
+            now - dt.timedelta(minutes=1),
+            now + dt.timedelta(hours=2),
+        )
+    )
+    await a.load_batch("r1", "b1", [("s1", 100), ("s2", 100)])
+    return a
+
+
+def writer(
+    redis: Redis, pool: asyncpg.Pool, keys: Keys, consumer: str, **settings: Any
+) -> LedgerWriter:
+    return LedgerWriter(
+        redis, pool, keys, replace(LedgerSettings(), **settings), consumer=consumer, block_ms=10
+    )
+
+
+async def rows(pool: asyncpg.Pool) -> dict[str, str]:
+    async with pool.acquire() as con:
+        found = await con.fetch("SELECT reservation_id, status FROM reservations")
+    return {r["reservation_id"]: r["status"] for r in found}
+
+
+async def reserve_many(allocator: Allocator, count: int, start: int = 0) -> list[str]:
+    ids = []
+    for n in range(start, start + count):
+        res, created = await allocator.reserve("r1", "s1", citizen_id(n), phone(n))
+        assert created
+        ids.append(res.reservation_id)
+    return ids
+
+
+async def test_duplicate_delivery_of_an_entry_writes_one_row(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """A redelivered entry (at-least-once) must not create a second row or a second batch."""
+    [rid] = await reserve_many(allocator, 1)
+    rk = keys.round("r1")
+    entries = await redis.xrange(rk.ledger)
+    for _, fields in entries:  # deliver every entry a second time
+        await redis.xadd(rk.ledger, fields)
+    w = writer(redis, pool, keys, "c1")
+    async with asyncio.timeout(10):
+        await w.drain()
+    assert await rows(pool) == {rid: "confirmed"}
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT count(*) FROM batches") == 1
+
+
+async def test_status_only_moves_forward_whatever_the_delivery_order(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """A late 'confirmed' entry arriving after 'cancelled' must not revive the reservation."""
+    [rid] = await reserve_many(allocator, 1)
+    await allocator.cancel(rid)
+    rk = keys.round("r1")
+    entries = await redis.xrange(rk.ledger)
+    reservation_entries = [f for _, f in entries if f[b"kind"] == b"reservation"]
+    assert [orjson.loads(f[b"record"])["status"] for f in reservation_entries] == [
+        "confirmed",
+        "cancelled",
+    ]
+    await redis.delete(rk.ledger)
+    await redis.xgroup_create(rk.ledger, GROUP, id="0", mkstream=True)
+    for fields in reversed(reservation_entries):  # cancelled first, then the stale confirmed
+        await redis.xadd(rk.ledger, fields)
+    w = writer(redis, pool, keys, "c1")
+    async with asyncio.timeout(10):
+        await w.drain()
+    assert await rows(pool) == {rid: "cancelled"}
+
+
+async def test_writer_killed_between_read_and_commit_loses_nothing(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """Entries a writer read but never committed are taken over by another writer."""
+    ids = await reserve_many(allocator, 20)
+    doomed = writer(redis, pool, keys, "doomed")
+    reached_commit = asyncio.Event()
+
+    async def die_in_commit(entries: Any, streams: Any) -> None:
+        reached_commit.set()
+        await asyncio.sleep(3600)  # holds the entries, then is killed
+
+    doomed._commit = die_in_commit  # type: ignore[method-assign]
+    task = asyncio.create_task(doomed.run())
+    async with asyncio.timeout(5):
+        await reached_commit.wait()
+    task.cancel()  # the writer dies holding every entry, none acknowledged
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    info = await redis.xpending(keys.round("r1").ledger, GROUP)
+    assert info["pending"] == 21  # 20 reservations and the batch, all delivered to "doomed"
+    assert await rows(pool) == {}
+
+    heir = writer(redis, pool, keys, "heir", claim_idle_ms=100)
+    await asyncio.sleep(0.2)
+    task = asyncio.create_task(heir.run())
+    try:
+        async with asyncio.timeout(10):
+            while len(await rows(pool)) < 20:
+                await asyncio.sleep(0.05)
+    finally:
+        heir.stop()
+        await task
+    assert await rows(pool) == dict.fromkeys(ids, "confirmed")
+    assert await redis.xlen(keys.round("r1").ledger) == 0
+
+
+async def test_restarted_writer_commits_its_own_pending_entries_first(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """The same worker slot, restarted, finishes what it had read before it died."""
+    ids = await reserve_many(allocator, 5)
+    await redis.xreadgroup(GROUP, "w0", {keys.round("r1").ledger: ">"}, count=100)
+    again = writer(redis, pool, keys, "w0", claim_idle_ms=3_600_000)  # no takeover involved
+    async with asyncio.timeout(10):
+        await again.drain()
+    assert await rows(pool) == dict.fromkeys(ids, "confirmed")
+
+
+async def test_an_entry_postgres_keeps_refusing_goes_to_the_dead_letter_stream(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys, caplog: Any
+) -> None:
+    """One bad entry must not stop the ledger: it is set aside, logged, and the rest commit."""
+    ids = await reserve_many(allocator, 3)
+    rk = keys.round("r1")
+    bad = orjson.loads((await redis.xrange(rk.ledger))[-1][1][b"record"])
+    bad.update(id="bad-entry", qty=0, code="ZZZZZZZZ")  # violates CHECK (quantity >= 1)
+    await redis.xadd(rk.ledger, {"kind": "reservation", "record": orjson.dumps(bad)})
+    ids += await reserve_many(allocator, 2, start=10)
+    w = writer(redis, pool, keys, "c1", max_attempts=3)
+    async with asyncio.timeout(10):
+        await w.drain()
+    assert await rows(pool) == dict.fromkeys(ids, "confirmed")
+    dead = await redis.xrange(rk.dead)
+    assert len(dead) == 1
+    assert orjson.loads(dead[0][1][b"record"])["id"] == "bad-entry"
+    assert b"quantity" in dead[0][1][b"error"]
+    assert "dead-letter" in caplog.text or "moved to" in caplog.text
+
+
+def test_entry_statement_rejects_an_unknown_kind() -> None:
+    """An entry of a kind the writer does not know is a data fault, not a crash."""
+    with pytest.raises(ValueError, match="unknown ledger entry kind"):
+        Entry("r1", b"1-0", {b"kind": b"mystery"}).statement()
+
+
+async def test_service_ledger_writer_records_within_five_seconds(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """Inside `allot serve`, a reservation answered 201 is in PostgreSQL within 5 s."""
+    from service.app import create_app
+    from tests.conftest import seed
+
+    client = await aiohttp_client(create_app(settings))
+    await seed(client, stock={"s1": 5})
+    from tests.conftest import reserve
+
+    r = await reserve(client, 1)
+    assert r.status == 201
+    rid = (await r.json())["reservation_id"]
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        async with asyncio.timeout(5):
+            while not await con.fetchval(
+                "SELECT 1 FROM reservations WHERE reservation_id = $1", rid
+            ):
+                await asyncio.sleep(0.05)
+    finally:
+        await con.close()
