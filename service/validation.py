@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Mapping
+import re
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ CSV_LIMIT = 1024 * 1024
 MAX_PER_PERSON = 1000
 MAX_BATCH_UNITS = 10_000_000
 MAX_TEXT = 200
+DIGITS = re.compile(r"[0-9]{1,9}")
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -244,8 +246,15 @@ class Batch:
     items: list[tuple[str, int]]
 
 
-def _check_items(rows: list[tuple[str, Any, Any]], errors: _Errors) -> list[tuple[str, int]]:
-    """rows: (field prefix, site_id, quantity) as received."""
+def _check_items(
+    rows: list[tuple[str, Any, Any]],
+    errors: _Errors,
+    known_sites: Container[str],
+    *,
+    listed: bool,
+) -> list[tuple[str, int]]:
+    """rows: (field prefix, site_id, quantity) as received. Every bad row is named in one pass,
+    ``listed`` says whether the batch had any rows at all (well-formed or not)."""
     items: list[tuple[str, int]] = []
     seen: dict[str, str] = {}
     for where, site_id, quantity in rows:
@@ -256,6 +265,9 @@ def _check_items(rows: list[tuple[str, Any, Any]], errors: _Errors) -> list[tupl
         elif site_id in seen:
             errors.add(f"{where}.site_id", f"{site_id!r} is already listed at {seen[site_id]}")
             ok = False
+        elif site_id not in known_sites:
+            errors.add(f"{where}.site_id", f"unknown site {site_id!r} (add it with PUT sites)")
+            ok = False
         if isinstance(quantity, bool) or not isinstance(quantity, int):
             errors.add(f"{where}.quantity", "must be a whole number")
             ok = False
@@ -265,13 +277,13 @@ def _check_items(rows: list[tuple[str, Any, Any]], errors: _Errors) -> list[tupl
         if ok:
             seen[site_id] = where
             items.append((site_id, quantity))
-    if not rows:
+    if not listed:
         errors.add("items", "must list at least one site")
     errors.check()
     return items
 
 
-def parse_batch_json(body: Mapping[str, Any]) -> Batch:
+def parse_batch_json(body: Mapping[str, Any], known_sites: Container[str]) -> Batch:
     errors = _Errors()
     batch_id = errors.ident(body, "batch_id")
     raw = body.get("items")
@@ -285,12 +297,12 @@ def parse_batch_json(body: Mapping[str, Any]) -> Batch:
             errors.add(f"items[{i}]", "must be an object")
             continue
         rows.append((f"items[{i}]", item.get("site_id"), item.get("quantity")))
-    items = _check_items(rows, errors)
+    items = _check_items(rows, errors, known_sites, listed=bool(raw))
     assert batch_id
     return Batch(batch_id, items)
 
 
-def parse_batch_csv(raw: bytes, batch_id: str | None) -> Batch:
+def parse_batch_csv(raw: bytes, batch_id: str | None, known_sites: Container[str]) -> Batch:
     """CSV with the header ``site_id,quantity``; rows are named by their line number."""
     errors = _Errors()
     if batch_id is None:
@@ -309,17 +321,20 @@ def parse_batch_csv(raw: bytes, batch_id: str | None) -> Batch:
         errors.add("line 1", "the header must be exactly: site_id,quantity")
         errors.check()
     rows: list[tuple[str, Any, Any]] = []
+    listed = False
     for record in reader:
         line = reader.line_num
         if not record or all(not c.strip() for c in record):
             continue
+        listed = True
         if len(record) != 2:
             errors.add(f"line {line}", "must have exactly two values: site_id,quantity")
             continue
         site_id, quantity = (c.strip() for c in record)
-        qty: Any = int(quantity) if quantity.isdigit() else quantity
+        # ASCII digits only: str.isdigit() also accepts '²' and '①', which int() refuses
+        qty: Any = int(quantity) if DIGITS.fullmatch(quantity) else quantity
         rows.append((f"line {line}", site_id, qty))
-    items = _check_items(rows, errors)
+    items = _check_items(rows, errors, known_sites, listed=listed)
     assert batch_id
     return Batch(batch_id, items)
 

@@ -142,12 +142,25 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
         admin_token=ADMIN_TOKEN,
         id_pepper="test-pepper",
         service=replace(base.service, redis_prefix=redis_prefix, redis_timeout_ms=2000),
+        # Every test request comes from 127.0.0.1: wide-open buckets here, so that tests of
+        # the invariants see every claim decided; tests/test_gate.py uses the real defaults.
+        gate=replace(
+            base.gate,
+            global_rate=1e6,
+            global_burst=10**6,
+            client_rate=1e6,
+            client_burst=10**6,
+            citizen_rate=1e6,
+            citizen_burst=10**6,
+        ),
     )
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings, redis: Redis) -> TestClient[Any, Any]:
-    """The real application (ledger writer included) on a real socket."""
+async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestClient[Any, Any]:
+    """The real application (ledger writer included) on a real socket.
+
+    ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
     return await aiohttp_client(create_app(settings))
 
 
