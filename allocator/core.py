@@ -8,8 +8,10 @@ returns a value or raises a ``Problem`` from allocator.errors; store failures be
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
+import inspect
 import logging
 import secrets
 import time
@@ -25,6 +27,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from allocator.cache import TtlCache
+from allocator.config import GateSettings
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.errors import (
     AlreadyReserved,
@@ -33,6 +36,7 @@ from allocator.errors import (
     NotCollectable,
     NotFound,
     Problem,
+    RateLimited,
     RoundNotOpen,
     SoldOut,
     Unavailable,
@@ -50,6 +54,7 @@ from allocator.model import (
 )
 from allocator.redistyping import awaited
 from allocator.scripts import Scripts
+from allocator.soldout import SoldOutBoard
 
 log = logging.getLogger("allot.allocator")
 
@@ -75,10 +80,14 @@ def batch_digest(items: Sequence[tuple[str, int]]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
+    """One citizen's claim, with everything derived from the ID and phone done once."""
+
     round_id: str
     site_id: str
-    citizen_id: str  # validated and normalised
-    phone: str  # validated
+    citizen_hash: str
+    phone_hash: str
+    masked_id: str
+    client_hash: str  # HMAC of the client address, for its token bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +114,8 @@ class Allocator:
         hasher: Hasher,
         *,
         timeout: float = 0.8,
+        gate: GateSettings | None = None,
+        breaker: float = 0.5,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
@@ -119,17 +130,42 @@ class Allocator:
         self._sites: TtlCache[None, dict[str, Site]] = TtlCache(SNAPSHOT_TTL)
         self._stock: TtlCache[str, dict[str, int]] = TtlCache(SNAPSHOT_TTL)
         self._known_groups: set[str] = set()
+        gate = gate or GateSettings()
+        self._gate_args = (
+            gate.global_rate,
+            gate.global_burst,
+            gate.client_rate,
+            gate.client_burst,
+            gate.citizen_rate,
+            gate.citizen_burst,
+        )
+        self.sold_out = SoldOutBoard()
+        self._breaker = breaker
+        self._down_until = 0.0
 
     # -- guards ------------------------------------------------------------------------------
 
     async def _redis(self, aw: Awaitable[T]) -> T:
-        """Await a Redis call, turning any store failure into a prompt 503."""
+        """Await a Redis call, turning any store failure into a prompt 503.
+
+        After a connection failure or timeout the breaker stays open for ``breaker`` seconds:
+        calls then fail at once instead of each waiting out the timeout, and the first call
+        after that tries Redis again (so the service recovers by itself).
+        """
+        if time.monotonic() < self._down_until:
+            if inspect.iscoroutine(aw):
+                aw.close()  # never awaited: close it, or Python warns
+            raise Unavailable("The reservation store is not answering; please try again.")
         try:
             async with asyncio.timeout(self.timeout):
                 return await aw
-        except (RedisError, OSError, TimeoutError) as exc:
-            if isinstance(exc, ResponseError) and not _is_transient_response(exc):
+        except ResponseError as exc:
+            if not _is_transient_response(exc):
                 log.error("redis refused a command: %s", exc)
+            raise Unavailable("The reservation store is busy; please try again.") from exc
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = time.monotonic() + self._breaker
+            log.warning("redis: %s: %s", type(exc).__name__, exc)
             raise Unavailable("The reservation store is not answering; please try again.") from exc
 
     @asynccontextmanager
@@ -223,30 +259,59 @@ class Allocator:
 
     # -- citizens ------------------------------------------------------------------------------
 
+    def claim_request(
+        self, round_id: str, site_id: str, citizen_id: str, phone: str, client: str = ""
+    ) -> ClaimRequest:
+        """Hash and mask once; the ID and phone go no further in clear."""
+        return ClaimRequest(
+            round_id=round_id,
+            site_id=site_id,
+            citizen_hash=self.hasher.citizen(citizen_id),
+            phone_hash=self.hasher.phone(phone),
+            masked_id=mask_citizen_id(citizen_id),
+            client_hash=self.hasher.client(client),
+        )
+
     async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
-        """Decide several claims on one round in one script call; one result per item."""
+        """Admit and decide several claims on one round in one script call; one result each."""
         rk = self.keys.round(round_id)
-        code_keys: list[str] = []
-        args: list[str | int] = [len(items)]
+        keys = [
+            rk.round,
+            rk.stock,
+            rk.holders,
+            rk.reservations,
+            rk.tally,
+            rk.ledger,
+            rk.gate_global,
+        ]
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            """1-based position of ``name`` in KEYS, each key passed once."""
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)
+            return index[name]
+
+        args: list[str | int | float] = [len(items), *self._gate_args]
         for item in items:
-            ck = rk.codes(item.site_id)
-            if ck not in code_keys:
-                code_keys.append(ck)
             args += [
-                7 + code_keys.index(ck),
+                key(rk.codes(item.site_id)),
+                key(rk.site_holders(item.site_id)),
+                key(rk.gate_client(item.client_hash)),
+                key(rk.gate_citizen(item.citizen_hash)),
                 item.site_id,
-                self.hasher.citizen(item.citizen_id),
-                self.hasher.phone(item.phone),
-                mask_citizen_id(item.citizen_id),
+                item.citizen_hash,
+                item.phone_hash,
+                item.masked_id,
                 new_reservation_id(round_id),
                 *(new_pickup_code() for _ in range(CODE_CANDIDATES)),
             ]
-        keys = [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, *code_keys]
         replies = await self._redis(self.scripts.claim(keys=keys, args=args))
-        outcomes = []
-        for item, reply in zip(items, replies, strict=True):
-            outcomes.append(await self._claim_outcome(round_id, item, reply))
-        return outcomes
+        return [
+            await self._claim_outcome(round_id, item, reply)
+            for item, reply in zip(items, replies, strict=True)
+        ]
 
     async def _claim_outcome(
         self, round_id: str, item: ClaimRequest, reply: list[bytes]
@@ -255,6 +320,11 @@ class Allocator:
         if status in ("created", "existing"):
             reservation = Reservation.from_record(round_id, reply[1])
             return ClaimOutcome(reservation=reservation, created=status == "created")
+        if status == "gated":
+            bucket = reply[2].decode()
+            return ClaimOutcome(
+                refusal=RateLimited(_GATED[bucket], retry_after=int(reply[1]) / 1000)
+            )
         if status == "no-round":
             return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
         if status == "not-open":
@@ -279,12 +349,20 @@ class Allocator:
             if left == 0 and item.site_id not in await self.sites(fresh=True):
                 return ClaimOutcome(refusal=NotFound(f"There is no site {item.site_id!r}."))
             rnd = await self.round(round_id)
-            return ClaimOutcome(
-                refusal=SoldOut(
-                    f"Site {item.site_id!r} has {left} unit(s) left; a share is {rnd.per_person}.",
-                    alternatives=await self.alternatives(rnd, item.site_id),
-                )
+            refusal = SoldOut(
+                f"Site {item.site_id!r} has {left} unit(s) left; a share is {rnd.per_person}.",
+                alternatives=await self.alternatives(rnd, item.site_id),
             )
+            if not self.sold_out.marked(round_id, item.site_id):
+                holders = await self._redis(
+                    awaited(
+                        self.redis.smembers(self.keys.round(round_id).site_holders(item.site_id))
+                    )
+                )
+                self.sold_out.mark(
+                    round_id, item.site_id, frozenset(h.decode() for h in holders), refusal
+                )
+            return ClaimOutcome(refusal=refusal)
         if status == "no-code":
             log.error("all %d pickup-code candidates were taken; retry", CODE_CANDIDATES)
             return ClaimOutcome(refusal=Unavailable("Please try again."))
@@ -294,7 +372,7 @@ class Allocator:
         self, round_id: str, site_id: str, citizen_id: str, phone: str
     ) -> tuple[Reservation, bool]:
         [outcome] = await self.claim_many(
-            round_id, [ClaimRequest(round_id, site_id, citizen_id, phone)]
+            round_id, [self.claim_request(round_id, site_id, citizen_id, phone)]
         )
         if outcome.refusal is not None:
             raise outcome.refusal
@@ -328,8 +406,40 @@ class Allocator:
                 f"This reservation is {self._shown_status(reservation, await self.round(round_id))}"
                 " and can no longer be cancelled."
             )
-        self._stock.invalidate(round_id)
+        await self.units_returned(round_id, [reservation.site_id])
         return reservation
+
+    async def units_returned(self, round_id: str, site_ids: Sequence[str]) -> None:
+        """Units came back: forget sold-out marks here, and tell every other worker."""
+        self._stock.invalidate(round_id)
+        for site_id in site_ids:
+            self.sold_out.clear(round_id, site_id)
+        try:
+            await self._redis(
+                awaited(self.redis.publish(self.keys.stock_events, " ".join([round_id, *site_ids])))
+            )
+        except Unavailable:
+            log.warning(
+                "could not announce returned units of %s; marks expire within 1 s", round_id
+            )
+
+    async def follow_stock_events(self, stop: asyncio.Event) -> None:
+        """Clear this worker's sold-out marks when another worker announces returned units."""
+        while not stop.is_set():
+            try:
+                async with self.redis.pubsub(ignore_subscribe_messages=True) as ps:
+                    await ps.subscribe(self.keys.stock_events)
+                    while not stop.is_set():
+                        msg = await ps.get_message(timeout=min(0.5, self.timeout / 2))
+                        if msg and msg.get("type") == "message":
+                            round_id, *site_ids = msg["data"].decode().split()
+                            self._stock.invalidate(round_id)
+                            for site_id in site_ids:
+                                self.sold_out.clear(round_id, site_id)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("stock events: %s: %s; resubscribing", type(exc).__name__, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
 
     def _shown_status(self, reservation: Reservation, rnd: Round) -> str:
         return reservation.effective_status(self.now_ms(), to_ms(rnd.pickup_end))
@@ -410,13 +520,9 @@ class Allocator:
         """Add a batch all or nothing; the same batch_id and items again change nothing."""
         await self.round(round_id)
         sites = await self.sites(fresh=True)
-        unknown = [
-            {"field": f"items[{i}].site_id", "message": f"unknown site {s!r}"}
-            for i, (s, _) in enumerate(items)
-            if s not in sites
-        ]
-        if unknown:
-            raise InvalidRequest(unknown)
+        unknown = sorted({s for s, _ in items if s not in sites})
+        if unknown:  # the HTTP layer names each row; this guards every other caller
+            raise InvalidRequest.one("items", f"unknown site(s): {', '.join(unknown)}")
         rk = self.keys.round(round_id)
         canonical = sorted(items)
         reply = await self._redis(
@@ -435,7 +541,8 @@ class Allocator:
             raise NotFound(f"There is no round {round_id!r}.")
         if status == "conflict":
             raise BatchConflict(f"Batch {batch_id!r} was already loaded with other contents.")
-        self._stock.invalidate(round_id)
+        if status == "loaded":
+            await self.units_returned(round_id, [s for s, _ in items])
         body = {
             "batch_id": batch_id,
             "units_added": sum(q for _, q in items),
@@ -532,6 +639,13 @@ class Allocator:
         await self._redis(awaited(self.redis.eval("return 1", 0)))
         async with self._pg() as con:
             await con.fetchval("SELECT 1")
+
+
+_GATED = {
+    "global": "Very many people are reserving right now; please try again in a moment.",
+    "client": "Too many requests from your address; please wait a moment.",
+    "citizen": "Too many attempts for this ID number; please wait a moment.",
+}
 
 
 def _round_of(reservation_id: str) -> str:

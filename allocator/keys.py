@@ -23,11 +23,26 @@ class RoundKeys:
     batches: str  # hash: batch_id -> digest
     ledger: str  # stream: one entry per state change, drained into PostgreSQL
     dead: str  # stream: ledger entries that failed too often, kept for an operator
-    _codes_prefix: str
+    _tag: str  # "<prefix>:{r:<round_id>}:", the shared hash tag
 
     def codes(self, site_id: str) -> str:
         """Hash of pickup code -> reservation_id for one site in this round."""
-        return f"{self._codes_prefix}{site_id}"
+        return f"{self._tag}codes:{site_id}"
+
+    def site_holders(self, site_id: str) -> str:
+        """Set of citizen hashes that reserved at this site (never shrinks: a safe superset)."""
+        return f"{self._tag}siteholders:{site_id}"
+
+    @property
+    def gate_global(self) -> str:
+        """Token bucket of the whole round (hash: t tokens, ts ms)."""
+        return f"{self._tag}gate:global"
+
+    def gate_client(self, client_hash: str) -> str:
+        return f"{self._tag}gate:client:{client_hash}"
+
+    def gate_citizen(self, citizen_hash: str) -> str:
+        return f"{self._tag}gate:citizen:{citizen_hash}"
 
     def all_static(self) -> tuple[str, ...]:
         return (
@@ -67,9 +82,10 @@ class Keys:
             batches=tag + "batches",
             ledger=tag + "ledger",
             dead=tag + "ledger:dead",
-            _codes_prefix=tag + "codes:",
+            _tag=tag,
         )
 
-    def gate(self, name: str) -> str:
-        """A token bucket; ``name`` is already hashed where it names a person or address."""
-        return f"{self.prefix}:gate:{name}"
+    @property
+    def stock_events(self) -> str:
+        """Pub/sub channel: "<round_id> <site_id>" when units come back (cancel, batch)."""
+        return f"{self.prefix}:stock-events"

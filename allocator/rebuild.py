@@ -66,6 +66,7 @@ async def rebuild_round(
     records: dict[str, bytes] = {}
     holders: dict[str, str] = {}
     codes: dict[str, dict[str, str]] = defaultdict(dict)
+    site_holders: dict[str, set[str]] = defaultdict(set)
     tally: dict[str, int] = defaultdict(int)
     held: dict[str, int] = defaultdict(int)
     for r in await con.fetch(
@@ -87,6 +88,7 @@ async def rebuild_round(
             }
         )
         codes[r["site_id"]][r["pickup_code"]] = r["reservation_id"]
+        site_holders[r["site_id"]].add(r["citizen_hash"])
         tally["created"] += 1
         if status != "cancelled":
             holders[r["citizen_hash"]] = r["reservation_id"]
@@ -99,10 +101,14 @@ async def rebuild_round(
         Site(s["site_id"], s["name"], s["address"], s["district"])
         for s in await con.fetch("SELECT site_id, name, address, district FROM sites")
     ]
-    stale_codes = [k async for k in redis.scan_iter(match=rk.codes("*"), count=1000)]
+    stale = [
+        k
+        for pattern in (rk.codes("*"), rk.site_holders("*"))
+        async for k in redis.scan_iter(match=pattern, count=1000)
+    ]
 
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(*rk.all_static(), *stale_codes)
+        pipe.delete(*rk.all_static(), *stale)
         pipe.hset(rk.round, mapping=round_hash)
         if stock:
             pipe.hset(rk.stock, mapping=stock)
@@ -117,6 +123,8 @@ async def rebuild_round(
             pipe.hset(rk.tally, mapping=dict(tally))
         for site_id, mapping in codes.items():
             pipe.hset(rk.codes(site_id), mapping=mapping)
+        for site_id, members in site_holders.items():
+            pipe.sadd(rk.site_holders(site_id), *members)
         await pipe.execute()
     async with redis.pipeline(transaction=False) as pipe:
         pipe.sadd(keys.rounds, round_id)

@@ -1,7 +1,9 @@
--- claim.lua: decide reservations for one round, one or many requests in a single atomic step.
+-- claim.lua: admit and decide reservations for one round, one or many requests in one atomic step.
 --
--- Each item is checked in order: round window, then the citizen (a duplicate never touches
--- stock), then stock, and only then is anything changed. One item's refusal never affects another.
+-- Each item is checked in order: the token buckets (whole round, client address, citizen), the
+-- round window, then the citizen (a duplicate never touches stock), then stock, and only then
+-- is anything changed. One item's refusal never affects another; items are decided in order, so
+-- the same citizen twice in one call behaves exactly as two calls would.
 --
 -- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person
 -- KEYS[2]   stock hash             <p>:{r:<round>}:stock        site_id -> units left
@@ -9,20 +11,30 @@
 -- KEYS[4]   reservations hash      <p>:{r:<round>}:reservations reservation_id -> record (JSON)
 -- KEYS[5]   tally hash             <p>:{r:<round>}:tally        reserved:<site>, created
 -- KEYS[6]   ledger stream          <p>:{r:<round>}:ledger       one entry per state change
--- KEYS[7..] pickup-code hashes     <p>:{r:<round>}:codes:<site> code -> reservation_id
+-- KEYS[7]   round token bucket     <p>:{r:<round>}:gate:global  hash t (tokens), ts (ms)
+-- KEYS[8..] per-item keys, referred to by index from ARGV:
+--           pickup codes of a site <p>:{r:<round>}:codes:<site>      code -> reservation_id
+--           holders of a site      <p>:{r:<round>}:siteholders:<site> set of citizen hashes
+--           client token bucket    <p>:{r:<round>}:gate:client:<hmac of address>
+--           citizen token bucket   <p>:{r:<round>}:gate:citizen:<citizen hash>
 -- ARGV[1]   number of items n
--- ARGV[2..] n items of 9 values each:
---           codes key index (into KEYS), site_id, citizen hash (hex), phone hash (hex),
+-- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens):
+--           global rate, global burst, client rate, client burst, citizen rate, citizen burst
+-- ARGV[8..] n items of 12 values each:
+--           codes key index, site-holders key index, client bucket key index, citizen bucket
+--           key index (all into KEYS), site_id, citizen hash (hex), phone hash (hex),
 --           masked citizen id, new reservation_id, three candidate pickup codes
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
+--           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones)
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
+local HEAD, STRIDE = 8, 12
 local n = tonumber(ARGV[1])
-if not n or n < 1 or #ARGV ~= 1 + 9 * n then
-  return redis.error_reply('ERR claim: ARGV must be n followed by n items of 9 values')
+if not n or n < 1 or #ARGV ~= HEAD - 1 + STRIDE * n then
+  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, then n items of 12')
 end
 
 local t = redis.call('TIME')
@@ -31,63 +43,120 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
 
+local limits = {
+  global = {tonumber(ARGV[2]), tonumber(ARGV[3])},
+  client = {tonumber(ARGV[4]), tonumber(ARGV[5])},
+  citizen = {tonumber(ARGV[6]), tonumber(ARGV[7])},
+}
+
+-- Token buckets are read once per call, kept here while items are decided, written once.
+local buckets = {}
+local function bucket(key, kind)
+  local b = buckets[key]
+  if not b then
+    local rate, burst = limits[kind][1], limits[kind][2]
+    local saved = redis.call('HMGET', key, 't', 'ts')
+    local tokens, ts = tonumber(saved[1]), tonumber(saved[2])
+    if not tokens then
+      tokens, ts = burst, now
+    end
+    tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
+    b = {tokens = tokens, rate = rate, burst = burst, kind = kind, dirty = false}
+    buckets[key] = b
+  end
+  return b
+end
+
 local replies = {}
 for i = 0, n - 1 do
-  local base = 2 + 9 * i
+  local base = HEAD + STRIDE * i
   local codes_key = KEYS[tonumber(ARGV[base])]
-  local site_id = ARGV[base + 1]
-  local citizen = ARGV[base + 2]
-  local phone = ARGV[base + 3]
-  local masked = ARGV[base + 4]
-  local reservation_id = ARGV[base + 5]
+  local site_holders_key = KEYS[tonumber(ARGV[base + 1])]
+  local gates = {
+    bucket(KEYS[7], 'global'),
+    bucket(KEYS[tonumber(ARGV[base + 2])], 'client'),
+    bucket(KEYS[tonumber(ARGV[base + 3])], 'citizen'),
+  }
+  local site_id = ARGV[base + 4]
+  local citizen = ARGV[base + 5]
+  local phone = ARGV[base + 6]
+  local masked = ARGV[base + 7]
+  local reservation_id = ARGV[base + 8]
+
+  local wait, refused_by = 0, nil
+  for _, b in ipairs(gates) do
+    if b.tokens < 1 then
+      local need = math.ceil((1 - b.tokens) * 1000 / b.rate)
+      if need > wait then
+        wait, refused_by = need, b.kind
+      end
+    end
+  end
 
   local reply
-  if not opens then
-    reply = {'no-round'}
-  elseif now < opens or now >= closes then
-    reply = {'not-open', tostring(opens), tostring(closes)}
+  if refused_by then
+    reply = {'gated', tostring(wait), refused_by}
   else
-    local held = redis.call('HGET', KEYS[3], citizen)
-    if held then
-      local record = redis.call('HGET', KEYS[4], held)
-      local r = cjson.decode(record)
-      if r.site == site_id and r.ph == phone then
-        reply = {'existing', record}
-      else
-        reply = {'already-reserved'}
-      end
+    for _, b in ipairs(gates) do
+      b.tokens = b.tokens - 1
+      b.dirty = true
+    end
+    if not opens then
+      reply = {'no-round'}
+    elseif now < opens or now >= closes then
+      reply = {'not-open', tostring(opens), tostring(closes)}
     else
-      local left = tonumber(redis.call('HGET', KEYS[2], site_id) or '0')
-      if left < per_person then
-        reply = {'sold-out', tostring(left)}
-      else
-        local code = nil
-        for c = base + 6, base + 8 do
-          if redis.call('HEXISTS', codes_key, ARGV[c]) == 0 then
-            code = ARGV[c]
-            break
-          end
-        end
-        if not code then
-          reply = {'no-code'}
+      local held = redis.call('HGET', KEYS[3], citizen)
+      if held then
+        local record = redis.call('HGET', KEYS[4], held)
+        local r = cjson.decode(record)
+        if r.site == site_id and r.ph == phone then
+          reply = {'existing', record}
         else
-          local record = cjson.encode({
-            id = reservation_id, site = site_id, qty = per_person, status = 'confirmed',
-            code = code, cit = citizen, ph = phone, mask = masked,
-            created = now, updated = now,
-          })
-          redis.call('HINCRBY', KEYS[2], site_id, -per_person)
-          redis.call('HSET', codes_key, code, reservation_id)
-          redis.call('HSET', KEYS[3], citizen, reservation_id)
-          redis.call('HSET', KEYS[4], reservation_id, record)
-          redis.call('HINCRBY', KEYS[5], 'reserved:' .. site_id, per_person)
-          redis.call('HINCRBY', KEYS[5], 'created', 1)
-          redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record)
-          reply = {'created', record}
+          reply = {'already-reserved'}
+        end
+      else
+        local left = tonumber(redis.call('HGET', KEYS[2], site_id) or '0')
+        if left < per_person then
+          reply = {'sold-out', tostring(left)}
+        else
+          local code = nil
+          for c = base + 9, base + 11 do
+            if redis.call('HEXISTS', codes_key, ARGV[c]) == 0 then
+              code = ARGV[c]
+              break
+            end
+          end
+          if not code then
+            reply = {'no-code'}
+          else
+            local record = cjson.encode({
+              id = reservation_id, site = site_id, qty = per_person, status = 'confirmed',
+              code = code, cit = citizen, ph = phone, mask = masked,
+              created = now, updated = now,
+            })
+            redis.call('HINCRBY', KEYS[2], site_id, -per_person)
+            redis.call('HSET', codes_key, code, reservation_id)
+            redis.call('SADD', site_holders_key, citizen)
+            redis.call('HSET', KEYS[3], citizen, reservation_id)
+            redis.call('HSET', KEYS[4], reservation_id, record)
+            redis.call('HINCRBY', KEYS[5], 'reserved:' .. site_id, per_person)
+            redis.call('HINCRBY', KEYS[5], 'created', 1)
+            redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record)
+            reply = {'created', record}
+          end
         end
       end
     end
   end
   replies[i + 1] = reply
+end
+
+for key, b in pairs(buckets) do
+  if b.dirty then
+    redis.call('HSET', key, 't', tostring(b.tokens), 'ts', tostring(now))
+    -- an idle bucket is full again after burst / rate seconds; then it need not exist
+    redis.call('PEXPIRE', key, math.ceil(b.burst / b.rate * 1000) + 1000)
+  end
 end
 return replies

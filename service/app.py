@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from allocator import db
+from allocator.admission import AdmissionQueue
 from allocator.config import Settings
 from allocator.core import Allocator
 from allocator.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unavailable
@@ -22,7 +23,16 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
 from allocator.redistyping import awaited
-from service.appkeys import ALLOCATOR, LEDGER, METRICS, PG_POOL, REDIS, SETTINGS
+from service.appkeys import (
+    ADMISSION,
+    ALLOCATOR,
+    LEDGER,
+    METRICS,
+    PG_POOL,
+    REDIS,
+    SETTINGS,
+    TRUSTED_PROXIES,
+)
 from service.metrics import Metrics
 from service.validation import CSV_LIMIT
 from service.views import routes
@@ -116,6 +126,7 @@ def redis_client(settings: Settings) -> Redis:
 def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) -> web.Application:
     app = web.Application(middlewares=[timing, problems], client_max_size=CSV_LIMIT + 1)
     app[SETTINGS] = settings
+    app[TRUSTED_PROXIES] = settings.gate.trusted_networks()
     app[METRICS] = Metrics()
     hasher = Hasher(settings.pepper_bytes)
 
@@ -140,14 +151,27 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
             await asyncio.wait_for(pool.close(), 5)
 
     async def allocator_ctx(app: web.Application) -> AsyncIterator[None]:
-        app[ALLOCATOR] = Allocator(
+        allocator = Allocator(
             app[REDIS],
             app[PG_POOL],
             Keys(settings.service.redis_prefix),
             hasher,
             timeout=settings.service.redis_timeout_ms / 1000,
+            gate=settings.gate,
         )
+        app[ALLOCATOR] = allocator
+        queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
+        app[ADMISSION] = queue
+        stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(queue.run(), name="admission-dispatcher"),
+            asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
+        ]
         yield
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         writer = LedgerWriter(

@@ -6,9 +6,11 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from allocator.admission import AdmissionQueue
 from allocator.config import Settings
 from allocator.core import Allocator
 from allocator.ledger import LedgerWriter
+from service.client import Network
 from service.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -17,3 +19,5 @@ REDIS = web.AppKey("redis", Redis)
 PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 ALLOCATOR = web.AppKey("allocator", Allocator)
 LEDGER = web.AppKey("ledger", LedgerWriter)
+ADMISSION = web.AppKey("admission", AdmissionQueue)
+TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])

@@ -10,7 +10,8 @@ import orjson
 from aiohttp import web
 
 from allocator.errors import Problem, Unauthorized
-from service.appkeys import ALLOCATOR, METRICS, SETTINGS
+from service.appkeys import ADMISSION, ALLOCATOR, METRICS, SETTINGS, TRUSTED_PROXIES
+from service.client import client_address
 from service.openapi import openapi_document
 from service.validation import (
     CSV_LIMIT,
@@ -80,9 +81,14 @@ async def create_reservation(request: web.Request) -> web.Response:
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
-        reservation, created = await allocator.reserve(
-            round_id, ask.site_id, ask.citizen_id, ask.phone
+        claim = allocator.claim_request(
+            round_id,
+            ask.site_id,
+            ask.citizen_id,
+            ask.phone,
+            client_address(request, request.app[TRUSTED_PROXIES]),
         )
+        reservation, created = await request.app[ADMISSION].reserve(claim)
         rnd = await allocator.round(round_id)
     except Problem as problem:
         counter.labels(problem.code).inc()
@@ -134,11 +140,16 @@ async def put_round(request: web.Request) -> web.Response:
 async def post_batch(request: web.Request) -> web.Response:
     require_operator(request)
     round_id = path_id(request, "round_id")
+    allocator = request.app[ALLOCATOR]
+    await allocator.round(round_id)  # 404 before reading a large body for nothing
     if media_type(request) == "text/csv":
-        batch = parse_batch_csv(await read_body(request, CSV_LIMIT), request.query.get("batch_id"))
+        raw = await read_body(request, CSV_LIMIT)
+        known = await allocator.sites(fresh=True)
+        batch = parse_batch_csv(raw, request.query.get("batch_id"), known)
     else:
-        batch = parse_batch_json(await read_json(request))
-    answer = await request.app[ALLOCATOR].load_batch(round_id, batch.batch_id, batch.items)
+        body = await read_json(request)
+        batch = parse_batch_json(body, await allocator.sites(fresh=True))
+    answer = await allocator.load_batch(round_id, batch.batch_id, batch.items)
     return json_response(answer.body, status=201 if answer.created else 200)
 
 

@@ -74,6 +74,9 @@ async def test_redis_stopped_answers_503_at_once_and_recovers_without_restart(
     assert (await ready.json())["code"] == "unavailable"
 
     await asyncio.to_thread(private_redis.start)  # same port, same AOF data, empty script cache
+    async with asyncio.timeout(2):  # the breaker lets a call through 0.5 s after the last failure
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.1)
     again = await reserve(client, 2)
     assert again.status == 201, await again.text()
     retry = await reserve(client, 1)  # the first reservation survived the restart
@@ -99,6 +102,9 @@ async def test_redis_hung_answers_503_within_one_second(
             await assert_unavailable(response, elapsed)
     finally:
         await asyncio.to_thread(private_redis.resume)
+    async with asyncio.timeout(3):
+        while (await client.get("/readyz")).status != 200:
+            await asyncio.sleep(0.1)
     ok = await reserve(client, 7)
     assert ok.status == 201, await ok.text()
 

@@ -111,8 +111,13 @@ async def seed_http(session: aiohttp.ClientSession, url: str, units: int) -> Non
 
 async def post(session: aiohttp.ClientSession, url: str, n: int) -> tuple[int, Any]:
     body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": "s1"}
+    # Each citizen from their own address (documentation prefix), as seen by a trusted proxy:
+    # the real per-address token bucket of the default config then treats them as a crowd.
+    headers = {"X-Forwarded-For": f"2001:db8::{n:x}"}
     try:
-        async with session.post(f"{url}/api/v1/rounds/r1/reservations", json=body) as r:
+        async with session.post(
+            f"{url}/api/v1/rounds/r1/reservations", json=body, headers=headers
+        ) as r:
             return r.status, await r.json()
     except (TimeoutError, aiohttp.ClientError) as exc:
         return 0, repr(exc)  # the connection died with the service: no answer was given

@@ -1,0 +1,177 @@
+"""The admission queue: each worker's bounded line in front of the Redis claim.
+
+Requests wait here at most ``max_wait_ms``; a dispatcher takes whatever is waiting (up to
+MAX_BATCH) and decides it in one EVALSHA of claim.lua, gate checks included, one result per
+item. There is no timer: the next batch leaves as soon as the previous one returns, so a lone
+request is not delayed, and under a crowd each Redis round trip carries many claims.
+
+A request that is already in Redis when its wait runs out is answered with its true outcome
+(bounded by the Redis timeout): a claim that ran is never reported as refused. Only requests
+still waiting are turned away, with 429 ``overloaded`` and an honest Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from allocator.config import QueueSettings
+from allocator.core import Allocator, ClaimOutcome, ClaimRequest
+from allocator.errors import Overloaded, Problem, Unavailable
+from allocator.model import Reservation
+
+log = logging.getLogger("allot.admission")
+
+MAX_BATCH = 256  # items in one script call: about 5 ms of Redis time at most
+
+
+class _Ticket:
+    __slots__ = ("abandoned", "future", "request", "taken")
+
+    def __init__(self, request: ClaimRequest, future: asyncio.Future[ClaimOutcome]) -> None:
+        self.request = request
+        self.future = future
+        self.taken = False  # handed to Redis: its answer will be the truth
+        self.abandoned = False  # its waiter gave up before it was taken
+
+
+class AdmissionQueue:
+    def __init__(
+        self,
+        allocator: Allocator,
+        settings: QueueSettings,
+        *,
+        on_depth: Callable[[int], None] | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.allocator = allocator
+        self.max_depth = settings.max_depth
+        self.max_wait = settings.max_wait_ms / 1000
+        self.max_batch = max_batch
+        self._on_depth = on_depth
+        self._line: deque[_Ticket] = deque()
+        self._depth = 0  # tickets waiting: neither taken nor abandoned
+        self._wake = asyncio.Event()
+        self._rate = 0.0  # decided items per second, smoothed; for Retry-After
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    async def reserve(self, request: ClaimRequest) -> tuple[Reservation, bool]:
+        """A reservation and whether it is new, or the refusal raised as a Problem."""
+        refusal = self.allocator.sold_out.check(
+            request.round_id, request.site_id, request.citizen_hash
+        )
+        if refusal is not None:
+            raise refusal
+        outcome = await self.submit(request)
+        if outcome.refusal is not None:
+            raise outcome.refusal
+        assert outcome.reservation is not None
+        return outcome.reservation, outcome.created
+
+    async def submit(self, request: ClaimRequest) -> ClaimOutcome:
+        if self._depth >= self.max_depth:
+            raise Overloaded("The line is full right now.", retry_after=self._retry_after())
+        ticket = _Ticket(request, asyncio.get_running_loop().create_future())
+        ticket.future.add_done_callback(_retrieve)
+        self._line.append(ticket)
+        self._set_depth(self._depth + 1)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(self.max_wait):
+                return await asyncio.shield(ticket.future)
+        except TimeoutError:
+            if ticket.taken:
+                return await ticket.future  # in Redis now; bounded by the Redis timeout
+            self._abandon(ticket)
+            raise Overloaded(
+                "We could not get to your request in time.", retry_after=self._retry_after()
+            ) from None
+        except asyncio.CancelledError:
+            self._abandon(ticket)  # the client went away
+            raise
+
+    def _abandon(self, ticket: _Ticket) -> None:
+        if not ticket.taken and not ticket.abandoned:
+            ticket.abandoned = True
+            self._set_depth(self._depth - 1)
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self._on_depth is not None:
+            self._on_depth(depth)
+
+    def _retry_after(self) -> float:
+        """Seconds until the current line has been served, at the recent pace."""
+        if self._rate <= 0:
+            return 1.0
+        return min(30.0, max(1.0, math.ceil(self._depth / self._rate)))
+
+    async def run(self) -> None:
+        """The dispatcher: one batch at a time, each as soon as the previous has returned."""
+        while True:
+            await self._wake.wait()
+            batch: list[_Ticket] = []
+            while self._line and len(batch) < self.max_batch:
+                ticket = self._line.popleft()
+                if ticket.abandoned:
+                    continue
+                ticket.taken = True
+                batch.append(ticket)
+            if not self._line:
+                self._wake.clear()
+            if not batch:
+                continue
+            self._set_depth(self._depth - len(batch))
+            started = time.perf_counter()
+            by_round: dict[str, list[_Ticket]] = {}
+            for ticket in batch:
+                by_round.setdefault(ticket.request.round_id, []).append(ticket)
+            await asyncio.gather(*(self._decide(r, ts) for r, ts in by_round.items()))
+            elapsed = max(time.perf_counter() - started, 1e-4)
+            self._rate = (
+                0.8 * self._rate + 0.2 * (len(batch) / elapsed)
+                if self._rate
+                else (len(batch) / elapsed)
+            )
+
+    async def _decide(self, round_id: str, tickets: list[_Ticket]) -> None:
+        try:
+            outcomes = await self.allocator.claim_many(round_id, [t.request for t in tickets])
+        except Problem as problem:
+            for t in tickets:
+                _settle(t, exception=copy.copy(problem))
+            return
+        except Exception:
+            log.exception("claim batch of %d for round %s failed", len(tickets), round_id)
+            for t in tickets:
+                _settle(t, exception=Unavailable("Something went wrong; please try again."))
+            return
+        for t, outcome in zip(tickets, outcomes, strict=True):
+            _settle(t, result=outcome)
+
+
+def _settle(
+    ticket: _Ticket, result: ClaimOutcome | None = None, exception: BaseException | None = None
+) -> None:
+    if ticket.future.done():
+        return
+    if exception is not None:
+        ticket.future.set_exception(exception)
+    else:
+        assert result is not None
+        ticket.future.set_result(result)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """A waiter that left (timeout, disconnect) must not leave an unretrieved exception."""
+    if not future.cancelled():
+        future.exception()

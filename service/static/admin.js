@@ -1,0 +1,791 @@
+/* allot: the operator console (/admin). Sites, rounds, batches, live stats with a chart, and the
+ * pickup desk. The admin token is asked once and kept in sessionStorage (this tab's session only).
+ */
+(function () {
+  'use strict';
+  var A = window.Allot;
+  var t = A.t;
+  var el = A.el;
+  var $ = A.$;
+
+  var TOKEN_KEY = 'allot.admin.token';
+  var DESK_SITE_KEY = 'allot.desk.site';
+  var STATS_EVERY_MS = 1000;
+  var HISTORY = 180; // samples kept for the charts: three minutes at one a second
+  var SVG = 'http://www.w3.org/2000/svg';
+
+  var state = {
+    token: null,
+    rounds: [],
+    sites: {}, // site_id -> {name, district}
+    statsRound: null,
+    history: [],
+    statsTimer: null,
+    metricsAt: 0,
+    queue: null,
+    busyUntil: 0,
+  };
+
+  function token() {
+    try {
+      return sessionStorage.getItem(TOKEN_KEY);
+    } catch (e) {
+      return state.token;
+    }
+  }
+  function setToken(value) {
+    state.token = value;
+    try {
+      if (value) sessionStorage.setItem(TOKEN_KEY, value);
+      else sessionStorage.removeItem(TOKEN_KEY);
+    } catch (e) {
+      /* kept in memory only */
+    }
+  }
+  function admin(method, url, body, opts) {
+    opts = opts || {};
+    opts.token = token() || state.token;
+    return A.api(method, url, body, opts).then(function (res) {
+      if (res.status === 401) logout(t('token_expired'));
+      return res;
+    });
+  }
+  /** A console action: retried calmly while the service is busy, with a banner saying so. */
+  function adminRetrying(method, url, body, opts) {
+    return A.retrying(
+      function () {
+        return admin(method, url, body, opts);
+      },
+      function (kind, seconds) {
+        var banner = $('busy-banner');
+        banner.hidden = false;
+        banner.textContent =
+          kind === 'sending' ? t('sending_again') : t(kind === 'network' ? 'network_wait' : 'busy_wait', { n: seconds });
+      }
+    ).promise.then(function (res) {
+      $('busy-banner').hidden = true;
+      return res;
+    });
+  }
+  function fmt(n) {
+    if (n === null || n === undefined) return '—';
+    return typeof n === 'number' ? n.toLocaleString(A.lang) : String(n);
+  }
+  function errorsList(res) {
+    var data = res.data || {};
+    var items = Array.isArray(data.errors)
+      ? data.errors.map(function (e) {
+          return el('li', {}, [el('code', { text: e.field }), ' ', e.message]);
+        })
+      : [];
+    return items.length ? el('ul', { class: 'errors' }, items) : null;
+  }
+  function showBox(id, kind, title, nodes) {
+    var box = A.clear($(id));
+    box.className = 'result-box ' + kind;
+    box.appendChild(el('p', { class: 'result-title', text: title }));
+    (nodes || []).forEach(function (n) {
+      if (n) box.appendChild(typeof n === 'string' ? el('p', { text: n }) : n);
+    });
+    box.hidden = false;
+  }
+  function problemText(res) {
+    if (res.status === 0) return t('network_down');
+    var d = res.data || {};
+    return (d.title ? d.title + ': ' : '') + (d.detail || t('generic'));
+  }
+
+  // -- login ------------------------------------------------------------------------------------
+
+  function logout(message) {
+    setToken(null);
+    clearTimeout(state.statsTimer);
+    $('console').hidden = true;
+    $('logout').hidden = true;
+    $('login').hidden = false;
+    var err = $('token-error');
+    err.hidden = !message;
+    err.textContent = message || '';
+    $('token').focus();
+  }
+
+  async function login(value) {
+    setToken(value);
+    // An unknown round answers 404 to a right token and 401 to a wrong one.
+    var res = await adminRetrying('GET', '/api/v1/admin/rounds/-/stats');
+    if (res.status === 401) return;
+    $('login').hidden = true;
+    $('console').hidden = false;
+    $('logout').hidden = false;
+    await loadRounds();
+    pollStats();
+  }
+
+  // -- rounds and sites known to the console ----------------------------------------------------
+
+  async function loadRounds() {
+    var res = await A.api('GET', '/api/v1/rounds');
+    if (res.status !== 200 || !res.data) return;
+    state.rounds = res.data.rounds;
+    await Promise.all(
+      state.rounds.map(function (r) {
+        return A.api('GET', '/api/v1/rounds/' + encodeURIComponent(r.round_id) + '/sites').then(function (s) {
+          if (s.status === 200 && s.data) s.data.sites.forEach(noteSite);
+        });
+      })
+    );
+    renderRoundSelects();
+    renderRoundTable();
+    renderKnownSites();
+  }
+  function noteSite(s) {
+    state.sites[s.site_id] = { name: s.name, district: s.district };
+  }
+  function renderKnownSites() {
+    var list = A.clear($('known-sites'));
+    Object.keys(state.sites)
+      .sort()
+      .forEach(function (id) {
+        list.appendChild(el('option', { value: id, label: state.sites[id].name }));
+      });
+  }
+  function pickRound() {
+    var open = state.rounds.filter(function (r) {
+      return r.status === 'open';
+    });
+    return (open[0] || state.rounds[state.rounds.length - 1] || {}).round_id || null;
+  }
+  function renderRoundSelects() {
+    ['stats-round', 'batch-round'].forEach(function (id) {
+      var select = $(id);
+      var current = select.value || (id === 'stats-round' ? state.statsRound : null) || pickRound();
+      A.clear(select);
+      state.rounds.forEach(function (r) {
+        select.appendChild(el('option', { value: r.round_id, text: r.title + ' (' + r.round_id + ')' }));
+      });
+      if (current) select.value = current;
+    });
+    if (!state.statsRound || $('stats-round').value !== state.statsRound) {
+      state.statsRound = $('stats-round').value || null;
+      state.history = [];
+    }
+    var feed = $('feed-link');
+    if (state.statsRound) feed.href = '/api/v1/rounds/' + encodeURIComponent(state.statsRound) + '/sites.csv';
+  }
+
+  // -- stats ------------------------------------------------------------------------------------
+
+  async function pollStats() {
+    clearTimeout(state.statsTimer);
+    if (!token()) return;
+    var next = document.hidden ? STATS_EVERY_MS * 5 : STATS_EVERY_MS;
+    var round = state.statsRound;
+    if (round) {
+      var res = await admin('GET', '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/stats', null, {
+        timeout: 5000,
+      });
+      if (round !== state.statsRound) {
+        // the operator switched rounds while this one was in flight
+      } else if (res.status === 200 && res.data) {
+        await maybeQueue();
+        addSample(res.data);
+        $('stats-updated').textContent = t('stats_updated', { time: A.fmtClock(new Date()) });
+      } else if (A.isBusy(res.status)) {
+        $('stats-updated').textContent = t('stats_busy', { n: res.retryAfter || 2 });
+        if (res.retryAfter) next = res.retryAfter * 1000;
+      } else if (res.status === 404) {
+        $('stats-updated').textContent = t('stats_no_round');
+      }
+    }
+    if (token()) state.statsTimer = setTimeout(pollStats, next);
+  }
+
+  /** The admission queue's depth, from /metrics (all workers summed), every other second. */
+  async function maybeQueue() {
+    if (Date.now() - state.metricsAt < 1900) return;
+    state.metricsAt = Date.now();
+    var res = await A.api('GET', '/metrics', null, { timeout: 3000 });
+    if (res.status !== 200) return;
+    var total = null;
+    res.text.split('\n').forEach(function (line) {
+      var m = /^allot_queue_depth(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$/.exec(line);
+      if (m && m[1] !== 'NaN') total = (total || 0) + parseFloat(m[1]);
+    });
+    state.queue = total;
+  }
+
+  function addSample(s) {
+    var at = Date.now();
+    var prev = state.history[state.history.length - 1];
+    var rate = null;
+    if (prev && at > prev.at) rate = Math.max(0, ((s.reservations - prev.live) * 1000) / (at - prev.at));
+    state.history.push({
+      at: at,
+      reserved: s.reserved,
+      collected: s.collected,
+      remaining: s.remaining,
+      loaded: s.loaded,
+      live: s.reservations,
+      rate: rate,
+    });
+    if (state.history.length > HISTORY) state.history.shift();
+    $('n-loaded').textContent = fmt(s.loaded);
+    $('n-reserved').textContent = fmt(s.reserved);
+    $('n-collected').textContent = fmt(s.collected);
+    $('n-remaining').textContent = fmt(s.remaining);
+    $('n-live').textContent = fmt(s.reservations);
+    $('n-rate').textContent = rate === null ? '—' : rate >= 10 ? fmt(Math.round(rate)) : rate.toFixed(1);
+    var lag = s.ledger || {};
+    $('n-lag').textContent =
+      lag.recorded === null ? fmt(lag.lag) + ' · ' + t('ledger_down') : fmt(lag.lag);
+    $('n-queue').textContent = fmt(state.queue);
+    drawChart(
+      $('chart-units'),
+      $('legend-units'),
+      [
+        { key: 'reserved', label: t('stat_reserved'), color: '#1d4ed8' },
+        { key: 'collected', label: t('stat_collected'), color: '#047857' },
+        { key: 'remaining', label: t('stat_remaining'), color: '#b45309' },
+      ],
+      0
+    );
+    drawChart($('chart-rate'), $('legend-rate'), [{ key: 'rate', label: t('stat_rate'), color: '#7c3aed' }], 1);
+    renderSiteTable(s.sites || []);
+  }
+
+  function svgEl(tag, attrs, text) {
+    var node = document.createElementNS(SVG, tag);
+    Object.keys(attrs).forEach(function (k) {
+      node.setAttribute(k, String(attrs[k]));
+    });
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  /** Lines over the last three minutes, scaled to the largest value shown. */
+  function drawChart(svg, legend, series, floorMax) {
+    while (svg.firstChild) svg.removeChild(svg.firstChild);
+    var W = 600;
+    var H = 170;
+    var left = 56;
+    var right = 8;
+    var top = 10;
+    var bottom = 24;
+    var h = state.history;
+    var max = floorMax;
+    h.forEach(function (p) {
+      series.forEach(function (s) {
+        if (p[s.key] !== null && p[s.key] > max) max = p[s.key];
+      });
+    });
+    if (max <= 0) max = 1;
+    var x0 = h.length ? h[0].at : Date.now();
+    var span = Math.max(HISTORY * STATS_EVERY_MS, (h.length ? h[h.length - 1].at : x0) - x0);
+    function x(at) {
+      return left + ((at - x0) / span) * (W - left - right);
+    }
+    function y(v) {
+      return top + (1 - v / max) * (H - top - bottom);
+    }
+    svg.appendChild(svgEl('rect', { x: left, y: top, width: W - left - right, height: H - top - bottom, fill: '#f8fafc', stroke: '#cbd5e1' }));
+    [0, 0.5, 1].forEach(function (f) {
+      var v = max * f;
+      svg.appendChild(svgEl('line', { x1: left, x2: W - right, y1: y(v), y2: y(v), stroke: '#e2e8f0' }));
+      svg.appendChild(
+        svgEl('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end', 'font-size': 12, fill: '#334155' }, fmt(f === 0.5 && max < 10 ? +v.toFixed(1) : Math.round(v)))
+      );
+    });
+    svg.appendChild(svgEl('text', { x: left, y: H - 6, 'font-size': 12, fill: '#334155' }, t('chart_ago', { n: Math.round(span / 60000) })));
+    svg.appendChild(svgEl('text', { x: W - right, y: H - 6, 'text-anchor': 'end', 'font-size': 12, fill: '#334155' }, t('chart_now')));
+    series.forEach(function (s) {
+      var pts = h
+        .filter(function (p) {
+          return p[s.key] !== null;
+        })
+        .map(function (p) {
+          return x(p.at).toFixed(1) + ',' + y(p[s.key]).toFixed(1);
+        });
+      if (pts.length) {
+        svg.appendChild(svgEl('polyline', { points: pts.join(' '), fill: 'none', stroke: s.color, 'stroke-width': 2.5, 'stroke-linejoin': 'round' }));
+      }
+    });
+    A.clear(legend);
+    series.forEach(function (s) {
+      legend.appendChild(el('span', { class: 'key' }, [el('span', { class: 'swatch', 'data-color': s.color }), s.label]));
+    });
+    legend.querySelectorAll('.swatch').forEach(function (sw) {
+      sw.style.background = sw.getAttribute('data-color');
+    });
+  }
+
+  function renderSiteTable(sites) {
+    var table = A.clear($('site-table'));
+    table.appendChild(
+      el('thead', {}, [
+        el('tr', {}, [
+          el('th', { scope: 'col', text: 'site_id' }),
+          el('th', { scope: 'col', text: t('site_name_col') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_loaded') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_reserved') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
+        ]),
+      ])
+    );
+    var body = el('tbody');
+    sites.forEach(function (s) {
+      var known = state.sites[s.site_id];
+      body.appendChild(
+        el('tr', {}, [
+          el('td', {}, [el('code', { text: s.site_id })]),
+          el('td', { text: known ? known.name : '' }),
+          el('td', { class: 'num', text: fmt(s.loaded) }),
+          el('td', { class: 'num', text: fmt(s.reserved) }),
+          el('td', { class: 'num', text: fmt(s.remaining) }),
+        ])
+      );
+    });
+    table.appendChild(body);
+  }
+
+  // -- pickup desk ------------------------------------------------------------------------------
+
+  function normaliseCode(raw) {
+    return String(raw || '')
+      .toUpperCase()
+      .replace(/[\s-]+/g, '');
+  }
+
+  async function collect(ev) {
+    ev.preventDefault();
+    var site = $('desk-site').value.trim();
+    var code = normaliseCode($('desk-code').value);
+    var cid = A.normaliseCitizenId($('desk-cid').value);
+    if (!site) {
+      deskAnswer('bad', t('desk_need_site'));
+      $('desk-site').focus();
+      return;
+    }
+    if (!code) {
+      deskAnswer('bad', t('desk_need_code'));
+      $('desk-code').focus();
+      return;
+    }
+    if (cid && A.citizenIdProblem(cid)) {
+      deskAnswer('bad', t(A.citizenIdProblem(cid)));
+      $('desk-cid').focus();
+      return;
+    }
+    try {
+      sessionStorage.setItem(DESK_SITE_KEY, site);
+    } catch (e) {
+      /* remembered for this page only */
+    }
+    var body = { site_id: site, pickup_code: code };
+    if (cid) body.citizen_id = cid;
+    $('desk-submit').disabled = true;
+    var res = await adminRetrying('POST', '/api/v1/admin/pickups', body);
+    $('desk-submit').disabled = false;
+    var d = res.data || {};
+    var detail = d.detail || '';
+    if (res.status === 200) {
+      deskAnswer('ok', t('desk_ok', { n: d.quantity }), [
+        t('desk_ok_detail', { code: d.pickup_code, masked: d.citizen_id_masked }),
+      ], code);
+    } else if (res.status === 404) {
+      deskAnswer('bad', t('desk_not_here'), [t('desk_not_here_hint')], code);
+    } else if (res.status === 409 && /does not match|ID number/i.test(detail)) {
+      deskAnswer('bad', t('desk_wrong_person'), [t('desk_wrong_person_hint')], code);
+    } else if (res.status === 409 && /collected/.test(detail)) {
+      deskAnswer('bad', t('desk_already'), [t('desk_already_hint')], code);
+    } else if (res.status === 409 && /cancelled/.test(detail)) {
+      deskAnswer('bad', t('desk_cancelled'), [t('desk_cancelled_hint')], code);
+    } else if (res.status === 409 && /expired/.test(detail)) {
+      deskAnswer('bad', t('desk_expired'), [t('desk_expired_hint')], code);
+    } else if (res.status === 422) {
+      deskAnswer('bad', t('desk_bad_input'), [errorsList(res)], code);
+    } else if (res.status !== 401) {
+      deskAnswer('bad', t('generic_title'), [problemText(res)], code);
+    }
+    $('desk-code').value = '';
+    $('desk-cid').value = '';
+    $('desk-code').focus();
+  }
+
+  function deskAnswer(kind, title, lines, code) {
+    var box = A.clear($('desk-result'));
+    box.className = 'desk-result ' + kind;
+    box.appendChild(el('p', { class: 'desk-big', 'data-testid': 'desk-verdict', text: (kind === 'ok' ? '✓ ' : '✗ ') + title }));
+    (lines || []).forEach(function (l) {
+      if (l) box.appendChild(typeof l === 'string' ? el('p', { text: l }) : l);
+    });
+    box.hidden = false;
+    if (code) {
+      var log = $('desk-log');
+      log.insertBefore(
+        el('li', { class: kind }, [A.fmtClock(new Date()) + '  ', el('code', { text: code }), '  ' + title]),
+        log.firstChild
+      );
+      while (log.children.length > 10) log.removeChild(log.lastChild);
+    }
+  }
+
+  // -- batches ----------------------------------------------------------------------------------
+
+  function newBatchId() {
+    var d = new Date();
+    function two(n) {
+      return n < 10 ? '0' + n : String(n);
+    }
+    return (
+      'batch-' + d.getFullYear() + two(d.getMonth() + 1) + two(d.getDate()) + '-' +
+      two(d.getHours()) + two(d.getMinutes()) + two(d.getSeconds())
+    );
+  }
+  function batchMode() {
+    var checked = document.querySelector('input[name="batch_mode"]:checked');
+    return checked ? checked.value : 'csv';
+  }
+  function addBatchRow(siteId, qty) {
+    var n = $('batch-rows').children.length + 1;
+    var row = el('tr', {}, [
+      el('td', {}, [
+        el('input', { class: 'row-site', list: 'known-sites', 'aria-label': 'site_id ' + n, value: siteId || '', autocomplete: 'off' }),
+      ]),
+      el('td', {}, [
+        el('input', { class: 'row-qty', type: 'number', min: 1, step: 1, 'aria-label': t('batch_quantity') + ' ' + n, value: qty || '' }),
+      ]),
+      el('td', {}, [
+        el('button', {
+          type: 'button',
+          class: 'link',
+          text: t('batch_remove_row'),
+          onclick: function () {
+            row.parentNode.removeChild(row);
+          },
+        }),
+      ]),
+    ]);
+    $('batch-rows').appendChild(row);
+  }
+
+  async function loadBatch(ev) {
+    ev.preventDefault();
+    var round = $('batch-round').value;
+    var batchId = $('batch-id').value.trim();
+    if (!round) return showBox('batch-result', 'bad', t('need_round'));
+    if (!/^[a-z0-9_-]{1,64}$/.test(batchId)) return showBox('batch-result', 'bad', t('batch_id_bad'));
+    var url = '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/batches';
+    var res;
+    $('batch-submit').disabled = true;
+    if (batchMode() === 'csv') {
+      var text = $('batch-csv').value.trim();
+      if (!text) {
+        $('batch-submit').disabled = false;
+        return showBox('batch-result', 'bad', t('batch_empty'));
+      }
+      res = await adminRetrying('POST', url + '?batch_id=' + encodeURIComponent(batchId), text + '\n');
+    } else {
+      var items = [];
+      document.querySelectorAll('#batch-rows tr').forEach(function (tr) {
+        var s = tr.querySelector('.row-site').value.trim();
+        var q = tr.querySelector('.row-qty').value;
+        if (s || q) items.push({ site_id: s, quantity: q === '' ? null : Number(q) });
+      });
+      if (!items.length) {
+        $('batch-submit').disabled = false;
+        return showBox('batch-result', 'bad', t('batch_empty'));
+      }
+      res = await adminRetrying('POST', url, { batch_id: batchId, items: items });
+    }
+    $('batch-submit').disabled = false;
+    var d = res.data || {};
+    var idLine = el('p', {}, [t('batch_id_label') + ': ', el('code', { 'data-testid': 'batch-id', text: d.batch_id || batchId })]);
+    if (res.status === 201) {
+      showBox('batch-result', 'ok', t('batch_loaded'), [
+        idLine,
+        t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
+        t('batch_next_hint'),
+      ]);
+      pollStats();
+    } else if (res.status === 200) {
+      showBox('batch-result', 'info', t('batch_replayed'), [
+        idLine,
+        t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
+        t('batch_replayed_hint'),
+      ]);
+    } else if (res.status === 409) {
+      showBox('batch-result', 'bad', t('batch_conflict'), [idLine, t('batch_conflict_hint')]);
+    } else if (res.status === 422) {
+      showBox('batch-result', 'bad', t('batch_invalid'), [errorsList(res)]);
+    } else if (res.status !== 401) {
+      showBox('batch-result', 'bad', t('generic_title'), [problemText(res)]);
+    }
+  }
+
+  // -- rounds -----------------------------------------------------------------------------------
+
+  function browserOffset() {
+    var m = -new Date().getTimezoneOffset();
+    var sign = m >= 0 ? '+' : '-';
+    m = Math.abs(m);
+    function two(n) {
+      return n < 10 ? '0' + n : String(n);
+    }
+    return sign + two(Math.floor(m / 60)) + ':' + two(m % 60);
+  }
+  function localInput(date) {
+    function two(n) {
+      return n < 10 ? '0' + n : String(n);
+    }
+    return (
+      date.getFullYear() + '-' + two(date.getMonth() + 1) + '-' + two(date.getDate()) + 'T' +
+      two(date.getHours()) + ':' + two(date.getMinutes())
+    );
+  }
+  function resetRoundForm() {
+    var start = new Date(Date.now() + 3600000);
+    start.setMinutes(0, 0, 0);
+    $('rf-id').value = '';
+    $('rf-id').readOnly = false;
+    $('rf-title').value = '';
+    $('rf-opens').value = localInput(start);
+    $('rf-closes').value = localInput(new Date(start.getTime() + 86400000));
+    $('rf-pstart').value = localInput(start);
+    $('rf-pend').value = localInput(new Date(start.getTime() + 7 * 86400000));
+    $('rf-per').value = 5;
+    $('rf-offset').value = browserOffset();
+    $('round-form-title').textContent = t('round_new');
+  }
+  function editRound(r) {
+    var m = /([+-]\d\d:\d\d|Z)$/.exec(r.opens_at);
+    $('rf-id').value = r.round_id;
+    $('rf-id').readOnly = true;
+    $('rf-title').value = r.title;
+    $('rf-opens').value = r.opens_at.slice(0, 16);
+    $('rf-closes').value = r.closes_at.slice(0, 16);
+    $('rf-pstart').value = r.pickup_start.slice(0, 16);
+    $('rf-pend').value = r.pickup_end.slice(0, 16);
+    $('rf-per').value = r.per_person;
+    $('rf-offset').value = m ? (m[1] === 'Z' ? '+00:00' : m[1]) : browserOffset();
+    $('round-form-title').textContent = t('round_edit', { id: r.round_id });
+    $('rf-title').focus();
+  }
+  function renderRoundTable() {
+    var table = A.clear($('round-table'));
+    table.appendChild(
+      el('thead', {}, [
+        el('tr', {}, [
+          el('th', { scope: 'col', text: 'round_id' }),
+          el('th', { scope: 'col', text: t('rf_title') }),
+          el('th', { scope: 'col', text: t('round_status_col') }),
+          el('th', { scope: 'col', text: t('rf_opens') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
+          el('th', { scope: 'col' }),
+        ]),
+      ])
+    );
+    var body = el('tbody');
+    state.rounds.forEach(function (r) {
+      body.appendChild(
+        el('tr', {}, [
+          el('td', {}, [el('code', { text: r.round_id })]),
+          el('td', { text: r.title }),
+          el('td', { text: t('round_' + r.status) }),
+          el('td', { text: A.fmtTime(r.opens_at) }),
+          el('td', { class: 'num', text: fmt(r.remaining) }),
+          el('td', {}, [
+            el('button', {
+              type: 'button',
+              class: 'link',
+              'aria-label': t('round_edit', { id: r.round_id }),
+              text: t('edit'),
+              onclick: function () {
+                editRound(r);
+              },
+            }),
+          ]),
+        ])
+      );
+    });
+    if (!state.rounds.length) body.appendChild(el('tr', {}, [el('td', { colspan: 6, text: t('no_rounds') })]));
+    table.appendChild(body);
+  }
+  async function saveRound(ev) {
+    ev.preventDefault();
+    var id = $('rf-id').value.trim();
+    var offset = $('rf-offset').value.trim();
+    if (!/^[a-z0-9_-]{1,64}$/.test(id)) return showBox('round-result', 'bad', t('round_id_bad'));
+    if (!/^[+-]\d\d:\d\d$/.test(offset)) return showBox('round-result', 'bad', t('offset_bad'));
+    function at(input) {
+      var v = $(input).value;
+      return v ? (v.length === 16 ? v + ':00' : v) + offset : null;
+    }
+    var body = {
+      title: $('rf-title').value.trim(),
+      opens_at: at('rf-opens'),
+      closes_at: at('rf-closes'),
+      per_person: Number($('rf-per').value),
+      pickup_start: at('rf-pstart'),
+      pickup_end: at('rf-pend'),
+    };
+    var res = await adminRetrying('PUT', '/api/v1/admin/rounds/' + encodeURIComponent(id), body);
+    if (res.status === 201 || res.status === 200) {
+      showBox('round-result', 'ok', t(res.status === 201 ? 'round_created' : 'round_updated', { id: id }));
+      await loadRounds();
+      $('rf-id').readOnly = true;
+    } else if (res.status === 422) {
+      showBox('round-result', 'bad', t('round_invalid'), [errorsList(res)]);
+    } else if (res.status !== 401) {
+      showBox('round-result', 'bad', t('generic_title'), [problemText(res)]);
+    }
+  }
+
+  // -- sites ------------------------------------------------------------------------------------
+
+  /** RFC 4180 CSV: quoted fields, doubled quotes, CRLF or LF, an optional UTF-8 BOM. */
+  function parseCsv(text) {
+    var rows = [];
+    var row = [];
+    var field = '';
+    var quoted = false;
+    text = text.replace(/^\uFEFF/, '');
+    for (var i = 0; i < text.length; i++) {
+      var c = text.charAt(i);
+      if (quoted) {
+        if (c === '"' && text.charAt(i + 1) === '"') {
+          field += '"';
+          i++;
+        } else if (c === '"') quoted = false;
+        else field += c;
+      } else if (c === '"') quoted = true;
+      else if (c === ',') {
+        row.push(field);
+        field = '';
+      } else if (c === '\n') {
+        row.push(field);
+        rows.push(row);
+        row = [];
+        field = '';
+      } else if (c !== '\r') field += c;
+    }
+    if (field !== '' || row.length) {
+      row.push(field);
+      rows.push(row);
+    }
+    return rows.filter(function (r) {
+      return r.some(function (f) {
+        return f.trim() !== '';
+      });
+    });
+  }
+
+  async function uploadSites(ev) {
+    ev.preventDefault();
+    var rows = parseCsv($('sites-csv').value);
+    var need = ['site_id', 'name', 'address', 'district'];
+    if (!rows.length) return showBox('sites-result', 'bad', t('sites_empty'));
+    var head = rows[0].map(function (h) {
+      return h.trim().toLowerCase();
+    });
+    var missing = need.filter(function (h) {
+      return head.indexOf(h) < 0;
+    });
+    if (missing.length) return showBox('sites-result', 'bad', t('sites_header', { cols: missing.join(', ') }));
+    var sites = rows.slice(1).map(function (r) {
+      var s = {};
+      need.forEach(function (h) {
+        s[h] = (r[head.indexOf(h)] || '').trim();
+      });
+      return s;
+    });
+    if (!sites.length) return showBox('sites-result', 'bad', t('sites_empty'));
+    var res = await adminRetrying('PUT', '/api/v1/admin/sites', { sites: sites });
+    if (res.status === 200) {
+      sites.forEach(noteSite);
+      renderKnownSites();
+      showBox('sites-result', 'ok', t('sites_done', { n: fmt(res.data.upserted) }));
+    } else if (res.status === 422) {
+      showBox('sites-result', 'bad', t('sites_invalid'), [t('sites_invalid_hint'), errorsList(res)]);
+    } else if (res.status !== 401) {
+      showBox('sites-result', 'bad', t('generic_title'), [problemText(res)]);
+    }
+  }
+
+  function fileInto(inputId, textareaId) {
+    $(inputId).addEventListener('change', function () {
+      var file = $(inputId).files && $(inputId).files[0];
+      if (!file) return;
+      var reader = new FileReader();
+      reader.onload = function () {
+        $(textareaId).value = String(reader.result || '');
+      };
+      reader.readAsText(file, 'utf-8');
+    });
+  }
+
+  // -- wiring -----------------------------------------------------------------------------------
+
+  function init() {
+    $('login').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      var value = $('token').value.trim();
+      if (!value) {
+        $('token-error').hidden = false;
+        $('token-error').textContent = t('token_empty');
+        return;
+      }
+      $('token-error').hidden = true;
+      login(value).then(function () {
+        if (!token()) {
+          $('token-error').hidden = false;
+          $('token-error').textContent = t('token_wrong');
+        }
+      });
+    });
+    $('logout').addEventListener('click', function () {
+      logout(null);
+    });
+    $('stats-round').addEventListener('change', function () {
+      state.statsRound = $('stats-round').value;
+      state.history = [];
+      $('feed-link').href = '/api/v1/rounds/' + encodeURIComponent(state.statsRound) + '/sites.csv';
+      pollStats();
+    });
+    $('desk-form').addEventListener('submit', collect);
+    $('batch-form').addEventListener('submit', loadBatch);
+    $('batch-id-new').addEventListener('click', function () {
+      $('batch-id').value = newBatchId();
+    });
+    $('batch-add-row').addEventListener('click', function () {
+      addBatchRow();
+    });
+    document.querySelectorAll('input[name="batch_mode"]').forEach(function (radio) {
+      radio.addEventListener('change', function () {
+        $('batch-csv-box').hidden = batchMode() !== 'csv';
+        $('batch-form-box').hidden = batchMode() !== 'form';
+      });
+    });
+    $('round-form').addEventListener('submit', saveRound);
+    $('rf-reset').addEventListener('click', resetRoundForm);
+    $('sites-form').addEventListener('submit', uploadSites);
+    fileInto('batch-file', 'batch-csv');
+    fileInto('sites-file', 'sites-csv');
+    document.addEventListener('visibilitychange', function () {
+      if (!document.hidden) pollStats();
+    });
+
+    $('batch-id').value = newBatchId();
+    addBatchRow();
+    resetRoundForm();
+    try {
+      $('desk-site').value = sessionStorage.getItem(DESK_SITE_KEY) || '';
+    } catch (e) {
+      /* nothing remembered */
+    }
+    var saved = token();
+    if (saved) login(saved);
+    else logout(null);
+  }
+
+  init();
+})();

@@ -1,0 +1,181 @@
+"""The admission queue and the sold-out fast path, against real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from dataclasses import replace
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from allocator.admission import AdmissionQueue
+from allocator.config import QueueSettings, Settings
+from allocator.core import Allocator
+from service.app import create_app
+from service.appkeys import ADMISSION, ALLOCATOR
+from tests.conftest import ADMIN, reserve, seed
+
+
+def count_claim_calls(allocator: Allocator) -> list[int]:
+    """Wraps claim_many to record the size of every batch that reached Redis."""
+    sizes: list[int] = []
+    original = allocator.claim_many
+
+    async def claim_many(round_id: str, items: Any) -> Any:
+        sizes.append(len(items))
+        return await original(round_id, items)
+
+    allocator.claim_many = claim_many  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_concurrent_claims_are_decided_in_batches_keeping_every_invariant(
+    client: TestClient[Any, Any],
+) -> None:
+    """Under a crowd one script call carries many claims, and exactly the stock is granted."""
+    sizes = count_claim_calls(client.app[ALLOCATOR])
+    await seed(client, stock={"s1": 30})
+    answers = await asyncio.gather(*(reserve(client, n) for n in range(400)))
+    assert Counter(a.status for a in answers) == {201: 30, 409: 370}
+    assert sum(sizes) < 400  # the sold-out herd was answered from memory, not from Redis
+    assert max(sizes) > 1  # and claims shared script calls
+    stats = await (await client.get("/api/v1/admin/rounds/r1/stats", headers=ADMIN)).json()
+    assert (stats["remaining"], stats["reserved"], stats["reservations"]) == (0, 30, 30)
+
+
+async def test_a_full_queue_answers_429_overloaded_with_retry_after(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """A burst into a small queue gets only honest answers, each within max_wait plus a margin."""
+    small = replace(settings, queue=QueueSettings(max_depth=20, max_wait_ms=300))
+    app = create_app(small)
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    await seed(client, stock={"s1": 10_000})
+    allocator = app[ALLOCATOR]
+    original = allocator.claim_many
+
+    async def slow_claim_many(round_id: str, items: Any) -> Any:
+        await asyncio.sleep(0.05)  # Redis made slow on purpose, so the line builds up
+        return await original(round_id, items)
+
+    allocator.claim_many = slow_claim_many  # type: ignore[method-assign]
+
+    async def timed(n: int) -> tuple[Any, float]:
+        started = time.perf_counter()
+        response = await reserve(client, n)
+        return response, time.perf_counter() - started
+
+    answers = await asyncio.gather(*(timed(n) for n in range(2000)))
+    statuses = Counter(a.status for a, _ in answers)
+    assert set(statuses) <= {201, 429}, statuses
+    assert statuses[201] > 0
+    assert statuses[429] > 0
+    for response, _ in answers:
+        if response.status == 429:
+            assert (await response.json())["code"] == "overloaded"
+            assert int(response.headers["Retry-After"]) >= 1
+    slowest = max(elapsed for _, elapsed in answers)
+    # max_wait 0.3 s, plus one slow batch in flight, plus the test client's own queueing
+    assert slowest < 5.0, slowest
+    stats = await (await client.get("/api/v1/admin/rounds/r1/stats", headers=ADMIN)).json()
+    assert stats["reservations"] == statuses[201]  # no claim ran without its 201
+
+
+async def test_a_claim_already_in_redis_when_its_wait_ends_gets_its_true_answer(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """A claim that ran must never be reported as refused: that would strand its units."""
+    short = replace(settings, queue=QueueSettings(max_depth=100, max_wait_ms=50))
+    app = create_app(short)
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    await seed(client, stock={"s1": 10})
+    allocator = app[ALLOCATOR]
+    original = allocator.claim_many
+
+    async def slower_than_the_wait(round_id: str, items: Any) -> Any:
+        result = await original(round_id, items)  # decided in Redis...
+        await asyncio.sleep(0.2)  # ...but the answer comes back after max_wait
+        return result
+
+    allocator.claim_many = slower_than_the_wait  # type: ignore[method-assign]
+    response = await reserve(client, 1)
+    assert response.status == 201
+
+
+async def test_queue_depth_is_reported_and_returns_to_zero(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """allot_queue_depth lets an operator see the line; it must not drift."""
+    app = create_app(settings)
+    client: TestClient[Any, Any] = await aiohttp_client(app)
+    await seed(client, stock={"s1": 50})
+    await asyncio.gather(*(reserve(client, n) for n in range(200)))
+    queue: AdmissionQueue = app[ADMISSION]
+    assert queue.depth == 0
+    metrics = await (await client.get("/metrics")).text()
+    assert "allot_queue_depth 0.0" in metrics
+
+
+async def test_sold_out_site_is_answered_from_memory_with_alternatives(
+    client: TestClient[Any, Any],
+) -> None:
+    """Once empty, a site's herd costs Redis nothing, and still hears where stock is left."""
+    await seed(client, stock={"s1": 1, "s2": 5}, districts={"s1": "d1", "s2": "d1"})
+    assert (await reserve(client, 1)).status == 201
+    first = await reserve(client, 2)  # decided in Redis: marks s1 sold out in this worker
+    assert (await first.json())["code"] == "sold-out"
+    sizes = count_claim_calls(client.app[ALLOCATOR])
+    herd = await asyncio.gather(*(reserve(client, n) for n in range(10, 60)))
+    assert sizes == []  # not one of them reached Redis
+    for r in herd:
+        body = await r.json()
+        assert r.status == 409
+        assert body["code"] == "sold-out"
+        assert body["alternatives"] == [
+            {"site_id": "s2", "name": "Site s2", "district": "d1", "remaining": 5}
+        ]
+
+
+async def test_a_holder_retrying_at_a_sold_out_site_still_gets_their_reservation(
+    client: TestClient[Any, Any],
+) -> None:
+    """A retry after a timeout is safe even when the site has since sold out."""
+    await seed(client, stock={"s1": 1})
+    mine = await reserve(client, 1)
+    assert mine.status == 201
+    assert (await (await reserve(client, 2)).json())["code"] == "sold-out"  # site marked
+    retry = await reserve(client, 1)
+    assert retry.status == 200
+    assert (await retry.json())["reservation_id"] == (await mine.json())["reservation_id"]
+
+
+async def test_a_cancel_in_another_worker_reopens_a_sold_out_site_at_once(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """Workers share no memory; the stock event tells this one the units are back."""
+    one: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    other: TestClient[Any, Any] = await aiohttp_client(create_app(settings, run_ledger=False))
+    await seed(one, stock={"s1": 1})
+    held = await reserve(one, 1)
+    assert held.status == 201
+    assert (await (await reserve(one, 2)).json())["code"] == "sold-out"  # marked in `one`
+    cancelled = await other.delete(held.headers["Location"])  # cancelled through `other`
+    assert cancelled.status == 200
+    async with asyncio.timeout(1):  # well within the mark's own 1 s expiry
+        while one.app[ALLOCATOR].sold_out.check("r1", "s1", "nobody") is not None:
+            await asyncio.sleep(0.01)
+    assert (await reserve(one, 2)).status == 201
+
+
+async def test_lone_request_is_dispatched_without_waiting_for_a_batch(
+    aiohttp_client: Any, settings: Settings, redis: Redis
+) -> None:
+    """No timer gathers batches: a single claim goes to Redis as soon as it is queued."""
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    await seed(client, stock={"s1": 5})
+    sizes = count_claim_calls(client.app[ALLOCATOR])
+    assert (await reserve(client, 1)).status == 201
+    assert sizes == [1]
