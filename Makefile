@@ -8,6 +8,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help install run test lint format bench loadtest clean clean-run services-up services-down
 
@@ -17,6 +18,7 @@ help:
 	@echo "make test       run the test suite (PYTEST_ARGS='-k foo' to narrow it)"
 	@echo "make lint       ruff check, ruff format --check, mypy"
 	@echo "make format     ruff format and ruff check --fix"
+	@echo "make bench      allot vs a bare aiohttp handler and the naive design -> docs/performance.md"
 	@echo "make clean      remove $(VENV) and build artefacts (keeps .run/)"
 	@echo "make clean-run  stop the private servers and remove .run/"
 
@@ -49,9 +51,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench:
-	@echo "make bench: not yet implemented, see issue #5" >&2
-	@exit 1
+# Not a test: measures allot against a bare aiohttp handler and the naive design, side by side,
+# and writes docs/performance.md. BENCH_ARGS='--duration 8 --rounds 3' by default.
+bench: install
+	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+	services="$$(scripts/services.sh up)"; eval "$$services"; \
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 loadtest:
 	@echo "make loadtest: not yet implemented, see issue #3" >&2

@@ -23,6 +23,7 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
 from allocator.redistyping import awaited
+from service import pages
 from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
@@ -98,9 +99,7 @@ async def timing(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].request_duration.labels(route, str(response.status)).observe(
-        time.perf_counter() - started
-    )
+    request.app[METRICS].observe_request(route, response.status, time.perf_counter() - started)
     return response
 
 
@@ -195,4 +194,5 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
     if run_ledger:
         app.cleanup_ctx.append(ledger_ctx)
     app.add_routes(routes)
+    app.add_routes(pages.routes)
     return app

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Sequence
 
 from aiohttp import web
 
@@ -28,7 +28,8 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     return peer
 
 
-def _is_trusted(peer: str, trusted: Sequence[Network]) -> bool:
+@functools.lru_cache(maxsize=4096)  # peers repeat (keep-alive, proxies): parse each once
+def _is_trusted(peer: str, trusted: tuple[Network, ...]) -> bool:
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:

@@ -7,6 +7,7 @@ start; /metrics then aggregates every worker's values with the client's multipro
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,6 +49,24 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+
+        # label children resolved once: labels() takes a lock and builds a key on every call
+        self._outcomes: dict[str, Any] = {}
+        self._durations: dict[tuple[str, int], Any] = {}
+
+    def count_reservation(self, outcome: str) -> None:
+        child = self._outcomes.get(outcome)
+        if child is None:
+            child = self._outcomes[outcome] = self.reservations.labels(outcome)
+        child.inc()
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        child = self._durations.get((route, status))
+        if child is None:
+            child = self._durations[(route, status)] = self.request_duration.labels(
+                route, str(status)
+            )
+        child.observe(seconds)
 
     def render(self) -> bytes:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hmac
-from html import escape
 from typing import Any
 
 import orjson
@@ -77,7 +76,7 @@ async def list_sites(request: web.Request) -> web.Response:
 @routes.post("/api/v1/rounds/{round_id}/reservations")
 async def create_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
-    counter = request.app[METRICS].reservations
+    metrics = request.app[METRICS]
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
@@ -91,9 +90,9 @@ async def create_reservation(request: web.Request) -> web.Response:
         reservation, created = await request.app[ADMISSION].reserve(claim)
         rnd = await allocator.round(round_id)
     except Problem as problem:
-        counter.labels(problem.code).inc()
+        metrics.count_reservation(problem.code)
         raise
-    counter.labels("created" if created else "existing").inc()
+    metrics.count_reservation("created" if created else "existing")
     body = reservation.public(rnd, allocator.now_ms())
     if not created:
         return json_response(body)
@@ -194,25 +193,3 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/api/v1/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
-
-
-@routes.get("/")
-async def index(request: web.Request) -> web.Response:
-    """A plain list of rounds until the citizen page (issue #4) lands."""
-    allocator = request.app[ALLOCATOR]
-    rows = []
-    for rnd in await allocator.rounds():
-        info = await allocator.round_public(rnd)
-        rows.append(
-            f"<li><strong>{escape(rnd.title)}</strong> ({escape(rnd.round_id)}): "
-            f"{escape(info['status'])}, {info['remaining']} left, "
-            f"{escape(info['opens_at'])} to {escape(info['closes_at'])}</li>"
-        )
-    html = (
-        "<!doctype html><html lang='en'><meta charset='utf-8'>"
-        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-        "<title>allot</title><h1>allot: rounds</h1><ul>"
-        + ("".join(rows) or "<li>No rounds yet.</li>")
-        + "</ul><p>API: <a href='/api/v1/openapi.json'>/api/v1/openapi.json</a></p></html>"
-    )
-    return web.Response(text=html, content_type="text/html")

@@ -1,0 +1,396 @@
+"""`make bench`: allot's reserve path against a bare aiohttp handler and the naive design.
+
+Everything runs on this machine, side by side and alternating, under the same load generator
+(wrk, one thread, keep-alive connections), so the ratios mean something on a shared, noisy box:
+
+  (a) bare    a bare aiohttp handler on uvloop: the ceiling of any aiohttp handler
+  (b) naive   one redis-py EVALSHA of claim.lua per request, straight from the handler
+  (c) allot   `allot serve --workers 1`: gate, admission queue, batched claims
+  (d) herd    allot, every request at a sold-out site (answered from memory)
+  (c2)        `allot serve --workers 2`, to see how throughput grows with a second worker
+
+(b), (c) and (c2) have ample stock and open gates, so every answer should be 201. Then the peak
+RSS of one worker holding a full admission queue of 10,000 requests (Redis paused on purpose).
+Results go to stdout and docs/performance.md; nothing here is a test, and nothing asserts time.
+
+usage: python bench/run.py [--duration 8] [--rounds 3] [--connections 64] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TOKEN = "bench-admin-token"
+WIDE_OPEN = """
+[gate]
+global_rate = 1e9
+global_burst = 1000000000
+client_rate = 1e9
+client_burst = 1000000000
+citizen_rate = 1e9
+citizen_burst = 1000000000
+"""
+FULL_QUEUE = """
+[service]
+redis_timeout_ms = 60000
+[queue]
+max_depth = 10000
+max_wait_ms = 60000
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Run:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non2xx: int
+    socket_errors: int
+    requests: int
+
+
+@dataclass
+class Scenario:
+    name: str
+    url: str
+    site: str
+    expect_2xx: bool
+    runs: list[Run] = field(default_factory=list)
+
+    def median(self, attr: str) -> float:
+        return statistics.median(getattr(r, attr) for r in self.runs)
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, site: str, offset: int, duration: float, connections: int) -> Run:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", "--timeout", "5s",
+         "-s", str(ROOT / "bench" / "reserve.lua"), url, "--", "bench", site, str(offset)],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return Run(
+        rps=rps,
+        p50_ms=p50,
+        p99_ms=p99,
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=sum(int(g) for g in errors.groups()) if errors else 0,
+        requests=requests,
+    )
+
+
+class Processes:
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT)  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+async def wait_up(url: str, path: str = "/healthz", within: float = 60) -> None:
+    async with aiohttp.ClientSession() as s, asyncio.timeout(within):
+        while True:
+            try:
+                async with s.get(url + path) as r:
+                    if r.status < 500:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+
+
+async def seed(url: str, *, sold_out_site: bool = True) -> None:
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    now = dt.datetime.now(dt.UTC)
+    rnd = {
+        "title": "bench",
+        "opens_at": (now - dt.timedelta(minutes=1)).isoformat(),
+        "closes_at": (now + dt.timedelta(hours=2)).isoformat(),
+        "per_person": 1,
+        "pickup_start": now.isoformat(),
+        "pickup_end": (now + dt.timedelta(hours=3)).isoformat(),
+    }
+    sites = [{"site_id": s, "name": s, "address": "bench", "district": "d"} for s in ("s1", "s0")]
+    async with aiohttp.ClientSession(headers=admin) as s:
+        for method, path, body in (
+            ("PUT", "/api/v1/admin/sites", {"sites": sites}),
+            ("PUT", "/api/v1/admin/rounds/bench", rnd),
+            ("POST", "/api/v1/admin/rounds/bench/batches",
+             {"batch_id": "b", "items": [{"site_id": "s1", "quantity": 10**7},
+                                         {"site_id": "s0", "quantity": 1}]}),
+        ):  # fmt: skip
+            async with s.request(method, url + path, json=body) as r:
+                assert r.status in (200, 201), await r.text()
+        if sold_out_site:  # the one unit at s0 goes, so s0 is the sold-out herd's site
+            body = {"citizen_id": "11010519491231002X", "phone": "13900000000", "site_id": "s0"}
+            async with s.post(url + "/api/v1/rounds/bench/reservations", json=body) as r:
+                assert r.status in (200, 201), await r.text()
+
+
+def rss_kib(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+    return rss, hwm
+
+
+async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> dict[str, Any]:
+    """Peak RSS of one worker while 10,000 reservations wait in its queue (Redis paused)."""
+    redis_port = free_port()
+    redis = procs.start(
+        "redis-paused",
+        ["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp)],
+        env,
+    )  # fmt: skip
+    config = tmp / "full-queue.toml"
+    config.write_text(WIDE_OPEN + FULL_QUEUE)
+    port = free_port()
+    worker_env = {**env, "ALLOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                  "ALLOT_CONFIG": str(config)}  # fmt: skip
+    server = procs.start(
+        "allot-full-queue",
+        [str(BIN / "allot"), "serve", "--port", str(port), "--workers", "1"],
+        worker_env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_up(url, "/readyz")
+    await seed(url, sold_out_site=False)
+    idle = rss_kib(server.pid)[0]
+    os.kill(redis.pid, signal.SIGSTOP)
+    n = 10_000
+    depth = 0.0
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as s:
+
+            async def one(i: int) -> int:
+                body = {"citizen_id": citizen(i), "phone": f"139{i:08d}", "site_id": "s1"}
+                async with s.post(url + "/api/v1/rounds/bench/reservations", json=body) as r:
+                    return r.status
+
+            tasks = [asyncio.create_task(one(i)) for i in range(n)]
+            async with asyncio.timeout(50):
+                while depth < n * 0.99:
+                    await asyncio.sleep(0.5)
+                    async with s.get(url + "/metrics") as r:
+                        text = await r.text()
+                    found = re.search(r"^allot_queue_depth ([\d.e+]+)$", text, re.M)
+                    depth = float(found.group(1)) if found else 0.0
+            held_rss, peak = rss_kib(server.pid)
+            os.kill(redis.pid, signal.SIGCONT)
+            statuses = await asyncio.gather(*tasks)
+    finally:
+        os.kill(redis.pid, signal.SIGCONT)
+    return {
+        "queued": int(depth),
+        "idle_rss_mib": round(idle / 1024, 1),
+        "held_rss_mib": round(held_rss / 1024, 1),
+        "peak_rss_mib": round(peak / 1024, 1),
+        "answers": {str(k): statuses.count(k) for k in sorted(set(statuses))},
+    }
+
+
+def citizen(n: int) -> str:
+    from stdnum.cn import ric
+
+    born = dt.date(1971, 1, 1) + dt.timedelta(days=n // 1000)
+    body = f"110101{born:%Y%m%d}{n % 1000:03d}"
+    return body + ric.calc_check_digit(body + "0")
+
+
+async def main(args: argparse.Namespace) -> int:
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    prefix = f"allot-bench-{stamp}"
+    base_db = os.environ.get("ALLOT_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/allot")
+    db_name = f"allot_bench_{stamp}"
+    database_url = base_db.rsplit("/", 1)[0] + f"/{db_name}"
+    redis_url = os.environ.get("ALLOT_REDIS_URL", "redis://127.0.0.1:6379/0")
+    tmp = Path(tempfile.mkdtemp(prefix="allot-bench-"))
+    config = tmp / "bench.toml"
+    config.write_text(WIDE_OPEN)
+    env = {
+        **os.environ,
+        "ALLOT_REDIS_URL": redis_url,
+        "ALLOT_DATABASE_URL": database_url,
+        "ALLOT_REDIS_PREFIX": prefix,
+        "ALLOT_ADMIN_TOKEN": TOKEN,
+        "ALLOT_ID_PEPPER": "bench-pepper",
+        "ALLOT_CONFIG": str(config),
+    }
+    procs = Processes(tmp)
+    ports = {k: free_port() for k in ("bare", "naive", "allot", "allot2")}
+    try:
+        subprocess.run([str(BIN / "allot"), "migrate"], env=env, check=True, capture_output=True)
+        py = str(BIN / "python")
+        procs.start("bare", [py, "bench/apps.py", "bare", str(ports["bare"])], env)
+        procs.start("naive", [py, "bench/apps.py", "naive", str(ports["naive"])], env)
+        allot = [str(BIN / "allot"), "serve", "--port"]
+        procs.start("allot", [*allot, str(ports["allot"]), "--workers", "1"], env)
+        procs.start("allot2", [*allot, str(ports["allot2"]), "--workers", "2"], env)
+        urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
+        for url in urls.values():
+            await wait_up(url)
+        await wait_up(urls["allot"], "/readyz")
+        await seed(urls["allot"])
+
+        scenarios = [
+            Scenario("(a) bare aiohttp", urls["bare"], "s1", True),
+            Scenario("(b) naive EVALSHA", urls["naive"], "s1", True),
+            Scenario("(c) allot, 1 worker", urls["allot"], "s1", True),
+            Scenario("(d) sold-out herd", urls["allot"], "s0", False),
+            Scenario("(c2) allot, 2 workers", urls["allot2"], "s1", True),
+        ]
+        offset = 0
+        for s in scenarios:  # warm-up: imports, connections, JIT-free but caches and pools
+            wrk(s.url, s.site, offset, 2, args.connections)
+            offset += 300_000
+        for r in range(args.rounds):
+            for s in scenarios:
+                run = wrk(s.url, s.site, offset, args.duration, args.connections)
+                offset += 300_000
+                s.runs.append(run)
+                print(f"round {r + 1} {s.name:24} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
+                      f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
+                      f"  socket errors {run.socket_errors}", flush=True)  # fmt: skip
+        memory = await full_queue_rss(env, procs, tmp)
+    finally:
+        procs.stop_all()
+        await cleanup(redis_url, prefix, base_db, db_name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report = render(scenarios, memory, args)
+    print(report)
+    Path(args.out).write_text(report)
+    print(f"written to {args.out}")
+    return 0
+
+
+async def cleanup(redis_url: str, prefix: str, base_db: str, db_name: str) -> None:
+    redis = Redis.from_url(redis_url)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=5000)]
+    for i in range(0, len(keys), 5000):
+        await redis.delete(*keys[i : i + 5000])
+    await redis.aclose()
+    con = await asyncpg.connect(base_db)
+    await con.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    await con.close()
+
+
+def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Namespace) -> str:
+    a, b, c, d, c2 = scenarios
+    rps = {s.name: s.median("rps") for s in scenarios}
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    rows = "\n".join(
+        f"| {s.name} | {s.median('rps'):,.0f} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f}"
+        f" | {sum(r.non2xx for r in s.runs)} | {sum(r.socket_errors for r in s.runs)}"
+        f" | {' / '.join(f'{r.rps:,.0f}' for r in s.runs)} |"
+        for s in scenarios
+    )
+    ratio = lambda x, y: rps[x.name] / rps[y.name]  # noqa: E731
+    return f"""# Performance
+
+Measured by `make bench` (`python bench/run.py --duration {args.duration} --rounds {args.rounds}
+--connections {args.connections}`) on {dt.date.today()}, on this project's machine: {os.cpu_count()}
+cores ({cpu}), {platform.python_implementation()} {platform.python_version()}, Redis and
+PostgreSQL local. The load generator is wrk (1 thread, {args.connections} keep-alive connections,
+a new valid citizen in every request), sharing the 2 cores with the server and Redis. Scenarios
+run side by side and alternating, {args.rounds} rounds of {args.duration} s each after a warm-up;
+figures are medians over the rounds. The machine is shared and noisy: read the ratios, not the
+absolute numbers.
+
+| scenario | req/s | p50 ms | p99 ms | non-2xx | socket errors | req/s per round |
+|---|---:|---:|---:|---:|---:|---|
+{rows}
+
+| ratio | measured | target |
+|---|---:|---:|
+| c/a (allot vs bare aiohttp) | {ratio(c, a):.2f} | ≥ 0.6 |
+| c/b (allot vs naive EVALSHA per request) | {ratio(c, b):.2f} | ≥ 2.5 |
+| d/a (sold-out herd vs bare aiohttp) | {ratio(d, a):.2f} | ≥ 0.8 |
+| c2/c (2 workers vs 1) | {ratio(c2, c):.2f} | |
+
+(d) answers 409 `sold-out` by design; (a), (b), (c) and (c2) should have no non-2xx answer.
+
+## Memory: one worker holding a full queue
+
+{memory["queued"]:,} reservations waiting in one worker's admission queue (Redis paused on
+purpose, `max_depth = 10000`): RSS {memory["idle_rss_mib"]} MiB idle, {memory["held_rss_mib"]} MiB
+holding the queue, peak (VmHWM) {memory["peak_rss_mib"]} MiB (target < 200 MB). Once Redis was
+resumed every request was answered: {memory["answers"]}.
+"""
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--duration", type=float, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    raise SystemExit(asyncio.run(main(parser.parse_args())))
