@@ -59,7 +59,7 @@ PAGE_HEADERS = {
     "Vary": "Accept-Language, Cookie",
     "Cache-Control": "no-cache",
 }
-PLACEHOLDER = re.compile(r"\{\{\s*([@a-z0-9_.:-]+)\s*\}\}")
+PLACEHOLDER = re.compile(r"\{\{\s*([@A-Za-z0-9_.:-]+)\s*\}\}")
 
 
 # -- static files ---------------------------------------------------------------------------
@@ -108,9 +108,10 @@ def static_url(name: str) -> str:
     return f"/static/{name}?v={assets()[name].version}"
 
 
-def _send(request: web.Request, body: bytes, gzipped: bytes | None, **kw: Any) -> web.Response:
-    """The gzipped form when the client takes it, else the plain one."""
-    headers: dict[str, str] = kw.pop("headers")
+def _send(
+    request: web.Request, body: bytes, gzipped: bytes | None, headers: dict[str, str]
+) -> web.Response:
+    """The gzipped form when the client takes it, else the plain one (headers name the type)."""
     if gzipped is not None:
         headers.setdefault("Vary", "Accept-Encoding")
         if "Accept-Encoding" not in headers["Vary"]:
@@ -118,7 +119,7 @@ def _send(request: web.Request, body: bytes, gzipped: bytes | None, **kw: Any) -
         if "gzip" in request.headers.get("Accept-Encoding", "").lower():
             headers["Content-Encoding"] = "gzip"
             body = gzipped
-    return web.Response(body=body, headers=headers, **kw)
+    return web.Response(body=body, headers=headers)
 
 
 @routes.get("/static/{name}")
@@ -135,7 +136,7 @@ async def static_file(request: web.Request) -> web.Response:
     if request.headers.get("If-None-Match") == asset.etag:
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = asset.content_type
-    return _send(request, asset.body, asset.gzipped, headers=headers)
+    return _send(request, asset.body, asset.gzipped, headers)
 
 
 # -- pages ------------------------------------------------------------------------------------
@@ -183,9 +184,20 @@ def _our_language(tag: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    body: bytes
+    gzipped: bytes
+
+
 @functools.cache
+def page_bytes(page: str, lang: str) -> Page:
+    body = render_page(page, lang)
+    return Page(body=body, gzipped=gzip.compress(body, 9, mtime=0))
+
+
 def render_page(page: str, lang: str) -> bytes:
-    """A page template with every ``{{key}}`` filled in for one language (cached)."""
+    """A page template with every ``{{key}}`` filled in for one language."""
     table = translations()[lang]
     template = resources.files("service").joinpath("static", f"{page}.html").read_text("utf-8")
 
@@ -211,9 +223,9 @@ def page_response(request: web.Request, page: str) -> web.Response:
     headers["Content-Language"] = lang
     if page == "reservation":
         headers["X-Robots-Tag"] = "noindex"
-    response = web.Response(
-        body=render_page(page, lang), headers=headers, content_type="text/html", charset="utf-8"
-    )
+    headers["Content-Type"] = "text/html; charset=utf-8"
+    rendered = page_bytes(page, lang)
+    response = _send(request, rendered.body, rendered.gzipped, headers)
     if chosen:
         response.set_cookie(LANG_COOKIE, lang, max_age=365 * 86400, path="/", samesite="Lax")
     return response
@@ -309,14 +321,8 @@ async def sites_csv(request: web.Request) -> web.Response:
     }
     if request.headers.get("If-None-Match") == feed.etag:
         return web.Response(status=304, headers=headers)
-    return _send(
-        request,
-        feed.body,
-        feed.gzipped,
-        headers=headers,
-        content_type="text/csv",
-        charset="utf-8",
-    )
+    headers["Content-Type"] = "text/csv; charset=utf-8; header=present"
+    return _send(request, feed.body, feed.gzipped, headers)
 
 
 def render_feed(sites: list[dict[str, Any]], now: dt.datetime) -> bytes:

@@ -11,7 +11,8 @@
   var TOKEN_KEY = 'allot.admin.token';
   var DESK_SITE_KEY = 'allot.desk.site';
   var STATS_EVERY_MS = 1000;
-  var HISTORY = 180; // samples kept for the charts: three minutes at one a second
+  var WINDOW_MS = 120000; // the charts show the last two minutes, now at the right edge
+  var HISTORY = 150; // samples kept (one a second, a little more than the window)
   var SVG = 'http://www.w3.org/2000/svg';
 
   var state = {
@@ -262,7 +263,16 @@
     return node;
   }
 
-  /** Lines over the last three minutes, scaled to the largest value shown. */
+  /** The smallest 1, 2 or 5 times a power of ten at or above v. */
+  function niceMax(v) {
+    if (v <= 1) return 1;
+    var p = Math.pow(10, Math.floor(Math.log(v) / Math.LN10));
+    var steps = [1, 2, 5, 10];
+    for (var i = 0; i < steps.length; i++) if (steps[i] * p >= v) return steps[i] * p;
+    return 10 * p;
+  }
+
+  /** Lines over the last two minutes, scaled to a round number above the largest value. */
   function drawChart(svg, legend, series, floorMax) {
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     var W = 600;
@@ -271,18 +281,19 @@
     var right = 8;
     var top = 10;
     var bottom = 24;
-    var h = state.history;
+    var end = Date.now();
+    var h = state.history.filter(function (p) {
+      return p.at >= end - WINDOW_MS;
+    });
     var max = floorMax;
     h.forEach(function (p) {
       series.forEach(function (s) {
         if (p[s.key] !== null && p[s.key] > max) max = p[s.key];
       });
     });
-    if (max <= 0) max = 1;
-    var x0 = h.length ? h[0].at : Date.now();
-    var span = Math.max(HISTORY * STATS_EVERY_MS, (h.length ? h[h.length - 1].at : x0) - x0);
+    max = niceMax(max);
     function x(at) {
-      return left + ((at - x0) / span) * (W - left - right);
+      return left + (1 - (end - at) / WINDOW_MS) * (W - left - right);
     }
     function y(v) {
       return top + (1 - v / max) * (H - top - bottom);
@@ -292,10 +303,10 @@
       var v = max * f;
       svg.appendChild(svgEl('line', { x1: left, x2: W - right, y1: y(v), y2: y(v), stroke: '#e2e8f0' }));
       svg.appendChild(
-        svgEl('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end', 'font-size': 12, fill: '#334155' }, fmt(f === 0.5 && max < 10 ? +v.toFixed(1) : Math.round(v)))
+        svgEl('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end', 'font-size': 12, fill: '#334155' }, fmt(v))
       );
     });
-    svg.appendChild(svgEl('text', { x: left, y: H - 6, 'font-size': 12, fill: '#334155' }, t('chart_ago', { n: Math.round(span / 60000) })));
+    svg.appendChild(svgEl('text', { x: left, y: H - 6, 'font-size': 12, fill: '#334155' }, t('chart_ago', { n: Math.round(WINDOW_MS / 60000) })));
     svg.appendChild(svgEl('text', { x: W - right, y: H - 6, 'text-anchor': 'end', 'font-size': 12, fill: '#334155' }, t('chart_now')));
     series.forEach(function (s) {
       var pts = h
@@ -387,6 +398,9 @@
     $('desk-submit').disabled = false;
     var d = res.data || {};
     var detail = d.detail || '';
+    // 409 not-collectable names the state in its detail: "This reservation is cancelled and …"
+    var state409 = /\bis (collected|cancelled|expired)\b/.exec(detail);
+    var why = d.reason || (state409 ? state409[1] : null);
     if (res.status === 200) {
       deskAnswer('ok', t('desk_ok', { n: d.quantity }), [
         t('desk_ok_detail', { code: d.pickup_code, masked: d.citizen_id_masked }),
@@ -395,11 +409,11 @@
       deskAnswer('bad', t('desk_not_here'), [t('desk_not_here_hint')], code);
     } else if (res.status === 409 && /does not match|ID number/i.test(detail)) {
       deskAnswer('bad', t('desk_wrong_person'), [t('desk_wrong_person_hint')], code);
-    } else if (res.status === 409 && /collected/.test(detail)) {
+    } else if (res.status === 409 && why === 'collected') {
       deskAnswer('bad', t('desk_already'), [t('desk_already_hint')], code);
-    } else if (res.status === 409 && /cancelled/.test(detail)) {
+    } else if (res.status === 409 && why === 'cancelled') {
       deskAnswer('bad', t('desk_cancelled'), [t('desk_cancelled_hint')], code);
-    } else if (res.status === 409 && /expired/.test(detail)) {
+    } else if (res.status === 409 && why === 'expired') {
       deskAnswer('bad', t('desk_expired'), [t('desk_expired_hint')], code);
     } else if (res.status === 422) {
       deskAnswer('bad', t('desk_bad_input'), [errorsList(res)], code);

@@ -20,6 +20,7 @@
     sitesTimer: null,
     roundsTimer: null,
     waitingSince: null,
+    roundsPending: false,
   };
 
   function jitter(seconds) {
@@ -152,7 +153,19 @@
       var badge = node.parentNode.querySelector('.badge');
       if (badge && badge.className !== 'badge badge-' + status) refresh = true;
     });
-    if (refresh) loadRounds();
+    if (refresh) {
+      // A round just opened or closed: show it at once, then ask the server once (not every
+      // second while it is busy) for the fresh list.
+      renderRounds();
+      if (!state.roundsPending) {
+        state.roundsPending = true;
+        setTimeout(function () {
+          loadRounds().then(function () {
+            state.roundsPending = false;
+          });
+        }, Math.random() * 1000);
+      }
+    }
     updateSubmit();
   }
 
@@ -243,7 +256,7 @@
               class: 'stock' + (ok ? (s.remaining < perPerson() * 20 ? ' low' : '') : ' none'),
               text: stockText(s),
             }),
-            ok
+            ok && !$('reserve').hidden
               ? el('button', {
                   type: 'button',
                   class: s.site_id === current ? 'primary small' : 'secondary small',
@@ -349,6 +362,7 @@
     if (box.hidden) {
       box.hidden = false;
       state.waitingSince = Date.now();
+      if (box.scrollIntoView) box.scrollIntoView({ block: 'center' });
     }
     if ($('wait-text').textContent !== text) $('wait-text').textContent = text;
     $('submit').textContent = t('submit_waiting');
@@ -529,12 +543,14 @@
             $('citizen_id').value = '';
             $('reserve').hidden = false;
             renderMine();
+            renderSites();
             $('citizen_id').focus();
           },
         }),
       ])
     );
     renderMine();
+    renderSites();
     box.scrollIntoView({ block: 'start' });
     heading.focus();
     loadSites();
@@ -575,9 +591,20 @@
     $('wait-stop').addEventListener('click', function () {
       if (state.job) state.job.stop();
     });
+    // A message shown on blur moves the button down; if the blur came from pressing that very
+    // button, the press would miss it. The submit handler checks every field anyway.
+    var pressingSubmit = false;
+    ['pointerdown', 'mousedown', 'touchstart'].forEach(function (type) {
+      $('submit').addEventListener(type, function () {
+        pressingSubmit = true;
+        setTimeout(function () {
+          pressingSubmit = false;
+        }, 1500);
+      }, { passive: true });
+    });
     ['citizen_id', 'phone'].forEach(function (id) {
       $(id).addEventListener('blur', function () {
-        if ($(id).value) checkField(id);
+        if ($(id).value && !pressingSubmit) checkField(id);
       });
       $(id).addEventListener('input', function () {
         if ($(id).getAttribute('aria-invalid')) checkField(id);

@@ -1,0 +1,586 @@
+"""The citizen page and the operator console, driven in headless Chromium by Playwright.
+
+The browser is Debian's ``chromium`` (``/usr/bin/chromium``, installed by ``.ci/run``); Playwright
+for Python drives it through its bundled driver, and nothing is downloaded. The app runs on a
+real socket in the test's own event loop, against real Redis and PostgreSQL.
+
+Screenshots (phone 390x844, desktop 1280x800) go to a temporary folder, or to the folder named
+by ``ALLOT_SCREENSHOT_DIR`` (``ALLOT_SCREENSHOT_DIR=docs/screenshots`` refreshes the README's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright, expect
+
+from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, seed
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+WAIT_MS = 15_000
+
+expect.set_options(timeout=WAIT_MS)
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian's chromium is not installed at /usr/bin/chromium (.ci/run installs it)",
+)
+
+Client = TestClient[Any, Any]
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+@pytest.fixture(scope="session")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    wanted = os.environ.get("ALLOT_SCREENSHOT_DIR")
+    folder = Path(wanted) if wanted else tmp_path_factory.mktemp("screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+async def open_page(
+    browser: Browser,
+    client: Client,
+    path: str = "/",
+    *,
+    size: dict[str, int] = PHONE,
+    locale: str = "zh-CN",
+) -> tuple[BrowserContext, Page]:
+    """A fresh browser context (its own storage) showing ``path``."""
+    phone_like = size["width"] < 600
+    context = await browser.new_context(
+        viewport=size,
+        locale=locale,
+        is_mobile=phone_like,
+        has_touch=phone_like,
+        device_scale_factor=1,
+    )
+    context.set_default_timeout(WAIT_MS)
+    page = await context.new_page()
+    errors: list[str] = []
+    SCRIPT_ERRORS[page] = errors
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(str(client.make_url(path)))
+    return context, page
+
+
+# Uncaught exceptions in each page's scripts; every test asserts there were none.
+SCRIPT_ERRORS: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
+
+
+def page_errors(page: Page) -> list[str]:
+    return SCRIPT_ERRORS.get(page, [])
+
+
+# WCAG 2.1 contrast of every visible text node against its nearest opaque background.
+CONTRAST_JS = """
+() => {
+  const parse = (c) => {
+    const m = /rgba?\\(([^)]+)\\)/.exec(c);
+    if (!m) return null;
+    const p = m[1].split(',').map(parseFloat);
+    return { r: p[0], g: p[1], b: p[2], a: p.length > 3 ? p[3] : 1 };
+  };
+  const lum = (c) => {
+    const f = (v) => ((v /= 255) <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4));
+    return 0.2126 * f(c.r) + 0.7152 * f(c.g) + 0.0722 * f(c.b);
+  };
+  const background = (el) => {
+    for (let e = el; e; e = e.parentElement) {
+      const c = parse(getComputedStyle(e).backgroundColor);
+      if (c && c.a > 0.5) return c;
+    }
+    return { r: 255, g: 255, b: 255, a: 1 };
+  };
+  const bad = [];
+  const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+  while (walker.nextNode()) {
+    const node = walker.currentNode;
+    const el = node.parentElement;
+    if (!el || !node.textContent.trim() || el.closest('svg, [hidden], noscript, option')) continue;
+    const cs = getComputedStyle(el);
+    if (!el.getClientRects().length || cs.visibility === 'hidden') continue;
+    const fg = parse(cs.color);
+    const bg = background(el);
+    const [hi, lo] = [lum(fg), lum(bg)].sort((a, b) => b - a);
+    const ratio = (hi + 0.05) / (lo + 0.05);
+    const size = parseFloat(cs.fontSize);
+    const large = size >= 24 || (parseInt(cs.fontWeight, 10) >= 700 && size >= 18.66);
+    if (ratio < (large ? 3 : 4.5)) {
+      bad.push(`${node.textContent.trim().slice(0, 30)}: ${ratio.toFixed(2)}`);
+    }
+  }
+  return bad;
+}
+"""
+
+
+async def assert_contrast(page: Page) -> None:
+    """Every text on screen meets WCAG AA contrast (4.5:1, or 3:1 for large text)."""
+    low: list[str] = await page.evaluate(CONTRAST_JS)
+    assert low == [], f"text below WCAG AA contrast: {low}"
+
+
+async def fill_form(page: Page, n: int, site: str) -> None:
+    await expect(page.locator("form#reserve")).to_be_visible()
+    await page.locator("select[name=site_id]").select_option(site)
+    await page.locator("input[name=citizen_id]").fill(citizen_id(n))
+    await page.locator("input[name=phone]").fill(phone(n))
+
+
+async def reservation_by_code(client: Client, page: Page) -> dict[str, Any]:
+    """The reservation behind the result card, read back through the public API."""
+    link = await page.get_by_test_id("reservation-link").get_attribute("href")
+    assert link is not None
+    assert link.startswith("/r/")
+    r = await client.get(f"/api/v1/reservations/{link.removeprefix('/r/')}")
+    assert r.status == 200
+    body: dict[str, Any] = await r.json()
+    return body
+
+
+# -- citizen page ---------------------------------------------------------------------------
+
+
+async def test_citizen_reserves_on_a_phone_and_sees_the_pickup_code_and_qr(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """The whole point of the page: a phone, three fields, one tap, a code to show at the desk."""
+    await seed(
+        client,
+        stock={"s1": 40, "s2": 3},
+        districts={"s1": "徐汇区", "s2": "静安区"},
+        per_person=2,
+    )
+    context, page = await open_page(browser, client)
+    await expect(page.locator("html")).to_have_attribute("lang", "zh-Hans")
+    for name in ("citizen_id", "phone", "site_id"):
+        field = page.locator(f"[name={name}]")
+        label = await page.locator(f"label[for={await field.get_attribute('id')}]").inner_text()
+        assert label.strip(), f"{name} has no visible label"
+    await expect(page.get_by_test_id("countdown")).to_have_text("还剩 43 件")
+    await expect(page.locator("#site-groups")).to_contain_text("静安区")
+    await fill_form(page, 1, "s1")
+    await expect(page.locator("#site_id-hint")).to_contain_text("s1 road 1")
+    await page.screenshot(path=shots / "citizen-phone.png")
+    await assert_contrast(page)
+    await page.get_by_role("button", name="提交预约").click()
+
+    code = page.get_by_test_id("pickup-code")
+    await expect(code).to_have_text(re.compile(r"^[2-9A-HJ-NP-Z]{8}$"))
+    body = await reservation_by_code(client, page)
+    await expect(code).to_have_text(body["pickup_code"])
+    assert body["site_id"] == "s1"
+    assert body["quantity"] == 2
+    result = page.locator("#result")
+    await expect(result).to_contain_text("Site s1")
+    await expect(result).to_contain_text("s1 road 1")
+    await expect(result).to_contain_text(" 至 ")  # the pickup window
+    qr = page.locator("img.qr")
+    await expect(qr).to_have_attribute("src", re.compile(r"/qr\.svg$"))
+    assert await qr.evaluate("img => img.complete && img.naturalWidth > 0")
+    await page.screenshot(path=shots / "citizen-result-phone.png", full_page=True)
+    await assert_contrast(page)
+
+    # the reservation's own page finds it again
+    await page.get_by_test_id("reservation-link").click()
+    await expect(page.get_by_test_id("pickup-code")).to_have_text(body["pickup_code"])
+    await expect(page.get_by_test_id("reservation-status")).to_have_text("待领取")
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_citizen_page_on_a_desktop_lists_sites_by_district(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """Staff helping at a counter use a desktop: the same page, sites beside the form."""
+    await seed(
+        client,
+        stock={"a1": 120, "a2": 0, "b1": 7},
+        districts={"a1": "徐汇区", "a2": "徐汇区", "b1": "浦东新区"},
+    )
+    # a2 had stock and lost it: it is listed, sold out, and cannot be chosen
+    r = await client.post(
+        "/api/v1/admin/rounds/r1/batches",
+        json={"batch_id": "a2", "items": [{"site_id": "a2", "quantity": 1}]},
+        headers=ADMIN,
+    )
+    assert r.status == 201
+    assert (await reserve(client, 9, site="a2")).status == 201
+    await asyncio.sleep(1.1)  # the site list is a snapshot at most 1 s old
+    context, page = await open_page(browser, client, size=DESKTOP)
+    groups = page.locator("#site-groups h3")
+    await expect(groups).to_have_text(["徐汇区", "浦东新区"])  # as the API orders them
+    await expect(page.locator("#site-groups")).to_contain_text("已约满")
+    assert await page.locator("option[value=a2]").is_disabled()
+    await page.locator("input[name=citizen_id]").fill(citizen_id(2))
+    await page.screenshot(path=shots / "citizen-desktop.png")
+    await assert_contrast(page)
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_wrong_check_digit_is_caught_in_the_browser_before_any_request(
+    client: Client, browser: Browser
+) -> None:
+    """A typo in an ID is the commonest mistake; it must be explained on the spot, not by a 422."""
+    await seed(client)
+    context, page = await open_page(browser, client)
+    posts: list[str] = []
+    page.on("request", lambda req: posts.append(req.url) if req.method == "POST" else None)
+    good = citizen_id(3)
+    wrong = good[:17] + ("0" if good[17] != "0" else "1")
+    await fill_form(page, 3, "s1")
+    await page.locator("input[name=citizen_id]").fill(wrong)
+    await page.get_by_role("button", name="提交预约").click()
+    error = page.locator("#citizen_id-error")
+    await expect(error).to_be_visible()
+    await expect(error).to_contain_text("输错")
+    await expect(page.locator("input[name=citizen_id]")).to_have_attribute("aria-invalid", "true")
+    await expect(page.locator("input[name=citizen_id]")).to_be_focused()
+    # a date of birth that does not exist is named as such
+    await page.locator("input[name=citizen_id]").fill("110101" + "19800231" + "0011")
+    await page.locator("input[name=phone]").focus()
+    await expect(error).to_contain_text("出生日期")
+    await assert_contrast(page)
+    # fixing it clears the message as the citizen types (lower-case x accepted)
+    await page.locator("input[name=citizen_id]").fill(good.lower())
+    await expect(error).to_be_hidden()
+    assert posts == []
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_sold_out_offers_alternatives_and_one_tap_reserves_there(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """When the chosen site runs out mid-form, the citizen is one tap from a share elsewhere."""
+    await seed(
+        client,
+        stock={"s1": 1, "s2": 5, "s3": 5},
+        districts={"s1": "d1", "s2": "d1", "s3": "d2"},
+    )
+    context, page = await open_page(browser, client)
+    await fill_form(page, 1, "s1")
+    # someone else takes the last unit while this citizen is typing
+    assert (await reserve(client, 2, site="s1")).status == 201
+    await page.get_by_role("button", name="提交预约").click()
+    outcome = page.locator("#outcome")
+    await expect(outcome).to_contain_text("刚刚约满")
+    choices = page.get_by_test_id("alternative")
+    await expect(choices).to_have_count(2)
+    assert await choices.nth(0).get_attribute("data-site-id") == "s2"  # same district first
+    await page.screenshot(path=shots / "citizen-sold-out-phone.png")
+    await assert_contrast(page)
+    await choices.nth(0).click()
+    await expect(page.get_by_test_id("pickup-code")).to_be_visible()
+    body = await reservation_by_code(client, page)
+    assert body["site_id"] == "s2"
+    await expect(page.get_by_test_id("pickup-code")).to_have_text(body["pickup_code"])
+    assert page_errors(page) == []
+    await context.close()
+
+
+@pytest.mark.parametrize(
+    ("status", "code"), [(429, "rate-limited"), (429, "overloaded"), (503, "unavailable")]
+)
+async def test_page_waits_calmly_while_refused_then_succeeds_by_itself(
+    client: Client, browser: Browser, shots: Path, status: int, code: str
+) -> None:
+    """Under a flash crowd the gate says "later": the page waits and retries, never shows it raw."""
+    await seed(client)
+    context, page = await open_page(browser, client)
+    refused: list[float] = []
+
+    async def gate(route: Route) -> None:
+        if route.request.method == "POST" and len(refused) < 2:
+            refused.append(asyncio.get_running_loop().time())
+            await route.fulfill(
+                status=status,
+                headers={"Retry-After": "1", "Content-Type": "application/problem+json"},
+                body=(
+                    f'{{"type":"urn:allot:problem:{code}","title":"Too many requests",'
+                    f'"status":{status},"detail":"later","code":"{code}"}}'
+                ),
+            )
+        else:
+            await route.continue_()
+
+    await page.route("**/api/v1/rounds/*/reservations", gate)
+    await fill_form(page, 4, "s1")
+    started = asyncio.get_running_loop().time()
+    await page.get_by_role("button", name="提交预约").click()
+    busy = page.get_by_test_id("busy")
+    await expect(busy).to_be_visible()
+    await expect(busy).to_contain_text(re.compile(r"当前排队人数较多，\d 秒后自动重试"))
+    if code == "rate-limited":
+        await page.screenshot(path=shots / "citizen-busy-phone.png")
+        await assert_contrast(page)
+    await expect(page.get_by_test_id("pickup-code")).to_be_visible()
+    elapsed = asyncio.get_running_loop().time() - started
+    assert len(refused) == 2
+    assert refused[1] - refused[0] >= 1.0  # Retry-After was honoured
+    assert elapsed >= 2.0
+    text = await page.locator("body").inner_text()
+    assert code not in text
+    assert not re.search(rf"\b{status}\b", text)
+    assert "Too many" not in text
+    await expect(busy).to_be_hidden()
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_upcoming_round_counts_down_and_opens_the_form_on_time(
+    client: Client, browser: Browser
+) -> None:
+    """At midnight people wait for the opening second; the page must count down and then work."""
+    await seed(client, opens_in=4, pickup_in=0)
+    context, page = await open_page(browser, client)
+    countdown = page.get_by_test_id("countdown")
+    await expect(countdown).to_contain_text(re.compile(r"距开始还有 \d 秒"))
+    submit = page.locator("#submit")
+    await expect(submit).to_be_disabled()
+    await fill_form(page, 5, "s1")
+    await expect(submit).to_be_enabled(timeout=10_000)
+    await expect(page.locator(".badge")).to_have_text("正在预约")
+    await submit.click()
+    await expect(page.get_by_test_id("pickup-code")).to_be_visible()
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_keyboard_alone_can_reserve(client: Client, browser: Browser) -> None:
+    """Assistive tech and many elderly users drive the page from the keyboard only."""
+    await seed(client, stock={"s1": 5, "s2": 5})
+    context, page = await open_page(browser, client, size=DESKTOP)
+    await expect(page.locator("form#reserve")).to_be_visible()
+    await page.locator("select[name=site_id] option[value=s2]").wait_for(state="attached")
+    await page.locator("select[name=site_id]").focus()
+    await page.keyboard.press("ArrowDown")
+    await page.keyboard.press("ArrowDown")
+    await page.keyboard.press("Tab")
+    await expect(page.locator("input[name=citizen_id]")).to_be_focused()
+    await page.keyboard.type(citizen_id(6))
+    await page.keyboard.press("Tab")
+    await expect(page.locator("input[name=phone]")).to_be_focused()
+    await page.keyboard.type(phone(6))
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_test_id("pickup-code")).to_be_visible()
+    body = await reservation_by_code(client, page)
+    assert body["site_id"] == "s2"
+    await expect(page.locator("#result-title")).to_be_focused()
+    await context.close()
+
+
+async def test_language_follows_accept_language_and_the_switch_keeps_what_was_typed(
+    client: Client, browser: Browser
+) -> None:
+    """Traditional Chinese and English readers get their language; switching loses no typing."""
+    await seed(client)
+    context, page = await open_page(browser, client, locale="en-US")
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await expect(page.get_by_role("button", name="Reserve")).to_be_visible()
+    await page.locator("input[name=citizen_id]").fill(citizen_id(7))
+    await page.get_by_role("link", name="繁體").click()
+    await expect(page.locator("html")).to_have_attribute("lang", "zh-Hant")
+    await expect(page.get_by_role("button", name="提交預約")).to_be_visible()
+    await expect(page.locator("input[name=citizen_id]")).to_have_value(citizen_id(7))
+    await context.close()
+
+    context, page = await open_page(browser, client, locale="zh-TW")
+    await expect(page.locator("html")).to_have_attribute("lang", "zh-Hant")
+    await context.close()
+
+
+async def test_reservation_page_shows_the_code_and_cancels(
+    client: Client, browser: Browser
+) -> None:
+    """The /r/ link is the citizen's only key: it must show the code again and allow a cancel."""
+    await seed(client, stock={"s1": 5})
+    made = await (await reserve(client, 8)).json()
+    context, page = await open_page(browser, client, f"/r/{made['reservation_id']}")
+    await expect(page.get_by_test_id("pickup-code")).to_have_text(made["pickup_code"])
+    await page.get_by_role("button", name="取消这个预约").click()
+    await page.get_by_role("button", name="确定取消").click()
+    await expect(page.get_by_test_id("reservation-status")).to_have_text("已取消")
+    got = await (await client.get(f"/api/v1/reservations/{made['reservation_id']}")).json()
+    assert got["status"] == "cancelled"
+    await context.close()
+
+    context, page = await open_page(browser, client, "/r/nothing-here.r1")
+    await expect(page.locator("#outcome")).to_contain_text("找不到这个预约")
+    await context.close()
+
+
+# -- operator console -----------------------------------------------------------------------
+
+
+async def login(page: Page) -> None:
+    await page.locator("input[name=token]").fill(ADMIN_TOKEN)
+    await page.get_by_role("button", name="进入运营台").click()
+    await expect(page.locator("#console")).to_be_visible()
+
+
+async def test_console_loads_a_csv_batch_and_the_stats_move(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """Operators load stock from a spreadsheet and watch it go out, without a terminal."""
+    await seed(client, stock={"s1": 10, "s2": 10})
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await expect(page.locator("#login")).to_be_visible()
+    await page.locator("input[name=token]").fill("wrong-token")
+    await page.get_by_role("button", name="进入运营台").click()
+    await expect(page.locator("#token-error")).to_contain_text("令牌")
+    await login(page)
+    loaded = page.get_by_test_id("stat-loaded")
+    await expect(loaded).to_have_text("20")
+
+    await page.locator("#batch-round").select_option("r1")
+    await page.locator("#batch-id").fill("delivery-1")
+    await page.locator("#batch-csv").fill("site_id,quantity\ns1,25\ns2,5\n")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    result = page.get_by_test_id("batch-result")
+    await expect(result).to_contain_text("已入库")
+    await expect(result).to_contain_text("共 30 件，2 个站点")
+    await expect(page.get_by_test_id("batch-id")).to_have_text("delivery-1")
+    await expect(loaded).to_have_text("50", timeout=3000)
+
+    # the same batch again is answered as already loaded, and stock does not move
+    await page.get_by_role("button", name="入库", exact=True).click()
+    await expect(result).to_contain_text("没有重复增加库存")
+    await expect(loaded).to_have_text("50")
+
+    # reservations show up within the two seconds the operator may wait
+    for n in range(1, 4):
+        assert (await reserve(client, n, site="s1")).status == 201
+    await expect(page.get_by_test_id("stat-reserved")).to_have_text("3", timeout=2500)
+    await expect(page.get_by_test_id("stat-remaining")).to_have_text("47")
+    await expect(page.locator("#chart-units polyline")).to_have_count(3)
+    await page.wait_for_timeout(1500)
+    await page.screenshot(path=shots / "admin-desktop.png", full_page=True)
+    await assert_contrast(page)
+    await page.set_viewport_size(PHONE)
+    await page.evaluate("window.scrollTo(0, 0)")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await page.screenshot(path=shots / "admin-phone.png")
+    assert page_errors(page) == []
+    await context.close()
+
+    # the token lives in the tab's session only: a new session asks again
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await expect(page.locator("#login")).to_be_visible()
+    await context.close()
+
+
+async def test_pickup_desk_collects_a_code_once(client: Client, browser: Browser) -> None:
+    """The counter must hand out once and say plainly why not otherwise."""
+    await seed(client, stock={"s1": 10, "s2": 10})
+    first = await (await reserve(client, 1, site="s1")).json()
+    gone = await (await reserve(client, 2, site="s1")).json()
+    r = await client.delete(f"/api/v1/reservations/{gone['reservation_id']}")
+    assert r.status == 200
+    context, page = await open_page(browser, client, "/admin")
+    await login(page)
+    desk = page.locator("#desk")
+    await desk.scroll_into_view_if_needed()
+    await page.locator("#desk-site").fill("s1")
+    verdict = page.get_by_test_id("desk-verdict")
+
+    async def scan(code: str, cid: str = "") -> None:
+        await page.locator("input[name=pickup_code]").fill(code)
+        await page.locator("#desk-cid").fill(cid)
+        await page.locator("input[name=pickup_code]").press("Enter")
+
+    await scan(first["pickup_code"], citizen_id(99))
+    await expect(verdict).to_contain_text("身份证号与预约人不符")
+    await scan(first["pickup_code"].lower(), citizen_id(1))
+    await expect(verdict).to_contain_text("可以发放：1 件")
+    await expect(page.get_by_test_id("desk-result")).to_contain_text(first["citizen_id_masked"])
+    await expect(page.locator("input[name=pickup_code]")).to_be_focused()
+    await scan(first["pickup_code"])
+    await expect(verdict).to_contain_text("已经领取过了")
+    await assert_contrast(page)
+    await scan(gone["pickup_code"])
+    await expect(verdict).to_contain_text("已经取消")
+    await page.locator("#desk-site").fill("s2")
+    await scan(first["pickup_code"])
+    await expect(verdict).to_contain_text("本站点没有这个取件码")
+    await expect(page.locator("#desk-log li")).to_have_count(5)
+    got = await (await client.get(f"/api/v1/reservations/{first['reservation_id']}")).json()
+    assert got["status"] == "collected"
+    await expect(page.get_by_test_id("stat-collected")).to_have_text("1", timeout=3000)
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_console_uploads_sites_and_creates_a_round(client: Client, browser: Browser) -> None:
+    """The morning's setup (sites from a spreadsheet, a new round) is done from the console."""
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    await page.locator("#sites-csv").fill(
+        "site_id,name,address,district\n"
+        'p1,"Pharmacy, North","1 ""Main"" St",North\n'
+        "p2,漕溪药房,徐汇区漕溪北路 88 号,徐汇区\n"
+    )
+    await page.get_by_role("button", name="上传站点").click()
+    await expect(page.locator("#sites-result")).to_contain_text("已更新 2 个站点")
+
+    await page.locator("#rf-id").fill("morning")
+    await page.locator("#rf-title").fill("早场")
+    await page.get_by_role("button", name="保存轮次").click()
+    await expect(page.locator("#round-result")).to_contain_text("已新建轮次 morning")
+    await expect(page.locator("#round-table")).to_contain_text("早场")
+    r = await client.get("/api/v1/rounds/morning")
+    assert r.status == 200
+    assert (await r.json())["per_person"] == 5
+
+    # editing keeps the id and answers "updated"
+    await page.get_by_role("button", name="编辑轮次 morning").click()
+    await page.locator("#rf-per").fill("3")
+    await page.get_by_role("button", name="保存轮次").click()
+    await expect(page.locator("#round-result")).to_contain_text("已更新轮次 morning")
+    assert (await (await client.get("/api/v1/rounds/morning")).json())["per_person"] == 3
+
+    # the small form loads a batch too, and says what went wrong row by row
+    await page.locator("#batch-round").select_option("morning")
+    await page.locator("input[name=batch_mode][value=form]").check()
+    await page.locator("#batch-rows .row-site").first.fill("p1")
+    await page.locator("#batch-rows .row-qty").first.fill("12")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    await expect(page.get_by_test_id("batch-result")).to_contain_text("共 12 件，1 个站点")
+    await page.get_by_role("button", name="生成新批次号").click()
+    await page.locator("#batch-rows .row-site").first.fill("nowhere")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    await expect(page.get_by_test_id("batch-result")).to_contain_text("整批都没有入库")
+    await expect(page.get_by_test_id("batch-result")).to_contain_text("nowhere")
+    assert page_errors(page) == []
+    await context.close()
