@@ -38,7 +38,7 @@ class _Ticket:
         self.request = request
         self.future = future
         self.taken = False  # handed to Redis: its answer will be the truth
-        self.abandoned = False  # its waiter gave up before it was taken
+        self.abandoned = False  # left the line before it was taken (wait over, or client gone)
 
 
 class AdmissionQueue:
@@ -80,29 +80,38 @@ class AdmissionQueue:
     async def submit(self, request: ClaimRequest) -> ClaimOutcome:
         if self._depth >= self.max_depth:
             raise Overloaded("The line is full right now.", retry_after=self._retry_after())
-        ticket = _Ticket(request, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        ticket = _Ticket(request, loop.create_future())
         ticket.future.add_done_callback(_retrieve)
         self._line.append(ticket)
         self._set_depth(self._depth + 1)
         self._wake.set()
+        # One timer, no extra task or future: a ticket still in line when it fires is turned
+        # away; one already in Redis is left alone (bounded by the Redis timeout).
+        timer = loop.call_later(self.max_wait, self._expire, ticket)
         try:
-            async with asyncio.timeout(self.max_wait):
-                return await asyncio.shield(ticket.future)
-        except TimeoutError:
-            if ticket.taken:
-                return await ticket.future  # in Redis now; bounded by the Redis timeout
-            self._abandon(ticket)
-            raise Overloaded(
-                "We could not get to your request in time.", retry_after=self._retry_after()
-            ) from None
+            return await ticket.future
         except asyncio.CancelledError:
             self._abandon(ticket)  # the client went away
             raise
+        finally:
+            timer.cancel()
 
-    def _abandon(self, ticket: _Ticket) -> None:
-        if not ticket.taken and not ticket.abandoned:
-            ticket.abandoned = True
-            self._set_depth(self._depth - 1)
+    def _expire(self, ticket: _Ticket) -> None:
+        if self._abandon(ticket):
+            ticket.future.set_exception(
+                Overloaded(
+                    "We could not get to your request in time.", retry_after=self._retry_after()
+                )
+            )
+
+    def _abandon(self, ticket: _Ticket) -> bool:
+        """Take the ticket out of the line unless Redis has it; True when it was taken out."""
+        if ticket.taken or ticket.abandoned:
+            return False
+        ticket.abandoned = True
+        self._set_depth(self._depth - 1)
+        return True
 
     def _set_depth(self, depth: int) -> None:
         self._depth = depth

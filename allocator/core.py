@@ -408,9 +408,9 @@ class Allocator:
             raise NotFound("There is no such reservation.")
         reservation = Reservation.from_record(round_id, reply[1])
         if status == "not-collectable":
+            shown = self._shown_status(reservation, await self.round(round_id))
             raise NotCollectable(
-                f"This reservation is {self._shown_status(reservation, await self.round(round_id))}"
-                " and can no longer be cancelled."
+                f"This reservation is {shown} and can no longer be cancelled.", reason=shown
             )
         await self.units_returned(round_id, [reservation.site_id])
         return reservation
@@ -576,10 +576,12 @@ class Allocator:
             raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
         reservation = Reservation.from_record(round_id, reply[1])
         if status == "not-collectable":
-            why = reply[2].decode()
+            why = reply[2].decode()  # collected | cancelled | expired | citizen
             if why == "citizen":
-                raise NotCollectable("The ID number does not match this reservation's holder.")
-            raise NotCollectable(f"This reservation is {why} and cannot be collected.")
+                raise NotCollectable(
+                    "The ID number does not match this reservation's holder.", reason=why
+                )
+            raise NotCollectable(f"This reservation is {why} and cannot be collected.", reason=why)
         return reservation
 
     async def _round_of_code(self, site_id: str, code: str) -> str | None:

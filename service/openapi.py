@@ -536,6 +536,14 @@ def _schemas() -> dict[str, Any]:
                     "maxItems": 5,
                     "items": _schema("Alternative"),
                 },
+                "reason": {
+                    "type": "string",
+                    "enum": ["collected", "cancelled", "expired", "citizen"],
+                    "description": (
+                        "Extension beyond the contract. With `not-collectable`: why, for "
+                        "programs (`citizen`: the given ID does not match the holder)."
+                    ),
+                },
                 "opens_at": {
                     "$ref": "#/components/schemas/Timestamp",
                     "description": "Extension beyond the contract. With `round-not-open`.",

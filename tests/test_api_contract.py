@@ -1605,3 +1605,29 @@ async def test_logs_hold_no_clear_citizen_id_or_phone(
             assert secret not in text, (record.name, text[:300])
     for secret in clear:
         assert secret not in caplog.text
+
+
+async def test_not_collectable_names_its_reason_for_programs(client: TestClient[Any, Any]) -> None:
+    """The pickup desk shows a different answer per case; it must not parse prose to do it."""
+    await seed(client, stock={"s1": 10})
+    made = await reserve(client, 1)
+    code = (await made.json())["pickup_code"]
+    desk = "/api/v1/admin/pickups"
+    wrong = await client.post(
+        desk,
+        json={"site_id": "s1", "pickup_code": code, "citizen_id": citizen_id(2)},
+        headers=ADMIN,
+    )
+    assert (await wrong.json())["reason"] == "citizen"
+    assert (
+        await client.post(desk, json={"site_id": "s1", "pickup_code": code}, headers=ADMIN)
+    ).status == 200
+    again = await client.post(desk, json={"site_id": "s1", "pickup_code": code}, headers=ADMIN)
+    assert (await again.json())["reason"] == "collected"
+    cancel = await client.delete(made.headers["Location"])
+    assert (await cancel.json())["reason"] == "collected"
+    other = await reserve(client, 3)
+    await client.delete(other.headers["Location"])
+    code3 = (await other.json())["pickup_code"]
+    gone = await client.post(desk, json={"site_id": "s1", "pickup_code": code3}, headers=ADMIN)
+    assert (await gone.json())["reason"] == "cancelled"
