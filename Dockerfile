@@ -8,6 +8,7 @@ COPY pyproject.toml README.md ./
 COPY service/ service/
 COPY allocator/ allocator/
 COPY lua/ lua/
+COPY loadtest/ loadtest/
 # Our wheel first (the lua/*.lua scripts and migrations/*.sql are package data inside it),
 # then wheels for every dependency, so the runtime stage installs offline.
 RUN pip wheel --no-deps -w /wheels . \

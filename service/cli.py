@@ -236,6 +236,12 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.runner import main as loadtest_main
+
+    return loadtest_main(args, settings)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="allot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--round", help="only this round")
     reb.add_argument("--force", action="store_true", help="overwrite state still in Redis")
     reb.set_defaults(func=cmd_rebuild)
+    from loadtest.options import add_arguments as add_loadtest_arguments
+
+    lt = sub.add_parser(
+        "loadtest", help="flash-crowd load test and conservation checks (the release gate)"
+    )
+    add_loadtest_arguments(lt)
+    lt.set_defaults(func=cmd_loadtest)
     return parser
 
 
