@@ -19,7 +19,6 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 from allocator.config import QueueSettings
 from allocator.core import Allocator, ClaimOutcome, ClaimRequest
@@ -32,11 +31,14 @@ MAX_BATCH = 256  # items in one script call: about 5 ms of Redis time at most
 
 
 class _Ticket:
-    __slots__ = ("abandoned", "future", "request", "taken")
+    __slots__ = ("abandoned", "deadline", "future", "request", "taken")
 
-    def __init__(self, request: ClaimRequest, future: asyncio.Future[ClaimOutcome]) -> None:
+    def __init__(
+        self, request: ClaimRequest, future: asyncio.Future[ClaimOutcome], deadline: float
+    ) -> None:
         self.request = request
         self.future = future
+        self.deadline = deadline  # loop time after which, still in line, it is turned away
         self.taken = False  # handed to Redis: its answer will be the truth
         self.abandoned = False  # left the line before it was taken (wait over, or client gone)
 
@@ -57,7 +59,8 @@ class AdmissionQueue:
         self._on_depth = on_depth
         self._line: deque[_Ticket] = deque()
         self._depth = 0  # tickets waiting: neither taken nor abandoned
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # something is in line for the dispatcher
+        self._reaper_wake = asyncio.Event()  # something is in line for the reaper
         self._rate = 0.0  # decided items per second, smoothed; for Retry-After
 
     @property
@@ -81,29 +84,46 @@ class AdmissionQueue:
         if self._depth >= self.max_depth:
             raise Overloaded("The line is full right now.", retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        ticket = _Ticket(request, loop.create_future())
-        ticket.future.add_done_callback(_retrieve)
+        ticket = _Ticket(request, loop.create_future(), loop.time() + self.max_wait)
         self._line.append(ticket)
         self._set_depth(self._depth + 1)
         self._wake.set()
-        # One timer, no extra task or future: a ticket still in line when it fires is turned
-        # away; one already in Redis is left alone (bounded by the Redis timeout).
-        timer = loop.call_later(self.max_wait, self._expire, ticket)
+        self._reaper_wake.set()
         try:
+            # Whoever settles the future (dispatcher or reaper) does so while this waiter awaits
+            # it, so no exception is ever left unretrieved; a cancelled waiter cancels the future.
             return await ticket.future
         except asyncio.CancelledError:
             self._abandon(ticket)  # the client went away
             raise
-        finally:
-            timer.cancel()
 
-    def _expire(self, ticket: _Ticket) -> None:
-        if self._abandon(ticket):
-            ticket.future.set_exception(
-                Overloaded(
-                    "We could not get to your request in time.", retry_after=self._retry_after()
+    async def _reap(self) -> None:
+        """Turn away tickets whose wait ran out while still in line.
+
+        Every ticket waits the same ``max_wait`` and the line is first in, first out, so the
+        head always has the earliest deadline: one sleeping task instead of a timer per request.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._line and self._line[0].abandoned:
+                self._line.popleft()
+            if not self._line:
+                self._reaper_wake.clear()
+                await self._reaper_wake.wait()
+                continue
+            head = self._line[0]
+            delay = head.deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            self._line.popleft()
+            if self._abandon(head):
+                head.future.set_exception(
+                    Overloaded(
+                        "We could not get to your request in time.",
+                        retry_after=self._retry_after(),
+                    )
                 )
-            )
 
     def _abandon(self, ticket: _Ticket) -> bool:
         """Take the ticket out of the line unless Redis has it; True when it was taken out."""
@@ -125,7 +145,11 @@ class AdmissionQueue:
         return min(30.0, max(1.0, math.ceil(self._depth / self._rate)))
 
     async def run(self) -> None:
-        """The dispatcher: one batch at a time, each as soon as the previous has returned."""
+        """The dispatcher and the reaper, until cancelled."""
+        await asyncio.gather(self._dispatch(), self._reap())
+
+    async def _dispatch(self) -> None:
+        """One batch at a time, each as soon as the previous has returned."""
         while True:
             await self._wake.wait()
             batch: list[_Ticket] = []
@@ -178,9 +202,3 @@ def _settle(
     else:
         assert result is not None
         ticket.future.set_result(result)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """A waiter that left (timeout, disconnect) must not leave an unretrieved exception."""
-    if not future.cancelled():
-        future.exception()

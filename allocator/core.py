@@ -25,7 +25,8 @@ import asyncpg
 import orjson
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from allocator.cache import TtlCache
 from allocator.config import GateSettings
@@ -36,6 +37,7 @@ from allocator.errors import (
     InvalidRequest,
     NotCollectable,
     NotFound,
+    Overloaded,
     Problem,
     RateLimited,
     RoundNotOpen,
@@ -44,6 +46,7 @@ from allocator.errors import (
 )
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.keys import Keys, RoundKeys
+from allocator.looplag import LoopLag
 from allocator.model import (
     PICKUP_ALPHABET,
     RESERVATION_ID,
@@ -146,6 +149,7 @@ class Allocator:
             gate.citizen_burst,
         )
         self.sold_out = SoldOutBoard()
+        self.loop_lag = LoopLag()  # its run() is started by the app, next to the dispatcher
         self._breaker = breaker
         self._down_until = 0.0
 
@@ -166,10 +170,13 @@ class Allocator:
             async with asyncio.timeout(self.timeout):
                 return await aw
         except ResponseError as exc:
-            if not _is_transient_response(exc):
+            if not isinstance(exc, NoScriptError) and not _is_transient_response(exc):
                 log.error("redis refused a command: %s", exc)
             raise Unavailable("The reservation store is busy; please try again.") from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
+                # the reply most likely sat unread while this worker was saturated: shed load
+                raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
             self._down_until = time.monotonic() + self._breaker
             log.warning("redis: %s: %s", type(exc).__name__, exc)
             raise Unavailable("The reservation store is not answering; please try again.") from exc
@@ -669,5 +676,4 @@ def _site_order(sites: dict[str, Site], site_id: str) -> tuple[str, str]:
 
 
 def _is_transient_response(exc: ResponseError) -> bool:
-    text = str(exc)
-    return text.startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "NOSCRIPT"))
+    return str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"))

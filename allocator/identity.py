@@ -9,7 +9,6 @@ and which would refuse real residents whose county was renamed after the table w
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import re
 
@@ -58,11 +57,12 @@ class Hasher:
     def __init__(self, pepper: bytes) -> None:
         self._key = pepper
 
+    # hmac.digest is the one-shot C path: no HMAC object per call (three calls per request)
     def citizen(self, number: str) -> str:
-        return hmac.new(self._key, b"citizen:" + number.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, b"citizen:" + number.encode(), "sha256").hex()
 
     def phone(self, number: str) -> str:
-        return hmac.new(self._key, b"phone:" + number.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._key, b"phone:" + number.encode(), "sha256").hex()
 
     def client(self, address: str) -> str:
-        return hmac.new(self._key, b"client:" + address.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.digest(self._key, b"client:" + address.encode(), "sha256").hex()[:32]

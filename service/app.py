@@ -168,6 +168,7 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
         tasks = [
             asyncio.create_task(queue.run(), name="admission-dispatcher"),
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
+            asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
         ]
         yield
         stop.set()

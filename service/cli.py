@@ -53,6 +53,7 @@ def run_worker(settings: Settings, host: str, port: int, worker: int, reuse_port
         print=None,
         loop=uvloop.new_event_loop(),
         shutdown_timeout=5,
+        backlog=4096,  # a flash crowd connects at once; 128 overflows and clients retry in 1-3 s
     )
 
 
