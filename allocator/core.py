@@ -73,13 +73,14 @@ def new_reservation_id(round_id: str) -> str:
     return f"{secrets.token_urlsafe(16)}.{round_id}"
 
 
-def new_pickup_codes(count: int) -> list[str]:
-    """``count`` random codes from one read of the OS's random source (not one per character).
+# byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
+_TO_LETTER = bytes(ord(PICKUP_ALPHABET[b % 32]) for b in range(256))
 
-    The alphabet has 32 letters, so ``byte % 32`` is uniform: 40 random bits per code.
-    """
-    raw = os.urandom(8 * count)
-    return ["".join(PICKUP_ALPHABET[b % 32] for b in raw[i : i + 8]) for i in range(0, len(raw), 8)]
+
+def new_pickup_codes(count: int) -> list[str]:
+    """``count`` random codes from one read of the OS's random source (not one per character)."""
+    letters = os.urandom(8 * count).translate(_TO_LETTER).decode()
+    return [letters[i : i + 8] for i in range(0, len(letters), 8)]
 
 
 def batch_digest(items: Sequence[tuple[str, int]]) -> str:
@@ -89,14 +90,15 @@ def batch_digest(items: Sequence[tuple[str, int]]) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
-    """One citizen's claim, with everything derived from the ID and phone done once."""
+    """One citizen's claim. The citizen hash is computed at once (the sold-out fast path needs
+    it); the phone and client hashes only when the claim goes to Redis."""
 
     round_id: str
     site_id: str
     citizen_hash: str
-    phone_hash: str
     masked_id: str
-    client_hash: str  # HMAC of the client address, for its token bucket
+    phone: str  # validated; hashed by claim_many, never stored in clear
+    client: str  # the client address; hashed by claim_many for its token bucket
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,10 @@ class Allocator:
 
         return await self._stock.get(round_id, load)
 
+    async def _site_exists(self, site_id: str) -> bool:
+        """From the snapshot; only a site missing there is looked up afresh (it may be new)."""
+        return site_id in await self.sites() or site_id in await self.sites(fresh=True)
+
     async def round_public(self, rnd: Round) -> dict[str, Any]:
         return rnd.public(self.now(), sum((await self.stock(rnd.round_id)).values()))
 
@@ -275,14 +281,14 @@ class Allocator:
     def claim_request(
         self, round_id: str, site_id: str, citizen_id: str, phone: str, client: str = ""
     ) -> ClaimRequest:
-        """Hash and mask once; the ID and phone go no further in clear."""
+        """Hash and mask the ID once; it goes no further in clear."""
         return ClaimRequest(
             round_id=round_id,
             site_id=site_id,
             citizen_hash=self.hasher.citizen(citizen_id),
-            phone_hash=self.hasher.phone(phone),
             masked_id=mask_citizen_id(citizen_id),
-            client_hash=self.hasher.client(client),
+            phone=phone,
+            client=client,
         )
 
     async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
@@ -308,18 +314,22 @@ class Allocator:
 
         args: list[str | int | float] = [len(items), *self._gate_args]
         for item in items:
-            args += [
-                key(rk.codes(item.site_id)),
-                key(rk.site_holders(item.site_id)),
-                key(rk.gate_client(item.client_hash)),
-                key(rk.gate_citizen(item.citizen_hash)),
-                item.site_id,
-                item.citizen_hash,
-                item.phone_hash,
-                item.masked_id,
-                new_reservation_id(round_id),
-                *new_pickup_codes(CODE_CANDIDATES),
-            ]
+            args.append(  # one space-separated argument per item: see lua/claim.lua
+                " ".join(
+                    (
+                        str(key(rk.codes(item.site_id))),
+                        str(key(rk.site_holders(item.site_id))),
+                        str(key(rk.gate_client(self.hasher.client(item.client)))),
+                        str(key(rk.gate_citizen(item.citizen_hash))),
+                        item.site_id,
+                        item.citizen_hash,
+                        self.hasher.phone(item.phone),
+                        item.masked_id,
+                        new_reservation_id(round_id),
+                        *new_pickup_codes(CODE_CANDIDATES),
+                    )
+                )
+            )
         replies = await self._redis(self.scripts.claim(keys=keys, args=args))
         return [
             await self._claim_outcome(round_id, item, reply)
@@ -359,7 +369,7 @@ class Allocator:
             )
         if status == "sold-out":
             left = int(reply[1])
-            if left == 0 and item.site_id not in await self.sites(fresh=True):
+            if left == 0 and not await self._site_exists(item.site_id):
                 return ClaimOutcome(refusal=NotFound(f"There is no site {item.site_id!r}."))
             rnd = await self.round(round_id)
             refusal = SoldOut(

@@ -91,8 +91,12 @@ class Scenario:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    """wrk's latency units: us, ms, s, m (minutes), h."""
+    found = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if found is None:
+        raise ValueError(f"unexpected latency {text!r} in wrk's output")
+    value, unit = found.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}[unit]
 
 
 def wrk(url: str, site: str, offset: int, duration: float, connections: int) -> Run:
@@ -101,6 +105,13 @@ def wrk(url: str, site: str, offset: int, duration: float, connections: int) -> 
          "-s", str(ROOT / "bench" / "reserve.lua"), url, "--", "bench", site, str(offset)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
+    try:
+        return _parse_wrk(out)
+    except (AttributeError, ValueError) as exc:
+        raise RuntimeError(f"could not read wrk's output ({exc}):\n{out}") from exc
+
+
+def _parse_wrk(out: str) -> Run:
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]

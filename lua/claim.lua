@@ -20,7 +20,8 @@
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens):
 --           global rate, global burst, client rate, client burst, citizen rate, citizen burst
--- ARGV[8..] n items of 12 values each:
+-- ARGV[8..] n items, one string each of 12 space-separated fields (one argument per item keeps
+--           the client's packing cheap; no field can contain a space):
 --           codes key index, site-holders key index, client bucket key index, citizen bucket
 --           key index (all into KEYS), site_id, citizen hash (hex), phone hash (hex),
 --           masked citizen id, new reservation_id, three candidate pickup codes
@@ -31,10 +32,10 @@
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones)
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
-local HEAD, STRIDE = 8, 12
+local HEAD = 8
 local n = tonumber(ARGV[1])
-if not n or n < 1 or #ARGV ~= HEAD - 1 + STRIDE * n then
-  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, then n items of 12')
+if not n or n < 1 or #ARGV ~= HEAD - 1 + n then
+  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, then n items')
 end
 
 local t = redis.call('TIME')
@@ -69,19 +70,25 @@ end
 
 local replies = {}
 for i = 0, n - 1 do
-  local base = HEAD + STRIDE * i
-  local codes_key = KEYS[tonumber(ARGV[base])]
-  local site_holders_key = KEYS[tonumber(ARGV[base + 1])]
+  local f = {}
+  for field in string.gmatch(ARGV[HEAD + i], '%S+') do
+    f[#f + 1] = field
+  end
+  if #f ~= 12 then
+    return redis.error_reply('ERR claim: an item must have 12 fields')
+  end
+  local codes_key = KEYS[tonumber(f[1])]
+  local site_holders_key = KEYS[tonumber(f[2])]
   local gates = {
     bucket(KEYS[7], 'global'),
-    bucket(KEYS[tonumber(ARGV[base + 2])], 'client'),
-    bucket(KEYS[tonumber(ARGV[base + 3])], 'citizen'),
+    bucket(KEYS[tonumber(f[3])], 'client'),
+    bucket(KEYS[tonumber(f[4])], 'citizen'),
   }
-  local site_id = ARGV[base + 4]
-  local citizen = ARGV[base + 5]
-  local phone = ARGV[base + 6]
-  local masked = ARGV[base + 7]
-  local reservation_id = ARGV[base + 8]
+  local site_id = f[5]
+  local citizen = f[6]
+  local phone = f[7]
+  local masked = f[8]
+  local reservation_id = f[9]
 
   local wait, refused_by = 0, nil
   for _, b in ipairs(gates) do
@@ -121,9 +128,9 @@ for i = 0, n - 1 do
           reply = {'sold-out', tostring(left)}
         else
           local code = nil
-          for c = base + 9, base + 11 do
-            if redis.call('HEXISTS', codes_key, ARGV[c]) == 0 then
-              code = ARGV[c]
+          for c = 10, 12 do
+            if redis.call('HEXISTS', codes_key, f[c]) == 0 then
+              code = f[c]
               break
             end
           end

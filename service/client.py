@@ -15,7 +15,7 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     X-Forwarded-For. Hops a client wrote itself (to the left) are never believed, so a spoofed
     header from an untrusted peer changes nothing."""
     peer = request.remote or ""
-    if not trusted or not _is_trusted(peer, trusted):
+    if "X-Forwarded-For" not in request.headers or not _is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed([h for h in hops if h]):

@@ -10,6 +10,7 @@ from unittest.mock import Mock
 
 import pytest
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from allocator.config import GateSettings, Settings
@@ -124,7 +125,7 @@ async def test_forwarded_for_from_a_trusted_proxy_separates_clients(
 def request(remote: str, *xff: str) -> Any:
     r = Mock()
     r.remote = remote
-    r.headers.getall.return_value = list(xff)
+    r.headers = CIMultiDict(("X-Forwarded-For", v) for v in xff)
     return r
 
 
