@@ -8,13 +8,13 @@ returns a value or raises a ``Problem`` from allocator.errors; store failures be
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import hashlib
 import inspect
 import logging
 import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -69,18 +69,27 @@ CODE_CANDIDATES = 3
 SNAPSHOT_TTL = 1.0  # seconds a worker may serve a cached round, site list or stock snapshot
 
 
-def new_reservation_id(round_id: str) -> str:
-    return f"{secrets.token_urlsafe(16)}.{round_id}"
-
-
 # byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
 _TO_LETTER = bytes(ord(PICKUP_ALPHABET[b % 32]) for b in range(256))
+_ID_BYTES = 16  # 128 random bits in every reservation_id
+_ITEM_BYTES = _ID_BYTES + 8 * CODE_CANDIDATES
 
 
-def new_pickup_codes(count: int) -> list[str]:
-    """``count`` random codes from one read of the OS's random source (not one per character)."""
-    letters = os.urandom(8 * count).translate(_TO_LETTER).decode()
-    return [letters[i : i + 8] for i in range(0, len(letters), 8)]
+def fresh_identifiers(round_id: str, count: int) -> list[tuple[str, list[str]]]:
+    """A new reservation_id and CODE_CANDIDATES pickup codes for each of ``count`` claims, all
+    from one read of the OS's random source (not one per identifier or per character)."""
+    raw = os.urandom(_ITEM_BYTES * count)
+    fresh = []
+    for i in range(0, len(raw), _ITEM_BYTES):
+        token = base64.urlsafe_b64encode(raw[i : i + _ID_BYTES]).rstrip(b"=").decode()
+        letters = raw[i + _ID_BYTES : i + _ITEM_BYTES].translate(_TO_LETTER).decode()
+        codes = [letters[j : j + 8] for j in range(0, len(letters), 8)]
+        fresh.append((f"{token}.{round_id}", codes))
+    return fresh
+
+
+def new_reservation_id(round_id: str) -> str:
+    return fresh_identifiers(round_id, 1)[0][0]
 
 
 def batch_digest(items: Sequence[tuple[str, int]]) -> str:
@@ -313,7 +322,9 @@ class Allocator:
             return index[name]
 
         args: list[str | int | float] = [len(items), *self._gate_args]
-        for item in items:
+        for item, (reservation_id, codes) in zip(
+            items, fresh_identifiers(round_id, len(items)), strict=True
+        ):
             args.append(  # one space-separated argument per item: see lua/claim.lua
                 " ".join(
                     (
@@ -325,8 +336,8 @@ class Allocator:
                         item.citizen_hash,
                         self.hasher.phone(item.phone),
                         item.masked_id,
-                        new_reservation_id(round_id),
-                        *new_pickup_codes(CODE_CANDIDATES),
+                        reservation_id,
+                        *codes,
                     )
                 )
             )

@@ -17,6 +17,9 @@ class Problem(Exception):
         self.detail = detail
         self.extra = extra
         self.headers: dict[str, str] = {}
+        # Shared by problems that are the same answer (e.g. one site's sold-out from memory), so
+        # the service serializes that answer once, not once per request.
+        self.memo: dict[str, bytes] | None = None
 
 
 class MalformedJson(Problem):

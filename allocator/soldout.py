@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from allocator.errors import SoldOut
@@ -25,6 +25,7 @@ class _Mark:
     holders: frozenset[str]
     detail: str
     alternatives: list[dict[str, Any]]
+    memo: dict[str, bytes] = field(default_factory=dict)  # the answer, serialized once
 
 
 class SoldOutBoard:
@@ -50,7 +51,9 @@ class SoldOutBoard:
         mark = self._marks.get((round_id, site_id))
         if mark is None or mark.expires <= self._clock() or citizen_hash in mark.holders:
             return None
-        return SoldOut(mark.detail, alternatives=mark.alternatives)
+        refusal = SoldOut(mark.detail, alternatives=mark.alternatives)
+        refusal.memo = mark.memo
+        return refusal
 
     def clear(self, round_id: str, site_id: str | None = None) -> None:
         if site_id is not None:

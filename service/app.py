@@ -45,16 +45,22 @@ PROBLEM_TYPE = "urn:allot:problem:"
 
 
 def problem_response(problem: Problem) -> web.Response:
-    body = {
-        "type": PROBLEM_TYPE + problem.code,
-        "title": problem.title,
-        "status": problem.status,
-        "detail": problem.detail,
-        "code": problem.code,
-        **problem.extra,
-    }
+    body = problem.memo.get("body") if problem.memo is not None else None
+    if body is None:
+        body = orjson.dumps(
+            {
+                "type": PROBLEM_TYPE + problem.code,
+                "title": problem.title,
+                "status": problem.status,
+                "detail": problem.detail,
+                "code": problem.code,
+                **problem.extra,
+            }
+        )
+        if problem.memo is not None:
+            problem.memo["body"] = body
     return web.Response(
-        body=orjson.dumps(body),
+        body=body,
         status=problem.status,
         content_type="application/problem+json",
         headers=problem.headers,

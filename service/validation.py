@@ -52,9 +52,11 @@ def _is_json(mt: str) -> bool:
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing with 413 as soon as it exceeds ``limit`` (before parsing)."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
-    chunks: list[bytes] = []
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+        return await request.read()  # the length is known and within the limit: one read
+    chunks: list[bytes] = []  # chunked: count as it comes, and stop at the limit
     size = 0
     while chunk := await request.content.read(64 * 1024):
         size += len(chunk)
