@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Container, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +115,24 @@ class _Errors:
             return None
         return value
 
+    def checked(
+        self,
+        body: Mapping[str, Any],
+        name: str,
+        check: Callable[[str], str],
+        *,
+        optional: bool = False,
+    ) -> str | None:
+        """The string member ``name`` as ``check`` returns it, or None with the reason recorded."""
+        value = self.string(body, name, optional=optional)
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except InvalidIdentity as exc:
+            self.add(name, str(exc))
+            return None
+
     def ident(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
         value = self.string(body, name, field)
         if value is not None and not ID_PATTERN.fullmatch(value):
@@ -165,20 +183,8 @@ class ReservationRequest:
 
 def parse_reservation(body: Mapping[str, Any]) -> ReservationRequest:
     errors = _Errors()
-    raw_id = errors.string(body, "citizen_id")
-    citizen_id = None
-    if raw_id is not None:
-        try:
-            citizen_id = normalise_citizen_id(raw_id)
-        except InvalidIdentity as exc:
-            errors.add("citizen_id", str(exc))
-    raw_phone = errors.string(body, "phone")
-    phone = None
-    if raw_phone is not None:
-        try:
-            phone = validate_phone(raw_phone)
-        except InvalidIdentity as exc:
-            errors.add("phone", str(exc))
+    citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id)
+    phone = errors.checked(body, "phone", validate_phone)
     site_id = errors.ident(body, "site_id")
     errors.check()
     assert site_id
@@ -357,13 +363,7 @@ def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
         code = code.strip().upper()
         if not PICKUP_CODE.fullmatch(code):
             errors.add("pickup_code", "must be 8 characters of 23456789ABCDEFGHJKLMNPQRSTUVWXYZ")
-    raw_id = errors.string(body, "citizen_id", optional=True)
-    citizen_id = None
-    if raw_id is not None:
-        try:
-            citizen_id = normalise_citizen_id(raw_id)
-        except InvalidIdentity as exc:
-            errors.add("citizen_id", str(exc))
+    citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id, optional=True)
     round_id = None
     if body.get("round_id") is not None:
         round_id = errors.ident(body, "round_id")
