@@ -53,10 +53,11 @@ async def assert_unavailable(response: Any, elapsed: float) -> None:
     assert elapsed < 1.0, f"answered after {elapsed:.2f}s; the contract says within 1 s"
 
 
-async def test_redis_stopped_answers_503_at_once_and_recovers_without_restart(
+@pytest.fixture
+async def on_private_redis(
     aiohttp_client: Any, settings: Settings, private_redis: PrivateRedis
-) -> None:
-    """Redis down: 503 unavailable within 1 s with Retry-After; back up: serving again."""
+) -> TestClient[Any, Any]:
+    """The app on the private Redis, with the default Redis timeout, and a round seeded."""
     settings = replace(
         settings,
         redis_url=private_redis.url,
@@ -64,6 +65,14 @@ async def test_redis_stopped_answers_503_at_once_and_recovers_without_restart(
     )
     client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
     await seed(client, stock={"s1": 10})
+    return client
+
+
+async def test_redis_stopped_answers_503_at_once_and_recovers_without_restart(
+    on_private_redis: TestClient[Any, Any], private_redis: PrivateRedis
+) -> None:
+    """Redis down: 503 unavailable within 1 s with Retry-After; back up: serving again."""
+    client = on_private_redis
     assert (await reserve(client, 1)).status == 201
 
     await asyncio.to_thread(private_redis.stop)
@@ -85,16 +94,10 @@ async def test_redis_stopped_answers_503_at_once_and_recovers_without_restart(
 
 
 async def test_redis_hung_answers_503_within_one_second(
-    aiohttp_client: Any, settings: Settings, private_redis: PrivateRedis
+    on_private_redis: TestClient[Any, Any], private_redis: PrivateRedis
 ) -> None:
     """A Redis that accepts but never answers (SIGSTOP) must not hang a request."""
-    settings = replace(
-        settings,
-        redis_url=private_redis.url,
-        service=replace(settings.service, redis_timeout_ms=800),
-    )
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
-    await seed(client, stock={"s1": 10})
+    client = on_private_redis
     await asyncio.to_thread(private_redis.pause)
     try:
         answers = await asyncio.gather(*(timed(reserve(client, n)) for n in range(1, 6)))
