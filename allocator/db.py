@@ -54,6 +54,11 @@ async def connect(url: str, *, attempts: int = 1, delay: float = 1.0) -> asyncpg
     raise AssertionError("unreachable")
 
 
+def with_database(url: str, name: str) -> str:
+    """The same server, user and options, another database."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
+
+
 async def ensure_database(url: str, *, attempts: int = 1) -> bool:
     """Create the database named in ``url`` if it does not exist; True when created."""
     try:
@@ -65,7 +70,7 @@ async def ensure_database(url: str, *, attempts: int = 1) -> bool:
         return False
     parts = urlsplit(url)
     name = parts.path.lstrip("/")
-    admin = await connect(urlunsplit(parts._replace(path="/postgres")), attempts=attempts)
+    admin = await connect(with_database(url, "postgres"), attempts=attempts)
     try:
         await admin.execute(f'CREATE DATABASE "{name.replace(chr(34), "")}"')
     except asyncpg.exceptions.DuplicateDatabaseError:

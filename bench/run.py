@@ -41,6 +41,8 @@ import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
+from allocator.db import with_database
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TOKEN = "bench-admin-token"
@@ -275,7 +277,7 @@ async def main(args: argparse.Namespace) -> int:
     prefix = f"allot-bench-{stamp}"
     base_db = os.environ.get("ALLOT_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/allot")
     db_name = f"allot_bench_{stamp}"
-    database_url = base_db.rsplit("/", 1)[0] + f"/{db_name}"
+    database_url = with_database(base_db, db_name)
     redis_url = os.environ.get("ALLOT_REDIS_URL", "redis://127.0.0.1:6379/0")
     tmp = Path(tempfile.mkdtemp(prefix="allot-bench-"))
     config = tmp / "bench.toml"

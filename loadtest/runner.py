@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
@@ -42,6 +41,7 @@ import orjson
 from redis.asyncio import Redis
 
 from allocator.config import Settings, load_settings
+from allocator.db import with_database
 from loadtest import crowd
 from loadtest.checks import (
     LIVE,
@@ -57,7 +57,7 @@ from loadtest.checks import (
     read_records,
     run_checks,
 )
-from loadtest.pgserver import PrivatePostgres, free_port
+from loadtest.servers import PrivatePostgres, free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 SAMPLE_EVERY = 0.5
@@ -197,12 +197,8 @@ class ServiceProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)  # any worker the supervisor left behind
 
 
-def _with_database(url: str, name: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
-
-
 async def _create_database(server_url: str, name: str) -> None:
-    con = await asyncpg.connect(_with_database(server_url, "postgres"), timeout=10)
+    con = await asyncpg.connect(with_database(server_url, "postgres"), timeout=10)
     try:
         await con.execute(f'CREATE DATABASE "{name}"')
     finally:
@@ -210,7 +206,7 @@ async def _create_database(server_url: str, name: str) -> None:
 
 
 async def _drop_database(server_url: str, name: str) -> None:
-    con = await asyncpg.connect(_with_database(server_url, "postgres"), timeout=10)
+    con = await asyncpg.connect(with_database(server_url, "postgres"), timeout=10)
     try:
         await con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
@@ -270,7 +266,7 @@ async def self_hosted(
             **os.environ,
             "ALLOT_REDIS_URL": settings.redis_url,
             "ALLOT_REDIS_PREFIX": prefix,
-            "ALLOT_DATABASE_URL": _with_database(server_url, name),
+            "ALLOT_DATABASE_URL": with_database(server_url, name),
             "ALLOT_ADMIN_TOKEN": token,
             "ALLOT_ID_PEPPER": secrets.token_urlsafe(32),
         }

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -48,10 +50,6 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "allot"))
 
 
-def db_url(name: str, base: str = PG_URL) -> str:
-    return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
-
-
 def citizen_id(n: int, born: str = "19800101") -> str:
     """A valid 18-character ID, distinct for each n (region 110101, sequence from n)."""
     body = f"110101{born}{n % 1000:03d}"
@@ -67,13 +65,30 @@ def phone(n: int) -> str:
     return f"139{n:08d}"
 
 
+# -- the package as shipped -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """allot's wheel, built once per session from this checkout (offline, no build isolation)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(out), str(Path(__file__).resolve().parent.parent)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    [built] = out.glob("allot-*.whl")
+    return built
+
+
 # -- PostgreSQL ---------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
     name = f"allot_test_tmpl_{uuid.uuid4().hex[:10]}"
-    asyncio.run(db.migrate(db_url(name)))
+    asyncio.run(db.migrate(db.with_database(PG_URL, name)))
     yield name
     asyncio.run(_drop(name))
 
@@ -95,7 +110,7 @@ async def database_url(pg_template: str) -> AsyncIterator[str]:
         await con.execute(f'CREATE DATABASE "{name}" TEMPLATE "{pg_template}"')
     finally:
         await con.close()
-    yield db_url(name)
+    yield db.with_database(PG_URL, name)
     await _drop(name)
 
 

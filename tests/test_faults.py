@@ -16,9 +16,9 @@ from redis.asyncio import Redis
 
 from allocator import db
 from allocator.config import Settings
+from loadtest.servers import PrivatePostgres, PrivateRedis
 from service.app import create_app
 from tests.conftest import ADMIN, reserve, seed
-from tests.servers import PrivatePostgres, PrivateRedis
 
 pytestmark = pytest.mark.slow
 

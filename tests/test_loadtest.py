@@ -25,7 +25,7 @@ from aiohttp import web
 from allocator.identity import normalise_citizen_id
 from loadtest import crowd
 from loadtest.checks import Check, Records, check_bot_held_back, passed
-from tests.servers import free_port
+from loadtest.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-import pytest
 from redis.asyncio import Redis
 
 from allocator import db
 from allocator.scripts import SCRIPT_NAMES, Scripts, script_source
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    [built] = out.glob("allot-*.whl")
-    return built
 
 
 def test_wheel_ships_every_lua_script_and_migration(wheel: Path) -> None:

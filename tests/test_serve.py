@@ -18,8 +18,8 @@ import pytest
 from redis.asyncio import Redis
 
 from allocator.config import Settings
+from loadtest.servers import free_port
 from tests.conftest import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
-from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 import redis
 
-from tests.servers import PrivatePostgres, PrivateRedis, free_port, redis_ping
+from loadtest.servers import PrivatePostgres, PrivateRedis, free_port, redis_ping
 
 
 def test_free_port_is_bindable() -> None:

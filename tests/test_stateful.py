@@ -50,8 +50,8 @@ from allocator.keys import Keys
 from allocator.ledger import LedgerWriter
 from allocator.model import PICKUP_CODE, RESERVATION_ID, Round, Site
 from allocator.reconcile import reconcile
+from loadtest.servers import PrivateRedis
 from tests.conftest import citizen_id, phone
-from tests.servers import PrivateRedis
 
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""Throwaway private Redis and PostgreSQL servers for tests that stop, kill or hang them.
+"""Throwaway private Redis and PostgreSQL servers, for the tests and the load test's faults
+(``--fault restart-postgres``): they stop, kill or hang them at will, never the system's.
 
 Both classes are synchronous; async tests call them through ``asyncio.to_thread``. Every
 lifecycle method takes a lock, so one instance may be driven from several threads. Processes
