@@ -16,6 +16,7 @@ from redis.retry import Retry
 
 from allocator import db
 from allocator.admission import AdmissionQueue
+from allocator.cache import TtlCache
 from allocator.config import Settings
 from allocator.core import Allocator
 from allocator.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unavailable
@@ -32,8 +33,10 @@ from service.appkeys import (
     PG_POOL,
     REDIS,
     SETTINGS,
+    SITE_FEEDS,
     TRUSTED_PROXIES,
 )
+from service.feeds import FEED_TTL
 from service.metrics import Metrics
 from service.validation import CSV_LIMIT
 from service.views import routes
@@ -136,6 +139,7 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = settings.gate.trusted_networks()
     app[METRICS] = Metrics()
+    app[SITE_FEEDS] = TtlCache(FEED_TTL)
     hasher = Hasher(settings.pepper_bytes)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:

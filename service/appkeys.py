@@ -7,10 +7,12 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from allocator.admission import AdmissionQueue
+from allocator.cache import TtlCache
 from allocator.config import Settings
 from allocator.core import Allocator
 from allocator.ledger import LedgerWriter
 from service.client import Network
+from service.feeds import Feed
 from service.metrics import Metrics
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -21,3 +23,4 @@ ALLOCATOR = web.AppKey("allocator", Allocator)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 ADMISSION = web.AppKey("admission", AdmissionQueue)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
+SITE_FEEDS = web.AppKey("site_feeds", TtlCache[str, Feed])  # rendered sites.csv per round

@@ -9,26 +9,22 @@ URL that may be cached for a year.
 
 from __future__ import annotations
 
-import csv
-import datetime as dt
 import functools
 import gzip
 import hashlib
 import io
 import re
-import weakref
 from dataclasses import dataclass
 from html import escape
 from importlib import resources
-from typing import Any
 
 import orjson
 import segno
 from aiohttp import web
 
-from allocator.cache import TtlCache
 from allocator.errors import NotFound
-from service.appkeys import ALLOCATOR
+from service.appkeys import ALLOCATOR, SITE_FEEDS
+from service.feeds import FEED_TTL, Feed, render_feed
 from service.validation import path_id
 
 routes = web.RouteTableDef()
@@ -37,8 +33,6 @@ LANGUAGES = ("zh-Hans", "zh-Hant", "en")
 DEFAULT_LANGUAGE = "zh-Hans"
 LANG_COOKIE = "allot_lang"
 PAGES = ("citizen", "reservation", "admin")
-FEED_TTL = 1.0  # seconds a rendered sites.csv is served again (the stock itself lags up to 1 s)
-FEED_COLUMNS = ("site_id", "name", "address", "district", "remaining", "updated_at")
 
 CONTENT_TYPES = {
     ".css": "text/css; charset=utf-8",
@@ -281,27 +275,12 @@ def qr_svg(code: str) -> bytes:
 # -- open data: per-site stock as CSV ----------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Feed:
-    body: bytes
-    gzipped: bytes | None
-    etag: str
-
-
-# One small cache per application, dropped with it (the app's own keys are frozen by then).
-_feeds: weakref.WeakKeyDictionary[web.Application, TtlCache[str, Feed]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 @routes.get("/api/v1/rounds/{round_id}/sites.csv")
 async def sites_csv(request: web.Request) -> web.Response:
     """Per-site stock of a round as CSV, rendered at most once a second per worker."""
     round_id = path_id(request, "round_id")
     allocator = request.app[ALLOCATOR]
-    cache = _feeds.get(request.app)
-    if cache is None:
-        cache = _feeds.setdefault(request.app, TtlCache(FEED_TTL))
+    cache = request.app[SITE_FEEDS]
 
     async def load() -> Feed:
         sites = await allocator.site_list(round_id)
@@ -323,28 +302,3 @@ async def sites_csv(request: web.Request) -> web.Response:
         return web.Response(status=304, headers=headers)
     headers["Content-Type"] = "text/csv; charset=utf-8; header=present"
     return _send(request, feed.body, feed.gzipped, headers)
-
-
-def render_feed(sites: list[dict[str, Any]], now: dt.datetime) -> bytes:
-    """RFC 4180 CSV (CRLF, quoted where needed), one row per site, UTF-8 without a BOM."""
-    updated = now.astimezone(dt.UTC).isoformat(timespec="seconds")
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(FEED_COLUMNS)
-    for s in sites:
-        writer.writerow(
-            [
-                s["site_id"],
-                _safe_cell(s["name"]),
-                _safe_cell(s["address"]),
-                _safe_cell(s["district"]),
-                s["remaining"],
-                updated,
-            ]
-        )
-    return out.getvalue().encode()
-
-
-def _safe_cell(text: str) -> str:
-    """Text a spreadsheet would run as a formula gets a leading apostrophe (CSV injection)."""
-    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
