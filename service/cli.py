@@ -233,7 +233,13 @@ async def _rebuild(
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    print(orjson.dumps(asyncio.run(demo(settings))).decode())
+    from allocator.errors import Problem
+
+    try:
+        print(orjson.dumps(asyncio.run(demo(settings))).decode())
+    except Problem as exc:  # e.g. Redis lost data of the demo round: `allot rebuild` first
+        print(f"allot demo: {exc.detail}", file=sys.stderr)
+        return 1
     return 0
 
 
