@@ -174,6 +174,7 @@ class Allocator:
         self._floor_reload: asyncio.Future[None] | None = None
         self._lost: dict[str, Lost] = {}
         self._lost_logged: dict[str, float] = {}
+        self._marks_warned = -LOST_LOG_EVERY
 
     # -- guards ------------------------------------------------------------------------------
 
@@ -229,15 +230,17 @@ class Allocator:
         """The round from Redis; None when nobody has it; RoundLost (503) when the ledger has
         it but Redis does not, or Redis is behind the ledger on it."""
         self._refuse_if_lost(round_id)
+        found = await self._round_as_stored(round_id)
+        if found is None and self.floors.knows(round_id):
+            raise _round_refusal()  # the ledger has it: lost, or not yet mirrored (a moment)
+        return found
 
+    async def _round_as_stored(self, round_id: str) -> Round | None:
         async def load() -> Round | None:
             h = await self._redis(awaited(self.redis.hgetall(self.keys.round(round_id).round)))
             return Round.from_redis(round_id, h) if h else None
 
-        found = await self._rounds.get(round_id, load)
-        if found is None and self.floors.knows(round_id):
-            raise _round_refusal()  # the ledger has it: lost, or not yet mirrored (a moment)
-        return found
+        return await self._rounds.get(round_id, load)
 
     async def round(self, round_id: str) -> Round:
         found = await self.find_round(round_id)
@@ -253,11 +256,9 @@ class Allocator:
         return await self._round_ids.get(None, load)
 
     async def rounds(self) -> list[Round]:
-        """Every round Redis holds, except those it has lost data of (they answer 503 alone)."""
-        found = []
-        for round_id in await self.round_ids():
-            with contextlib.suppress(RoundLost):
-                found.append(await self.find_round(round_id))
+        """Every round Redis holds. One Redis has lost data of is still listed (so it does not
+        vanish from the citizen page and the console), while its own endpoints answer 503."""
+        found = [await self._round_as_stored(r) for r in await self.round_ids()]
         return sorted((r for r in found if r is not None), key=lambda r: (r.opens_at, r.round_id))
 
     async def sites(self, *, fresh: bool = False) -> dict[str, Site]:
@@ -773,7 +774,13 @@ class Allocator:
                     marks = await ledger_marks(con)
         except (Unavailable, TimeoutError, OSError, asyncpg.PostgresError) as exc:
             # without the ledger, compare with the last marks known (they only ever rise)
-            log.warning("ledger marks not readable (%s); using the last ones", type(exc).__name__)
+            now = time.monotonic()
+            if now - self._marks_warned >= LOST_LOG_EVERY:
+                self._marks_warned = now
+                log.warning(
+                    "the ledger's marks are not readable (%s); comparing Redis with the last ones",
+                    type(exc).__name__,
+                )
             self.floors.settle(generation)
             return
         self.floors.load(marks, generation)

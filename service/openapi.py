@@ -118,8 +118,10 @@ RATE_LIMITED_OR_OVERLOADED = (
     "`Retry-After` says when to try again."
 )
 UNAVAILABLE = (
-    "`unavailable`: Redis (or, for operator writes, PostgreSQL) cannot be reached. Answered "
-    "within 1 s, never a hang; `Retry-After` says when to try again."
+    "`unavailable`: Redis (or, for operator writes, PostgreSQL) cannot be reached, or Redis has "
+    "lost data of this round that the ledger has (the round is refused until it is rebuilt, "
+    "rather than served from an older state). Answered within 1 s, never a hang; `Retry-After` "
+    "says when to try again."
 )
 
 
@@ -460,6 +462,22 @@ def _schemas() -> dict[str, Any]:
                             "minimum": 0,
                             "description": "Ledger entries not yet written to PostgreSQL.",
                         },
+                    },
+                },
+                "lost": {
+                    "type": ["object", "null"],
+                    "description": (
+                        "`null`, or what Redis has lost of the round that the ledger has: its "
+                        "change sequence in Redis is behind the ledger's. Citizens get 503 for "
+                        "the round until `allot rebuild` restores it."
+                    ),
+                    "required": ["round_id", "since", "redis_seq", "ledger_seq", "detail"],
+                    "properties": {
+                        "round_id": _schema("Id"),
+                        "since": {"type": "string", "format": "date-time"},
+                        "redis_seq": {"type": "integer", "minimum": 0},
+                        "ledger_seq": {"type": "integer", "minimum": 0},
+                        "detail": {"type": "string"},
                     },
                 },
             },
@@ -869,8 +887,16 @@ def _operations_paths() -> dict[str, Any]:
                 "operationId": "readyz",
                 "summary": "Readiness",
                 "responses": {
-                    "200": _ok("Health", "Redis and PostgreSQL answer."),
-                    "503": _retry_later("`unavailable`: Redis or PostgreSQL does not answer."),
+                    "200": _ok(
+                        "Health",
+                        "Redis and PostgreSQL answer, and Redis holds every round the ledger has, "
+                        "none of them behind it.",
+                    ),
+                    "503": _retry_later(
+                        "`unavailable`: Redis or PostgreSQL does not answer, or Redis has lost "
+                        "data the ledger has; then `lost_rounds` names the rounds and `detail` "
+                        "says what is missing and which `allot rebuild` heals it."
+                    ),
                 },
             },
         },
