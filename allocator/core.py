@@ -762,6 +762,7 @@ class Allocator:
             task = self._floor_reload
             if task is None or task.done():
                 task = self._floor_reload = asyncio.ensure_future(self._reload_floors())
+                task.add_done_callback(_retrieved)  # a caller that stopped waiting left it
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), FLOOR_WAIT)
         return self.floors.get(round_id)
@@ -843,9 +844,10 @@ class Allocator:
     async def _check_persistence(self) -> None:
         """Warn once when Redis may lose acknowledged writes on a power loss."""
         try:
-            config = await self._redis(awaited(self.redis.config_get("appendonly", "appendfsync")))
-        except Unavailable:
-            return  # CONFIG may be disabled (managed Redis); nothing to say then
+            async with asyncio.timeout(self.timeout):
+                config = await awaited(self.redis.config_get("appendonly", "appendfsync"))
+        except (RedisError, OSError, TimeoutError):
+            return  # Redis not up yet, or CONFIG disabled (managed Redis): nothing to say
         appendonly = _text(config.get("appendonly", config.get(b"appendonly")))
         appendfsync = _text(config.get("appendfsync", config.get(b"appendfsync")))
         if appendonly != "yes" or appendfsync != "always":
@@ -906,6 +908,11 @@ def _round_refusal() -> RoundLost:
         "This round's reservations are being restored after a fault; please try again later.",
         retry_after=LOST_RETRY_AFTER,
     )
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("reloading the ledger's marks failed: %r", future.exception())
 
 
 def _text(value: Any) -> str:

@@ -522,3 +522,30 @@ async def test_reconcile_names_reservations_missing_on_either_side_beyond_the_st
     flat = orjson.dumps(report).decode()
     for r in (kept, lost_in_redis, only_in_redis, waiting):
         assert r.reservation_id not in flat  # the citizen's key stays out of the report
+
+
+@pytest.mark.slow
+async def test_a_worker_warns_when_its_redis_could_lose_answered_reservations(
+    always: PrivateRedis, tmp_path: Path, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator who points allot at a Redis with everysec or no AOF is told so at start;
+    a durable one raises no alarm."""
+    caplog.set_level(logging.WARNING, logger="allot.allocator")
+    warnings = []
+    everysec_server = PrivateRedis(tmp_path / "everysec", appendonly=True, appendfsync="everysec")
+    await asyncio.to_thread(everysec_server.start)
+    try:
+        for server in (always, everysec_server):
+            client = Redis.from_url(server.url)
+            try:
+                caplog.clear()
+                await Allocator(client, None, keys, Hasher(b"p"))._check_persistence()
+                warnings.append([r.getMessage() for r in caplog.records])
+            finally:
+                await client.aclose()
+    finally:
+        await asyncio.to_thread(everysec_server.close)
+    assert warnings[0] == []
+    [warning] = warnings[1]
+    assert "appendfsync everysec" in warning
+    assert "appendfsync always" in warning
