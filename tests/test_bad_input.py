@@ -8,16 +8,31 @@ overflow, control characters in texts that PostgreSQL refuses.
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import logging
+import unicodedata
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
-from service.validation import CSV_LIMIT, JSON_LIMIT, BodyDecoder
+from allocator.errors import InvalidRequest, UnsupportedMediaType
+from allocator.model import Round
+from service.validation import (
+    CSV_LIMIT,
+    JSON_LIMIT,
+    BodyDecoder,
+    parse_batch_csv,
+    parse_pickup,
+    parse_reservation,
+    parse_round,
+    parse_sites,
+)
 from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
 from tests.test_api_contract import (
     CSV,
@@ -29,6 +44,7 @@ from tests.test_api_contract import (
     stats,
     stock_view,
 )
+from tests.test_identity import canonical_ids, phones, renderings, with_a_foreign_digit
 
 Client = TestClient[Any, Any]
 JSON = {"Content-Type": "application/json"}
@@ -357,3 +373,149 @@ async def test_text_with_surrounding_whitespace_and_unicode_is_still_accepted(
     ]
     r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
     assert r.status == 200, await r.text()
+
+
+# -- fuzz: any body is a value or a 4xx refusal, never an exception that becomes a 503 --------
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+OFFSETS = st.builds(
+    dt.timezone,
+    st.timedeltas(dt.timedelta(hours=-23, minutes=-59), dt.timedelta(hours=23, minutes=59)),
+)
+AWARE_TIMES = st.datetimes(dt.datetime(1, 1, 2), dt.datetime(9999, 12, 30), timezones=OFFSETS)
+TIMES = (AWARE_TIMES | st.datetimes()).map(dt.datetime.isoformat)
+TEXTS = st.text(max_size=12) | st.sampled_from(["Masks", " 口罩 ", "a\x00b", "x" * 201, "\n"])
+
+
+def _assert_storable_text(value: str) -> None:
+    assert value == value.strip()
+    assert 0 < len(value) <= 200
+    assert not any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
+    value.encode("utf-8")  # no lone surrogates
+
+
+@st.composite
+def round_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """Round bodies in the right order, times anywhere from year 1 to 9999 in any offset, and
+    now and then one member replaced by any JSON value."""
+    times = sorted(draw(st.lists(AWARE_TIMES, min_size=4, max_size=4, unique=True)))
+    body: dict[str, Any] = {
+        "title": draw(TEXTS),
+        "opens_at": times[0].isoformat(),
+        "pickup_start": times[1].isoformat(),
+        "closes_at": times[2].isoformat(),
+        "pickup_end": times[3].isoformat(),
+        "per_person": draw(st.integers(0, 1001)),
+    }
+    if draw(st.booleans()):
+        body[draw(st.sampled_from([*body, "mode"]))] = draw(JSON_VALUES | TIMES)
+    return body
+
+
+@given(round_bodies(), st.sampled_from(["r1", "R1", ""]))
+def test_any_round_body_is_a_storable_round_or_a_422(body: dict[str, Any], round_id: str) -> None:
+    """What parse_round accepts can be written to PostgreSQL and Redis and read back."""
+    try:
+        rnd = parse_round(round_id, body)
+    except InvalidRequest:
+        return
+    _assert_storable_text(rnd.title)
+    for when in (rnd.opens_at, rnd.closes_at, rnd.pickup_start, rnd.pickup_end):
+        assert 2000 <= when.year <= 2999
+        assert 1999 <= when.astimezone(dt.UTC).year <= 3000
+    assert (
+        Round.from_redis(
+            rnd.round_id, {k.encode(): str(v).encode() for k, v in rnd.to_redis().items()}
+        )
+        == rnd
+    )
+
+
+SITE_ITEMS = (
+    st.fixed_dictionaries(
+        {
+            "site_id": st.sampled_from(["s1", "s2", "s3", "S4"]),
+            **{k: TEXTS for k in ("name", "address", "district")},
+        }
+    )
+    | JSON_VALUES
+)
+
+
+@given(st.fixed_dictionaries({"sites": st.lists(SITE_ITEMS, min_size=1, max_size=3)}))
+def test_any_sites_body_is_storable_sites_or_a_422(body: dict[str, Any]) -> None:
+    """Site texts that pass are what PostgreSQL and the pages can hold."""
+    try:
+        sites = parse_sites(body)
+    except InvalidRequest:
+        return
+    for site in sites:
+        for text in (site.name, site.address, site.district):
+            _assert_storable_text(text)
+
+
+def typed(numbers: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """A valid number as a citizen might type it: any digit forms, some other scripts' digits."""
+    return numbers.flatmap(lambda n: renderings(n) | with_a_foreign_digit(n))
+
+
+def sometimes_anything(values: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """Mostly a plausible value; now and then any JSON value or text."""
+    return st.one_of(values, values, values, st.text(max_size=20), JSON_VALUES)
+
+
+@given(
+    st.fixed_dictionaries(
+        {
+            "citizen_id": sometimes_anything(typed(canonical_ids())),
+            "phone": sometimes_anything(typed(phones())),
+            "site_id": sometimes_anything(st.sampled_from(["s1", "s2"])),
+            "pickup_code": sometimes_anything(st.sampled_from(["ABCDEFGH", " abcd2345 "])),
+        },
+        optional={"round_id": sometimes_anything(st.sampled_from(["r1", "R1"]))},
+    )
+)
+def test_any_reservation_or_pickup_body_is_ascii_identity_or_a_422(body: dict[str, Any]) -> None:
+    """IDs and phones that pass are canonical ASCII: the only form that is hashed and masked."""
+    for parse in (parse_reservation, parse_pickup):
+        try:
+            got = parse(body)
+        except InvalidRequest:
+            continue
+        for value in (getattr(got, "citizen_id", None), getattr(got, "phone", None)):
+            assert value is None or value.isascii()
+
+
+CSV_PIECES = ["site_id,quantity", "s1", "s2", "S1", ",", "5", "-1", "\u00b2", '"', " ", "\x00"]
+CSV_PIECES += ["\n", "\r\n", "\r", "\ufeff", "9" * 140_000]
+CSV_BODIES = (
+    st.lists(st.sampled_from(CSV_PIECES), max_size=12).map(lambda p: "".join(p).encode())
+    | st.binary(max_size=100)
+    | st.text(max_size=100).map(str.encode)
+)
+
+
+@given(CSV_BODIES)
+def test_any_csv_body_is_a_batch_or_a_422(raw: bytes) -> None:
+    """parse_batch_csv raises nothing but InvalidRequest, whatever bytes arrive."""
+    try:
+        batch = parse_batch_csv(raw, "b1", {"s1", "s2"})
+    except InvalidRequest:
+        return
+    assert all(isinstance(q, int) and q >= 1 for _, q in batch.items)
+
+
+@given(st.binary(max_size=300), st.sampled_from(["gzip", "deflate", "x-gzip"]))
+def test_any_compressed_body_decodes_or_is_a_415(raw: bytes, coding: str) -> None:
+    """A body that does not decode is the client's mistake (415), never a zlib.error."""
+    decoder = BodyDecoder.for_coding(coding)
+    assert decoder is not None
+    try:
+        decoder.decode(raw, 1000)
+        decoder.finish()
+    except UnsupportedMediaType:
+        pass
