@@ -135,7 +135,14 @@ def redis_client(settings: Settings) -> Redis:
 
 
 def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) -> web.Application:
-    app = web.Application(middlewares=[front], client_max_size=CSV_LIMIT + 1)
+    app = web.Application(
+        middlewares=[front],
+        client_max_size=CSV_LIMIT + 1,
+        # Bodies are decoded by service.validation.read_body, which stops inflating at the size
+        # limit; aiohttp's own decoding would inflate a gzip bomb in full (also while it drains
+        # an unread body after the answer) and raise a 503 on a body that does not decode.
+        handler_args={"auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = settings.gate.trusted_networks()
     app[METRICS] = Metrics()

@@ -58,6 +58,16 @@ def _schema(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _text() -> dict[str, Any]:
+    """A name, address, district or title (service/validation.py ``_Errors.text``)."""
+    return {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_TEXT,
+        "description": "Trimmed; no control characters (Unicode Cc: NUL, newline, tab ...).",
+    }
+
+
 def _parameter(name: str) -> dict[str, Any]:
     """A reference to ``#/components/parameters/<name>``."""
     return {"$ref": f"#/components/parameters/{name}"}
@@ -159,14 +169,18 @@ def _schemas() -> dict[str, Any]:
             "description": (
                 "An 18-character PRC resident ID: 17 digits and an ISO 7064 MOD 11-2 check "
                 "character, with a valid date of birth in chars 7-14. A lower-case `x` is "
-                "accepted and normalised to `X`."
+                "accepted and normalised to `X`. What is typed is first canonicalised (Unicode "
+                "NFKC, trimmed), so fullwidth digits count as the ASCII digits they show; the "
+                "pattern is that canonical form, and digits of other scripts are refused."
             ),
             "examples": ["11010519491231002X"],
         },
         "Phone": {
             "type": "string",
             "pattern": PHONE_PATTERN,
-            "description": "11 digits: `1`, then `3`-`9`, then 9 digits.",
+            "description": (
+                "11 digits: `1`, then `3`-`9`, then 9 digits; canonicalised like `CitizenId`."
+            ),
             "examples": ["13800138000"],
         },
         "PickupCode": {
@@ -181,7 +195,7 @@ def _schemas() -> dict[str, Any]:
         "Timestamp": {
             "type": "string",
             "format": "date-time",
-            "description": "RFC 3339 with an offset.",
+            "description": "RFC 3339 with an offset. Round times must be in the years 2000-2999.",
             "examples": ["2026-03-01T09:00:00+08:00"],
         },
         "Round": {
@@ -241,7 +255,7 @@ def _schemas() -> dict[str, Any]:
                 "pickup_end",
             ],
             "properties": {
-                "title": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
+                "title": _text(),
                 "opens_at": _schema("Timestamp"),
                 "closes_at": {
                     "$ref": "#/components/schemas/Timestamp",
@@ -267,9 +281,9 @@ def _schemas() -> dict[str, Any]:
             "required": ["site_id", "name", "address", "district"],
             "properties": {
                 "site_id": _schema("Id"),
-                "name": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
-                "address": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
-                "district": {"type": "string", "minLength": 1, "maxLength": MAX_TEXT},
+                "name": _text(),
+                "address": _text(),
+                "district": _text(),
             },
         },
         "SiteStock": {

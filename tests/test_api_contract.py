@@ -538,7 +538,8 @@ async def test_invalid_reservation_names_each_bad_field_at_once(client: Client) 
         "phone-plus86": ({**_GOOD, "phone": "+8613900000001"}, {"phone"}),
         "phone-not-1": ({**_GOOD, "phone": "23900000001"}, {"phone"}),
         "phone-letter": ({**_GOOD, "phone": "1390000000a"}, {"phone"}),
-        "phone-fullwidth": ({**_GOOD, "phone": "１３９００００００１１"}, {"phone"}),
+        "phone-arabic-indic": ({**_GOOD, "phone": "١٣٩٠٠٠٠٠٠١١"}, {"phone"}),
+        "phone-fullwidth-too-short": ({**_GOOD, "phone": "１３９０００００１１"}, {"phone"}),
         "site-upper": ({**_GOOD, "site_id": "S1"}, {"site_id"}),
         "site-empty": ({**_GOOD, "site_id": ""}, {"site_id"}),
         "site-65": ({**_GOOD, "site_id": "s" * 65}, {"site_id"}),
@@ -578,6 +579,78 @@ async def test_lower_case_x_in_citizen_id_is_accepted_and_normalised(client: Cli
     assert r.status == 200
     assert await r.json() == first
     assert (await stats(client))["reservations"] == 1
+
+
+FULLWIDTH = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+MATH_BOLD = str.maketrans(
+    {**{str(d): chr(0x1D7CE + d) for d in range(10)}, "X": "\U0001d417"}  # math bold 0-9 and X
+)
+OTHER_SCRIPTS = {  # decimal digits that NFKC leaves as they are
+    "arabic-indic": str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"),
+    "devanagari": str.maketrans("0123456789", "०१२३४५६७८९"),
+    "bengali": str.maketrans("0123456789", "০১২৩৪৫৬৭৮৯"),
+}
+
+
+async def _ledger_settled(client: Client, recorded: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await stats(client))["ledger"] != {"recorded": recorded, "lag": 0}:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_one_citizen_typing_other_digit_forms_holds_one_reservation(
+    client: Client, redis: Redis, redis_prefix: str
+) -> None:
+    """Fullwidth and math-bold digits are the same person (one share); Arabic-Indic, Devanagari
+    and Bengali digits are refused 422 and change nothing, so no digit set is a second identity."""
+    await seed(client, stock={"s1": 10, "s2": 10})
+    number, ph = id_with_x(), phone(1)
+
+    def ask(cid: str, phone_: str, site: str = "s1") -> Any:
+        return client.post(RESERVATIONS, json={"citizen_id": cid, "phone": phone_, "site_id": site})
+
+    first = await created(await ask(number, ph))
+    assert first["citizen_id_masked"] == masked(number)
+    mixed_id = "".join(c.translate(FULLWIDTH if i % 2 else MATH_BOLD) for i, c in enumerate(number))
+    mixed_ph = "".join(c.translate(MATH_BOLD if i % 2 else FULLWIDTH) for i, c in enumerate(ph))
+    same_site = {
+        "fullwidth": (number.translate(FULLWIDTH), ph.translate(FULLWIDTH)),
+        "math-bold": (number.translate(MATH_BOLD), ph.translate(MATH_BOLD)),
+        "mixed-with-lower-x-and-ideographic-space": (
+            "\u3000" + mixed_id[:17] + "x",
+            mixed_ph + "\u3000",
+        ),
+    }
+    for name, (cid, p) in same_site.items():
+        r = await ask(cid, p)
+        assert r.status == 200, (name, await r.text())
+        assert await r.json() == first, name
+    for cid, p in [*same_site.values(), (number, ph)]:
+        await problem(await ask(cid, p, site="s2"), 409, "already-reserved")
+    after = await stats(client)
+    assert (after["reservations"], after["reserved"]) == (1, 1)
+
+    await _ledger_settled(client, recorded=1)
+    before = sorted(await _redis_texts(redis, redis_prefix))
+    cases: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    expected: dict[str, set[str]] = {}
+    for script, table in OTHER_SCRIPTS.items():
+        for site in ("s1", "s2"):
+            body = {"citizen_id": number.translate(table), "phone": ph, "site_id": site}
+            cases[f"{script}-id-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-id-{site}"] = {"citizen_id"}
+            body = {"citizen_id": number, "phone": ph.translate(table), "site_id": site}
+            cases[f"{script}-phone-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-phone-{site}"] = {"phone"}
+            # one foreign digit among fullwidth ones is refused too
+            one = number.translate(FULLWIDTH)[:16] + number[16].translate(table) + number[17]
+            body = {"citizen_id": one, "phone": ph, "site_id": site}
+            cases[f"{script}-one-digit-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-one-digit-{site}"] = {"citizen_id"}
+    assert await fields_named(client, cases) == expected
+    assert sorted(await _redis_texts(redis, redis_prefix)) == before
+    assert stock_view(await stats(client)) == stock_view(after)
 
 
 async def test_leap_day_birth_date_is_accepted(client: Client) -> None:

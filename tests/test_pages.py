@@ -9,6 +9,8 @@ import gzip
 import io
 import json
 import re
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 import zipfile
 from html.parser import HTMLParser
@@ -394,3 +396,54 @@ async def test_sites_csv_of_an_unknown_round_is_a_404_problem(client: Client) ->
         r = await client.get(f"/api/v1/rounds/{round_id}/sites.csv")
         assert r.status == 404
         assert r.content_type == "application/problem+json"
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_page_checks_ids_and_phones_in_the_servers_canonical_form() -> None:
+    """The citizen page refuses before sending what the server would refuse, and nothing else:
+    fullwidth and math-bold digits pass, Arabic-Indic and Devanagari digits do not."""
+    from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
+    from tests.conftest import citizen_id, phone
+
+    def forms(value: str) -> list[str]:
+        return [
+            value,
+            value.translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")),
+            "".join(chr(0x1D7CE + int(c)) if c.isdigit() else c for c in value),
+            value.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")),
+            value.translate(str.maketrans("0123456789", "०१२३४५६७८९")),
+        ]
+
+    def server(check: Any, value: str) -> Any:
+        try:
+            return check(value)
+        except InvalidIdentity:
+            return None
+
+    ids = forms(next(c for c in map(citizen_id, range(100, 1000)) if c.endswith("X")))
+    phones = forms(phone(1))
+    script = (
+        "global.document = {getElementById: () => null, documentElement: {lang: 'en'}};"
+        "global.window = global; global.navigator = {};\n"
+        + (STATIC / "common.js").read_text()
+        + ";\nprocess.stdout.write(JSON.stringify(["
+        + f"{json.dumps(ids)}.map(v => [Allot.citizenIdProblem(v), Allot.normaliseCitizenId(v)]),"
+        + f"{json.dumps(phones)}.map(v => [Allot.phoneProblem(v), Allot.normalisePhone(v)])]))"
+    )
+    assert NODE is not None
+    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, check=True)
+    page_ids, page_phones = json.loads(out.stdout)
+    for value, (problem, sent) in zip(ids, page_ids, strict=True):
+        expected = server(normalise_citizen_id, value)
+        assert (problem is None) == (expected is not None), (value, problem)
+        if expected is not None:
+            assert sent == expected
+    for value, (problem, sent) in zip(phones, page_phones, strict=True):
+        expected = server(validate_phone, value)
+        assert (problem is None) == (expected is not None), (value, problem)
+        if expected is not None:
+            assert sent == expected
+    assert [p is None for p, _ in page_ids] == [True, True, True, False, False]
