@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -51,15 +53,62 @@ async def test_every_script_from_the_installed_package_loads_in_redis(
     }
 
 
+def lua_header(text: str) -> str:
+    """The comment block a script opens with: its contract. It ends at the first other line."""
+    lines = text.splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if not line.startswith("--")), len(lines))
+    return "".join(lines[:end])
+
+
+def documents(header: str, array: str, index: int) -> bool:
+    """KEYS[3] is documented by ``KEYS[3]``, ``KEYS[2..7]`` or ``KEYS[8..]`` in the header."""
+    for low, dots, high in re.findall(rf"{array}\[(\d+)(\.\.)?(\d*)\]", header):
+        top = int(high) if high else (index if dots else int(low))
+        if int(low) <= index <= top:
+            return True
+    return False
+
+
+def header_faults(text: str) -> list[str]:
+    header = lua_header(text)
+    body = text[len(header) :]
+    faults = [f"no {word}" for word in ("KEYS[1]", "ARGV[1]", "returns") if word not in header]
+    for array, index in sorted(set(re.findall(r"(KEYS|ARGV)\[(\d+)\]", body))):
+        if not documents(header, array, int(index)):
+            faults.append(f"{array}[{index}] undocumented")
+    if "redis.error_reply" in body and "-- errors" not in header:
+        faults.append("error replies undocumented")
+    if "redis.call('TIME')" not in body:
+        faults.append("time not from Redis TIME")  # never the client's clock (STYLE.md)
+    elif "Redis TIME" not in header:
+        faults.append("header does not say times come from Redis TIME")
+    return faults
+
+
 def test_every_script_documents_its_keys_args_and_returns() -> None:
     """The header block is the script's contract; a newcomer reads it before the body."""
-    for name in SCRIPT_NAMES:
-        text = script_source(name)
-        header = text.split("\n\n", 1)[0] + text
-        assert "KEYS[1]" in header
-        assert "ARGV[1]" in header
-        assert "returns" in header
-        assert "redis.call('TIME')" in text or name == "load_batch"
+    assert {name: header_faults(script_source(name)) for name in SCRIPT_NAMES} == {
+        name: [] for name in SCRIPT_NAMES
+    }
+
+
+@pytest.mark.parametrize(
+    ("broken", "fault"),
+    [
+        (lambda t: t.replace("-- KEYS[1]", "-- the round", 1), "no KEYS[1]"),
+        (lambda t: t.replace("-- returns", "-- answers", 1), "no returns"),
+        (lambda t: t.replace("-- KEYS[4]", "-- KEYS[x]", 1), "KEYS[4] undocumented"),
+        (lambda t: t.replace("-- errors", "-- faults", 1), "error replies undocumented"),
+        (lambda t: t.replace("from Redis TIME", "from the clock", 1), "header does not say"),
+        (lambda t: t.replace("redis.call('TIME')", "{ARGV[4], 0}", 1), "time not from Redis"),
+        (lambda t: t.replace("'XADD', KEYS[5]", "'XADD', KEYS[6]", 1), "KEYS[6] undocumented"),
+        (lambda t: t.replace("--\n", "\n", 1), "no KEYS[1]"),  # a blank line ends the header
+    ],
+)
+def test_the_header_check_finds_a_broken_header(broken: Any, fault: str) -> None:
+    """The check above can fail: each way of breaking load_batch.lua's contract is caught."""
+    faults = header_faults(broken(script_source("load_batch")))
+    assert any(f.startswith(fault) for f in faults), faults
 
 
 # -- the service and its image stay clear of the load test -----------------------------------
