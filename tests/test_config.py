@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -229,3 +230,25 @@ def test_serve_with_a_bad_environment_value_exits_2_naming_the_variable(
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert named in done.stderr
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RedisLike:
+    """The shape of the coming [redis] table, to show a one-of key is one declaration line."""
+
+    mode: Literal["standalone", "cluster"] = config.key("standalone", env="ALLOT_TRY_MODE")
+    wait_replicas: int = config.key(0, env="ALLOT_TRY_REPLICAS", at_least=0)
+
+
+def test_a_one_of_key_accepts_its_choices_only() -> None:
+    """`mode = "clustre"` must stop the start like any other wrong value."""
+    assert config._build(_RedisLike, "redis", {"mode": "cluster"}, None, {}) == _RedisLike(
+        "cluster"
+    )
+    assert config._build(_RedisLike, "redis", {}, None, {"ALLOT_TRY_REPLICAS": "2"}) == (
+        _RedisLike("standalone", 2)
+    )
+    with pytest.raises(ConfigError, match=r"redis\.mode in x must be one of 'standalone', 'clu"):
+        config._build(_RedisLike, "redis", {"mode": "clustre"}, Path("x"), {})
+    with pytest.raises(ConfigError, match=r"ALLOT_TRY_MODE \(redis\.mode\) must be one of"):
+        config._build(_RedisLike, "redis", {}, None, {"ALLOT_TRY_MODE": "sentinel"})
