@@ -10,6 +10,7 @@
 -- returns  {'cancelled', record}          now cancelled (or was already: cancelling is idempotent)
 --          {'not-collectable', record}    collected, or past the pickup window (expired)
 --          {'not-found'}
+-- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local reservation_id = ARGV[1]
 local t = redis.call('TIME')

@@ -30,6 +30,8 @@
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones)
+-- errors    redis.error_reply 'ERR claim: ...' when ARGV is not n, six bucket settings and n
+--           items, or an item has not 12 fields
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 8

@@ -11,6 +11,9 @@
 -- ARGV[4..] pairs: site_id, units (whole, >= 1); the caller has checked the sites exist
 -- returns  {'loaded', units added} | {'replay'} (same batch_id, same digest: nothing changed) |
 --          {'conflict'} (same batch_id, other contents) | {'no-round'}
+-- errors   redis.error_reply 'ERR load_batch: ...' when ARGV is not batch_id, digest, items and
+--          site/unit pairs with whole units >= 1; checked before anything is changed
+-- The ledger entry's time (`at`) is milliseconds since the epoch, from Redis TIME.
 
 local batch_id, digest, items = ARGV[1], ARGV[2], ARGV[3]
 if (#ARGV - 3) % 2 ~= 0 or #ARGV < 5 then

@@ -10,6 +10,7 @@
 -- returns  {'collected', record}
 --          {'not-collectable', record, why}   why: collected | cancelled | expired | citizen
 --          {'not-found'}                      no such code at this site in this round
+-- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local code = ARGV[1]
 local citizen = ARGV[2]

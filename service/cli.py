@@ -238,18 +238,42 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.options import missing_extras
+
+    missing = missing_extras()
+    if missing:
+        print(
+            f"allot loadtest: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+            " not installed; install the extra: pip install 'allot[loadtest]'",
+            file=sys.stderr,
+        )
+        return 2
     from loadtest.runner import main as loadtest_main
 
     return loadtest_main(args, settings)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
+    """The command line. The load test's options are added only when asked for (main() does so
+    for `allot loadtest ...` alone), so that no other command imports anything of loadtest/."""
     parser = argparse.ArgumentParser(prog="allot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="apply migrations, then serve HTTP")
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default $ALLOT_PORT, else 8080)")
-    serve.add_argument("--workers", type=int, help="worker processes sharing the port")
+    serve.add_argument("--port", type=_port, help="port (default $ALLOT_PORT, else 8080)")
+    serve.add_argument("--workers", type=_count, help="worker processes sharing the port")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("demo", help="create a demo round open now, with sites and stock").set_defaults(
@@ -265,18 +289,20 @@ def build_parser() -> argparse.ArgumentParser:
     reb.add_argument("--round", help="only this round")
     reb.add_argument("--force", action="store_true", help="overwrite state still in Redis")
     reb.set_defaults(func=cmd_rebuild)
-    from loadtest.options import add_arguments as add_loadtest_arguments
-
     lt = sub.add_parser(
         "loadtest", help="flash-crowd load test and conservation checks (the release gate)"
     )
-    add_loadtest_arguments(lt)
+    if loadtest_options:
+        from loadtest.options import add_arguments as add_loadtest_arguments
+
+        add_loadtest_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(loadtest_options=argv[:1] == ["loadtest"]).parse_args(argv)
     setup_logging()
     try:
         settings = load_settings()

@@ -31,6 +31,7 @@ from allocator import db
 from allocator.config import Settings, load_settings
 from allocator.keys import Keys
 from service.app import create_app
+from tests.helpers import FakeClock
 
 REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -177,6 +178,20 @@ async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestC
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The monotonic clock of ``clocked_client``'s caches, sold-out board and breaker."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def clocked_client(
+    settings: Settings, redis: Redis, aiohttp_client: Any, clock: FakeClock
+) -> TestClient[Any, Any]:
+    """As ``client``, with time standing still until the test calls ``clock.advance()``."""
+    return await aiohttp_client(create_app(settings, monotonic=clock))
 
 
 @pytest.fixture(autouse=True)

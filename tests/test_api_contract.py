@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from service.app import create_app
 from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, round_body, seed
+from tests.helpers import FakeClock
 
 Client = TestClient[Any, Any]
 
@@ -1036,15 +1037,18 @@ async def test_put_round_with_bad_fields_is_422_naming_them_and_stores_nothing(
     assert [x["round_id"] for x in listed] == ["r1"]
 
 
-async def test_put_round_with_bad_fields_leaves_an_existing_round_unchanged(client: Client) -> None:
+async def test_put_round_with_bad_fields_leaves_an_existing_round_unchanged(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """A refused edit must not half-apply to a live round."""
+    client = clocked_client
     await seed(client, per_person=2)
     before = await (await client.get("/api/v1/rounds/r1")).json()
     r = await client.put(
         "/api/v1/admin/rounds/r1", json=_round_with(per_person=0, title="X"), headers=ADMIN
     )
     assert await invalid(r) == {"per_person"}
-    await asyncio.sleep(1.05)  # past any per-worker cache of the round
+    clock.advance(1.05)  # past any per-worker cache of the round
     assert await (await client.get("/api/v1/rounds/r1")).json() == before
 
 
@@ -1670,7 +1674,10 @@ async def test_logs_hold_no_clear_citizen_id_or_phone(
     """Logs are shipped and kept widely; clear IDs and phones in them would be a data leak."""
     caplog.set_level(logging.DEBUG)
     clear = await _privacy_flow(client)
-    await asyncio.sleep(0.3)  # let the ledger writer log whatever it logs
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await stats(client))["ledger"] != {"recorded": 5, "lag": 0}:  # the writer has logged
+        assert asyncio.get_running_loop().time() < deadline  # whatever it logs for these
+        await asyncio.sleep(0.1)
     assert caplog.records  # capture works (at least the access log speaks)
     for record in caplog.records:
         text = record.getMessage() + str(record.args) + str(record.exc_text or "")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import gzip
@@ -24,6 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from service import feeds, pages
 from tests.conftest import ADMIN, reserve, seed
+from tests.helpers import FakeClock
 
 Client = TestClient[Any, Any]
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,13 +323,16 @@ def read_csv(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-async def test_sites_csv_lists_each_site_with_its_stock(client: Client) -> None:
+async def test_sites_csv_lists_each_site_with_its_stock(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Maps and newsrooms built on Taiwan's feed; this is ours, one row per site."""
+    client = clocked_client
     await seed(
         client, stock={"s1": 10, "s2": 4}, districts={"s1": "徐汇区", "s2": "静安区"}, per_person=2
     )
     assert (await reserve(client, 1, site="s2")).status == 201
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)  # past the allocator's stock snapshot
     r = await client.get("/api/v1/rounds/r1/sites.csv")
     assert r.status == 200
     assert r.content_type == "text/csv"
@@ -349,8 +352,11 @@ async def test_sites_csv_lists_each_site_with_its_stock(client: Client) -> None:
     assert abs((dt.datetime.now(dt.UTC) - updated).total_seconds()) < 5
 
 
-async def test_sites_csv_is_rendered_at_most_once_a_second(client: Client) -> None:
+async def test_sites_csv_is_rendered_at_most_once_a_second(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Under a crowd the feed costs one rendering a second per worker, and 304s cost nothing."""
+    client = clocked_client
     await seed(client, stock={"s1": 10})
     first = await client.get("/api/v1/rounds/r1/sites.csv")
     body, etag = await first.read(), first.headers["ETag"]
@@ -360,7 +366,9 @@ async def test_sites_csv_is_rendered_at_most_once_a_second(client: Client) -> No
     assert await again.read() == body  # the cached rendering
     r = await client.get("/api/v1/rounds/r1/sites.csv", headers={"If-None-Match": etag})
     assert r.status == 304
-    await asyncio.sleep(2.2)  # past this cache and the allocator's stock snapshot
+    clock.advance(0.9)  # still within the second: the same rendering
+    assert await (await client.get("/api/v1/rounds/r1/sites.csv")).read() == body
+    clock.advance(1.3)  # past this cache and the allocator's stock snapshot
     later = await client.get("/api/v1/rounds/r1/sites.csv")
     assert read_csv(await later.text())[0]["remaining"] == "9"
     assert later.headers["ETag"] != etag
@@ -376,15 +384,18 @@ async def test_sites_csv_is_gzipped_when_asked(client: Client) -> None:
     assert len(read_csv(gzip.decompress(await r.read()).decode())) == 30
 
 
-async def test_sites_csv_quotes_text_and_defuses_spreadsheet_formulas(client: Client) -> None:
+async def test_sites_csv_quotes_text_and_defuses_spreadsheet_formulas(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Operator-typed names reach spreadsheets; a comma must not split a cell, '=' must not run."""
+    client = clocked_client
     sites = [
         {"site_id": "s1", "name": 'Pharmacy, "North"', "address": "=HYPERLINK(1)", "district": "d"}
     ]
     await seed(client, stock={"s1": 3})
     r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
     assert r.status == 200
-    await asyncio.sleep(1.1)  # the allocator's site snapshot
+    clock.advance(1.1)  # past the allocator's site snapshot
     [row] = read_csv(await (await client.get("/api/v1/rounds/r1/sites.csv")).text())
     assert row["name"] == 'Pharmacy, "North"'
     assert row["address"] == "'=HYPERLINK(1)"
