@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import operator
 import re
 import secrets
 import unicodedata
@@ -194,6 +195,19 @@ def seed_text(
     ).encode()
 
 
+def _csv(header: str, lines: Iterable[str]) -> bytes:
+    """The file's bytes, encoded in chunks: a million lines never exist as strings all at once."""
+    chunks = [f"{header}\n".encode()]
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) == 16384:
+            chunks.append("".join(batch).encode())
+            batch.clear()
+    chunks.append("".join(batch).encode())
+    return b"".join(chunks)
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -217,32 +231,40 @@ def freeze(entries: Iterable[EntryLine], stock: Iterable[StockLine]) -> FrozenLi
             raise DrawInputError(f"site {s.site_id}: units must be a whole number >= 0")
         district_of[s.site_id] = s.district
     lines: list[EntryLine] = []
+    nfc: dict[str, str] = {}  # a round has few districts: normalise each text once
+    weights = range(1, MAX_WEIGHT + 1)
     for e in entries:
         district = district_of.get(e.site_id)
         if district is None:
             raise DrawInputError(f"entry {e.receipt}: site {e.site_id!r} is not in the stock")
-        if unicodedata.normalize("NFC", e.district) != district:
+        given = nfc.get(e.district)
+        if given is None:
+            given = nfc[e.district] = unicodedata.normalize("NFC", e.district)
+        if given != district:
             raise DrawInputError(f"entry {e.receipt}: district is not that of site {e.site_id}")
         if not _HEX64.fullmatch(e.receipt):
             raise DrawInputError(f"receipt {e.receipt!r} is not 64 lowercase hex digits")
-        if type(e.weight) is not int or not 1 <= e.weight <= MAX_WEIGHT:
+        if type(e.weight) is not int or e.weight not in weights:
             raise DrawInputError(f"entry {e.receipt}: weight must be 1-{MAX_WEIGHT}")
-        lines.append(EntryLine(e.receipt, e.site_id, district, bool(e.accept_district), e.weight))
-    lines.sort(key=lambda e: e.receipt)
+        if e.district == district and type(e.accept_district) is bool:
+            lines.append(e)  # already as published: keep the object, not a copy
+        else:
+            accept = bool(e.accept_district)
+            lines.append(EntryLine(e.receipt, e.site_id, district, accept, e.weight))
+    lines.sort(key=operator.attrgetter("receipt"))
     for a, b in itertools.pairwise(lines):
         if a.receipt == b.receipt:
             raise DrawInputError(f"receipt {a.receipt} appears twice")
 
     quoted = {d: csv_field(d) for d in district_of.values()}
-    out = [ENTRIES_HEADER, "\n"]
-    for e in lines:
-        out.append(
+    entries_csv = _csv(
+        ENTRIES_HEADER,
+        (
             f"{e.receipt},{e.site_id},{quoted[e.district]},{int(e.accept_district)},{e.weight}\n"
-        )
-    entries_csv = "".join(out).encode()
-    out = [STOCK_HEADER, "\n"]
-    out.extend(f"{s.site_id},{quoted[s.district]},{s.units}\n" for s in sites)
-    stock_csv = "".join(out).encode()
+            for e in lines
+        ),
+    )
+    stock_csv = _csv(STOCK_HEADER, (f"{s.site_id},{quoted[s.district]},{s.units}\n" for s in sites))
     return FrozenList(
         entries=tuple(lines),
         stock=tuple(sites),
@@ -277,11 +299,13 @@ def draw(
 
     site_ids = [s.site_id for s in frozen.stock]
     receipts = [e.receipt for e in frozen.entries]
-    out = [RESULTS_HEADER, "\n"]
-    for rank, i in enumerate(order, 1):
-        at = placed_at[i]
-        out.append(f"{rank},{receipts[i]},{site_ids[at] if at >= 0 else ''}\n")
-    results_csv = "".join(out).encode()
+    results_csv = _csv(
+        RESULTS_HEADER,
+        (
+            f"{rank},{receipts[i]},{site_ids[placed_at[i]] if placed_at[i] >= 0 else ''}\n"
+            for rank, i in enumerate(order, 1)
+        ),
+    )
     return Draw(
         round_id=round_id,
         per_person=per_person,
@@ -394,9 +418,7 @@ def next_pass(draw: Draw, previous: Sequence[Pass], released: Mapping[str, int])
             given.append((site_id, units))
     placed = _allocate(draw.frozen, draw.order, placed_at, left, draw.per_person)
     drawn = tuple(_placed(draw.frozen, draw.order, placed_at, set(placed)))
-    out = [RESULTS_HEADER, "\n"]
-    out.extend(f"{p.rank},{p.receipt},{p.site_id}\n" for p in drawn)
-    csv = "".join(out).encode()
+    csv = _csv(RESULTS_HEADER, (f"{p.rank},{p.receipt},{p.site_id}\n" for p in drawn))
     return Pass(
         number=len(previous) + 1,
         released=tuple(given),

@@ -49,10 +49,10 @@ import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ALGORITHM = "allot-draw-1"
 RECORD_MEMBERS = (
@@ -110,17 +110,7 @@ def csv_records(name: str, data: bytes, header: str) -> Iterator[tuple[int, list
     Line numbers are the file's own (the header is line 1); a record with a quoted line break
     spans several and is named by its first.
     """
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise Mismatch(name, data[: exc.start].count(b"\n") + 1, "not valid UTF-8") from None
-    if not text.endswith("\n"):
-        raise Mismatch(name, text.count("\n") + 1, "the last line does not end with LF")
-    lines = text.split("\n")
-    lines.pop()  # after the final LF
-    if not unicodedata.is_normalized("NFC", text):
-        bad = next(i for i, t in enumerate(lines) if not unicodedata.is_normalized("NFC", t))
-        raise Mismatch(name, bad + 1, "text is not in Unicode NFC")
+    lines = Lines(name, data)
     if lines[0] != header:
         raise Mismatch(name, 1, f"header is {lines[0]!r}, expected {header!r}")
     width = header.count(",") + 1
@@ -140,7 +130,32 @@ def csv_records(name: str, data: bytes, header: str) -> Iterator[tuple[int, list
         yield start, fields
 
 
-def _quoted_record(name: str, lines: list[str], i: int) -> tuple[list[str], int]:
+class Lines:
+    """The file's lines, each decoded (UTF-8, NFC) only when read: a million short strings cost
+    far less than one decoded copy of the file split up (that would be UCS-2 for Chinese text).
+    LF is a starter that composes with nothing, so the file is NFC exactly when every line is."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        if not data.endswith(b"\n"):
+            raise Mismatch(name, data.count(b"\n") + 1, "the last line does not end with LF")
+        self.name = name
+        self.raw = data.split(b"\n")
+        self.raw.pop()  # after the final LF
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, i: int) -> str:
+        try:
+            text = self.raw[i].decode("utf-8")
+        except UnicodeDecodeError:
+            raise Mismatch(self.name, i + 1, "not valid UTF-8") from None
+        if not text.isascii() and not unicodedata.is_normalized("NFC", text):
+            raise Mismatch(self.name, i + 1, "text is not in Unicode NFC")
+        return text
+
+
+def _quoted_record(name: str, lines: Lines, i: int) -> tuple[list[str], int]:
     """Parse one record containing quotes, starting at lines[i]; returns (fields, next line)."""
     start = i + 1
     text, pos = lines[i], 0
@@ -316,12 +331,15 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
     walk = Walk(order, wants, accepts, district, sites_in, per_person)
     left = list(stock)
     drawn = walk.run(placed, left)
-    expected = ["rank,receipt,site_id\n"]
-    for r, n in enumerate(order, 1):
-        s_or_none = placed[n]
-        expected.append(f"{r},{receipts[n]},{'' if s_or_none is None else site_ids[s_or_none]}\n")
     results_data = need(files, "results.csv")
-    compare("results.csv", results_data, expected)
+    compare(
+        "results.csv",
+        results_data,
+        (
+            f"{r},{receipts[n]},{'' if (at := placed[n]) is None else site_ids[at]}\n"
+            for r, n in enumerate(order, 1)
+        ),
+    )
     hex_member(rec, "results_digest")
     if sha256_hex(results_data) != rec["results_digest"]:
         raise Mismatch("draw.json", None, "results_digest is not the SHA-256 of results.csv")
@@ -349,7 +367,7 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
                 raise Mismatch(where, None, f"released {item!r}: units is not a whole number")
             left[site_of[item["site_id"]]] += units
         newly = set(walk.run(placed, left))
-        expected = ["rank,receipt,site_id\n"]
+        expected = []
         for r, n in enumerate(order, 1):
             if n in newly:
                 site_id = site_ids[placed[n]]  # type: ignore[index]
@@ -468,22 +486,39 @@ def need(files: Mapping[str, bytes], name: str) -> bytes:
     return data
 
 
-def compare(name: str, data: bytes, expected: list[str]) -> None:
-    """The file must be exactly the expected lines; else name the first line that differs."""
-    want = "".join(expected).encode("utf-8")
-    if data == want:
-        return
-    found = data.split(b"\n")
-    last_lf = data.endswith(b"\n")
-    if last_lf:
-        found.pop()
-    for i, line in enumerate(expected):
-        if i >= len(found):
-            raise Mismatch(name, i + 1, f"missing; the replay gives {line[:-1]!r}")
-        if found[i] != line[:-1].encode("utf-8") or (i == len(found) - 1 and not last_lf):
-            got = found[i].decode("utf-8", "replace")
-            raise Mismatch(name, i + 1, f"is {got!r}, the replay gives {line[:-1]!r}")
-    raise Mismatch(name, len(expected) + 1, "a line the replay does not give")
+def compare(name: str, data: bytes, lines: Iterable[str]) -> None:
+    """The file must be the header ``rank,receipt,site_id`` and exactly these lines; else name
+    the first line that differs. Compared in chunks, so the replayed file never exists whole."""
+    pos, number = 0, 0
+    batch = ["rank,receipt,site_id\n"]
+    for line in itertools.chain(lines, [None]):
+        if line is not None:
+            batch.append(line)
+            if len(batch) < 16384:
+                continue
+        chunk = "".join(batch).encode("utf-8")
+        if data[pos : pos + len(chunk)] != chunk:
+            for want in batch:
+                number += 1
+                raw = want.encode("utf-8")
+                if data[pos : pos + len(raw)] != raw:
+                    _differs(name, data, pos, number, want)
+                pos += len(raw)
+        pos += len(chunk)
+        number += len(batch)
+        batch = []
+    if pos != len(data):
+        raise Mismatch(name, number + 1, "a line the replay does not give")
+
+
+def _differs(name: str, data: bytes, pos: int, number: int, want: str) -> NoReturn:
+    if pos >= len(data):
+        raise Mismatch(name, number, f"missing; the replay gives {want[:-1]!r}")
+    end = data.find(b"\n", pos)
+    got = data[pos : len(data) if end < 0 else end].decode("utf-8", "replace")
+    if end < 0 and got == want[:-1]:
+        raise Mismatch(name, number, "the last line does not end with LF")
+    raise Mismatch(name, number, f"is {got!r}, the replay gives {want[:-1]!r}")
 
 
 # -- one citizen's entry ---------------------------------------------------------------------

@@ -225,6 +225,21 @@ def test_results_without_the_final_lf_are_refused_at_the_last_line() -> None:
     assert mismatch(files).startswith("results.csv line 11: ")
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda t: t.replace("rank,", "Rank,"), "results.csv line 1: is 'Rank,receipt,site_id'"),
+        (lambda t: t + "9,x,\n", "results.csv line 10: a line the replay does not give"),
+        (lambda t: t[: t.rindex("8,")], "results.csv line 9: missing; the replay gives '8,"),
+        (lambda t: t.replace(",t-2\n", ",t-2\r\n", 1), "results.csv line 4: is '3,"),
+    ],
+)
+def test_results_that_differ_from_the_replay_are_named_by_line(change: Any, expected: str) -> None:
+    files = vector_files("a-tiny")
+    files["results.csv"] = change(files["results.csv"].decode()).encode()
+    assert mismatch(files).startswith(expected)
+
+
 def test_a_tampered_entries_file_is_refused_by_its_digest() -> None:
     files = vector_files("a-tiny")
     files["entries.csv"] = files["entries.csv"].replace(b",1,4\n", b",1,3\n", 1)
