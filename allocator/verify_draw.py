@@ -14,6 +14,8 @@ It checks, in this order, and stops at the first thing that does not match (exit
 file and, where there is one, the line; exit 0 when everything matches):
 
 1. draw.json is the record of a drawn ``allot-draw-1`` round; round.json is the same round.
+   (A round frozen but not yet drawn is checked as far as it goes: steps 2 and 3, then exit 0
+   saying "NOT drawn yet"; keep those files to compare with the draw's.)
 2. ``commitment`` = SHA-256(secret).
 3. stock.csv and entries.csv: header, one record per line (LF, the last line too), fields quoted
    only when they contain a comma, a double quote or a line break, UTF-8 in NFC, sorted by
@@ -83,6 +85,7 @@ class Replay:
     """What the replay found, for the report and the citizen check (lists in entries.csv order)."""
 
     round_id: str
+    stage: str  # "drawn", or "frozen": the list and stock checked, the draw still to come
     files: Mapping[str, bytes]
     site_ids: list[str]
     receipts: list[str]
@@ -222,14 +225,16 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
             raise Mismatch("draw.json", None, f"member {member!r} is missing")
     if rec["algorithm"] != ALGORITHM:
         raise Mismatch("draw.json", None, f"algorithm is {rec['algorithm']!r}, not {ALGORITHM}")
-    if rec["status"] != "drawn":
-        raise Mismatch("draw.json", None, f"status is {rec['status']!r}: nothing drawn to check")
+    status = rec["status"]
+    if status not in ("frozen", "drawing", "drawn"):
+        raise Mismatch("draw.json", None, f"status is {status!r}: nothing published to check yet")
+    stage = "drawn" if status == "drawn" else "frozen"
     rid = rec["round_id"]
     if not isinstance(rid, str) or not SITE_ID.fullmatch(rid):
         raise Mismatch("draw.json", None, f"round_id {rid!r} is not 1-64 of [a-z0-9_-]")
     if round_id is not None and rid != round_id:
         raise Mismatch("draw.json", None, f"round_id is {rid!r}, not the round asked for")
-    for member in ("commitment", "secret", "seed", "entries_digest", "stock_digest"):
+    for member in ("commitment", "secret", "entries_digest", "stock_digest"):
         hex_member(rec, member)
     per_person, weight_one = check_round(rnd, rec)
     if sha256_hex(bytes.fromhex(rec["secret"])) != rec["commitment"]:
@@ -295,6 +300,9 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
         raise Mismatch(
             "draw.json", None, f"entries is {rec['entries']!r}; entries.csv has {len(receipts)}"
         )
+    if stage == "frozen":
+        return Replay(rid, stage, files, site_ids, receipts, [], [None] * len(receipts),
+                      [-1] * len(receipts), 0, [])  # fmt: skip
 
     # the seed
     randomness = rec["public_randomness"]
@@ -310,6 +318,7 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
         f"{rec['entries_digest']}\n{rec['stock_digest']}\n"
     )
     seed = hashlib.sha256(seed_text.encode("utf-8")).digest()
+    hex_member(rec, "seed")
     if seed.hex() != rec["seed"]:
         raise Mismatch("draw.json", None, f"seed is not SHA-256 of the seed text ({seed.hex()})")
 
@@ -404,6 +413,7 @@ def verify(files: Mapping[str, bytes], round_id: str | None = None) -> Replay:
 
     return Replay(
         round_id=rid,
+        stage=stage,
         files=files,
         site_ids=site_ids,
         receipts=receipts,
@@ -552,6 +562,20 @@ def signature_valid(public_key: str, signature: str, statement: bytes) -> bool:
     return True
 
 
+def _result(replay: Replay, n: int) -> list[str]:
+    if replay.stage == "frozen":
+        return ["  the draw has not run yet"]
+    rank = replay.order.index(n) + 1
+    out = [f"  rank {rank} of {len(replay.receipts)} (results.csv line {rank + 1})"]
+    at, won_in = replay.placed[n], replay.won_in[n]
+    if at is None:
+        out.append("  not drawn")
+    else:
+        source = "the draw, results.csv" if won_in == 0 else f"pass {won_in}, pass-{won_in}.csv"
+        out.append(f"  drawn at site {replay.site_ids[at]} ({source})")
+    return out
+
+
 def check_citizen(replay: Replay, args: argparse.Namespace, public_key: str | None) -> list[str]:
     """The citizen's own line: in entries.csv, its rank and result, and its signature."""
     receipt = args.receipt
@@ -574,14 +598,7 @@ def check_citizen(replay: Replay, args: argparse.Namespace, public_key: str | No
             f"  in entries.csv line {line}: site {listed_site}, accept_district {listed_accept},"
             f" weight {weight}"
         )
-        rank = replay.order.index(n) + 1
-        out.append(f"  rank {rank} of {len(replay.receipts)} (results.csv line {rank + 1})")
-        at, won_in = replay.placed[n], replay.won_in[n]
-        if at is None:
-            out.append("  not drawn")
-        else:
-            source = "the draw, results.csv" if won_in == 0 else f"pass {won_in}, pass-{won_in}.csv"
-            out.append(f"  drawn at site {replay.site_ids[at]} ({source})")
+        out.extend(_result(replay, n))
         site_id = site_id if site_id is not None else listed_site
         accept = accept if accept is not None else listed_accept
     signature_ok: bool | None = None
@@ -649,12 +666,13 @@ def read_url(base: str, round_id: str, timeout: float) -> dict[str, bytes]:
         "draw.json": fetch(f"{root}/draw", "draw.json", timeout),
     }
     rec = load_json("draw.json", files["draw.json"])
-    if rec.get("status") != "drawn":
-        return files  # verify() names the status
-    names = ["entries.csv", "stock.csv", "results.csv"]
-    passes = rec.get("passes")
-    count = len(passes) if isinstance(passes, list) else 0
-    names += [f"pass-{n}.csv" for n in range(1, count + 1)]
+    names = []
+    if rec.get("status") in ("frozen", "drawing", "drawn"):
+        names += ["entries.csv", "stock.csv"]
+    if rec.get("status") == "drawn":
+        passes = rec.get("passes")
+        count = len(passes) if isinstance(passes, list) else 0
+        names += ["results.csv", *(f"pass-{n}.csv" for n in range(1, count + 1))]
     for name in names:
         files[name] = fetch(f"{root}/draw/{name}", name, timeout)
     return files
@@ -689,6 +707,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mine.add_argument("--accept-district", choices=("0", "1"), help="likewise, 0 or 1")
 
 
+def frozen_report(replay: Replay) -> list[str]:
+    return [
+        f"{ALGORITHM} round {replay.round_id}: frozen, NOT drawn yet; what is published matches",
+        "  commitment = SHA-256(secret)",
+        f"  stock.csv: {len(replay.site_ids)} sites; entries.csv: {len(replay.receipts)}"
+        " entries; digests match",
+        "  keep these files: the draw must be computed from exactly them",
+    ]
+
+
+def drawn_report(replay: Replay) -> list[str]:
+    entries = len(replay.receipts)
+    return [
+        f"{ALGORITHM} round {replay.round_id}: the published draw replays exactly",
+        "  commitment = SHA-256(secret)",
+        f"  stock.csv: {len(replay.site_ids)} sites; entries.csv: {entries} entries; digests match",
+        "  seed = SHA-256(seed text)",
+        f"  results.csv: {entries} ranks, {replay.drawn} drawn; digest matches",
+        *(
+            f"  pass-{n}.csv: {count} drawn; digest matches"
+            for n, count in enumerate(replay.passes, 1)
+        ),
+        "  sites in the record match",
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         if args.url is not None:
@@ -702,19 +746,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             files = read_dir(args.dir)
         replay = verify(files, args.round)
-        lines = [
-            f"{ALGORITHM} round {replay.round_id}: the published draw replays exactly",
-            "  commitment = SHA-256(secret)",
-            f"  stock.csv: {len(replay.site_ids)} sites; entries.csv: {len(replay.receipts)}"
-            " entries; digests match",
-            "  seed = SHA-256(seed text)",
-            f"  results.csv: {len(replay.receipts)} ranks, {replay.drawn} drawn; digest matches",
-        ]
-        lines += [
-            f"  pass-{n}.csv: {count} drawn; digest matches"
-            for n, count in enumerate(replay.passes, 1)
-        ]
-        lines.append("  sites in the record match")
+        lines = frozen_report(replay) if replay.stage == "frozen" else drawn_report(replay)
         if args.receipt is not None or args.entry_id is not None:
             key = args.public_key
             if key is None and args.signature is not None and args.url is not None:

@@ -308,7 +308,7 @@ def test_a_quoted_line_break_is_one_record_and_checked_as_such() -> None:
         ("seed", "00" * 32, "draw.json: seed is not SHA-256 of the seed text"),
         ("public_randomness", "another value", "draw.json: seed is not SHA-256"),
         ("public_randomness", "bad\nvalue", "draw.json: public_randomness is not 1-256"),
-        ("status", "frozen", "draw.json: status is 'frozen': nothing drawn to check"),
+        ("status", "registering", "draw.json: status is 'registering': nothing published"),
         ("algorithm", "allot-draw-2", "draw.json: algorithm is 'allot-draw-2'"),
         ("entries", 9, "draw.json: entries is 9; entries.csv has 8"),
         ("results_digest", "00" * 32, "draw.json: results_digest is not the SHA-256"),
@@ -317,6 +317,35 @@ def test_a_quoted_line_break_is_one_record_and_checked_as_such() -> None:
 )
 def test_a_wrong_record_member_is_named(member: str, value: object, expected: str) -> None:
     assert mismatch(redigest(vector_files("a-tiny"), **{member: value})).startswith(expected)
+
+
+def frozen_only(name: str) -> dict[str, bytes]:
+    """A vector as published at the freeze: the list, the stock and the secret, nothing drawn."""
+    files = {k: val for k, val in vector_files(name).items() if k in ("entries.csv", "stock.csv")}
+    rec = json.loads(vector_files(name)["draw.json"])
+    rec.update(status="frozen", public_randomness=None, seed=None, drawn_at=None)
+    rec.update(results_digest=None, passes=[])
+    for site in rec["sites"]:
+        site["winners"] = None
+    files["draw.json"] = json.dumps(rec).encode()
+    files["round.json"] = vector_files(name)["round.json"]
+    return files
+
+
+def test_a_frozen_round_is_checked_as_far_as_it_goes(tmp_path: Path) -> None:
+    """At the freeze anyone can check the list and stock against the record and the secret
+    against the commitment, and keep the files; the answer says the draw is still to come."""
+    files = frozen_only("c-empty-site")
+    assert v.verify(files).stage == "frozen"
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    code, out, _err = _citizen(str(tmp_path), "--receipt", v.verify(files).receipts[0])
+    assert code == 0
+    assert "frozen, NOT drawn yet" in out
+    assert "the draw has not run yet" in out
+    bad = files["entries.csv"].replace(b",c-5,Liwan,1,1\n", b",c-5,Liwan,0,1\n", 1)
+    assert bad != files["entries.csv"]
+    assert mismatch({**files, "entries.csv": bad}).startswith("entries.csv: its SHA-256")
 
 
 def test_wrong_per_site_counts_in_the_record_are_named() -> None:
@@ -708,7 +737,7 @@ def _citizen(name: str, *extra: str) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = v.main(["--dir", str(vectors.VECTORS / name), *extra])
+        code = v.main(["--dir", str(vectors.VECTORS / name), *extra])  # a name or a path
     return code, out.getvalue(), err.getvalue()
 
 
