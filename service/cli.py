@@ -1,4 +1,4 @@
-"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild."""
+"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild, verify-draw."""
 
 from __future__ import annotations
 
@@ -253,6 +253,12 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     return loadtest_main(args, settings)
 
 
+def cmd_verify_draw(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.verify_draw import run
+
+    return run(args)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
@@ -297,6 +303,13 @@ def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
 
         add_loadtest_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
+    from allocator.verify_draw import add_arguments as add_verify_draw_arguments
+
+    vd = sub.add_parser(
+        "verify-draw", help="replay a lottery draw from its published files; exit 1 on a mismatch"
+    )
+    add_verify_draw_arguments(vd)
+    vd.set_defaults(func=cmd_verify_draw)
     return parser
 
 
