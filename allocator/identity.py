@@ -18,15 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hmac
-import re
 import time
 import unicodedata
 
 from stdnum.cn import ric
 
-# Explicit ASCII classes: in a Python str pattern \d is every Unicode decimal digit.
-_ID_SHAPE = re.compile(r"[0-9]{17}[0-9X]", re.ASCII)
-_PHONE = re.compile(r"1[3-9][0-9]{9}", re.ASCII)
+# Explicit ASCII classes (allocator/rules.py): in a Python str pattern \d is every Unicode digit.
+from allocator.rules import CITIZEN_ID_SHAPE as _ID_SHAPE
+from allocator.rules import PHONE_SHAPE as _PHONE
 
 
 class InvalidIdentity(ValueError):

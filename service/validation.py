@@ -30,18 +30,25 @@ from allocator.errors import (
     UnsupportedMediaType,
 )
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
-from allocator.model import ID_PATTERN, PICKUP_CODE, Round, Site, parse_rfc3339
+from allocator.model import Round, Site, parse_rfc3339
+from allocator.rules import (
+    FIRST_YEAR,
+    ID_PATTERN,
+    ID_RULE,
+    LAST_YEAR,
+    MAX_BATCH_UNITS,
+    MAX_PER_PERSON,
+    MAX_SITES_AT_ONCE,
+    MAX_TEXT,
+    MODES,
+    PICKUP_CODE,
+    PICKUP_CODE_RULE,
+)
+from service.schemas import CSV_LIMIT as CSV_LIMIT  # re-exported: service.app and views read it
+from service.schemas import JSON_LIMIT as JSON_LIMIT
 
-JSON_LIMIT = 16 * 1024
-CSV_LIMIT = 1024 * 1024
-MAX_PER_PERSON = 1000
-MAX_BATCH_UNITS = 10_000_000
-MAX_TEXT = 200
 DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
 READ_CHUNK = 64 * 1024
-# Round times: the years a distribution campaign can be in, far inside what Python's datetime,
-# the millisecond arithmetic and PostgreSQL's timestamptz can hold in any UTC offset.
-FIRST_YEAR, LAST_YEAR = 2000, 2999
 CODINGS = "gzip or deflate"
 BARE_CR = re.compile(r"\r(?!\n)")
 
@@ -210,7 +217,7 @@ class _Errors:
     def ident(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
         value = self.string(body, name, field)
         if value is not None and not ID_PATTERN.fullmatch(value):
-            self.add(field or name, "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            self.add(field or name, f"must be {ID_RULE}")
             return None
         return value
 
@@ -290,8 +297,8 @@ def parse_sites(body: Mapping[str, Any]) -> list[Site]:
         errors.add("sites", "must be a non-empty list")
         errors.check()
     assert isinstance(raw, list)
-    if len(raw) > 10_000:
-        errors.add("sites", "at most 10000 sites at once")
+    if len(raw) > MAX_SITES_AT_ONCE:
+        errors.add("sites", f"at most {MAX_SITES_AT_ONCE} sites at once")
         errors.check()
     sites: list[Site] = []
     seen: set[str] = set()
@@ -316,16 +323,16 @@ def parse_sites(body: Mapping[str, Any]) -> list[Site]:
 def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
     errors = _Errors()
     if not ID_PATTERN.fullmatch(round_id):
-        errors.add("round_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+        errors.add("round_id", f"must be {ID_RULE}")
     title = errors.text(body, "title")
     opens_at = errors.time(body, "opens_at")
     closes_at = errors.time(body, "closes_at")
     pickup_start = errors.time(body, "pickup_start")
     pickup_end = errors.time(body, "pickup_end")
     per_person = errors.integer(body, "per_person", 1, MAX_PER_PERSON)
-    mode = body.get("mode", "fcfs")
-    if mode != "fcfs":
-        errors.add("mode", "only 'fcfs' is supported")
+    mode = body.get("mode", MODES[0])
+    if mode not in MODES:
+        errors.add("mode", f"only {', '.join(map(repr, MODES))} is supported")
     if opens_at and closes_at and not opens_at < closes_at:
         errors.add("closes_at", "must be after opens_at")
     if pickup_start and pickup_end and not pickup_start < pickup_end:
@@ -358,7 +365,7 @@ def _check_items(
     for where, site_id, quantity in rows:
         ok = True
         if not isinstance(site_id, str) or not ID_PATTERN.fullmatch(site_id):
-            errors.add(f"{where}.site_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            errors.add(f"{where}.site_id", f"must be {ID_RULE}")
             ok = False
         elif site_id in seen:
             errors.add(f"{where}.site_id", f"{site_id!r} is already listed at {seen[site_id]}")
@@ -406,7 +413,7 @@ def parse_batch_csv(raw: bytes, batch_id: str | None, known_sites: Container[str
     if batch_id is None:
         errors.add("batch_id", "is required as a query parameter for CSV batches")
     elif not ID_PATTERN.fullmatch(batch_id):
-        errors.add("batch_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+        errors.add("batch_id", f"must be {ID_RULE}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -465,7 +472,7 @@ def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
     if code is not None:
         code = code.strip().upper()
         if not PICKUP_CODE.fullmatch(code):
-            errors.add("pickup_code", "must be 8 characters of 23456789ABCDEFGHJKLMNPQRSTUVWXYZ")
+            errors.add("pickup_code", f"must be {PICKUP_CODE_RULE}")
     citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id, optional=True)
     round_id = None
     if body.get("round_id") is not None:

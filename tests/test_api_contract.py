@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -59,6 +59,16 @@ ROUND_KEYS = {
 SITE_KEYS = {"site_id", "name", "address", "district", "remaining"}
 RESERVATIONS = "/api/v1/rounds/r1/reservations"
 CSV = {**ADMIN, "Content-Type": "text/csv"}
+
+
+# -- the client: every answer checked against the served OpenAPI document -----------------
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis, checked_client: Any) -> Client:
+    """The real application on a real socket, as tests/conftest.py's ``client``; every answer
+    it receives must also match GET /api/v1/openapi.json (tests/openapi_check.py)."""
+    return cast(Client, await checked_client(create_app(settings)))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -379,10 +389,10 @@ async def test_operator_endpoints_without_the_right_token_are_401_and_change_not
 
 
 async def test_operator_endpoints_refuse_everyone_when_no_token_is_configured(
-    aiohttp_client: Any, settings: Settings, redis: Redis
+    checked_client: Any, settings: Settings, redis: Redis
 ) -> None:
     """An unset ALLOT_ADMIN_TOKEN must lock operators out, never let everyone in."""
-    client = await aiohttp_client(create_app(dataclasses.replace(settings, admin_token=None)))
+    client = await checked_client(create_app(dataclasses.replace(settings, admin_token=None)))
     headers_to_try = [*BAD_AUTH.values(), ADMIN, {"Authorization": "Bearer None"}]
     wrong = []
     for method, path, body in operator_calls():
