@@ -1,29 +1,125 @@
-"""Typed, frozen settings built once from TOML and the environment, then passed down."""
+"""Typed, frozen settings built once from TOML and the environment, checked, then passed down.
+
+Every key is declared once, as a field of one of the dataclasses below: the field's annotation
+is its type, and ``key(default, ...)`` holds its default, what else it must be (a range or a
+check) and the ALLOT_* variable that overrides it, if any. ``load_settings`` reads each
+``[section]`` of the TOML file (the section is the name of the Settings field), then the
+environment (which wins), and checks every value against its declaration: a wrong type, a value
+out of range, an unknown section or key raises ConfigError with one line naming the key
+(``queue.max_depth``, ``ALLOT_PORT``) and what it must be. ``allot`` exits 2 on it.
+
+To add a key: one line in its section's class, and the same default in config/default.toml
+(tests/test_config.py keeps the two equal). To add a section: a frozen dataclass of such lines
+and one field of Settings. Addresses and secrets (the fields of Settings itself) come only from
+the environment.
+"""
 
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
+import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 T = TypeVar("T")
 
 DEFAULT_CONFIG_PATH = Path("config/default.toml")
 
+Check = Callable[[Any], str | None]  # a value's fault ("must be ..."), or None when it is fine
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What one key accepts beyond its type, and where else it may come from."""
+
+    env: str | None = None  # the ALLOT_* variable that overrides the file
+    at_least: float | None = None
+    at_most: float | None = None
+    above: float | None = None  # strictly greater than this
+    check: Check | None = None
+    secret: bool = False  # never repeat the value in a message (tokens, URLs with passwords)
+
+
+def key(
+    default: T,
+    *,
+    env: str | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    above: float | None = None,
+    check: Check | None = None,
+    secret: bool = False,
+) -> T:
+    """Declare one setting: its default and what it must be (its type is the annotation)."""
+    rule = Rule(env, at_least, at_most, above, check, secret)
+    return field(default=default, metadata={"rule": rule})
+
+
+# -- checks beyond type and range ------------------------------------------------------------
+
+
+def url(*schemes: str) -> Check:
+    """A URL with one of these schemes, a host (or a socket path for unix://) and a numeric port."""
+    what = "a " + ", ".join(f"{s}://" for s in schemes[:-1])
+    what += f" or {schemes[-1]}:// URL" if len(schemes) > 1 else f"{schemes[0]}:// URL"
+
+    def check(value: str) -> str | None:
+        try:
+            parts = urlsplit(value)
+            _ = parts.port  # raises ValueError on a port that is not a number in range
+        except ValueError:
+            return f"{what} with a numeric port"
+        if parts.scheme not in schemes:
+            return what
+        if parts.scheme == "unix" and not parts.path:
+            return f"{what} (unix:// with a socket path)"
+        if parts.scheme != "unix" and not parts.hostname:
+            return f"{what} with a host"
+        return None
+
+    return check
+
+
+def networks(value: tuple[str, ...]) -> str | None:
+    for text in value:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError as exc:
+            return f"a list of IP networks like '10.0.0.0/8' ({exc})"
+    return None
+
+
+def host(value: str) -> str | None:
+    return "a host name or address" if not value.strip() or value != value.strip() else None
+
+
+def redis_prefix(value: str) -> str | None:
+    """The prefix leads every key; a brace would move the {r:<round>} hash tag (CROSSSLOT)."""
+    if not value or re.search(r"[\s{}]", value):
+        return "non-empty text without spaces or braces"
+    return None
+
+
+# -- the settings --------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class GateSettings:
-    global_rate: float = 20000
-    global_burst: int = 40000
-    client_rate: float = 10
-    client_burst: int = 20
-    citizen_rate: float = 1
-    citizen_burst: int = 3
-    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")
+    global_rate: float = key(20000.0, above=0)
+    global_burst: int = key(40000, at_least=1)
+    client_rate: float = key(10.0, above=0)
+    client_burst: int = key(20, at_least=1)
+    citizen_rate: float = key(1.0, above=0)
+    citizen_burst: int = key(3, at_least=1)
+    trusted_proxies: tuple[str, ...] = key(("127.0.0.1/32", "::1/128"), check=networks)
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         return tuple(ipaddress.ip_network(n, strict=False) for n in self.trusted_proxies)
@@ -31,33 +127,43 @@ class GateSettings:
 
 @dataclass(frozen=True, slots=True)
 class QueueSettings:
-    max_depth: int = 10000
-    max_wait_ms: int = 2000
+    max_depth: int = key(10000, at_least=1)
+    max_wait_ms: int = key(2000, at_least=1)
 
 
 @dataclass(frozen=True, slots=True)
 class LedgerSettings:
-    batch_size: int = 500
-    claim_idle_ms: int = 10000
-    max_attempts: int = 5
+    batch_size: int = key(500, at_least=1)
+    claim_idle_ms: int = key(10000, at_least=1)
+    max_attempts: int = key(5, at_least=1)
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    redis_prefix: str = "allot"
-    redis_timeout_ms: int = 800
+    host: str = key("127.0.0.1", check=host)
+    port: int = key(8080, env="ALLOT_PORT", at_least=1, at_most=65535)
+    workers: int = key(1, at_least=1, at_most=256)
+    redis_prefix: str = key("allot", env="ALLOT_REDIS_PREFIX", check=redis_prefix)
+    redis_timeout_ms: int = key(800, at_least=1)
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/allot"
-    admin_token: str | None = None
-    id_pepper: str | None = None
-    dev_mode: bool = False
+    redis_url: str = key(
+        "redis://127.0.0.1:6379/0",
+        env="ALLOT_REDIS_URL",
+        check=url("redis", "rediss", "unix"),
+        secret=True,
+    )
+    database_url: str = key(
+        "postgresql://postgres@127.0.0.1:5432/allot",
+        env="ALLOT_DATABASE_URL",
+        check=url("postgresql", "postgres"),
+        secret=True,
+    )
+    admin_token: str | None = key(None, env="ALLOT_ADMIN_TOKEN", secret=True)
+    id_pepper: str | None = key(None, env="ALLOT_ID_PEPPER", secret=True)
+    dev_mode: bool = key(False, env="ALLOT_DEV")
     service: ServiceSettings = field(default_factory=ServiceSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
@@ -74,20 +180,17 @@ class Settings:
 
 
 class ConfigError(Exception):
-    """The configuration cannot be used; the message says which key and why."""
+    """The configuration cannot be used; the message says which key and why, in one line."""
 
 
-def _section(cls: type[T], data: Mapping[str, Any], name: str) -> T:
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-    return cls(**values)
+# -- loading and checking --------------------------------------------------------------------
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (ALLOT_CONFIG, else config/default.toml if present), then ALLOT_*."""
+    """Read the TOML file (ALLOT_CONFIG, else config/default.toml if present), then ALLOT_*.
+
+    An empty environment variable counts as unset.
+    """
     env = os.environ if environ is None else environ
     if path is None:
         path = Path(env["ALLOT_CONFIG"]) if env.get("ALLOT_CONFIG") else DEFAULT_CONFIG_PATH
@@ -101,39 +204,175 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"config file {path} does not exist") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    unknown = set(data) - {"service", "gate", "queue", "ledger"}
+    sections = {
+        f.name: f.default_factory
+        for f in fields(Settings)
+        if f.default_factory is not MISSING and is_dataclass(f.default_factory)
+    }
+    unknown = sorted(set(data) - set(sections))
     if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
-    try:
-        service = _section(ServiceSettings, data.get("service", {}), "service")
-        settings = Settings(
-            service=service,
-            gate=_section(GateSettings, data.get("gate", {}), "gate"),
-            queue=_section(QueueSettings, data.get("queue", {}), "queue"),
-            ledger=_section(LedgerSettings, data.get("ledger", {}), "ledger"),
+        known = ", ".join(f"[{s}]" for s in sorted(sections))
+        raise ConfigError(
+            f"unknown section(s) {', '.join(unknown)} in {path}; the file has {known}"
+            " (addresses and secrets come from ALLOT_* variables, not the file)"
         )
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from exc
-    overrides: dict[str, Any] = {}
-    for key, attr in (
-        ("ALLOT_REDIS_URL", "redis_url"),
-        ("ALLOT_DATABASE_URL", "database_url"),
-        ("ALLOT_ADMIN_TOKEN", "admin_token"),
-        ("ALLOT_ID_PEPPER", "id_pepper"),
-    ):
-        if env.get(key):
-            overrides[attr] = env[key]
-    overrides["dev_mode"] = env.get("ALLOT_DEV", "") in {"1", "true", "yes"}
-    svc: dict[str, Any] = {}
-    if env.get("ALLOT_PORT"):
+    values: dict[str, Any] = {}
+    for name, cls in sections.items():
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name} in {path} must be a table ([{name}])")
+        values[name] = _build(typing.cast(type[Any], cls), name, table, path, env)
+    values.update(_resolve(Settings, None, {}, path, env, only_env=True))
+    return Settings(**values)
+
+
+def _build(cls: type[T], section: str, table: dict[str, Any], path: Path | None, env: Any) -> T:
+    declared = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(table) - declared)
+    if unknown:
+        names = ", ".join(f"{section}.{k}" for k in unknown)
+        raise ConfigError(
+            f"unknown key(s) {names} in {path}; [{section}] takes {', '.join(sorted(declared))}"
+        )
+    return cls(**_resolve(cls, section, table, path, env))
+
+
+def _resolve(
+    cls: type[Any],
+    section: str | None,
+    table: dict[str, Any],
+    path: Path | None,
+    env: Mapping[str, str],
+    *,
+    only_env: bool = False,
+) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        rule = _rule(f)
+        if rule is None:
+            continue  # a section, resolved on its own
+        name = f"{section}.{f.name}" if section else f.name
+        kind = hints[f.name]
+        # The file's value is checked even where the environment overrides it: a typo there
+        # would otherwise surface on the day the variable is taken away.
+        if f.name in table:
+            raw = table[f.name]
+            values[f.name] = _checked(_from_toml(kind, raw), raw, kind, rule, f"{name} in {path}")
+        if rule.env and env.get(rule.env):
+            where = rule.env if only_env else f"{rule.env} ({name})"
+            text = env[rule.env]
+            values[f.name] = _checked(_from_env(kind, text), text, kind, rule, where, env=True)
+    return values
+
+
+def _checked(value: Any, raw: Any, kind: Any, rule: Rule, where: str, *, env: bool = False) -> Any:
+    fault = _what(kind, rule, env=env) if value is _WRONG else _fault(value, rule)
+    if fault is not None:
+        shown = "" if rule.secret else f" (got {raw!r})"
+        raise ConfigError(f"{where} must be {fault}{shown}")
+    return value
+
+
+def _rule(f: Field[Any]) -> Rule | None:
+    rule: Rule | None = f.metadata.get("rule")
+    if rule is None and not is_dataclass(f.default_factory):
+        raise TypeError(f"setting {f.name} is not declared with key()")  # a programming error
+    return rule
+
+
+_WRONG: Any = object()  # the value is not of the declared type
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _base(kind: Any) -> Any:
+    """``str | None`` is a str that may be unset (None only as a default: TOML has no null)."""
+    if isinstance(kind, types.UnionType):
+        (kind,) = (a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def _from_toml(kind: Any, value: Any) -> Any:
+    kind = _base(kind)
+    if kind is bool:
+        return value if isinstance(value, bool) else _WRONG
+    if isinstance(value, bool):
+        return _WRONG  # TOML true is not 1
+    if kind is int:
+        return value if isinstance(value, int) else _WRONG
+    if kind is float:
+        return float(value) if isinstance(value, int | float) else _WRONG
+    if typing.get_origin(kind) is Literal:
+        return value if value in typing.get_args(kind) else _WRONG
+    if kind is str:
+        return value if isinstance(value, str) else _WRONG
+    if typing.get_origin(kind) is tuple:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        return tuple(value) if ok else _WRONG
+    raise TypeError(f"no TOML reading for {kind!r}")  # a programming error
+
+
+def _from_env(kind: Any, text: str) -> Any:
+    kind = _base(kind)
+    if kind is bool:
+        word = text.strip().lower()
+        return True if word in _TRUE else False if word in _FALSE else _WRONG
+    if kind is int:
+        return int(text) if re.fullmatch(r"[+-]?[0-9]+", text.strip()) else _WRONG
+    if kind is float:
         try:
-            svc["port"] = int(env["ALLOT_PORT"])
-        except ValueError as exc:
-            raise ConfigError(f"ALLOT_PORT={env['ALLOT_PORT']!r} is not a port number") from exc
-    if env.get("ALLOT_REDIS_PREFIX"):
-        svc["redis_prefix"] = env["ALLOT_REDIS_PREFIX"]
-    if svc:
-        overrides["service"] = replace(service, **svc)
-    settings = replace(settings, **overrides)
-    settings.gate.trusted_networks()  # fail at startup, not on the first request
-    return settings
+            return float(text)
+        except ValueError:
+            return _WRONG
+    if typing.get_origin(kind) is Literal:
+        return text if text in typing.get_args(kind) else _WRONG
+    if kind is str:
+        return text
+    if typing.get_origin(kind) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    raise TypeError(f"no environment reading for {kind!r}")  # a programming error
+
+
+def _fault(value: Any, rule: Rule) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return _range("a finite number", rule)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        low_ok = rule.at_least is None or value >= rule.at_least
+        high_ok = rule.at_most is None or value <= rule.at_most
+        above_ok = rule.above is None or value > rule.above
+        if not (low_ok and high_ok and above_ok):
+            return _range("a whole number" if isinstance(value, int) else "a number", rule)
+    return rule.check(value) if rule.check is not None else None
+
+
+def _what(kind: Any, rule: Rule, *, env: bool) -> str:
+    """What a value of this kind must be, as the message says it."""
+    kind = _base(kind)
+    if kind is bool:
+        return "one of 1, true, yes, on, 0, false, no, off" if env else "true or false"
+    if kind is int:
+        return _range("a whole number", rule)
+    if kind is float:
+        return _range("a number", rule)
+    if typing.get_origin(kind) is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return "a comma-separated list" if env else "a list of strings"
+    return "a string"
+
+
+def _range(noun: str, rule: Rule) -> str:
+    if rule.at_least is not None and rule.at_most is not None:
+        return f"{noun} from {_num(rule.at_least)} to {_num(rule.at_most)}"
+    if rule.at_least is not None:
+        return f"{noun} >= {_num(rule.at_least)}"
+    if rule.above is not None:
+        return f"{noun} > {_num(rule.above)}"
+    if rule.at_most is not None:
+        return f"{noun} <= {_num(rule.at_most)}"
+    return noun
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)

@@ -143,6 +143,7 @@ class Allocator:
         gate: GateSettings | None = None,
         breaker: float = 0.5,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -151,10 +152,11 @@ class Allocator:
         self.timeout = timeout
         self.clock = clock
         self.scripts = Scripts.register(redis)
-        self._rounds: TtlCache[str, Round | None] = TtlCache(SNAPSHOT_TTL)
-        self._round_ids: TtlCache[None, list[str]] = TtlCache(SNAPSHOT_TTL)
-        self._sites: TtlCache[None, dict[str, Site]] = TtlCache(SNAPSHOT_TTL)
-        self._stock: TtlCache[str, dict[str, int]] = TtlCache(SNAPSHOT_TTL)
+        self._monotonic = monotonic  # caches, sold-out board, breaker; tests pass a fake one
+        self._rounds: TtlCache[str, Round | None] = TtlCache(SNAPSHOT_TTL, monotonic)
+        self._round_ids: TtlCache[None, list[str]] = TtlCache(SNAPSHOT_TTL, monotonic)
+        self._sites: TtlCache[None, dict[str, Site]] = TtlCache(SNAPSHOT_TTL, monotonic)
+        self._stock: TtlCache[str, dict[str, int]] = TtlCache(SNAPSHOT_TTL, monotonic)
         self._known_groups: set[str] = set()
         gate = gate or GateSettings()
         self._gate_args = (
@@ -165,7 +167,7 @@ class Allocator:
             gate.citizen_rate,
             gate.citizen_burst,
         )
-        self.sold_out = SoldOutBoard()
+        self.sold_out = SoldOutBoard(clock=monotonic)
         self.loop_lag = LoopLag()  # its run() is started by the app, next to the dispatcher
         self._breaker = breaker
         self._down_until = 0.0
@@ -185,7 +187,7 @@ class Allocator:
         calls then fail at once instead of each waiting out the timeout, and the first call
         after that tries Redis again (so the service recovers by itself).
         """
-        if time.monotonic() < self._down_until:
+        if self._monotonic() < self._down_until:
             if inspect.iscoroutine(aw):
                 aw.close()  # never awaited: close it, or Python warns
             raise Unavailable("The reservation store is not answering; please try again.")
@@ -204,7 +206,7 @@ class Allocator:
             if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
                 # the reply most likely sat unread while this worker was saturated: shed load
                 raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
-            self._down_until = time.monotonic() + self._breaker
+            self._down_until = self._monotonic() + self._breaker
             log.warning("redis: %s: %s", type(exc).__name__, exc)
             raise Unavailable("The reservation store is not answering; please try again.") from exc
 
@@ -775,7 +777,7 @@ class Allocator:
                     marks = await ledger_marks(con)
         except (Unavailable, TimeoutError, OSError, asyncpg.PostgresError) as exc:
             # without the ledger, compare with the last marks known (they only ever rise)
-            now = time.monotonic()
+            now = self._monotonic()
             if now - self._marks_warned >= LOST_LOG_EVERY:
                 self._marks_warned = now
                 log.warning(
@@ -878,7 +880,7 @@ class Allocator:
         self._rounds.invalidate(lost.round_id)
         self._stock.invalidate(lost.round_id)
         self.sold_out.clear(lost.round_id)  # no answer from memory of a round in doubt
-        now = time.monotonic()
+        now = self._monotonic()
         if now - self._lost_logged.get(lost.round_id, -LOST_LOG_EVERY) >= LOST_LOG_EVERY:
             self._lost_logged[lost.round_id] = now
             log.error("%s", lost.describe())

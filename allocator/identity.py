@@ -1,5 +1,12 @@
 """Citizen IDs and phones: validate, normalise, mask, and hash with the pepper.
 
+What a citizen typed is first brought to one canonical form (:func:`canonical`): Unicode NFKC,
+so that fullwidth digits from a Chinese keyboard and the mathematical digits some phones insert
+count as the ASCII digits they show; surrounding space stripped; upper case. Only that form is
+validated, hashed, masked and checked against eligibility rules, so two renderings of one ID are
+one citizen. After NFKC only ASCII ``0-9`` and ``X`` are accepted: Arabic-Indic, Devanagari and
+the other decimal digit sets stay themselves under NFKC and are refused, never read as numbers.
+
 Validation uses python-stdnum's ``cn.ric`` check character (ISO 7064 MOD 11-2); the birth date
 is read directly from characters 7-14. We do not call ``stdnum.cn.ric.validate`` itself: it
 also rejects region codes missing from its table, which the public contract does not ask for
@@ -11,24 +18,32 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hmac
-import re
 import time
+import unicodedata
 
 from stdnum.cn import ric
 
-_ID_SHAPE = re.compile(r"\d{17}[\dX]")
-_PHONE = re.compile(r"1[3-9]\d{9}")
+# Explicit ASCII classes (allocator/rules.py): in a Python str pattern \d is every Unicode digit.
+from allocator.rules import CITIZEN_ID_SHAPE as _ID_SHAPE
+from allocator.rules import PHONE_SHAPE as _PHONE
 
 
 class InvalidIdentity(ValueError):
     """The value is not a valid citizen ID or phone; the message is safe to show the citizen."""
 
 
+def canonical(value: str) -> str:
+    """The one form of what a citizen typed: NFKC, stripped, upper case (not yet validated)."""
+    return unicodedata.normalize("NFKC", value).strip().upper()
+
+
 def normalise_citizen_id(value: str, today: dt.date | None = None) -> str:
-    """Return the 18-character ID with an upper-case X, or raise InvalidIdentity."""
-    number = value.strip().upper()
+    """Return the canonical 18-character ASCII ID (upper-case X), or raise InvalidIdentity."""
+    number = canonical(value)
     if len(number) != 18 or not _ID_SHAPE.fullmatch(number):
-        raise InvalidIdentity("must be 18 characters: 17 digits and a digit or X")
+        raise InvalidIdentity(
+            "must be 18 characters: 17 digits 0-9 and a digit or X (other digit sets are refused)"
+        )
     if ric.calc_check_digit(number) != number[17]:
         raise InvalidIdentity("the check character does not match (ISO 7064 MOD 11-2)")
     try:  # not ric.get_birth_date: it re-cleans the string, and the shape is checked above
@@ -51,13 +66,15 @@ def _day(days_since_epoch: int) -> dt.date:
 
 
 def validate_phone(value: str) -> str:
-    if not _PHONE.fullmatch(value):
-        raise InvalidIdentity("must be 11 digits starting 13-19")
-    return value
+    """Return the canonical 11-digit ASCII phone (same canonical form as IDs), or raise."""
+    number = canonical(value)
+    if not _PHONE.fullmatch(number):
+        raise InvalidIdentity("must be 11 digits 0-9 starting 13-19")
+    return number
 
 
 def mask_citizen_id(number: str) -> str:
-    """First 6 and last 4 characters, '*' between."""
+    """First 6 and last 4 characters, '*' between (of the canonical ID, so ASCII)."""
     return number[:6] + "*" * (len(number) - 10) + number[-4:]
 
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import datetime as dt
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-ID_PATTERN = re.compile(r"[a-z0-9_-]{1,64}")
-PICKUP_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
-PICKUP_CODE = re.compile(rf"[{PICKUP_ALPHABET}]{{8}}")
-# reservation_id = 128 random bits (22 URL-safe base64 characters), a dot, then the round_id:
-# the round is needed to find the reservation's keys, and it is public anyway.
-RESERVATION_ID = re.compile(r"([A-Za-z0-9_-]{22})\.([a-z0-9_-]{1,64})")
-STATUSES = ("confirmed", "collected", "cancelled", "expired")
+# The patterns live in allocator/rules.py; these names stay importable from here for the
+# modules that read them from the model (allocator/core.py, the state-machine test).
+from allocator.rules import PICKUP_ALPHABET as PICKUP_ALPHABET
+from allocator.rules import PICKUP_CODE as PICKUP_CODE
+from allocator.rules import RESERVATION_ID as RESERVATION_ID
 
 
 def ms_to_rfc3339(ms: int) -> str:

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stdnum.cn import ric
+
+from allocator.rules import PICKUP_CODE
+from service.schemas import fields
 
 # -- environment handed from the runner to the locust processes -------------------------------
 
@@ -60,18 +62,13 @@ CITIZEN_NET = (198 << 24) | (18 << 16)
 CITIZEN_NET_SIZE = 1 << 17
 BOT_ADDRESS = "203.0.113.7"
 
-PICKUP_CODE = re.compile(r"[23456789ABCDEFGHJKLMNPQRSTUVWXYZ]{8}")
-RESERVATION_FIELDS = (
-    "reservation_id", "round_id", "site_id", "quantity", "status", "pickup_code",
-    "pickup_start", "pickup_end", "created_at", "citizen_id_masked",
-)  # fmt: skip
-ROUND_FIELDS = (
-    "round_id", "title", "opens_at", "closes_at", "per_person", "pickup_start", "pickup_end",
-    "mode", "status", "remaining",
-)  # fmt: skip
-SITE_FIELDS = ("site_id", "name", "address", "district", "remaining")
-ALTERNATIVE_FIELDS = ("site_id", "name", "district", "remaining")
-PROBLEM_FIELDS = ("type", "title", "status", "detail", "code")
+# The public shapes, from the declarations the OpenAPI document is built from (pure data: no
+# aiohttp, nothing that locust's monkey-patching could disturb).
+RESERVATION_FIELDS = fields("Reservation")
+ROUND_FIELDS = fields("Round")
+SITE_FIELDS = fields("SiteStock")
+ALTERNATIVE_FIELDS = fields("Alternative")
+PROBLEM_FIELDS = fields("Problem")
 
 
 def citizen_id(n: int) -> str:

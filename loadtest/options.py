@@ -1,10 +1,20 @@
-"""The ``allot loadtest`` command line (argparse only: cheap to import for ``allot --help``)."""
+"""The ``allot loadtest`` command line and its start check (argparse and importlib only: the
+service never imports this; ``allot loadtest`` does, before anything heavy)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 FAULTS = ("kill-worker", "restart-postgres")
+EXTRAS = ("locust", "matplotlib")  # the `loadtest` extra of pyproject.toml
+
+
+def missing_extras() -> list[str]:
+    """The load test's own dependencies that are not installed (none in the production image).
+
+    Looked up, not imported: importing locust monkey-patches the whole process for gevent."""
+    return [name for name in EXTRAS if importlib.util.find_spec(name) is None]
 
 
 def _positive_int(text: str) -> int:

@@ -13,6 +13,8 @@
 --          {'not-collectable', record}    collected, or past the pickup window (expired)
 --          {'not-found'}
 --          {'lost', mark}                 the round is lost (Redis is behind the ledger)
+-- errors   redis.error_reply 'ERR cancel: ...' when ARGV is not reservation_id and floor
+-- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local reservation_id = ARGV[1]
 local floor = tonumber(ARGV[2])

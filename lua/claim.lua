@@ -39,6 +39,8 @@
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
+-- errors    redis.error_reply 'ERR claim: ...' when ARGV is not n, six bucket settings, floor
+--           and n items, or an item has not 12 fields
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9

@@ -9,6 +9,8 @@
 -- returns  {'ok', seq, exists}   exists: 1 when the round hash is in Redis, else 0
 --          {'lost', mark, exists} mark: JSON {at, redis, ledger}, set by whichever script saw
 --                                 it first; it stays until `allot rebuild` rewrites the tally
+-- errors   redis.error_reply 'ERR integrity: ...' when ARGV[1] is not a number
+-- The mark's time (`at`) is milliseconds since the epoch, from Redis TIME.
 
 local floor = tonumber(ARGV[1])
 if not floor then

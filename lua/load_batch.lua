@@ -15,12 +15,21 @@
 -- returns  {'loaded', units added} | {'replay'} (same batch_id, same digest: nothing changed) |
 --          {'conflict'} (same batch_id, other contents) | {'no-round'} |
 --          {'lost', mark} (the round is lost: Redis is behind the ledger)
+-- errors   redis.error_reply 'ERR load_batch: ...' when ARGV is not batch_id, digest, items,
+--          floor and site/unit pairs with whole units >= 1; checked before anything is changed
+-- Times (the ledger entry's `at`, the lost mark's) are ms since the epoch, from Redis TIME.
 
 local batch_id, digest, items = ARGV[1], ARGV[2], ARGV[3]
 local floor = tonumber(ARGV[4])
 if not floor or (#ARGV - 4) % 2 ~= 0 or #ARGV < 6 then
   return redis.error_reply(
     'ERR load_batch: ARGV needs batch_id, digest, items, floor and site/unit pairs')
+end
+for i = 5, #ARGV, 2 do
+  local units = tonumber(ARGV[i + 1])
+  if not units or units < 1 or units ~= math.floor(units) then
+    return redis.error_reply('ERR load_batch: units must be whole and >= 1')
+  end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -44,12 +53,6 @@ if seen then
     return {'replay'}
   end
   return {'conflict'}
-end
-for i = 5, #ARGV, 2 do
-  local units = tonumber(ARGV[i + 1])
-  if not units or units < 1 or units ~= math.floor(units) then
-    return redis.error_reply('ERR load_batch: units must be whole and >= 1')
-  end
 end
 
 local added = 0

@@ -14,6 +14,8 @@
 --          {'not-collectable', record, why}   why: collected | cancelled | expired | citizen
 --          {'not-found'}                      no such code at this site in this round
 --          {'lost', mark}                     the round is lost (Redis is behind the ledger)
+-- errors   redis.error_reply 'ERR pickup: ...' when ARGV is not code, citizen and floor
+-- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local code = ARGV[1]
 local citizen = ARGV[2]

@@ -16,7 +16,6 @@ from redis.retry import Retry
 
 from allocator import db
 from allocator.admission import AdmissionQueue
-from allocator.cache import TtlCache
 from allocator.config import Settings
 from allocator.core import Allocator
 from allocator.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unavailable
@@ -36,7 +35,7 @@ from service.appkeys import (
     SITE_FEEDS,
     TRUSTED_PROXIES,
 )
-from service.feeds import FEED_TTL
+from service.feeds import feed_cache
 from service.metrics import Metrics
 from service.validation import CSV_LIMIT
 from service.views import routes
@@ -134,12 +133,26 @@ def redis_client(settings: Settings) -> Redis:
     return Redis(connection_pool=pool)
 
 
-def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) -> web.Application:
-    app = web.Application(middlewares=[front], client_max_size=CSV_LIMIT + 1)
+def create_app(
+    settings: Settings,
+    *,
+    worker: int = 0,
+    run_ledger: bool = True,
+    monotonic: Callable[[], float] = time.monotonic,
+) -> web.Application:
+    """The application; ``monotonic`` is the clock of its caches, sold-out board and breaker."""
+    app = web.Application(
+        middlewares=[front],
+        client_max_size=CSV_LIMIT + 1,
+        # Bodies are decoded by service.validation.read_body, which stops inflating at the size
+        # limit; aiohttp's own decoding would inflate a gzip bomb in full (also while it drains
+        # an unread body after the answer) and raise a 503 on a body that does not decode.
+        handler_args={"auto_decompress": False},
+    )
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = settings.gate.trusted_networks()
     app[METRICS] = Metrics()
-    app[SITE_FEEDS] = TtlCache(FEED_TTL)
+    app[SITE_FEEDS] = feed_cache(monotonic)
     hasher = Hasher(settings.pepper_bytes)
 
     async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -170,6 +183,7 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
             hasher,
             timeout=settings.service.redis_timeout_ms / 1000,
             gate=settings.gate,
+            monotonic=monotonic,
         )
         app[ALLOCATOR] = allocator
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)

@@ -1,4 +1,4 @@
-"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild."""
+"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild, verify-draw."""
 
 from __future__ import annotations
 
@@ -265,18 +265,48 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
+    from loadtest.options import missing_extras
+
+    missing = missing_extras()
+    if missing:
+        print(
+            f"allot loadtest: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'}"
+            " not installed; install the extra: pip install 'allot[loadtest]'",
+            file=sys.stderr,
+        )
+        return 2
     from loadtest.runner import main as loadtest_main
 
     return loadtest_main(args, settings)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def cmd_verify_draw(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.verify_draw import run
+
+    return run(args)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1 to 65535)")
+    return int(text)
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
+    """The command line. The load test's options are added only when asked for (main() does so
+    for `allot loadtest ...` alone), so that no other command imports anything of loadtest/."""
     parser = argparse.ArgumentParser(prog="allot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="apply migrations, then serve HTTP")
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default $ALLOT_PORT, else 8080)")
-    serve.add_argument("--workers", type=int, help="worker processes sharing the port")
+    serve.add_argument("--port", type=_port, help="port (default $ALLOT_PORT, else 8080)")
+    serve.add_argument("--workers", type=_count, help="worker processes sharing the port")
     serve.set_defaults(func=cmd_serve)
     sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("demo", help="create a demo round open now, with sites and stock").set_defaults(
@@ -300,18 +330,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", type=float, default=30.0, help="seconds to let the ledger drain the stream"
     )
     reb.set_defaults(func=cmd_rebuild)
-    from loadtest.options import add_arguments as add_loadtest_arguments
-
     lt = sub.add_parser(
         "loadtest", help="flash-crowd load test and conservation checks (the release gate)"
     )
-    add_loadtest_arguments(lt)
+    if loadtest_options:
+        from loadtest.options import add_arguments as add_loadtest_arguments
+
+        add_loadtest_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
+    from allocator.verify_draw import add_arguments as add_verify_draw_arguments
+
+    vd = sub.add_parser(
+        "verify-draw", help="replay a lottery draw from its published files; exit 1 on a mismatch"
+    )
+    add_verify_draw_arguments(vd)
+    vd.set_defaults(func=cmd_verify_draw)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(loadtest_options=argv[:1] == ["loadtest"]).parse_args(argv)
     setup_logging()
     try:
         settings = load_settings()

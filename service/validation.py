@@ -2,6 +2,10 @@
 
 Unknown members of a citizen's body are ignored, never honoured: quantity, status and the like
 are set by the server alone.
+
+Bodies may be sent with ``Content-Encoding: gzip`` or ``deflate``; the size limits apply to the
+decoded body, and decoding stops as soon as it passes the limit (aiohttp's own decoding is off,
+see ``service.app``). Any other coding, or a body that does not decode, is 415.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import csv
 import io
 import re
+import unicodedata
+import zlib
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,14 +30,27 @@ from allocator.errors import (
     UnsupportedMediaType,
 )
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
-from allocator.model import ID_PATTERN, PICKUP_CODE, Round, Site, parse_rfc3339
+from allocator.model import Round, Site, parse_rfc3339
+from allocator.rules import (
+    FIRST_YEAR,
+    ID_PATTERN,
+    ID_RULE,
+    LAST_YEAR,
+    MAX_BATCH_UNITS,
+    MAX_PER_PERSON,
+    MAX_SITES_AT_ONCE,
+    MAX_TEXT,
+    MODES,
+    PICKUP_CODE,
+    PICKUP_CODE_RULE,
+)
+from service.schemas import CSV_LIMIT as CSV_LIMIT  # re-exported: service.app and views read it
+from service.schemas import JSON_LIMIT as JSON_LIMIT
 
-JSON_LIMIT = 16 * 1024
-CSV_LIMIT = 1024 * 1024
-MAX_PER_PERSON = 1000
-MAX_BATCH_UNITS = 10_000_000
-MAX_TEXT = 200
-DIGITS = re.compile(r"[0-9]{1,9}")
+DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
+READ_CHUNK = 64 * 1024
+CODINGS = "gzip or deflate"
+BARE_CR = re.compile(r"\r(?!\n)")
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -50,19 +69,81 @@ def _is_json(mt: str) -> bool:
     return mt == "application/json" or (mt.startswith("application/") and mt.endswith("+json"))
 
 
+class BodyDecoder:
+    """Inflates a gzip or deflate body piece by piece, never more than the caller has room for."""
+
+    __slots__ = ("_coding", "_z")
+
+    def __init__(self, coding: str) -> None:
+        self._coding = coding
+        self._z: Any = None  # zlib.Decompress, chosen on the first byte (see decode)
+
+    @classmethod
+    def for_coding(cls, header: str | None) -> BodyDecoder | None:
+        """The decoder for a Content-Encoding header value; None for no coding (or identity)."""
+        codings = [c.strip().lower() for c in (header or "").split(",")]
+        codings = [c for c in codings if c and c != "identity"]
+        if not codings:
+            return None
+        if len(codings) == 1 and codings[0] in ("gzip", "x-gzip", "deflate"):
+            return cls(codings[0])
+        raise UnsupportedMediaType(
+            f"Send the body uncompressed or with Content-Encoding {CODINGS}."
+        )
+
+    def decode(self, data: bytes, room: int) -> bytes:
+        """The decoded form of the next piece of body, at most ``room + 1`` bytes: more than
+        ``room`` means the body is over the limit, and the rest is never inflated."""
+        if self._z is None:
+            if not data:
+                return b""
+            if self._coding == "deflate":
+                # RFC 9110 'deflate' is zlib-wrapped; some clients send raw deflate (as aiohttp
+                # accepted before): a zlib header has compression method 8 in the low nibble.
+                self._z = zlib.decompressobj(zlib.MAX_WBITS if data[0] & 0x0F == 8 else -15)
+            else:
+                self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            return bytes(self._z.decompress(data, room + 1))
+        except zlib.error:
+            raise self._broken() from None
+
+    def finish(self) -> None:
+        """The body has ended: it must have been one whole compressed stream, nothing after."""
+        if self._z is None or not self._z.eof or self._z.unused_data:
+            raise self._broken()
+
+    def _broken(self) -> UnsupportedMediaType:
+        return UnsupportedMediaType(
+            f"The body is not valid {self._coding} (Content-Encoding {CODINGS}, or none)."
+        )
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The body is larger than {limit} bytes.")
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole body, refusing with 413 as soon as it exceeds ``limit`` (before parsing)."""
+    """The whole (decoded) body, refusing with 413 as soon as it exceeds ``limit`` (before
+    parsing). With a Content-Encoding, decoded bytes are counted as they come."""
+    decoder = BodyDecoder.for_coding(request.headers.get("Content-Encoding"))
     if request.content_length is not None:
         if request.content_length > limit:
-            raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
-        return await request.read()  # the length is known and within the limit: one read
-    chunks: list[bytes] = []  # chunked: count as it comes, and stop at the limit
-    size = 0
-    while chunk := await request.content.read(64 * 1024):
+            raise _too_large(limit)
+        if decoder is None:
+            return await request.read()  # the length is known and within the limit: one read
+    chunks: list[bytes] = []  # chunked or compressed: count as it comes, and stop at the limit
+    size = raw = 0
+    while chunk := await request.content.read(READ_CHUNK):
+        raw += len(chunk)
+        if decoder is not None:
+            chunk = decoder.decode(chunk, limit - size)
         size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The body is larger than {limit} bytes.")
+        if size > limit or raw > limit:
+            raise _too_large(limit)
         chunks.append(chunk)
+    if decoder is not None:
+        decoder.finish()
     return b"".join(chunks)
 
 
@@ -136,16 +217,23 @@ class _Errors:
     def ident(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
         value = self.string(body, name, field)
         if value is not None and not ID_PATTERN.fullmatch(value):
-            self.add(field or name, "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            self.add(field or name, f"must be {ID_RULE}")
             return None
         return value
 
     def text(self, body: Mapping[str, Any], name: str, field: str | None = None) -> str | None:
         value = self.string(body, name, field)
-        if value is not None and not (0 < len(value.strip()) <= MAX_TEXT):
+        if value is None:
+            return None
+        value = value.strip()
+        if not 0 < len(value) <= MAX_TEXT:
             self.add(field or name, f"must be 1-{MAX_TEXT} characters")
             return None
-        return value.strip() if value is not None else None
+        if has_control_characters(value):
+            # PostgreSQL refuses NUL in text; the rest would garble pages, CSV feeds and logs
+            self.add(field or name, "must not contain control characters (NUL, newline, tab ...)")
+            return None
+        return value
 
     def integer(
         self, body: Mapping[str, Any], name: str, low: int, high: int, field: str | None = None
@@ -168,10 +256,19 @@ class _Errors:
         if value is None:
             return None
         try:
-            return parse_rfc3339(value)
+            parsed = parse_rfc3339(value)
         except ValueError as exc:
             self.add(name, f"must be an RFC 3339 time with an offset ({exc})")
             return None
+        if not FIRST_YEAR <= parsed.year <= LAST_YEAR:
+            self.add(name, f"must be in the years {FIRST_YEAR}-{LAST_YEAR}")
+            return None
+        return parsed
+
+
+def has_control_characters(value: str) -> bool:
+    """True if any character is a control (Unicode Cc: C0, DEL, C1) or a lone surrogate."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,8 +297,8 @@ def parse_sites(body: Mapping[str, Any]) -> list[Site]:
         errors.add("sites", "must be a non-empty list")
         errors.check()
     assert isinstance(raw, list)
-    if len(raw) > 10_000:
-        errors.add("sites", "at most 10000 sites at once")
+    if len(raw) > MAX_SITES_AT_ONCE:
+        errors.add("sites", f"at most {MAX_SITES_AT_ONCE} sites at once")
         errors.check()
     sites: list[Site] = []
     seen: set[str] = set()
@@ -226,16 +323,16 @@ def parse_sites(body: Mapping[str, Any]) -> list[Site]:
 def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
     errors = _Errors()
     if not ID_PATTERN.fullmatch(round_id):
-        errors.add("round_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+        errors.add("round_id", f"must be {ID_RULE}")
     title = errors.text(body, "title")
     opens_at = errors.time(body, "opens_at")
     closes_at = errors.time(body, "closes_at")
     pickup_start = errors.time(body, "pickup_start")
     pickup_end = errors.time(body, "pickup_end")
     per_person = errors.integer(body, "per_person", 1, MAX_PER_PERSON)
-    mode = body.get("mode", "fcfs")
-    if mode != "fcfs":
-        errors.add("mode", "only 'fcfs' is supported")
+    mode = body.get("mode", MODES[0])
+    if mode not in MODES:
+        errors.add("mode", f"only {', '.join(map(repr, MODES))} is supported")
     if opens_at and closes_at and not opens_at < closes_at:
         errors.add("closes_at", "must be after opens_at")
     if pickup_start and pickup_end and not pickup_start < pickup_end:
@@ -268,7 +365,7 @@ def _check_items(
     for where, site_id, quantity in rows:
         ok = True
         if not isinstance(site_id, str) or not ID_PATTERN.fullmatch(site_id):
-            errors.add(f"{where}.site_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+            errors.add(f"{where}.site_id", f"must be {ID_RULE}")
             ok = False
         elif site_id in seen:
             errors.add(f"{where}.site_id", f"{site_id!r} is already listed at {seen[site_id]}")
@@ -316,32 +413,45 @@ def parse_batch_csv(raw: bytes, batch_id: str | None, known_sites: Container[str
     if batch_id is None:
         errors.add("batch_id", "is required as a query parameter for CSV batches")
     elif not ID_PATTERN.fullmatch(batch_id):
-        errors.add("batch_id", "must be 1-64 characters of a-z, 0-9, '_' and '-'")
+        errors.add("batch_id", f"must be {ID_RULE}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         errors.add("body", "must be UTF-8 text")
         errors.check()
         raise AssertionError("unreachable") from None
-    reader = csv.reader(io.StringIO(text))
-    header = [h.strip() for h in next(reader, [])]
-    if header != ["site_id", "quantity"]:
-        errors.add("line 1", "the header must be exactly: site_id,quantity")
+    bare_cr = BARE_CR.search(text)
+    if bare_cr:  # the csv module would raise; no value of ours can hold a carriage return
+        line = text.count("\n", 0, bare_cr.start()) + 1
+        errors.add(
+            f"line {line}",
+            "has a carriage return (\\r) that does not end a \\r\\n line end: save the file "
+            "with \\n or \\r\\n line ends (e.g. 'CSV UTF-8' in a spreadsheet)",
+        )
         errors.check()
+    reader = csv.reader(io.StringIO(text))
     rows: list[tuple[str, Any, Any]] = []
     listed = False
-    for record in reader:
-        line = reader.line_num
-        if not record or all(not c.strip() for c in record):
-            continue
-        listed = True
-        if len(record) != 2:
-            errors.add(f"line {line}", "must have exactly two values: site_id,quantity")
-            continue
-        site_id, quantity = (c.strip() for c in record)
-        # ASCII digits only: str.isdigit() also accepts '²' and '①', which int() refuses
-        qty: Any = int(quantity) if DIGITS.fullmatch(quantity) else quantity
-        rows.append((f"line {line}", site_id, qty))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        if header != ["site_id", "quantity"]:
+            errors.add("line 1", "the header must be exactly: site_id,quantity")
+            errors.check()
+        for record in reader:
+            line = reader.line_num
+            if not record or all(not c.strip() for c in record):
+                continue
+            listed = True
+            if len(record) != 2:
+                errors.add(f"line {line}", "must have exactly two values: site_id,quantity")
+                continue
+            site_id, quantity = (c.strip() for c in record)
+            # ASCII digits only: str.isdigit() also accepts '²' and '①', which int() refuses
+            qty: Any = int(quantity) if DIGITS.fullmatch(quantity) else quantity
+            rows.append((f"line {line}", site_id, qty))
+    except csv.Error as exc:  # e.g. a value over the csv module's field limit (131072)
+        errors.add(f"line {max(reader.line_num, 1)}", f"cannot be read as CSV: {exc}")
+        errors.check()
     items = _check_items(rows, errors, known_sites, listed=listed)
     assert batch_id
     return Batch(batch_id, items)
@@ -362,7 +472,7 @@ def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
     if code is not None:
         code = code.strip().upper()
         if not PICKUP_CODE.fullmatch(code):
-            errors.add("pickup_code", "must be 8 characters of 23456789ABCDEFGHJKLMNPQRSTUVWXYZ")
+            errors.add("pickup_code", f"must be {PICKUP_CODE_RULE}")
     citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id, optional=True)
     round_id = None
     if body.get("round_id") is not None:

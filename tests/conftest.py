@@ -14,13 +14,14 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
@@ -31,6 +32,8 @@ from allocator import db
 from allocator.config import Settings, load_settings
 from allocator.keys import Keys
 from service.app import create_app
+from tests.helpers import FakeClock
+from tests.openapi_check import ContractCheck
 
 REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -177,6 +180,43 @@ async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestC
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    """The monotonic clock of ``clocked_client``'s caches, sold-out board and breaker."""
+    return FakeClock()
+
+
+@pytest.fixture
+async def clocked_client(
+    settings: Settings, redis: Redis, aiohttp_client: Any, clock: FakeClock
+) -> TestClient[Any, Any]:
+    """As ``client``, with time standing still until the test calls ``clock.advance()``."""
+    return await aiohttp_client(create_app(settings, monotonic=clock))
+
+
+@pytest.fixture
+def contract() -> Iterator[ContractCheck]:
+    """Answers received by a ``checked_client`` that the served OpenAPI document does not allow
+    (tests/openapi_check.py); the test fails at teardown if there are any."""
+    check = ContractCheck()
+    yield check
+    check.assert_clean()
+
+
+@pytest.fixture
+def checked_client(
+    aiohttp_client: Any, contract: ContractCheck
+) -> Callable[[web.Application], Awaitable[TestClient[Any, Any]]]:
+    """Makes a test client whose every answer is checked against the document the app serves."""
+
+    async def make(app: web.Application) -> TestClient[Any, Any]:
+        client: TestClient[Any, Any] = await aiohttp_client(app, middlewares=(contract.middleware,))
+        await contract.load(client)
+        return client
+
+    return make
 
 
 @pytest.fixture(autouse=True)

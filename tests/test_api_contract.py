@@ -15,7 +15,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from service.app import create_app
 from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, round_body, seed
+from tests.helpers import FakeClock
 
 Client = TestClient[Any, Any]
 
@@ -58,6 +59,16 @@ ROUND_KEYS = {
 SITE_KEYS = {"site_id", "name", "address", "district", "remaining"}
 RESERVATIONS = "/api/v1/rounds/r1/reservations"
 CSV = {**ADMIN, "Content-Type": "text/csv"}
+
+
+# -- the client: every answer checked against the served OpenAPI document -----------------
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis, checked_client: Any) -> Client:
+    """The real application on a real socket, as tests/conftest.py's ``client``; every answer
+    it receives must also match GET /api/v1/openapi.json (tests/openapi_check.py)."""
+    return cast(Client, await checked_client(create_app(settings)))
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -378,10 +389,10 @@ async def test_operator_endpoints_without_the_right_token_are_401_and_change_not
 
 
 async def test_operator_endpoints_refuse_everyone_when_no_token_is_configured(
-    aiohttp_client: Any, settings: Settings, redis: Redis
+    checked_client: Any, settings: Settings, redis: Redis
 ) -> None:
     """An unset ALLOT_ADMIN_TOKEN must lock operators out, never let everyone in."""
-    client = await aiohttp_client(create_app(dataclasses.replace(settings, admin_token=None)))
+    client = await checked_client(create_app(dataclasses.replace(settings, admin_token=None)))
     headers_to_try = [*BAD_AUTH.values(), ADMIN, {"Authorization": "Bearer None"}]
     wrong = []
     for method, path, body in operator_calls():
@@ -538,7 +549,8 @@ async def test_invalid_reservation_names_each_bad_field_at_once(client: Client) 
         "phone-plus86": ({**_GOOD, "phone": "+8613900000001"}, {"phone"}),
         "phone-not-1": ({**_GOOD, "phone": "23900000001"}, {"phone"}),
         "phone-letter": ({**_GOOD, "phone": "1390000000a"}, {"phone"}),
-        "phone-fullwidth": ({**_GOOD, "phone": "１３９００００００１１"}, {"phone"}),
+        "phone-arabic-indic": ({**_GOOD, "phone": "١٣٩٠٠٠٠٠٠١١"}, {"phone"}),
+        "phone-fullwidth-too-short": ({**_GOOD, "phone": "１３９０００００１１"}, {"phone"}),
         "site-upper": ({**_GOOD, "site_id": "S1"}, {"site_id"}),
         "site-empty": ({**_GOOD, "site_id": ""}, {"site_id"}),
         "site-65": ({**_GOOD, "site_id": "s" * 65}, {"site_id"}),
@@ -578,6 +590,78 @@ async def test_lower_case_x_in_citizen_id_is_accepted_and_normalised(client: Cli
     assert r.status == 200
     assert await r.json() == first
     assert (await stats(client))["reservations"] == 1
+
+
+FULLWIDTH = str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")
+MATH_BOLD = str.maketrans(
+    {**{str(d): chr(0x1D7CE + d) for d in range(10)}, "X": "\U0001d417"}  # math bold 0-9 and X
+)
+OTHER_SCRIPTS = {  # decimal digits that NFKC leaves as they are
+    "arabic-indic": str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩"),
+    "devanagari": str.maketrans("0123456789", "०१२३४५६७८९"),
+    "bengali": str.maketrans("0123456789", "০১২৩৪৫৬৭৮৯"),
+}
+
+
+async def _ledger_settled(client: Client, recorded: int) -> None:
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await stats(client))["ledger"] != {"recorded": recorded, "lag": 0}:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_one_citizen_typing_other_digit_forms_holds_one_reservation(
+    client: Client, redis: Redis, redis_prefix: str
+) -> None:
+    """Fullwidth and math-bold digits are the same person (one share); Arabic-Indic, Devanagari
+    and Bengali digits are refused 422 and change nothing, so no digit set is a second identity."""
+    await seed(client, stock={"s1": 10, "s2": 10})
+    number, ph = id_with_x(), phone(1)
+
+    def ask(cid: str, phone_: str, site: str = "s1") -> Any:
+        return client.post(RESERVATIONS, json={"citizen_id": cid, "phone": phone_, "site_id": site})
+
+    first = await created(await ask(number, ph))
+    assert first["citizen_id_masked"] == masked(number)
+    mixed_id = "".join(c.translate(FULLWIDTH if i % 2 else MATH_BOLD) for i, c in enumerate(number))
+    mixed_ph = "".join(c.translate(MATH_BOLD if i % 2 else FULLWIDTH) for i, c in enumerate(ph))
+    same_site = {
+        "fullwidth": (number.translate(FULLWIDTH), ph.translate(FULLWIDTH)),
+        "math-bold": (number.translate(MATH_BOLD), ph.translate(MATH_BOLD)),
+        "mixed-with-lower-x-and-ideographic-space": (
+            "\u3000" + mixed_id[:17] + "x",
+            mixed_ph + "\u3000",
+        ),
+    }
+    for name, (cid, p) in same_site.items():
+        r = await ask(cid, p)
+        assert r.status == 200, (name, await r.text())
+        assert await r.json() == first, name
+    for cid, p in [*same_site.values(), (number, ph)]:
+        await problem(await ask(cid, p, site="s2"), 409, "already-reserved")
+    after = await stats(client)
+    assert (after["reservations"], after["reserved"]) == (1, 1)
+
+    await _ledger_settled(client, recorded=1)
+    before = sorted(await _redis_texts(redis, redis_prefix))
+    cases: dict[str, tuple[str, str, dict[str, Any]]] = {}
+    expected: dict[str, set[str]] = {}
+    for script, table in OTHER_SCRIPTS.items():
+        for site in ("s1", "s2"):
+            body = {"citizen_id": number.translate(table), "phone": ph, "site_id": site}
+            cases[f"{script}-id-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-id-{site}"] = {"citizen_id"}
+            body = {"citizen_id": number, "phone": ph.translate(table), "site_id": site}
+            cases[f"{script}-phone-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-phone-{site}"] = {"phone"}
+            # one foreign digit among fullwidth ones is refused too
+            one = number.translate(FULLWIDTH)[:16] + number[16].translate(table) + number[17]
+            body = {"citizen_id": one, "phone": ph, "site_id": site}
+            cases[f"{script}-one-digit-{site}"] = ("POST", RESERVATIONS, {"json": body})
+            expected[f"{script}-one-digit-{site}"] = {"citizen_id"}
+    assert await fields_named(client, cases) == expected
+    assert sorted(await _redis_texts(redis, redis_prefix)) == before
+    assert stock_view(await stats(client)) == stock_view(after)
 
 
 async def test_leap_day_birth_date_is_accepted(client: Client) -> None:
@@ -963,15 +1047,18 @@ async def test_put_round_with_bad_fields_is_422_naming_them_and_stores_nothing(
     assert [x["round_id"] for x in listed] == ["r1"]
 
 
-async def test_put_round_with_bad_fields_leaves_an_existing_round_unchanged(client: Client) -> None:
+async def test_put_round_with_bad_fields_leaves_an_existing_round_unchanged(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """A refused edit must not half-apply to a live round."""
+    client = clocked_client
     await seed(client, per_person=2)
     before = await (await client.get("/api/v1/rounds/r1")).json()
     r = await client.put(
         "/api/v1/admin/rounds/r1", json=_round_with(per_person=0, title="X"), headers=ADMIN
     )
     assert await invalid(r) == {"per_person"}
-    await asyncio.sleep(1.05)  # past any per-worker cache of the round
+    clock.advance(1.05)  # past any per-worker cache of the round
     assert await (await client.get("/api/v1/rounds/r1")).json() == before
 
 
@@ -1597,7 +1684,10 @@ async def test_logs_hold_no_clear_citizen_id_or_phone(
     """Logs are shipped and kept widely; clear IDs and phones in them would be a data leak."""
     caplog.set_level(logging.DEBUG)
     clear = await _privacy_flow(client)
-    await asyncio.sleep(0.3)  # let the ledger writer log whatever it logs
+    deadline = asyncio.get_running_loop().time() + 5
+    while (await stats(client))["ledger"] != {"recorded": 5, "lag": 0}:  # the writer has logged
+        assert asyncio.get_running_loop().time() < deadline  # whatever it logs for these
+        await asyncio.sleep(0.1)
     assert caplog.records  # capture works (at least the access log speaks)
     for record in caplog.records:
         text = record.getMessage() + str(record.args) + str(record.exc_text or "")

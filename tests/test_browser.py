@@ -28,6 +28,7 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import rebuild_round
 from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, seed
+from tests.helpers import FakeClock
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -225,9 +226,10 @@ async def test_citizen_reserves_on_a_phone_and_sees_the_pickup_code_and_qr(
 
 
 async def test_citizen_page_on_a_desktop_lists_sites_by_district(
-    client: Client, browser: Browser, shots: Path
+    clocked_client: Client, clock: FakeClock, browser: Browser, shots: Path
 ) -> None:
     """Staff helping at a counter use a desktop: the same page, sites beside the form."""
+    client = clocked_client
     await seed(
         client,
         stock={"a1": 120, "a2": 0, "b1": 7},
@@ -241,7 +243,7 @@ async def test_citizen_page_on_a_desktop_lists_sites_by_district(
     )
     assert r.status == 201
     assert (await reserve(client, 9, site="a2")).status == 201
-    await asyncio.sleep(1.1)  # the site list is a snapshot at most 1 s old
+    clock.advance(1.1)  # past the stock snapshot (at most 1 s old) the site list is built from
     context, page = await open_page(browser, client, size=DESKTOP)
     groups = page.locator("#site-groups h3")
     await expect(groups).to_have_text(["徐汇区", "浦东新区"])  # as the API orders them

@@ -49,14 +49,15 @@ ALLOT = str(Path(sys.executable).with_name("allot"))
 # -- helpers ----------------------------------------------------------------------------------
 
 
-async def on(aiohttp_client: Any, settings: Settings, server: PrivateRedis) -> TestClient[Any, Any]:
-    """The real app (ledger writer and integrity watch included) on the private Redis."""
+async def on(checked_client: Any, settings: Settings, server: PrivateRedis) -> TestClient[Any, Any]:
+    """The real app (ledger writer and integrity watch included) on the private Redis; every
+    answer, the refusals of a lost round included, must match the served OpenAPI document."""
     settings = replace(
         settings,
         redis_url=server.url,
         service=replace(settings.service, redis_timeout_ms=800),
     )
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    client: TestClient[Any, Any] = await checked_client(create_app(settings))
     return client
 
 
@@ -155,7 +156,7 @@ async def volatile(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
 
 @pytest.mark.slow
 async def test_power_loss_with_everysec_is_seen_refused_and_healed_by_rebuild(
-    aiohttp_client: Any,
+    checked_client: Any,
     settings: Settings,
     keys: Keys,
     everysec: PrivateRedis,
@@ -165,7 +166,7 @@ async def test_power_loss_with_everysec_is_seen_refused_and_healed_by_rebuild(
     """Redis restarts from its last fsync without reservations the ledger already has: those
     citizens must not reserve again (503 for the round), readiness and reconcile say so, and
     after `allot rebuild` they get their own reservation back and the stock balances."""
-    client = await on(aiohttp_client, settings, everysec)
+    client = await on(checked_client, settings, everysec)
     await seed(client, stock={"s1": 10})
     early = [await (await reserve(client, n)).json() for n in range(3)]
     await in_ledger(settings.database_url, {r["reservation_id"]: "confirmed" for r in early})
@@ -261,11 +262,11 @@ async def test_power_loss_with_everysec_is_seen_refused_and_healed_by_rebuild(
 
 @pytest.mark.slow
 async def test_whole_dataset_lost_answers_503_not_404_and_rebuild_restores_it(
-    aiohttp_client: Any, settings: Settings, keys: Keys, volatile: PrivateRedis
+    checked_client: Any, settings: Settings, keys: Keys, volatile: PrivateRedis
 ) -> None:
     """A Redis restarted empty must not make a round look like it never existed (404 invites
     everyone to start again elsewhere); 503 until rebuilt, then the same reservations."""
-    client = await on(aiohttp_client, settings, volatile)
+    client = await on(checked_client, settings, volatile)
     await seed(client, stock={"s1": 10})
     made = [await (await reserve(client, n)).json() for n in range(3)]
     await in_ledger(settings.database_url, {r["reservation_id"]: "confirmed" for r in made})
@@ -300,11 +301,11 @@ async def test_whole_dataset_lost_answers_503_not_404_and_rebuild_restores_it(
 
 @pytest.mark.slow
 async def test_appendfsync_always_and_kill_9_lose_no_answered_reservation(
-    aiohttp_client: Any, settings: Settings, keys: Keys, always: PrivateRedis
+    checked_client: Any, settings: Settings, keys: Keys, always: PrivateRedis
 ) -> None:
     """Redis killed mid-crowd: every reservation answered 201 is still in Redis after the
     restart and reaches the ledger, and the round is not taken for lost."""
-    client = await on(aiohttp_client, settings, always)
+    client = await on(checked_client, settings, always)
     await seed(client, stock={"s1": 500})
     answered: dict[int, str] = {}
 

@@ -137,7 +137,7 @@ async def test_writer_killed_between_read_and_commit_loses_nothing(
     assert await rows(pool) == {}
 
     heir = writer(redis, pool, keys, "heir", claim_idle_ms=100)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # the entries idle past claim_idle_ms by Redis's clock (XAUTOCLAIM)
     task = asyncio.create_task(heir.run())
     try:
         async with asyncio.timeout(10):

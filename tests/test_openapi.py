@@ -1,10 +1,17 @@
-"""The OpenAPI document served at /api/v1/openapi.json: valid, and complete against API.md."""
+"""The OpenAPI document served at /api/v1/openapi.json: valid, and complete against API.md
+and against the application's own routes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import orjson
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 
-from service.openapi import openapi_document
+from allocator.config import Settings
+from service.app import create_app
+from service.openapi import ROUTES, openapi_document, openapi_json
+from service.problems import PROBLEM_CODES
 
 # Every path and method of the contract (API.md), written out by hand from it.
 CONTRACT_OPERATIONS = {
@@ -25,6 +32,16 @@ CONTRACT_OPERATIONS = {
     ("get", "/api/v1/openapi.json"),
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+# The part of the application the document must describe.
+DOCUMENTED_PREFIXES = ("/api/v1/", "/healthz", "/readyz", "/metrics")
+# Routes there that are deliberately not in the document: extensions beyond the contract (the
+# document describes the contract only), each described in README.md under "Beyond the
+# contract". Neither answers JSON; their errors are problem+json like every other.
+DOCUMENTED_EXTENSIONS = {
+    ("get", "/api/v1/reservations/{reservation_id}/qr.svg"),  # the pickup code as a QR image
+    ("get", "/api/v1/rounds/{round_id}/sites.csv"),  # the open stock feed, CSV
+}
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def _documented_operations() -> set[tuple[str, str]]:
@@ -63,3 +80,52 @@ def test_operator_operations_require_the_bearer_token() -> None:
             assert "401" in operation["responses"], (method, path)
         else:
             assert "security" not in operation, (method, path)
+
+
+def _application_routes(settings: Settings) -> set[tuple[str, str]]:
+    """(method, path template) of every route the application registers under the documented
+    prefixes. HEAD is left out: aiohttp adds it to every GET route, answered by the same
+    handler, and OpenAPI documents it with the GET."""
+    app = create_app(settings)
+    out = set()
+    for resource in app.router.resources():
+        path = resource.canonical
+        if not (path.startswith(DOCUMENTED_PREFIXES[0]) or path in DOCUMENTED_PREFIXES[1:]):
+            continue
+        out |= {(route.method.lower(), path) for route in resource if route.method != "HEAD"}
+    return out
+
+
+def test_every_route_of_the_application_is_documented(settings: Settings) -> None:
+    """A route added to the app but not to the document is an endpoint client generators and
+    readers never see; it must be documented or listed as an extension on purpose."""
+    routes = _application_routes(settings)
+    assert ("get", "/api/v1/rounds") in routes  # the walk finds the application's routes
+    undocumented = routes - _documented_operations() - DOCUMENTED_EXTENSIONS
+    assert not undocumented, f"neither in the document nor listed as extensions: {undocumented}"
+
+
+def test_listed_extensions_exist_and_are_described_in_the_readme(settings: Settings) -> None:
+    """The list of extensions must not outlive its routes, nor hide an undescribed one."""
+    missing = DOCUMENTED_EXTENSIONS - _application_routes(settings)
+    assert not missing, f"listed as extensions, but the app has no such route: {missing}"
+    readme = README.read_text(encoding="utf-8")
+    for method, path in sorted(DOCUMENTED_EXTENSIONS):
+        assert f"`{method.upper()} {path}`" in readme, path
+
+
+def test_document_is_built_once_and_served_as_built() -> None:
+    """The document is served to every client generator that asks: it is built once per
+    process, and what is served is that document."""
+    assert openapi_document() is openapi_document()
+    assert openapi_json() is openapi_json()
+    assert orjson.loads(openapi_json()) == orjson.loads(orjson.dumps(openapi_document()))
+
+
+def test_every_served_problem_code_is_answered_somewhere() -> None:
+    """A code marked served that no operation lists is either dead or undocumented."""
+    listed = {code for route in ROUTES for code in route.problems} | {"method-not-allowed"}
+    served = {p.code for p in PROBLEM_CODES if p.served}
+    assert served == listed
+    problem = openapi_document()["components"]["schemas"]["Problem"]
+    assert problem["properties"]["code"]["enum"] == [p.code for p in PROBLEM_CODES if p.served]

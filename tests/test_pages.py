@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import gzip
 import io
 import json
 import re
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 import zipfile
 from html.parser import HTMLParser
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from service import feeds, pages
 from tests.conftest import ADMIN, reserve, seed
+from tests.helpers import FakeClock
 
 Client = TestClient[Any, Any]
 ROOT = Path(__file__).resolve().parent.parent
@@ -321,13 +323,16 @@ def read_csv(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
 
 
-async def test_sites_csv_lists_each_site_with_its_stock(client: Client) -> None:
+async def test_sites_csv_lists_each_site_with_its_stock(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Maps and newsrooms built on Taiwan's feed; this is ours, one row per site."""
+    client = clocked_client
     await seed(
         client, stock={"s1": 10, "s2": 4}, districts={"s1": "徐汇区", "s2": "静安区"}, per_person=2
     )
     assert (await reserve(client, 1, site="s2")).status == 201
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)  # past the allocator's stock snapshot
     r = await client.get("/api/v1/rounds/r1/sites.csv")
     assert r.status == 200
     assert r.content_type == "text/csv"
@@ -347,8 +352,11 @@ async def test_sites_csv_lists_each_site_with_its_stock(client: Client) -> None:
     assert abs((dt.datetime.now(dt.UTC) - updated).total_seconds()) < 5
 
 
-async def test_sites_csv_is_rendered_at_most_once_a_second(client: Client) -> None:
+async def test_sites_csv_is_rendered_at_most_once_a_second(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Under a crowd the feed costs one rendering a second per worker, and 304s cost nothing."""
+    client = clocked_client
     await seed(client, stock={"s1": 10})
     first = await client.get("/api/v1/rounds/r1/sites.csv")
     body, etag = await first.read(), first.headers["ETag"]
@@ -358,7 +366,9 @@ async def test_sites_csv_is_rendered_at_most_once_a_second(client: Client) -> No
     assert await again.read() == body  # the cached rendering
     r = await client.get("/api/v1/rounds/r1/sites.csv", headers={"If-None-Match": etag})
     assert r.status == 304
-    await asyncio.sleep(2.2)  # past this cache and the allocator's stock snapshot
+    clock.advance(0.9)  # still within the second: the same rendering
+    assert await (await client.get("/api/v1/rounds/r1/sites.csv")).read() == body
+    clock.advance(1.3)  # past this cache and the allocator's stock snapshot
     later = await client.get("/api/v1/rounds/r1/sites.csv")
     assert read_csv(await later.text())[0]["remaining"] == "9"
     assert later.headers["ETag"] != etag
@@ -374,15 +384,18 @@ async def test_sites_csv_is_gzipped_when_asked(client: Client) -> None:
     assert len(read_csv(gzip.decompress(await r.read()).decode())) == 30
 
 
-async def test_sites_csv_quotes_text_and_defuses_spreadsheet_formulas(client: Client) -> None:
+async def test_sites_csv_quotes_text_and_defuses_spreadsheet_formulas(
+    clocked_client: Client, clock: FakeClock
+) -> None:
     """Operator-typed names reach spreadsheets; a comma must not split a cell, '=' must not run."""
+    client = clocked_client
     sites = [
         {"site_id": "s1", "name": 'Pharmacy, "North"', "address": "=HYPERLINK(1)", "district": "d"}
     ]
     await seed(client, stock={"s1": 3})
     r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
     assert r.status == 200
-    await asyncio.sleep(1.1)  # the allocator's site snapshot
+    clock.advance(1.1)  # past the allocator's site snapshot
     [row] = read_csv(await (await client.get("/api/v1/rounds/r1/sites.csv")).text())
     assert row["name"] == 'Pharmacy, "North"'
     assert row["address"] == "'=HYPERLINK(1)"
@@ -394,3 +407,54 @@ async def test_sites_csv_of_an_unknown_round_is_a_404_problem(client: Client) ->
         r = await client.get(f"/api/v1/rounds/{round_id}/sites.csv")
         assert r.status == 404
         assert r.content_type == "application/problem+json"
+
+
+NODE = shutil.which("node")
+
+
+@pytest.mark.skipif(NODE is None, reason="node is not installed")
+def test_the_page_checks_ids_and_phones_in_the_servers_canonical_form() -> None:
+    """The citizen page refuses before sending what the server would refuse, and nothing else:
+    fullwidth and math-bold digits pass, Arabic-Indic and Devanagari digits do not."""
+    from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
+    from tests.conftest import citizen_id, phone
+
+    def forms(value: str) -> list[str]:
+        return [
+            value,
+            value.translate(str.maketrans("0123456789X", "０１２３４５６７８９Ｘ")),
+            "".join(chr(0x1D7CE + int(c)) if c.isdigit() else c for c in value),
+            value.translate(str.maketrans("0123456789", "٠١٢٣٤٥٦٧٨٩")),
+            value.translate(str.maketrans("0123456789", "०१२३४५६७८९")),
+        ]
+
+    def server(check: Any, value: str) -> Any:
+        try:
+            return check(value)
+        except InvalidIdentity:
+            return None
+
+    ids = forms(next(c for c in map(citizen_id, range(100, 1000)) if c.endswith("X")))
+    phones = forms(phone(1))
+    script = (
+        "global.document = {getElementById: () => null, documentElement: {lang: 'en'}};"
+        "global.window = global; global.navigator = {};\n"
+        + (STATIC / "common.js").read_text()
+        + ";\nprocess.stdout.write(JSON.stringify(["
+        + f"{json.dumps(ids)}.map(v => [Allot.citizenIdProblem(v), Allot.normaliseCitizenId(v)]),"
+        + f"{json.dumps(phones)}.map(v => [Allot.phoneProblem(v), Allot.normalisePhone(v)])]))"
+    )
+    assert NODE is not None
+    out = subprocess.run([NODE, "-e", script], capture_output=True, text=True, check=True)
+    page_ids, page_phones = json.loads(out.stdout)
+    for value, (problem, sent) in zip(ids, page_ids, strict=True):
+        expected = server(normalise_citizen_id, value)
+        assert (problem is None) == (expected is not None), (value, problem)
+        if expected is not None:
+            assert sent == expected
+    for value, (problem, sent) in zip(phones, page_phones, strict=True):
+        expected = server(validate_phone, value)
+        assert (problem is None) == (expected is not None), (value, problem)
+        if expected is not None:
+            assert sent == expected
+    assert [p is None for p, _ in page_ids] == [True, True, True, False, False]

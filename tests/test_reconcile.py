@@ -161,7 +161,9 @@ async def test_rebuild_refuses_to_discard_entries_not_yet_in_the_ledger(
     await activity(client)
     await drained(redis, keys)
     client.app[LEDGER].stop()  # the writer is down, so the next entry stays unwritten
-    await asyncio.sleep(0.5)
+    async with asyncio.timeout(5):  # it ends once the read it is blocked in returns
+        while any(t.get_name() == "ledger-writer" and not t.done() for t in asyncio.all_tasks()):
+            await asyncio.sleep(0.01)
     rk = keys.round("r1")
     await redis.xadd(rk.ledger, {"kind": "reservation", "record": b"{}"})
     con = await asyncpg.connect(settings.database_url)

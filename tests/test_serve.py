@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,27 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(server: Se
             async with session.get(f"{server.url}/healthz") as r:
                 assert r.status == 200
     assert "exited with -9; restarting" in server.log.read_text()
+
+
+async def test_a_started_service_imports_nothing_of_the_load_test(server: Server) -> None:
+    """The image's own command, started for real (supervisor and two workers): no locust, no
+    gevent patching, no matplotlib in any process, whatever is installed next to it."""
+    server.env["PYTHONPROFILEIMPORTTIME"] = "1"  # every process lists each module it imports
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        server.start(workers=2)
+        await server.wait_ready(session)
+        async with asyncio.timeout(30):  # both workers' apps have started (each logs its writer)
+            while len(re.findall(r"ledger writer \S+ started", server.log.read_text())) < 2:
+                await asyncio.sleep(0.1)
+        for path in ("/api/v1/rounds", "/api/v1/rounds/r1/sites", "/", "/api/v1/openapi.json"):
+            async with session.get(f"{server.url}{path}") as r:
+                assert r.status in (200, 404), path
+    server.stop()
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in server.log.read_text().splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
+    assert {"service.app", "service.views", "aiohttp.web"} <= imported  # the probe works
+    roots = {m.split(".")[0] for m in imported}
+    assert roots & {"loadtest", "locust", "gevent", "matplotlib"} == set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import asyncpg
@@ -13,8 +14,13 @@ from loadtest.servers import PrivatePostgres, PrivateRedis, free_port, redis_pin
 
 
 def test_free_port_is_bindable() -> None:
+    """The private servers listen on the port free_port() gives: it must really be free."""
     port = free_port()
     assert 1024 <= port <= 65535
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", port))  # EADDRINUSE if something listens there
+        s.listen()
+        assert s.getsockname() == ("127.0.0.1", port)
 
 
 def _get(url: str, key: str) -> bytes | None:

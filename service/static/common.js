@@ -188,8 +188,14 @@
   var WEIGHTS = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
   var CHECK_CHARS = '10X98765432';
 
+  /** The server's canonical form first (NFKC: fullwidth and other compatibility digits become
+   * the ASCII digits they show), so the page accepts exactly what the server accepts. */
+  function nfkc(raw) {
+    var s = String(raw || '');
+    return s.normalize ? s.normalize('NFKC') : s;
+  }
   function normaliseCitizenId(raw) {
-    return String(raw || '')
+    return nfkc(raw)
       .replace(/\s+/g, '')
       .toUpperCase();
   }
@@ -218,7 +224,7 @@
     return null;
   }
   function normalisePhone(raw) {
-    return String(raw || '').replace(/[\s-]+/g, '');
+    return nfkc(raw).replace(/[\s-]+/g, '');
   }
   function phoneProblem(raw) {
     var v = normalisePhone(raw);

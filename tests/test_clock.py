@@ -1,0 +1,69 @@
+"""Time is injected: caches, the sold-out board, the breaker and the feeds run on a clock the
+tests can move, so no test sleeps to wait one out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from allocator.cache import TtlCache
+from allocator.errors import SoldOut
+from allocator.soldout import TTL, SoldOutBoard
+from service.appkeys import ALLOCATOR, SITE_FEEDS
+from tests.helpers import FakeClock
+
+
+async def test_a_cached_value_lives_its_ttl_by_the_clock_and_no_longer() -> None:
+    """A snapshot may be up to ttl old, never older: the crowd sees stock that lags by 1 s."""
+    clock = FakeClock()
+    cache: TtlCache[str, int] = TtlCache(1.0, clock)
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        return loads
+
+    assert await cache.get("k", load) == 1
+    clock.advance(0.99)
+    assert await cache.get("k", load) == 1  # still fresh: Redis is not asked again
+    clock.advance(0.02)
+    assert await cache.get("k", load) == 2  # expired: loaded again
+
+
+def test_a_sold_out_mark_answers_from_memory_for_its_ttl_by_the_clock() -> None:
+    """The herd on an empty site is answered from memory for at most TTL, then Redis decides."""
+    clock = FakeClock()
+    board = SoldOutBoard(clock=clock)
+    board.mark("r1", "s1", frozenset({"holder"}), SoldOut("Gone.", alternatives=[]))
+    assert isinstance(board.check("r1", "s1", "someone"), SoldOut)
+    assert board.check("r1", "s1", "holder") is None  # a holder always reaches Redis
+    clock.advance(TTL - 0.01)
+    assert board.marked("r1", "s1")
+    clock.advance(0.02)
+    assert not board.marked("r1", "s1")
+    assert board.check("r1", "s1", "someone") is None
+
+
+def test_fake_clock_never_goes_back() -> None:
+    """A monotonic clock that went back would make every cache entry live forever."""
+    clock = FakeClock(5.0)
+    clock.advance(0)
+    with pytest.raises(ValueError, match="never goes back"):
+        clock.advance(-1)
+    assert clock() == 5.0
+
+
+async def test_the_app_gives_its_clock_to_every_cache_the_board_and_the_breaker(
+    clocked_client: TestClient[Any, Any], clock: FakeClock
+) -> None:
+    """One clock for the whole worker: a cache left on the real one would need a real sleep."""
+    app = clocked_client.app
+    allocator = app[ALLOCATOR]
+    caches = [allocator._rounds, allocator._round_ids, allocator._sites, allocator._stock]
+    assert [c._clock for c in caches] == [clock] * 4
+    assert allocator.sold_out._clock is clock
+    assert allocator._monotonic is clock  # the breaker
+    assert app[SITE_FEEDS]._clock is clock

@@ -1,0 +1,344 @@
+"""One source for the API's shapes and limits: the declarations agree with what the code does,
+and the check that holds every contract test's answers to the served document really checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from allocator import errors, rules
+from allocator.errors import InvalidRequest
+from service.openapi import openapi_document, openapi_json
+from service.problems import PROBLEM_CODES, PROBLEMS
+from service.schemas import SCHEMAS
+from service.validation import parse_batch_json, parse_pickup, parse_round, parse_sites
+from tests.conftest import round_body
+from tests.openapi_check import ContractCheck
+
+# API.md's error table, written out by hand from it: (status, code).
+CONTRACT_ERROR_TABLE = {
+    (400, "malformed-json"),
+    (401, "unauthorized"),
+    (404, "not-found"),
+    (409, "round-not-open"),
+    (409, "sold-out"),
+    (409, "already-reserved"),
+    (409, "batch-conflict"),
+    (409, "not-collectable"),
+    (413, "payload-too-large"),
+    (415, "unsupported-media-type"),
+    (422, "invalid-request"),
+    (429, "rate-limited"),
+    (429, "overloaded"),
+    (503, "unavailable"),
+    (409, "wrong-mode"),
+    (409, "already-entered"),
+    (409, "not-eligible"),
+    (409, "in-cooldown"),
+    (409, "draw-not-ready"),
+    (409, "draw-conflict"),
+    (409, "carry-not-ready"),
+    (403, "forbidden"),
+}
+
+
+# -- the problem table ------------------------------------------------------------------------
+
+
+def test_problem_table_is_the_contracts_error_table() -> None:
+    """The table the document is built from must hold every code of the contract, with the
+    contract's status, and nothing else but the marked extensions."""
+    table = {(p.status, p.code) for p in PROBLEM_CODES if not p.beyond_contract}
+    assert table == CONTRACT_ERROR_TABLE
+    assert len(PROBLEMS) == len(PROBLEM_CODES)  # each code once
+
+
+def _domain_problems() -> Iterator[type[errors.Problem]]:
+    todo = [errors.Problem]
+    while todo:
+        cls = todo.pop()
+        todo += cls.__subclasses__()
+        if "code" in vars(cls) and cls is not errors.Problem:
+            yield cls
+
+
+def test_domain_errors_answer_as_the_problem_table_says() -> None:
+    """Until the HTTP mapping reads service/problems.py, allocator/errors.py carries its own
+    status and title per code: the two must not drift apart."""
+    seen = set()
+    for cls in _domain_problems():
+        row = PROBLEMS[cls.code]
+        problem = InvalidRequest.one("f", "m") if cls is InvalidRequest else cls("detail")
+        assert (cls.status, cls.title) == (row.status, row.title), cls
+        assert ("Retry-After" in problem.headers) == row.retry_after, cls
+        assert row.served, f"{cls.code} is raised but marked not served"
+        seen.add(cls.code)
+    assert seen == {p.code for p in PROBLEM_CODES if p.served}
+
+
+# -- the limits the document states are the ones the service applies -------------------------
+
+
+def _refused(parse: Any, *args: Any) -> set[str]:
+    try:
+        parse(*args)
+    except InvalidRequest as exc:
+        return {e["field"] for e in exc.extra["errors"]}
+    return set()
+
+
+def _spec(name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = openapi_document()["components"]["schemas"][name]
+    return schema
+
+
+def test_round_limits_in_the_document_are_the_ones_applied() -> None:
+    """An operator's tool built from the document must not send what the service refuses, nor
+    be stopped short of what it takes."""
+    spec = _spec("RoundSpec")["properties"]
+    most = spec["per_person"]["maximum"]
+    assert most == rules.MAX_PER_PERSON
+    assert not _refused(parse_round, "r1", round_body(per_person=most))
+    assert _refused(parse_round, "r1", round_body(per_person=most + 1)) == {"per_person"}
+    longest = spec["title"]["maxLength"]
+    assert not _refused(parse_round, "r1", round_body(title="t" * longest))
+    assert _refused(parse_round, "r1", round_body(title="t" * (longest + 1))) == {"title"}
+    assert _refused(parse_round, "r1", {**round_body(), "mode": "lottery"}) == {"mode"}
+    assert spec["mode"]["enum"] == ["fcfs"]
+
+
+def test_site_and_batch_limits_in_the_document_are_the_ones_applied() -> None:
+    """The same for sites (text lengths, how many at once) and batch quantities."""
+    longest = _spec("Site")["properties"]["name"]["maxLength"]
+    site = {"site_id": "s1", "name": "n" * longest, "address": "a", "district": "d"}
+    assert len(parse_sites({"sites": [site]})) == 1
+    too_long = {**site, "name": "n" * (longest + 1)}
+    assert _refused(parse_sites, {"sites": [too_long]}) == {"sites[0].name"}
+    many = _spec("SitesUpsert")["properties"]["sites"]["maxItems"]
+    crowd = [{**site, "site_id": f"s{i}"} for i in range(many + 1)]
+    assert _refused(parse_sites, {"sites": crowd}) == {"sites"}
+    most = _spec("BatchItem")["properties"]["quantity"]["maximum"]
+    batch = {"batch_id": "b1", "items": [{"site_id": "s1", "quantity": most}]}
+    assert parse_batch_json(batch, {"s1"}).items == [("s1", most)]
+    batch["items"] = [{"site_id": "s1", "quantity": most + 1}]
+    assert _refused(parse_batch_json, batch, {"s1"}) == {"items[0].quantity"}
+
+
+def test_identifier_patterns_in_the_document_are_the_ones_applied() -> None:
+    """Ids and pickup codes: the document's patterns, Python's checks and the pickup alphabet
+    are one declaration."""
+    assert _spec("Id")["pattern"] == f"^{rules.ID_REGEX}$"
+    assert _spec("PickupCode")["pattern"] == f"^[{rules.PICKUP_ALPHABET}]{{8}}$"
+    longest = "a" * rules.ID_MAX_LENGTH
+    assert not _refused(parse_pickup, {"site_id": longest, "pickup_code": "23456789"})
+    assert _refused(parse_pickup, {"site_id": longest + "a", "pickup_code": "23456789"}) == {
+        "site_id"
+    }
+    for letter in "01IO":  # look-alikes left out of the alphabet
+        assert letter not in rules.PICKUP_ALPHABET
+        code = "2345678" + letter
+        assert _refused(parse_pickup, {"site_id": "s1", "pickup_code": code}) == {"pickup_code"}
+
+
+def test_load_test_reads_its_field_lists_from_the_declarations() -> None:
+    """The load test checks answers with the same member lists the document requires."""
+    from loadtest import crowd
+
+    assert tuple(SCHEMAS["Reservation"]["required"]) == crowd.RESERVATION_FIELDS
+    assert tuple(SCHEMAS["Round"]["required"]) == crowd.ROUND_FIELDS
+    assert tuple(SCHEMAS["SiteStock"]["required"]) == crowd.SITE_FIELDS
+
+
+# -- the contract check really checks ---------------------------------------------------------
+
+GOOD_RESERVATION = {
+    "reservation_id": "Qm9vdHN0cmFwcGluZ0lEeA.r1",
+    "round_id": "r1",
+    "site_id": "s1",
+    "quantity": 1,
+    "status": "confirmed",
+    "pickup_code": "7KQ2MZ9P",
+    "pickup_start": "2026-03-01T09:00:00+08:00",
+    "pickup_end": "2026-03-02T09:00:00+08:00",
+    "created_at": "2026-03-01T01:00:00.000+00:00",
+    "citizen_id_masked": "110105********002X",
+}
+
+
+def _problem(status: int, code: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "type": f"urn:allot:problem:{code}",
+        "title": "t",
+        "status": status,
+        "detail": "d",
+        "code": code,
+        **extra,
+    }
+
+
+# method, path -> (status, body, media type, headers): a stand-in service answering each
+# request with a fixed answer, and what the check must say about it (None: nothing wrong).
+ANSWERS: dict[tuple[str, str], tuple[int, Any, str, dict[str, str], str | None]] = {
+    ("GET", "/healthz"): (200, {"status": "ok"}, "application/json", {}, None),
+    ("GET", "/api/v1/reservations/good.r1"): (
+        200,
+        GOOD_RESERVATION,
+        "application/json",
+        {},
+        None,
+    ),
+    ("GET", "/api/v1/reservations/extra.r1"): (
+        200,
+        {**GOOD_RESERVATION, "citizen_id": "11010519491231002X"},
+        "application/json",
+        {},
+        "'citizen_id' was unexpected",
+    ),
+    ("GET", "/api/v1/rounds/r1"): (
+        200,
+        {"round_id": "r1"},
+        "application/json",
+        {},
+        "is a required property",
+    ),
+    ("GET", "/api/v1/reservations/code.r1"): (
+        200,
+        {**GOOD_RESERVATION, "pickup_code": "0000OOOO"},
+        "application/json",
+        {},
+        "does not match",
+    ),
+    ("GET", "/api/v1/reservations/time.r1"): (
+        200,
+        {**GOOD_RESERVATION, "created_at": "2026-03-01T01:00:00"},
+        "application/json",
+        {},
+        "is not a 'date-time'",
+    ),
+    ("POST", "/api/v1/rounds/r1/reservations"): (
+        409,
+        _problem(409, "sold-out"),  # without its alternatives
+        "application/problem+json",
+        {},
+        "'alternatives' is a required property",
+    ),
+    ("GET", "/api/v1/admin/rounds/r1/stats"): (
+        404,
+        _problem(404, "sold-out", alternatives=[]),  # a code this answer cannot carry
+        "application/problem+json",
+        {},
+        "'sold-out' is not one of ['not-found']",
+    ),
+    ("DELETE", "/api/v1/reservations/status.r1"): (
+        409,
+        _problem(410, "not-collectable"),  # a status that is not the code's
+        "application/problem+json",
+        {},
+        "409 was expected",
+    ),
+    ("GET", "/api/v1/rounds"): (418, {}, "application/json", {}, "status 418 is not documented"),
+    ("GET", "/api/v1/rounds/r1/sites"): (
+        200,
+        "<html></html>",
+        "text/html",
+        {},
+        "media type 'text/html' is not documented",
+    ),
+    ("GET", "/readyz"): (
+        503,
+        _problem(503, "unavailable"),  # without Retry-After
+        "application/problem+json",
+        {},
+        "header Retry-After is missing",
+    ),
+    ("GET", "/api/v1/reservations/retry.r1"): (
+        429,
+        _problem(429, "rate-limited"),
+        "application/problem+json",
+        {"Retry-After": "0.5"},
+        "is not a whole number",
+    ),
+    ("GET", "/api/v1/nowhere"): (
+        404,
+        _problem(404, "not-found", hint="x"),  # off the document: still a Problem
+        "application/problem+json",
+        {},
+        "'hint' was unexpected",
+    ),
+    ("GET", "/api/v1/elsewhere"): (
+        404,
+        _problem(503, "unavailable"),  # a well-formed problem, but not this answer's
+        "application/problem+json",
+        {},
+        "the problem's status 503 is not the answer's",
+    ),
+    ("PATCH", "/api/v1/admin/sites"): (
+        405,
+        _problem(405, "method-not-allowed"),  # without Allow
+        "application/problem+json",
+        {},
+        "header Allow is missing",
+    ),
+}
+
+
+def _stand_in(document: bytes) -> web.Application:
+    async def answer(request: web.Request) -> web.Response:
+        if request.path == "/api/v1/openapi.json":
+            return web.Response(body=document, content_type="application/json")
+        status, body, media, headers, _ = ANSWERS[(request.method, request.path)]
+        raw = body.encode() if isinstance(body, str) else orjson.dumps(body)
+        return web.Response(body=raw, status=status, content_type=media, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+async def test_contract_check_catches_answers_the_document_does_not_allow(
+    aiohttp_client: Any,
+) -> None:
+    """The contract tests pass only if their answers match the served document; that proves
+    something only if a wrong answer is caught, each kind of wrong for its own reason."""
+    check = ContractCheck()
+    client = await aiohttp_client(_stand_in(openapi_json()), middlewares=(check.middleware,))
+    await check.load(client)
+    found: dict[tuple[str, str], str | None] = {}
+    for (method, path), (status, *_, expected) in ANSWERS.items():
+        before = len(check.failures)
+        r = await client.request(method, path)
+        assert r.status == status
+        await r.read()  # the test can still read what the check read
+        if len(check.failures) > before:  # what is wrong, without the body's excerpt
+            found[(method, path)] = check.failures[before].splitlines()[0]
+        else:
+            found[(method, path)] = None
+        if expected is None:
+            assert found[(method, path)] is None, found[(method, path)]
+        else:
+            assert found[(method, path)] is not None, (method, path)
+            assert expected in str(found[(method, path)]), found[(method, path)]
+    assert check.seen == len(ANSWERS)
+    with pytest.raises(AssertionError, match="do not match the served OpenAPI document"):
+        check.assert_clean()
+
+
+async def test_contract_check_reads_the_served_document_not_the_module(
+    aiohttp_client: Any,
+) -> None:
+    """The check holds answers to what the service serves: a served document that lacks an
+    operation makes every answer of that operation a failure."""
+    document = orjson.loads(openapi_json())
+    del document["paths"]["/api/v1/rounds/{round_id}"]["get"]["responses"]["200"]
+    check = ContractCheck()
+    client = await aiohttp_client(
+        _stand_in(orjson.dumps(document)), middlewares=(check.middleware,)
+    )
+    await check.load(client)
+    await client.get("/api/v1/rounds/r1")
+    assert check.failures
+    assert "status 200 is not documented" in check.failures[0]
