@@ -40,11 +40,13 @@ from allocator.errors import (
     Overloaded,
     Problem,
     RateLimited,
+    RoundLost,
     RoundNotOpen,
     SoldOut,
     Unavailable,
 )
 from allocator.identity import Hasher, mask_citizen_id
+from allocator.integrity import Floors, Lost, ledger_marks, tally_counts
 from allocator.keys import Keys, RoundKeys
 from allocator.looplag import LoopLag
 from allocator.model import (
@@ -67,6 +69,10 @@ T = TypeVar("T")
 LEDGER_GROUP = "ledger"
 CODE_CANDIDATES = 3
 SNAPSHOT_TTL = 1.0  # seconds a worker may serve a cached round, site list or stock snapshot
+FLOOR_WAIT = 0.5  # seconds a script call waits for the ledger's marks after a Redis failure
+WATCH_EVERY = 1.0  # seconds between a worker's integrity checks of every round
+LOST_LOG_EVERY = 60.0  # seconds between ERROR lines for a round that stays lost
+LOST_RETRY_AFTER = 10  # seconds: a lost round stays refused until an operator rebuilds it
 
 
 # byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
@@ -165,6 +171,12 @@ class Allocator:
         self.loop_lag = LoopLag()  # its run() is started by the app, next to the dispatcher
         self._breaker = breaker
         self._down_until = 0.0
+        # loss seen (allocator/integrity.py): the ledger's marks, and the rounds found lost
+        self.floors = Floors()
+        self._floor_reload: asyncio.Future[None] | None = None
+        self._lost: dict[str, Lost] = {}
+        self._lost_logged: dict[str, float] = {}
+        self._marks_warned = -LOST_LOG_EVERY
 
     # -- guards ------------------------------------------------------------------------------
 
@@ -183,10 +195,14 @@ class Allocator:
             async with asyncio.timeout(self.timeout):
                 return await aw
         except ResponseError as exc:
-            if not isinstance(exc, NoScriptError) and not _is_transient_response(exc):
+            if isinstance(exc, NoScriptError) or _is_transient_response(exc):
+                self.floors.redis_failed()  # LOADING, or an empty script cache: a new server
+            else:
                 log.error("redis refused a command: %s", exc)
             raise Unavailable("The reservation store is busy; please try again.") from exc
         except (RedisError, OSError, TimeoutError) as exc:
+            # the Redis that answers next may be an older copy: compare it with the ledger first
+            self.floors.redis_failed()
             if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
                 # the reply most likely sat unread while this worker was saturated: shed load
                 raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
@@ -213,6 +229,15 @@ class Allocator:
     # -- cached reads --------------------------------------------------------------------------
 
     async def find_round(self, round_id: str) -> Round | None:
+        """The round from Redis; None when nobody has it; RoundLost (503) when the ledger has
+        it but Redis does not, or Redis is behind the ledger on it."""
+        self._refuse_if_lost(round_id)
+        found = await self._round_as_stored(round_id)
+        if found is None and self.floors.knows(round_id):
+            raise _round_refusal()  # the ledger has it: lost, or not yet mirrored (a moment)
+        return found
+
+    async def _round_as_stored(self, round_id: str) -> Round | None:
         async def load() -> Round | None:
             h = await self._redis(awaited(self.redis.hgetall(self.keys.round(round_id).round)))
             return Round.from_redis(round_id, h) if h else None
@@ -233,7 +258,9 @@ class Allocator:
         return await self._round_ids.get(None, load)
 
     async def rounds(self) -> list[Round]:
-        found = [await self.find_round(r) for r in await self.round_ids()]
+        """Every round Redis holds. One Redis has lost data of is still listed (so it does not
+        vanish from the citizen page and the console), while its own endpoints answer 503."""
+        found = [await self._round_as_stored(r) for r in await self.round_ids()]
         return sorted((r for r in found if r is not None), key=lambda r: (r.opens_at, r.round_id))
 
     async def sites(self, *, fresh: bool = False) -> dict[str, Site]:
@@ -323,7 +350,7 @@ class Allocator:
                 index[name] = len(keys)
             return index[name]
 
-        args: list[str | int | float] = [len(items), *self._gate_args]
+        args: list[str | int | float] = [len(items), *self._gate_args, await self._floor(round_id)]
         for item, (reservation_id, codes) in zip(
             items, fresh_identifiers(round_id, len(items)), strict=True
         ):
@@ -344,6 +371,10 @@ class Allocator:
                 )
             )
         replies = await self._redis(self.scripts.claim(keys=keys, args=args))
+        if replies and replies[0][0] == b"lost":
+            self._note_lost(Lost.from_mark(round_id, replies[0][1]))
+            return [ClaimOutcome(refusal=_round_refusal()) for _ in items]
+        self._seen_whole(round_id)
         return [
             await self._claim_outcome(round_id, item, reply)
             for item, reply in zip(items, replies, strict=True)
@@ -362,6 +393,8 @@ class Allocator:
                 refusal=RateLimited(_GATED[bucket], retry_after=int(reply[1]) / 1000)
             )
         if status == "no-round":
+            if self.floors.knows(round_id):  # the ledger has it, Redis not: lost, or a moment early
+                return ClaimOutcome(refusal=_round_refusal())
             return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
         if status == "not-open":
             opens, closes = (ms_to_rfc3339(int(x)) for x in reply[1:3])
@@ -417,24 +450,32 @@ class Allocator:
 
     async def reservation(self, reservation_id: str) -> Reservation:
         round_id = _round_of(reservation_id)
+        self._refuse_if_lost(round_id)
         record = await self._redis(
             awaited(self.redis.hget(self.keys.round(round_id).reservations, reservation_id))
         )
         if record is None:
+            # before saying 404: a round Redis lost data of answers 503 (the ledger may have it)
+            await self.find_round(round_id)
+            if self.floors.get(round_id) > 0:
+                await self.verify(round_id)
             raise NotFound("There is no such reservation.")
         return Reservation.from_record(round_id, record)
 
     async def cancel(self, reservation_id: str) -> Reservation:
         round_id = _round_of(reservation_id)
         rk = self.keys.round(round_id)
+        floor = await self._floor(round_id)
         reply = await self._redis(
             self.scripts.cancel(
                 keys=[rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
-                args=[reservation_id],
+                args=[reservation_id, floor],
             )
         )
-        status = reply[0].decode()
+        status = self._whole_or_lost(round_id, reply)
         if status == "not-found":
+            if self.floors.knows(round_id):
+                await self.find_round(round_id)  # 503, not 404, when Redis lost the round
             raise NotFound("There is no such reservation.")
         reservation = Reservation.from_record(round_id, reply[1])
         if status == "not-collectable":
@@ -561,19 +602,23 @@ class Allocator:
             raise InvalidRequest.one("items", f"unknown site(s): {', '.join(unknown)}")
         rk = self.keys.round(round_id)
         canonical = sorted(items)
+        floor = await self._floor(round_id)
         reply = await self._redis(
             self.scripts.load_batch(
-                keys=[rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger],
+                keys=[rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
                 args=[
                     batch_id,
                     batch_digest(items),
                     orjson.dumps(canonical).decode(),
+                    floor,
                     *(v for pair in canonical for v in pair),
                 ],
             )
         )
-        status = reply[0].decode()
+        status = self._whole_or_lost(round_id, reply)
         if status == "no-round":
+            if self.floors.knows(round_id):
+                raise _round_refusal()
             raise NotFound(f"There is no round {round_id!r}.")
         if status == "conflict":
             raise BatchConflict(f"Batch {batch_id!r} was already loaded with other contents.")
@@ -592,17 +637,22 @@ class Allocator:
         """Hand over at the counter; without a round, the round whose code it is is found."""
         round_id = round_id or await self._round_of_code(site_id, code)
         if round_id is None:
+            if self._lost:  # the code may be one of a round Redis lost: do not say "no such code"
+                raise _round_refusal()
             raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
         rk = self.keys.round(round_id)
         citizen = self.hasher.citizen(citizen_id) if citizen_id else ""
+        floor = await self._floor(round_id)
         reply = await self._redis(
             self.scripts.pickup(
                 keys=[rk.round, rk.reservations, rk.codes(site_id), rk.tally, rk.ledger],
-                args=[code, citizen],
+                args=[code, citizen, floor],
             )
         )
-        status = reply[0].decode()
+        status = self._whole_or_lost(round_id, reply)
         if status == "not-found":
+            if self.floors.knows(round_id):
+                await self.find_round(round_id)  # 503, not 404, when Redis lost the round
             raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
         reservation = Reservation.from_record(round_id, reply[1])
         if status == "not-collectable":
@@ -632,7 +682,10 @@ class Allocator:
         return holders[-1]
 
     async def stats(self, round_id: str) -> dict[str, Any]:
-        await self.round(round_id)
+        """The round's figures from Redis, the ledger's count, and ``lost`` (null, or what
+        Redis has lost of the round): an operator sees a lost round here rather than a 503."""
+        with contextlib.suppress(RoundLost):
+            await self.round(round_id)  # NotFound for a round nobody has
         rk = self.keys.round(round_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.loaded)
@@ -643,15 +696,22 @@ class Allocator:
             loaded_raw, stock_raw, tally_raw, live, backlog = await self._redis(pipe.execute())
         loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
         stock = {k.decode(): int(v) for k, v in stock_raw.items()}
-        tally = {k.decode(): int(v) for k, v in tally_raw.items()}
+        tally = tally_counts(tally_raw)
         recorded: int | None
         try:
             async with self._pg() as con:
-                recorded = await con.fetchval(
-                    "SELECT count(*) FROM reservations WHERE round_id = $1", round_id
+                row = await con.fetchrow(
+                    "SELECT (SELECT count(*) FROM reservations WHERE round_id = $1) AS recorded,"
+                    " (SELECT ledger_seq FROM rounds WHERE round_id = $1) AS ledger_seq",
+                    round_id,
                 )
+            assert row is not None
+            recorded = row["recorded"]
+            if row["ledger_seq"] is not None:
+                self.floors.raise_to(round_id, int(row["ledger_seq"]))
         except Unavailable:
             recorded = None
+        lost = await self.check(round_id)
         site_ids = sorted(set(loaded) | set(stock))
         return {
             "round_id": round_id,
@@ -670,13 +730,171 @@ class Allocator:
                 for s in site_ids
             ],
             "ledger": {"recorded": recorded, "lag": backlog},
+            "lost": lost.public() if lost is not None else None,
         }
 
     async def ping(self) -> None:
-        """Readiness: Redis runs a real script, PostgreSQL answers a query."""
+        """Readiness: Redis runs a real script, PostgreSQL answers, and Redis holds every round
+        the ledger has, none of them behind it; else 503 naming each round that is not."""
         await self._redis(awaited(self.redis.eval("return 1", 0)))
+        generation = self.floors.generation()
         async with self._pg() as con:
-            await con.fetchval("SELECT 1")
+            marks = await ledger_marks(con)
+        self.floors.load(marks, generation)
+        verdicts = await self._integrity(sorted(marks))
+        lost = [v for v in verdicts.values() if isinstance(v, Lost)]
+        missing = sorted(r for r, v in verdicts.items() if v == "missing")
+        if lost or missing:
+            details = [v.describe() for v in lost] + [
+                f"round {r}: in the ledger but not in Redis; `allot rebuild --round {r}`"
+                for r in missing
+            ]
+            raise Unavailable(
+                "Redis does not hold what the ledger has: " + "; ".join(details),
+                retry_after=LOST_RETRY_AFTER,
+                lost_rounds=sorted([v.round_id for v in lost] + missing),
+            )
+
+    # -- loss seen (allocator/integrity.py) ---------------------------------------------------
+
+    async def _floor(self, round_id: str) -> int:
+        """The floor to pass to a script: the ledger's high-water mark for the round, reloaded
+        first (for at most FLOOR_WAIT) when Redis failed since the last load, or -1."""
+        if self.floors.suspect and self.pool is not None:
+            task = self._floor_reload
+            if task is None or task.done():
+                task = self._floor_reload = asyncio.ensure_future(self._reload_floors())
+                task.add_done_callback(_retrieved)  # a caller that stopped waiting left it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), FLOOR_WAIT)
+        return self.floors.get(round_id)
+
+    async def _reload_floors(self) -> None:
+        generation = self.floors.generation()
+        try:
+            async with asyncio.timeout(2 * FLOOR_WAIT):
+                async with self._pg() as con:
+                    marks = await ledger_marks(con)
+        except (Unavailable, TimeoutError, OSError, asyncpg.PostgresError) as exc:
+            # without the ledger, compare with the last marks known (they only ever rise)
+            now = self._monotonic()
+            if now - self._marks_warned >= LOST_LOG_EVERY:
+                self._marks_warned = now
+                log.warning(
+                    "the ledger's marks are not readable (%s); comparing Redis with the last ones",
+                    type(exc).__name__,
+                )
+            self.floors.settle(generation)
+            return
+        self.floors.load(marks, generation)
+
+    async def _integrity(self, round_ids: Sequence[str]) -> dict[str, Lost | str]:
+        """Each round compared with the ledger's mark (marking it lost when Redis is behind):
+        a Lost, ``"missing"`` (the ledger has the round, Redis not), ``"absent"`` (neither has
+        it) or ``"ok"``. Records what it finds."""
+        if not round_ids:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for round_id in round_ids:
+                rk = self.keys.round(round_id)
+                await self.scripts.integrity(
+                    keys=[rk.round, rk.tally], args=[self.floors.get(round_id)], client=pipe
+                )
+            replies = await self._redis(pipe.execute())
+        verdicts: dict[str, Lost | str] = {}
+        for round_id, reply in zip(round_ids, replies, strict=True):
+            exists = bool(int(reply[2]))
+            if reply[0] == b"lost":
+                lost = Lost.from_mark(round_id, reply[1], in_redis=exists)
+                self._note_lost(lost)
+                verdicts[round_id] = lost
+                continue
+            self._seen_whole(round_id)
+            if exists:
+                verdicts[round_id] = "ok"
+            else:
+                verdicts[round_id] = "missing" if self.floors.knows(round_id) else "absent"
+        return verdicts
+
+    async def check(self, round_id: str) -> Lost | None:
+        """What Redis has lost of the round, checked now; None when it is whole."""
+        verdict = (await self._integrity([round_id]))[round_id]
+        return verdict if isinstance(verdict, Lost) else None
+
+    async def verify(self, round_id: str) -> None:
+        """Raise RoundLost (503) when Redis is behind the ledger on this round."""
+        await self._floor(round_id)
+        if await self.check(round_id) is not None:
+            raise _round_refusal()
+
+    async def watch_integrity(self, stop: asyncio.Event, every: float = WATCH_EVERY) -> None:
+        """In every worker: reload the ledger's marks and check every round, once a second,
+        so that a lost round is refused, logged and shown even when nobody changes it."""
+        await self._check_persistence()
+        while not stop.is_set():
+            try:
+                if self.pool is not None:
+                    await self._reload_floors()
+                await self._integrity(self.floors.rounds())
+            except Unavailable:
+                pass  # Redis is down: the breaker and /readyz say so
+            except Exception:
+                log.exception("integrity check failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+
+    async def _check_persistence(self) -> None:
+        """Warn once when Redis may lose acknowledged writes on a power loss."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                config = await awaited(self.redis.config_get("appendonly", "appendfsync"))
+        except (RedisError, OSError, TimeoutError):
+            return  # Redis not up yet, or CONFIG disabled (managed Redis): nothing to say
+        appendonly = _text(config.get("appendonly", config.get(b"appendonly")))
+        appendfsync = _text(config.get("appendfsync", config.get(b"appendfsync")))
+        if appendonly != "yes" or appendfsync != "always":
+            log.warning(
+                "redis runs with appendonly %s, appendfsync %s: a power loss can lose reservations"
+                " already answered 201; set appendonly yes, appendfsync always"
+                " (docs/architecture.md, failure modes)",
+                appendonly,
+                appendfsync,
+            )
+
+    def _refuse_if_lost(self, round_id: str) -> None:
+        if round_id in self._lost:
+            raise _round_refusal()
+
+    def _whole_or_lost(self, round_id: str, reply: list[bytes]) -> str:
+        """The reply's status; a ``lost`` reply is recorded and raised as RoundLost."""
+        status = reply[0].decode()
+        if status == "lost":
+            self._note_lost(Lost.from_mark(round_id, reply[1]))
+            raise _round_refusal()
+        self._seen_whole(round_id)
+        return status
+
+    def _note_lost(self, lost: Lost) -> None:
+        """Record a lost round; log it at ERROR when first seen, and once a minute after."""
+        self._lost[lost.round_id] = lost
+        self._rounds.invalidate(lost.round_id)
+        self._stock.invalidate(lost.round_id)
+        self.sold_out.clear(lost.round_id)  # no answer from memory of a round in doubt
+        now = self._monotonic()
+        if now - self._lost_logged.get(lost.round_id, -LOST_LOG_EVERY) >= LOST_LOG_EVERY:
+            self._lost_logged[lost.round_id] = now
+            log.error("%s", lost.describe())
+
+    def _seen_whole(self, round_id: str) -> None:
+        if self._lost.pop(round_id, None) is not None:
+            self._lost_logged.pop(round_id, None)
+            self._rounds.invalidate(round_id)
+            self._stock.invalidate(round_id)
+            log.warning("round %s: Redis agrees with the ledger again (rebuilt); serving", round_id)
+
+    def lost_rounds(self) -> list[Lost]:
+        """The rounds this worker knows to be lost."""
+        return [self._lost[r] for r in sorted(self._lost)]
 
 
 _GATED = {
@@ -684,6 +902,23 @@ _GATED = {
     "client": "Too many requests from your address; please wait a moment.",
     "citizen": "Too many attempts for this ID number; please wait a moment.",
 }
+
+
+def _round_refusal() -> RoundLost:
+    """What a citizen or an operator is told about a round Redis has lost data of."""
+    return RoundLost(
+        "This round's reservations are being restored after a fault; please try again later.",
+        retry_after=LOST_RETRY_AFTER,
+    )
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("reloading the ledger's marks failed: %r", future.exception())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _round_of(reservation_id: str) -> str:

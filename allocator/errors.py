@@ -96,3 +96,8 @@ class Overloaded(_RetryLater):
 
 class Unavailable(_RetryLater):
     status, code, title = 503, "unavailable", "Service temporarily unavailable"
+
+
+class RoundLost(Unavailable):
+    """Redis has lost data of this round that the ledger has (or lacks the round altogether):
+    the round is refused, never served from the older state, until ``allot rebuild``."""

@@ -17,7 +17,7 @@ class RoundKeys:
     round: str  # hash: title, times (ISO and *_ms), per_person, mode
     stock: str  # hash: site_id -> units left
     loaded: str  # hash: site_id -> units ever loaded
-    tally: str  # hash: reserved:<site>, collected:<site>, created
+    tally: str  # hash: reserved:<site>, collected:<site>, created, seq, lost (integrity.py)
     holders: str  # hash: citizen hash -> reservation_id (live: confirmed or collected)
     reservations: str  # hash: reservation_id -> record JSON
     batches: str  # hash: batch_id -> digest

@@ -13,7 +13,11 @@ stream. This writer reads the stream through a consumer group and commits entrie
 * while PostgreSQL is down, nothing is acknowledged and the writer backs off; reservations go on
   in Redis and the backlog (the stream's length) shows as ledger lag;
 * an entry PostgreSQL refuses for its data ``max_attempts`` times is moved to the round's
-  dead-letter stream and logged, so one bad entry cannot stop the ledger.
+  dead-letter stream and logged, so one bad entry cannot stop the ledger;
+* every entry carries the round's change sequence number ``seq``; the transaction that writes
+  the rows also raises ``rounds.ledger_seq`` to the highest one (never lowers it), and the
+  worker's floors learn it at once (allocator/integrity.py: how a Redis that lost data the
+  ledger has is noticed).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.integrity import RAISE_LEDGER_SEQ, Floors
 from allocator.keys import Keys
 from allocator.redistyping import awaited
 
@@ -67,6 +72,14 @@ class Entry:
     round_id: str
     entry_id: bytes
     fields: dict[bytes, bytes]
+
+    @property
+    def seq(self) -> int | None:
+        """The round's change sequence number of this entry (None in entries made before it)."""
+        raw = self.fields.get(b"seq")
+        if raw is None or not raw.isdigit():
+            return None
+        return int(raw)
 
     def statement(self) -> tuple[str, tuple[Any, ...]]:
         kind = self.fields.get(b"kind", b"").decode()
@@ -114,6 +127,7 @@ class LedgerWriter:
         consumer: str | None = None,
         block_ms: int = 200,
         on_lag: Callable[[int], None] | None = None,
+        floors: Floors | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -122,6 +136,7 @@ class LedgerWriter:
         self.consumer = consumer or consumer_name()
         self.block_ms = block_ms
         self.on_lag = on_lag
+        self.floors = floors  # this worker's copy of the ledger's marks, raised after each commit
         self.committed = 0  # entries committed by this writer, for tests and logs
         self._groups: set[str] = set()
         self._failures: dict[bytes, int] = {}
@@ -149,6 +164,8 @@ class LedgerWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, RedisError | OSError) and self.floors is not None:
+                    self.floors.redis_failed()  # the Redis that comes back may be an older copy
                 self._backoff = min(5.0, max(0.1, self._backoff * 2))
                 level = logging.WARNING if _transient(exc) else logging.ERROR
                 log.log(
@@ -238,10 +255,13 @@ class LedgerWriter:
         return stream.rsplit("{r:", 1)[1].split("}", 1)[0]
 
     async def _commit(self, entries: Sequence[Entry], streams: dict[str, str]) -> None:
+        marks = _marks(entries)
         try:
             async with self.pool.acquire() as con, con.transaction():
                 for sql, rows in _grouped(entries):
                     await con.executemany(sql, rows)
+                if marks:
+                    await con.executemany(RAISE_LEDGER_SEQ, sorted(marks.items()))
         except TRANSIENT_PG_ERRORS:
             raise
         except (asyncpg.PostgresError, ValueError, KeyError) as exc:
@@ -249,13 +269,17 @@ class LedgerWriter:
             for entry in entries:
                 await self._commit_one(entry)
             return
+        self._committed(marks)
         await self._ack(entries)
 
     async def _commit_one(self, entry: Entry) -> None:
+        marks = _marks([entry])
         try:
             sql, row = entry.statement()
-            async with self.pool.acquire() as con:
+            async with self.pool.acquire() as con, con.transaction():
                 await con.execute(sql, *row)
+                if marks:
+                    await con.executemany(RAISE_LEDGER_SEQ, sorted(marks.items()))
         except TRANSIENT_PG_ERRORS:
             raise
         except (asyncpg.PostgresError, ValueError, KeyError) as exc:
@@ -273,7 +297,13 @@ class LedgerWriter:
                 return
             await self._dead_letter(entry, exc)
             return
+        self._committed(marks)
         await self._ack([entry])
+
+    def _committed(self, marks: dict[str, int]) -> None:
+        if self.floors is not None:
+            for round_id, seq in marks.items():
+                self.floors.raise_to(round_id, seq)
 
     async def _dead_letter(self, entry: Entry, exc: Exception) -> None:
         rk = self.keys.round(entry.round_id)
@@ -331,6 +361,16 @@ class LedgerWriter:
     async def _report_lag(self, streams: dict[str, str]) -> None:
         if self.on_lag is not None:
             self.on_lag(await self.backlog(streams))
+
+
+def _marks(entries: Sequence[Entry]) -> dict[str, int]:
+    """round_id -> the highest change sequence number among the entries."""
+    marks: dict[str, int] = {}
+    for entry in entries:
+        seq = entry.seq
+        if seq is not None and seq > marks.get(entry.round_id, 0):
+            marks[entry.round_id] = seq
+    return marks
 
 
 def _grouped(entries: Sequence[Entry]) -> list[tuple[str, list[tuple[Any, ...]]]]:

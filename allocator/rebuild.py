@@ -4,10 +4,18 @@ The ledger holds every batch and every reservation that reached it, so stock is 
 loaded minus the units of live and collected reservations. What was in the Redis stream and not
 yet written is gone with Redis; that is why a rebuild refuses to overwrite a round whose stream
 still has entries (``--force`` overrides, and says what it discards).
+
+A round Redis has lost data of (its ``seq`` is behind the ledger's ``ledger_seq``, or it is
+gone; allocator/integrity.py) is what rebuild is for: it is rebuilt without ``--force`` once its
+stream has drained, and the rebuild restores ``seq`` and clears the ``lost`` mark, so every
+worker serves the round again within a second. A round that is whole and still holds
+reservations in Redis is left alone unless ``--force``. The rewrite runs under ``WATCH`` of the
+round's tally, which every change to the round touches: a change made meanwhile aborts it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import defaultdict
 from typing import Any
@@ -15,8 +23,9 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.exceptions import ResponseError, WatchError
 
+from allocator.integrity import check_round
 from allocator.keys import Keys
 from allocator.ledger import GROUP
 from allocator.model import Site
@@ -33,24 +42,95 @@ def _ms(value: Any) -> int:
     return int(value.timestamp() * 1000)
 
 
+async def needs_rebuild(redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str) -> bool:
+    """Redis has lost data of the round that the ledger has, or lacks the round altogether."""
+    floor = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
+    if floor is None:
+        return False
+    if await check_round(redis, keys, round_id, int(floor)) is not None:
+        return True
+    return not await redis.exists(keys.round(round_id).round)
+
+
 async def rebuild_round(
-    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str, *, force: bool = False
+    redis: Redis,
+    con: asyncpg.Connection,
+    keys: Keys,
+    round_id: str,
+    *,
+    force: bool = False,
+    wait: float = 0.0,
 ) -> dict[str, Any]:
-    row = await con.fetchrow("SELECT * FROM rounds WHERE round_id = $1", round_id)
-    if row is None:
+    """Rewrite the round's Redis state from the ledger; ``wait`` seconds for its stream to drain
+    (the writers of a running service do that) before refusing."""
+    floor = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
+    if floor is None:
         raise RebuildRefused(f"round {round_id!r} is not in the ledger")
     rk = keys.round(round_id)
-    backlog = int(await redis.xlen(rk.ledger))
+    # marks the round lost first when it is behind: no worker changes it from here on
+    lost = await check_round(redis, keys, round_id, int(floor))
+    backlog = await _drained(redis, rk.ledger, wait)
     if backlog and not force:
         raise RebuildRefused(
             f"round {round_id!r} still has {backlog} ledger entries in Redis that are not yet in"
             " PostgreSQL; let the writer drain them (or pass --force to discard them)"
         )
-    if await awaited(redis.hlen(rk.reservations)) and not force:
+    dead = int(await redis.xlen(rk.dead))
+    if dead and not force:
         raise RebuildRefused(
-            f"Redis still holds reservations of round {round_id!r}; rebuild replaces them"
-            " (pass --force if that is what you want)"
+            f"round {round_id!r} has {dead} entries in {rk.dead}, changes the ledger refused;"
+            " a rebuild would drop them from Redis (pass --force if that is what you want)"
         )
+    held: int = await awaited(redis.hlen(rk.reservations))
+    if lost is None and held and not force:
+        raise RebuildRefused(
+            f"Redis still holds reservations of round {round_id!r} and has lost nothing the"
+            " ledger has; rebuild replaces them (pass --force if that is what you want)"
+        )
+    for _ in range(3):
+        try:
+            summary = await _rewrite(redis, con, keys, round_id)
+        except WatchError:
+            log.warning("round %s changed while it was being rebuilt; again", round_id)
+            continue
+        summary["discarded_backlog"] = backlog
+        summary["was_lost"] = lost.public() if lost is not None else None
+        log.info("rebuilt round %s from the ledger: %s", round_id, summary)
+        return summary
+    raise RebuildRefused(f"round {round_id!r} kept changing during the rebuild; is it served?")
+
+
+async def _drained(redis: Redis, stream: str, wait: float) -> int:
+    """The stream's length, after waiting up to ``wait`` seconds for it to reach 0."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while True:
+        backlog = int(await redis.xlen(stream))
+        if not backlog or loop.time() >= deadline:
+            return backlog
+        await asyncio.sleep(0.2)
+
+
+async def _rewrite(
+    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
+) -> dict[str, Any]:
+    rk = keys.round(round_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        # every change to the round writes its tally (seq): one made from here on aborts EXEC
+        await pipe.watch(rk.tally)
+        redis_seq = int(await awaited(pipe.hget(rk.tally, "seq")) or 0)
+        # the rows and their high-water mark as of one snapshot of the ledger
+        async with con.transaction(isolation="repeatable_read", readonly=True):
+            return await _rewrite_from(pipe, redis, con, keys, round_id, redis_seq)
+
+
+async def _rewrite_from(
+    pipe: Any, redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str, redis_seq: int
+) -> dict[str, Any]:
+    rk = keys.round(round_id)
+    row = await con.fetchrow("SELECT * FROM rounds WHERE round_id = $1", round_id)
+    if row is None:
+        raise RebuildRefused(f"round {round_id!r} is not in the ledger")
     # spec is the round hash exactly as the service wrote it (allocator.model.Round.to_redis)
     round_hash: dict[str, Any] = orjson.loads(row["spec"])
 
@@ -96,6 +176,9 @@ async def rebuild_round(
             tally[f"{field}:{r['site_id']}"] += r["quantity"]
             held[r["site_id"]] += r["quantity"]
     stock = {site: loaded[site] - held.get(site, 0) for site in loaded}
+    # changes go on from the ledger's mark (or Redis's own, if that is higher): never backwards
+    seq = max(int(row["ledger_seq"]), redis_seq)
+    tally["seq"] = seq
 
     sites = [
         Site(s["site_id"], s["name"], s["address"], s["district"])
@@ -107,29 +190,28 @@ async def rebuild_round(
         async for k in redis.scan_iter(match=pattern, count=1000)
     ]
 
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(*rk.all_static(), *stale)
-        pipe.hset(rk.round, mapping=round_hash)
-        if stock:
-            pipe.hset(rk.stock, mapping=stock)
-            pipe.hset(rk.loaded, mapping=dict(loaded))
-        if digests:
-            pipe.hset(rk.batches, mapping=digests)
-        if records:
-            pipe.hset(rk.reservations, mapping=records)
-        if holders:
-            pipe.hset(rk.holders, mapping=holders)
-        if tally:
-            pipe.hset(rk.tally, mapping=dict(tally))
-        for site_id, mapping in codes.items():
-            pipe.hset(rk.codes(site_id), mapping=mapping)
-        for site_id, members in site_holders.items():
-            pipe.sadd(rk.site_holders(site_id), *members)
-        await pipe.execute()
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.sadd(keys.rounds, round_id)
+    pipe.multi()
+    pipe.delete(*rk.all_static(), *stale)  # the tally with its `lost` mark among them
+    pipe.hset(rk.round, mapping=round_hash)
+    if stock:
+        pipe.hset(rk.stock, mapping=stock)
+        pipe.hset(rk.loaded, mapping=dict(loaded))
+    if digests:
+        pipe.hset(rk.batches, mapping=digests)
+    if records:
+        pipe.hset(rk.reservations, mapping=records)
+    if holders:
+        pipe.hset(rk.holders, mapping=holders)
+    pipe.hset(rk.tally, mapping=dict(tally))
+    for site_id, mapping in codes.items():
+        pipe.hset(rk.codes(site_id), mapping=mapping)
+    for site_id, members in site_holders.items():
+        pipe.sadd(rk.site_holders(site_id), *members)
+    await pipe.execute()
+    async with redis.pipeline(transaction=False) as after:
+        after.sadd(keys.rounds, round_id)
         if sites:
-            pipe.hset(
+            after.hset(
                 keys.sites,
                 mapping={
                     s.site_id: orjson.dumps(
@@ -138,23 +220,21 @@ async def rebuild_round(
                     for s in sites
                 },
             )
-        await pipe.execute()
+        await after.execute()
     try:
         await redis.xgroup_create(rk.ledger, GROUP, id="0", mkstream=True)
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-    summary = {
+    return {
         "round_id": round_id,
         "loaded": sum(loaded.values()),
         "remaining": sum(stock.values()),
         "reservations": len(records),
         "live": len(holders),
         "batches": len(digests),
-        "discarded_backlog": backlog,
+        "seq": seq,
     }
-    log.info("rebuilt round %s from the ledger: %s", round_id, summary)
-    return summary
 
 
 async def ledger_round_ids(con: asyncpg.Connection) -> list[str]:

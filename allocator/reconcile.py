@@ -3,7 +3,11 @@
 Checks, per site: Redis balances (loaded = remaining + reserved + collected, remaining >= 0);
 and, once the stream backlog is drained, Redis agrees with PostgreSQL (units loaded by recorded
 batches, units held by live reservations, units collected, number of reservations). Per round:
-no citizen holds two live reservations in the ledger, and the dead-letter stream is empty.
+Redis is not behind the ledger (its change sequence ``seq`` against ``rounds.ledger_seq``, see
+allocator/integrity.py); reservation by reservation, every one the ledger has is in Redis with
+the same status, and every one Redis has is in the ledger, leaving out those whose entries still
+wait in the stream (ledger lag, not loss); no citizen holds two live reservations in the ledger;
+the dead-letter stream is empty.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
+from allocator.integrity import check_round, tally_counts
 from allocator.keys import Keys
 from allocator.redistyping import awaited
+
+LISTED = 50  # reservations named per kind of difference; the counts are always complete
 
 
 async def _backlog(redis: Redis, keys: Keys, round_id: str) -> int:
@@ -64,7 +71,14 @@ async def _round(
         loaded_raw, stock_raw, tally_raw, n_res, backlog, dead, exists = await pipe.execute()
     loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
     stock = {k.decode(): int(v) for k, v in stock_raw.items()}
-    tally = {k.decode(): int(v) for k, v in tally_raw.items()}
+    tally = tally_counts(tally_raw)
+    ledger_seq = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
+    lost = (
+        await check_round(redis, keys, round_id, int(ledger_seq))
+        if ledger_seq is not None
+        else None
+    )
+    differences = await _differences(redis, con, keys, round_id)
 
     ledger_loaded: dict[str, int] = defaultdict(int)
     for row in await con.fetch("SELECT items FROM batches WHERE round_id = $1", round_id):
@@ -88,6 +102,15 @@ async def _round(
     problems: list[str] = []
     if not exists:
         problems.append("the round is not in Redis (lost? see `allot rebuild`)")
+    if lost is not None:
+        problems.append(lost.describe())
+    for kind, text in (
+        ("in_ledger_not_redis", "in the ledger but not in Redis (Redis lost them)"),
+        ("in_redis_not_ledger", "in Redis but not in the ledger (beyond the stream's lag)"),
+        ("status_differs", "with another status in Redis than in the ledger"),
+    ):
+        if differences[kind]["count"]:
+            problems.append(f"{differences[kind]['count']} reservation(s) {text}")
     if backlog:
         problems.append(f"{backlog} ledger entries still wait in Redis; ledger figures are behind")
     if dead:
@@ -143,6 +166,92 @@ async def _round(
         "backlog": backlog,
         "dead_letters": dead,
         "reservations": {"redis": n_res, "ledger": recorded},
+        "differences": differences,
+        "seq": {"redis": tally.get("seq", 0), "ledger": ledger_seq},
+        "lost": lost.public() if lost is not None else None,
         "problems": problems,
         "sites": sites,
     }
+
+
+async def _differences(
+    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
+) -> dict[str, Any]:
+    """Reservations Redis and the ledger disagree on, one by one; those with an entry still in
+    the stream are left out (the ledger has simply not written them yet)."""
+    rk = keys.round(round_id)
+    pending: set[str] = set()
+    for _, fields in await redis.xrange(rk.ledger):
+        if fields.get(b"kind") == b"reservation":
+            pending.add(orjson.loads(fields[b"record"]).get("id", ""))
+    in_redis: dict[str, dict[str, Any]] = {}
+    async for rid, record in redis.hscan_iter(rk.reservations, count=1000):
+        in_redis[rid.decode()] = orjson.loads(record)
+    in_ledger = {
+        r["reservation_id"]: r
+        for r in await con.fetch(
+            "SELECT reservation_id, site_id, status, citizen_id_masked, created_at"
+            " FROM reservations WHERE round_id = $1 ORDER BY created_at",
+            round_id,
+        )
+    }
+
+    def from_ledger(rid: str) -> dict[str, Any]:
+        r = in_ledger[rid]
+        return {
+            "reservation": _ref(rid),
+            "site_id": r["site_id"],
+            "status": r["status"],
+            "citizen_id_masked": r["citizen_id_masked"],
+            "created_at": r["created_at"].isoformat(),
+        }
+
+    def from_redis(rid: str) -> dict[str, Any]:
+        r = in_redis[rid]
+        return {
+            "reservation": _ref(rid),
+            "site_id": r.get("site"),
+            "status": r.get("status"),
+            "citizen_id_masked": r.get("mask"),
+        }
+
+    def same(redis_status: str, ledger_status: str) -> bool:
+        # expiry is derived from the clock: a confirmed reservation may be 'expired' in the ledger
+        return redis_status == ledger_status or (redis_status, ledger_status) == (
+            "confirmed",
+            "expired",
+        )
+
+    lacking = [rid for rid in in_ledger if rid not in in_redis and rid not in pending]
+    unrecorded = sorted(rid for rid in in_redis if rid not in in_ledger and rid not in pending)
+    differing = [
+        rid
+        for rid in in_ledger
+        if rid in in_redis
+        and rid not in pending
+        and not same(str(in_redis[rid].get("status")), in_ledger[rid]["status"])
+    ]
+    return {
+        "in_ledger_not_redis": {
+            "count": len(lacking),
+            "listed": [from_ledger(r) for r in lacking[:LISTED]],
+        },
+        "in_redis_not_ledger": {
+            "count": len(unrecorded),
+            "listed": [from_redis(r) for r in unrecorded[:LISTED]],
+        },
+        "status_differs": {
+            "count": len(differing),
+            "listed": [
+                {**from_ledger(r), "status_in_redis": in_redis[r].get("status")}
+                for r in differing[:LISTED]
+            ],
+        },
+        "in_stream": len(pending),
+    }
+
+
+def _ref(reservation_id: str) -> str:
+    """The first 8 characters: enough to find the row, not enough to act as its holder (the
+    reservation_id is the citizen's key; the rest stays out of reports and tickets)."""
+    return reservation_id[:8] + "…"

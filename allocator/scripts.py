@@ -12,7 +12,7 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch")
+SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity")
 
 
 def script_source(name: str) -> str:
@@ -25,6 +25,7 @@ class Scripts:
     cancel: AsyncScript
     pickup: AsyncScript
     load_batch: AsyncScript
+    integrity: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -6,7 +6,7 @@ lifecycle method takes a lock, so one instance may be driven from several thread
 are always waited for (pytest turns the ResourceWarning of an unreaped Popen into an error).
 
     with PrivateRedis(tmp_path / "redis", appendonly=True) as r:
-        ...  # r.url, r.kill(), r.restart(), r.pause(), r.resume()
+        ...  # r.url, r.kill(), r.restart(), r.pause(), r.resume(), r.aof_dir
 
     with PrivatePostgres(tmp_path / "pg") as pg:
         ...  # pg.url, pg.url_for("allot_test"), pg.kill(), pg.restart()
@@ -219,20 +219,32 @@ class PrivateRedis(_Server):
     """A redis-server of our own on 127.0.0.1; never daemonized, so we can stop, kill or hang it.
 
     RDB snapshots are off (``--save ""``). With ``appendonly=True`` every write is fsynced to
-    the AOF before it is acknowledged (``appendfsync always``), so acknowledged data survives
-    ``kill()`` + ``restart()``.
+    the AOF before it is acknowledged (``appendfsync always``, as production should run), so
+    acknowledged data survives ``kill()`` + ``restart()``, and a power loss. ``appendfsync``
+    chooses another policy (``everysec``, ``no``) for tests and benchmarks about that choice.
+    Without ``appendonly`` a restart starts empty (a lost dataset).
     """
 
     _start_timeout = REDIS_START_TIMEOUT
     _name = "redis-server"
 
-    def __init__(self, directory: Path, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, appendonly: bool = False, appendfsync: str = "always"
+    ) -> None:
         super().__init__(directory)
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         self.appendonly = appendonly
+        self.appendfsync = appendfsync
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def aof_dir(self) -> Path:
+        """Where the append-only files live (Redis 7: a manifest, a base and increments)."""
+        return self.directory / "appendonlydir"
 
     def _log_path(self) -> Path:
         return self.directory / "redis.log"
@@ -249,7 +261,7 @@ class PrivateRedis(_Server):
             "--appendonly", "yes" if self.appendonly else "no",
         ]  # fmt: skip
         if self.appendonly:
-            cmd += ["--appendfsync", "always"]
+            cmd += ["--appendfsync", self.appendfsync]
         return subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )

@@ -4,17 +4,35 @@
 -- KEYS[2]  stock hash            <p>:{r:<round>}:stock         site_id -> units left
 -- KEYS[3]  holders hash          <p>:{r:<round>}:holders       citizen hash -> reservation_id
 -- KEYS[4]  reservations hash     <p>:{r:<round>}:reservations  reservation_id -> record (JSON)
--- KEYS[5]  tally hash            <p>:{r:<round>}:tally         reserved:<site>
+-- KEYS[5]  tally hash            <p>:{r:<round>}:tally         reserved:<site>, seq, lost
 -- KEYS[6]  ledger stream         <p>:{r:<round>}:ledger
 -- ARGV[1]  reservation_id
+-- ARGV[2]  floor: the ledger's high-water `seq` for the round, or -1 when not known (claim.lua
+--          explains the integrity check)
 -- returns  {'cancelled', record}          now cancelled (or was already: cancelling is idempotent)
 --          {'not-collectable', record}    collected, or past the pickup window (expired)
 --          {'not-found'}
+--          {'lost', mark}                 the round is lost (Redis is behind the ledger)
+-- errors   redis.error_reply 'ERR cancel: ...' when ARGV is not reservation_id and floor
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local reservation_id = ARGV[1]
+local floor = tonumber(ARGV[2])
+if not floor then
+  return redis.error_reply('ERR cancel: ARGV must be reservation_id, floor')
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local state = redis.call('HMGET', KEYS[5], 'seq', 'lost')
+local seq, lost = tonumber(state[1]) or 0, state[2]
+if not lost and seq < floor then
+  lost = cjson.encode({at = now, redis = seq, ledger = floor})
+  redis.call('HSET', KEYS[5], 'lost', lost)
+end
+if lost then
+  return {'lost', lost}
+end
 
 local record = redis.call('HGET', KEYS[4], reservation_id)
 if not record then
@@ -38,5 +56,6 @@ if redis.call('HGET', KEYS[3], r.cit) == reservation_id then
 end
 redis.call('HINCRBY', KEYS[2], r.site, r.qty)
 redis.call('HINCRBY', KEYS[5], 'reserved:' .. r.site, -r.qty)
-redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record)
+seq = redis.call('HINCRBY', KEYS[5], 'seq', 1)
+redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record, 'seq', tostring(seq))
 return {'cancelled', record}

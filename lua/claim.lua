@@ -5,11 +5,17 @@
 -- is anything changed. One item's refusal never affects another; items are decided in order, so
 -- the same citizen twice in one call behaves exactly as two calls would.
 --
+-- Before any item, the round's integrity: every change to a round bumps its sequence number
+-- (tally field `seq`, carried in each ledger entry), and the caller passes the highest `seq` the
+-- ledger in PostgreSQL has committed (the floor). A Redis whose `seq` is below the floor has lost
+-- changes the ledger has (restored from an old AOF, or emptied): the round is marked lost (tally
+-- field `lost`, sticky until `allot rebuild`), every item answers `lost`, and nothing else changes.
+--
 -- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person
 -- KEYS[2]   stock hash             <p>:{r:<round>}:stock        site_id -> units left
 -- KEYS[3]   holders hash           <p>:{r:<round>}:holders      citizen hash -> reservation_id
 -- KEYS[4]   reservations hash      <p>:{r:<round>}:reservations reservation_id -> record (JSON)
--- KEYS[5]   tally hash             <p>:{r:<round>}:tally        reserved:<site>, created
+-- KEYS[5]   tally hash             <p>:{r:<round>}:tally        reserved:<site>, created, seq, lost
 -- KEYS[6]   ledger stream          <p>:{r:<round>}:ledger       one entry per state change
 -- KEYS[7]   round token bucket     <p>:{r:<round>}:gate:global  hash t (tokens), ts (ms)
 -- KEYS[8..] per-item keys, referred to by index from ARGV:
@@ -20,7 +26,9 @@
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens):
 --           global rate, global burst, client rate, client burst, citizen rate, citizen burst
--- ARGV[8..] n items, one string each of 12 space-separated fields (one argument per item keeps
+-- ARGV[8]   floor: the ledger's high-water `seq` for the round, or -1 when the caller does not
+--           know it (then only a `lost` mark already set refuses)
+-- ARGV[9..] n items, one string each of 12 space-separated fields (one argument per item keeps
 --           the client's packing cheap; no field can contain a space):
 --           codes key index, site-holders key index, client bucket key index, citizen bucket
 --           key index (all into KEYS), site_id, citizen hash (hex), phone hash (hex),
@@ -29,19 +37,37 @@
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
---           {'no-code'} (every candidate pickup code was taken; retry with new ones)
--- errors    redis.error_reply 'ERR claim: ...' when ARGV is not n, six bucket settings and n
---           items, or an item has not 12 fields
+--           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
+--           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
+-- errors    redis.error_reply 'ERR claim: ...' when ARGV is not n, six bucket settings, floor
+--           and n items, or an item has not 12 fields
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
-local HEAD = 8
+local HEAD = 9
 local n = tonumber(ARGV[1])
-if not n or n < 1 or #ARGV ~= HEAD - 1 + n then
-  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, then n items')
+local floor = tonumber(ARGV[8])
+if not n or n < 1 or not floor or #ARGV ~= HEAD - 1 + n then
+  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, floor, then n items')
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- integrity first (the same few lines open every script that changes a round)
+local state = redis.call('HMGET', KEYS[5], 'seq', 'lost')
+local seq, lost = tonumber(state[1]) or 0, state[2]
+if not lost and seq < floor then
+  lost = cjson.encode({at = now, redis = seq, ledger = floor})
+  redis.call('HSET', KEYS[5], 'lost', lost)
+end
+if lost then
+  local replies = {}
+  for i = 1, n do
+    replies[i] = {'lost', lost}
+  end
+  return replies
+end
+local first_seq = seq
 
 local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
@@ -151,7 +177,9 @@ for i = 0, n - 1 do
             redis.call('HSET', KEYS[4], reservation_id, record)
             redis.call('HINCRBY', KEYS[5], 'reserved:' .. site_id, per_person)
             redis.call('HINCRBY', KEYS[5], 'created', 1)
-            redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record)
+            seq = seq + 1
+            redis.call('XADD', KEYS[6], '*', 'kind', 'reservation', 'record', record,
+              'seq', tostring(seq))
             reply = {'created', record}
           end
         end
@@ -161,6 +189,9 @@ for i = 0, n - 1 do
   replies[i + 1] = reply
 end
 
+if seq ~= first_seq then
+  redis.call('HSET', KEYS[5], 'seq', tostring(seq))
+end
 for key, b in pairs(buckets) do
   if b.dirty then
     redis.call('HSET', key, 't', tostring(b.tokens), 'ts', tostring(now))

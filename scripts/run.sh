@@ -36,6 +36,9 @@ port="${ALLOT_PORT:-8080}"
 workers="${ALLOT_WORKERS:-2}"
 
 allot migrate
+# A Redis that lost data the ledger has (restarted without persistence, say) refuses those rounds
+# until rebuilt; in development, rebuild them at once (only those: the others are left alone).
+allot rebuild --wait 5 >/dev/null || echo "run: some round could not be rebuilt (see above)" >&2
 allot demo
 
 shown_host="$host"

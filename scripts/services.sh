@@ -7,8 +7,10 @@
 #
 # `up` first tries $ALLOT_REDIS_URL (default redis://127.0.0.1:6379/0) and $ALLOT_DATABASE_URL
 # (default postgresql://postgres@127.0.0.1:5432/allot). Whatever does not answer is replaced by a
-# private server: redis-server on 127.0.0.1:6390 (no persistence) and a PostgreSQL cluster in
-# .run/pg/data on 127.0.0.1:5440 (trust auth, user postgres). Only the export lines go to stdout;
+# private server: redis-server on 127.0.0.1:6390 (durable: AOF in .run/redis with appendfsync
+# always, as allot expects of every Redis) and a PostgreSQL cluster in .run/pg/data on
+# 127.0.0.1:5440 (trust auth, user postgres). A Redis that answers but may lose acknowledged
+# writes on a power loss is used, with a warning. Only the export lines go to stdout;
 # everything meant for humans goes to stderr. Ports can be moved with ALLOT_PRIVATE_REDIS_PORT and
 # ALLOT_PRIVATE_PG_PORT.
 set -euo pipefail
@@ -81,14 +83,14 @@ PY
 start_private_redis() {
     command -v redis-server >/dev/null 2>&1 || die "redis-server is not installed"
     mkdir -p "$REDIS_DIR"
-    say "starting private redis-server on 127.0.0.1:${REDIS_PORT} (data in .run/redis, no persistence)"
+    say "starting private redis-server on 127.0.0.1:${REDIS_PORT} (AOF in .run/redis, appendfsync always)"
     redis-server \
         --bind 127.0.0.1 --port "$REDIS_PORT" \
         --daemonize yes \
         --pidfile "$REDIS_DIR/redis.pid" \
         --logfile "$REDIS_DIR/redis.log" \
         --dir "$REDIS_DIR" \
-        --save "" --appendonly no \
+        --save "" --appendonly yes --appendfsync always \
         >&2 || die "redis-server failed to start; see $REDIS_DIR/redis.log"
     local i
     for ((i = 0; i < WAIT_SECONDS * 4; i++)); do
@@ -99,10 +101,25 @@ start_private_redis() {
     die "private redis did not answer within ${WAIT_SECONDS}s"
 }
 
+# Say so when a Redis keeps acknowledged writes only in memory or fsyncs them later: a power
+# loss would then lose reservations already answered 201 (allot refuses the rounds it notices).
+warn_if_not_durable() {
+    local url="$1" appendonly appendfsync
+    command -v redis-cli >/dev/null 2>&1 || return 0
+    appendonly="$(timeout 3 redis-cli -u "$url" config get appendonly 2>/dev/null | sed -n 2p || true)"
+    appendfsync="$(timeout 3 redis-cli -u "$url" config get appendfsync 2>/dev/null | sed -n 2p || true)"
+    [[ -n "$appendonly" ]] || return 0   # CONFIG may be disabled; nothing to say then
+    if [[ "$appendonly" != "yes" || "$appendfsync" != "always" ]]; then
+        say "warning: redis at $url runs with appendonly=${appendonly} appendfsync=${appendfsync};"
+        say "  production needs appendonly yes + appendfsync always (docs/architecture.md)"
+    fi
+}
+
 ensure_redis() {
     local url="${ALLOT_REDIS_URL:-redis://127.0.0.1:6379/0}"
     if redis_answers "$url"; then
         say "redis answers at $url"
+        warn_if_not_durable "$url"
         REDIS_URL="$url"
         return 0
     fi

@@ -193,6 +193,7 @@ def create_app(
             asyncio.create_task(queue.run(), name="admission-dispatcher"),
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
+            asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
         ]
         yield
         stop.set()
@@ -208,6 +209,7 @@ def create_app(
             settings.ledger,
             consumer=consumer_name(worker),
             on_lag=app[METRICS].ledger_lag.set,
+            floors=app[ALLOCATOR].floors,
         )
         app[LEDGER] = writer
         task = asyncio.create_task(writer.run(), name="ledger-writer")

@@ -206,16 +206,40 @@ async def _reconcile(settings: Settings, round_id: str | None, wait: float) -> d
         )
 
 
-async def _rebuild(settings: Settings, round_id: str | None, force: bool) -> list[dict[str, Any]]:
-    from allocator.rebuild import ledger_round_ids, rebuild_round
+async def _rebuild(
+    settings: Settings, round_id: str | None, force: bool, wait: float
+) -> list[dict[str, Any]]:
+    """One round as asked; without --round every round Redis lost data of or lacks (all of
+    them with --force). A refusal of one round does not stop the others."""
+    from allocator.rebuild import RebuildRefused, ledger_round_ids, needs_rebuild, rebuild_round
 
     async with _stores(settings) as (allocator, redis, con):
-        round_ids = [round_id] if round_id else await ledger_round_ids(con)
-        return [await rebuild_round(redis, con, allocator.keys, r, force=force) for r in round_ids]
+        if round_id:
+            return [
+                await rebuild_round(redis, con, allocator.keys, round_id, force=force, wait=wait)
+            ]
+        done: list[dict[str, Any]] = []
+        for r in await ledger_round_ids(con):
+            if not force and not await needs_rebuild(redis, con, allocator.keys, r):
+                done.append({"round_id": r, "skipped": "Redis agrees with the ledger"})
+                continue
+            try:
+                done.append(
+                    await rebuild_round(redis, con, allocator.keys, r, force=force, wait=wait)
+                )
+            except RebuildRefused as exc:
+                done.append({"round_id": r, "refused": str(exc)})
+        return done
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    print(orjson.dumps(asyncio.run(demo(settings))).decode())
+    from allocator.errors import Problem
+
+    try:
+        print(orjson.dumps(asyncio.run(demo(settings))).decode())
+    except Problem as exc:  # e.g. Redis lost data of the demo round: `allot rebuild` first
+        print(f"allot demo: {exc.detail}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -229,12 +253,15 @@ def cmd_rebuild(args: argparse.Namespace, settings: Settings) -> int:
     from allocator.rebuild import RebuildRefused
 
     try:
-        summary = asyncio.run(_rebuild(settings, args.round, args.force))
+        summary = asyncio.run(_rebuild(settings, args.round, args.force, args.wait))
     except RebuildRefused as exc:
         print(f"allot rebuild: refused: {exc}", file=sys.stderr)
         return 1
     print(orjson.dumps({"rebuilt": summary}, option=orjson.OPT_INDENT_2).decode())
-    return 0
+    refused = [r for r in summary if "refused" in r]
+    for r in refused:
+        print(f"allot rebuild: refused: {r['refused']}", file=sys.stderr)
+    return 1 if refused else 0
 
 
 def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
@@ -291,9 +318,17 @@ def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
     rec.add_argument("--round", help="only this round")
     rec.add_argument("--wait", type=float, default=30.0, help="seconds to let the ledger catch up")
     rec.set_defaults(func=cmd_reconcile)
-    reb = sub.add_parser("rebuild", help="rebuild Redis state from the ledger")
+    reb = sub.add_parser(
+        "rebuild",
+        help="rebuild Redis state from the ledger (every round Redis lost data of, or --round)",
+    )
     reb.add_argument("--round", help="only this round")
-    reb.add_argument("--force", action="store_true", help="overwrite state still in Redis")
+    reb.add_argument(
+        "--force", action="store_true", help="overwrite state still in Redis (any round)"
+    )
+    reb.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to let the ledger drain the stream"
+    )
     reb.set_defaults(func=cmd_rebuild)
     lt = sub.add_parser(
         "loadtest", help="flash-crowd load test and conservation checks (the release gate)"

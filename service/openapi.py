@@ -281,8 +281,18 @@ ROUTES: tuple[Route, ...] = (
         "readyz",
         OPERATIONS,
         "Readiness",
-        {200: Answer("Redis and PostgreSQL answer.", "Health")},
-        {"unavailable": "Redis or PostgreSQL does not answer."},
+        {
+            200: Answer(
+                "Redis and PostgreSQL answer, and Redis holds every round the ledger has, none "
+                "of them behind it.",
+                "Health",
+            )
+        },
+        {
+            "unavailable": "Redis or PostgreSQL does not answer, or Redis has lost data the "
+            "ledger has: `lost_rounds` names the rounds, `detail` says what is missing and "
+            "which `allot rebuild` heals it."
+        },
     ),
     Route(
         "get",

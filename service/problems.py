@@ -181,9 +181,11 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "unavailable",
         503,
         "Service temporarily unavailable",
-        "Redis (or, for operator writes, PostgreSQL) cannot be reached. Answered within 1 s, "
-        "never a hang.",
+        "Redis (or, for operator writes, PostgreSQL) cannot be reached, or Redis has lost data "
+        "of the round that the ledger has (the round is refused until `allot rebuild`, rather "
+        "than served from an older state). Answered within 1 s, never a hang.",
         retry_after=True,
+        extensions=("lost_rounds",),
     ),
 )
 

@@ -330,6 +330,25 @@ _OPERATORS: dict[str, Schema] = {
                     "lag": _count("Ledger entries not yet written to PostgreSQL."),
                 }
             ),
+            "lost": {
+                "oneOf": [
+                    {"type": "null"},
+                    _closed(
+                        {
+                            "round_id": ref("Id"),
+                            "since": ref("Timestamp"),
+                            "redis_seq": _count("The round's last change that Redis holds."),
+                            "ledger_seq": _count("The round's last change the ledger holds."),
+                            "detail": {"type": "string"},
+                        }
+                    ),
+                ],
+                "description": (
+                    "Extension beyond the contract. `null`, or what Redis has lost of the round "
+                    "that the ledger has: citizens get 503 for the round until `allot rebuild` "
+                    "restores it."
+                ),
+            },
         },
         description=(
             "A round's figures in units, except `reservations` (live reservations) and "
@@ -403,6 +422,14 @@ PROBLEM_MEMBERS: dict[str, Schema] = {
         "description": "With `not-eligible`: the rule of the round's `eligibility` that failed.",
     },
     "until": _with("Timestamp", "With `in-cooldown`: when the cooldown ends."),
+    "lost_rounds": {
+        "type": "array",
+        "items": ref("Id"),
+        "description": (
+            "Extension beyond the contract. With `unavailable` from `/readyz`: the rounds Redis "
+            "has lost data of, or lacks, that the ledger has (`allot rebuild` heals them)."
+        ),
+    },
 }
 
 _PROBLEM_PARTS: dict[str, Schema] = {

@@ -18,10 +18,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright, expect
+from redis.asyncio import Redis
 
+from allocator.config import Settings
+from allocator.keys import Keys
+from allocator.rebuild import rebuild_round
 from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, seed
 from tests.helpers import FakeClock
 
@@ -584,5 +589,36 @@ async def test_console_uploads_sites_and_creates_a_round(client: Client, browser
     await page.get_by_role("button", name="入库", exact=True).click()
     await expect(page.get_by_test_id("batch-result")).to_contain_text("整批都没有入库")
     await expect(page.get_by_test_id("batch-result")).to_contain_text("nowhere")
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_console_says_plainly_when_redis_lost_data_of_the_round(
+    client: Client, browser: Browser, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """On-call sees a lost round in the console, with the command that heals it, and the
+    notice goes once the round is rebuilt."""
+    await seed(client, stock={"s1": 10})
+    assert (await reserve(client, 1)).status == 201
+    rk = keys.round("r1")
+    async with asyncio.timeout(10):
+        while await redis.xlen(rk.ledger):  # the ledger has the claim
+            await asyncio.sleep(0.05)
+    await redis.hset(rk.tally, "seq", 1)  # as if Redis came back from before the claim
+
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    notice = page.get_by_test_id("stat-lost")
+    await expect(notice).to_be_visible()
+    await expect(notice).to_contain_text("allot rebuild --round r1")
+    await expect(notice).to_contain_text("Redis")
+    await assert_contrast(page)
+
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await rebuild_round(redis, con, keys, "r1")
+    finally:
+        await con.close()
+    await expect(notice).to_be_hidden(timeout=3000)
     assert page_errors(page) == []
     await context.close()

@@ -101,7 +101,7 @@ def test_every_script_documents_its_keys_args_and_returns() -> None:
         (lambda t: t.replace("-- errors", "-- faults", 1), "error replies undocumented"),
         (lambda t: t.replace("from Redis TIME", "from the clock", 1), "header does not say"),
         (lambda t: t.replace("redis.call('TIME')", "{ARGV[4], 0}", 1), "time not from Redis"),
-        (lambda t: t.replace("'XADD', KEYS[5]", "'XADD', KEYS[6]", 1), "KEYS[6] undocumented"),
+        (lambda t: t.replace("'XADD', KEYS[5]", "'XADD', KEYS[7]", 1), "KEYS[7] undocumented"),
         (lambda t: t.replace("--\n", "\n", 1), "no KEYS[1]"),  # a blank line ends the header
     ],
 )

@@ -114,6 +114,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.batches: dict[str, tuple[tuple[str, int], ...]] = {}
         self.model: dict[str, ModelReservation] = {}
         self.holders: dict[int, str] = {}  # citizen number -> live reservation_id
+        self.changes = 0  # state changes so far: the round's seq (allocator/integrity.py)
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -230,6 +231,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             )
             self.holders[n] = got.reservation_id
             self.remaining[site_id] -= got.quantity
+            self.changes += 1
             return got.reservation_id
         assert outcome.reservation is None
         assert outcome.refusal is not None, f"expected {expected}, got a reservation"
@@ -309,6 +311,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         }
         if seen is None:
             self.batches[batch_id] = tuple(sorted(items))
+            self.changes += 1
             for site_id, units in items:
                 self.loaded[site_id] = self.loaded.get(site_id, 0) + units
                 self.remaining[site_id] = self.remaining.get(site_id, 0) + units
@@ -384,6 +387,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             r.status = "cancelled"
             self.remaining[r.site_id] += r.quantity
             del self.holders[r.citizen]
+            self.changes += 1
 
     @rule(unknown=st.sampled_from(["fresh", "garbage"]))
     def cancel_unknown(self, unknown: str) -> None:
@@ -420,6 +424,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             assert got is not None
             assert (got.reservation_id, got.status) == (rid, "collected")
             r.status = "collected"
+            self.changes += 1
             return
         assert problem is not None, f"expected {expected}, got {got}"
         assert problem.code == expected, problem
@@ -491,6 +496,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         live = [r for r in self.model.values() if r.status in ("confirmed", "collected")]
         assert len(live) == len(self.holders)
         assert stats["reservations"] == len(live), "live reservations (holders) differ"
+        assert tally.get("seq", 0) == self.changes, "every change, and only a change, bumps seq"
+        assert stats["lost"] is None
 
     def check_reservations(
         self,
@@ -562,7 +569,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 batch_id: (items, sum(q for _, q in items))
                 for batch_id, items in self.batches.items()
             }
+            ledger_seq = await con.fetchval(
+                "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.round_id
+            )
             report = await reconcile(self.redis, con, self.keys, [self.round_id], wait=0)
+        assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"
         assert report["ok"], report
         stats = await self.allocator.stats(self.round_id)
         assert stats["ledger"] == {"recorded": len(self.model), "lag": 0}

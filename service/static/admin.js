@@ -230,6 +230,7 @@
       rate: rate,
     });
     if (state.history.length > HISTORY) state.history.shift();
+    showLost(s.lost);
     $('n-loaded').textContent = fmt(s.loaded);
     $('n-reserved').textContent = fmt(s.reserved);
     $('n-collected').textContent = fmt(s.collected);
@@ -252,6 +253,19 @@
     );
     drawChart($('chart-rate'), $('legend-rate'), [{ key: 'rate', label: t('stat_rate'), color: '#7c3aed' }], 1);
     renderSiteTable(s.sites || []);
+  }
+
+  /** Redis has lost data of this round that the ledger has: say so plainly, and what to do. */
+  function showLost(lost) {
+    var box = $('lost-banner');
+    box.hidden = !lost;
+    if (!lost) return;
+    box.textContent = t('stats_lost', {
+      round: lost.round_id,
+      since: A.fmtClock(new Date(lost.since)),
+      redis: fmt(lost.redis_seq),
+      ledger: fmt(lost.ledger_seq),
+    });
   }
 
   function svgEl(tag, attrs, text) {
