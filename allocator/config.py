@@ -49,6 +49,7 @@ class ServiceSettings:
     workers: int = 1
     redis_prefix: str = "allot"
     redis_timeout_ms: int = 800
+    auth_failures_per_minute: int = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,10 +24,12 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
 from allocator.redistyping import awaited
+from allocator.throttle import FailureThrottle
 from service import pages
 from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
+    AUTH_THROTTLE,
     LEDGER,
     METRICS,
     PG_POOL,
@@ -172,6 +174,9 @@ def create_app(settings: Settings, *, worker: int = 0, run_ledger: bool = True) 
             gate=settings.gate,
         )
         app[ALLOCATOR] = allocator
+        app[AUTH_THROTTLE] = FailureThrottle(
+            allocator, limit=settings.service.auth_failures_per_minute, window=60.0
+        )
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
         app[ADMISSION] = queue
         stop = asyncio.Event()

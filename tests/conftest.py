@@ -156,9 +156,15 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
         id_pepper="test-pepper",
-        service=replace(base.service, redis_prefix=redis_prefix, redis_timeout_ms=2000),
         # Every test request comes from 127.0.0.1: wide-open buckets here, so that tests of
-        # the invariants see every claim decided; tests/test_gate.py uses the real defaults.
+        # the invariants see every claim decided; tests/test_gate.py uses the real defaults,
+        # tests/test_auth_throttle.py the real limit of failed operator tokens.
+        service=replace(
+            base.service,
+            redis_prefix=redis_prefix,
+            redis_timeout_ms=2000,
+            auth_failures_per_minute=10**6,
+        ),
         gate=replace(
             base.gate,
             global_rate=1e6,
