@@ -49,6 +49,9 @@ class ServiceSettings:
     workers: int = 1
     redis_prefix: str = "allot"
     redis_timeout_ms: int = 800
+    header_timeout_ms: int = 10000
+    body_timeout_ms: int = 10000
+    connections_per_address: int = 64
     auth_failures_per_minute: int = 10
 
 

@@ -26,34 +26,41 @@ log = logging.getLogger("allot.cli")
 
 
 def setup_logging(level: str = "INFO") -> None:
+    from service import logsafe
+
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
+    logsafe.install()  # aiohttp's own lines: never what a client sent, never a flood
 
 
 # -- serve ------------------------------------------------------------------------------------
 
 
 def run_worker(settings: Settings, host: str, port: int, worker: int, reuse_port: bool) -> None:
-    """One worker process: its own uvloop event loop, pools and ledger writer."""
+    """One worker process: its own uvloop event loop, pools and ledger writer, behind the
+    guarded HTTP layer (service/http.py: deadlines, per-address cap, parser errors)."""
     import uvloop
-    from aiohttp import web
 
+    from allocator.identity import Hasher
+    from service import http
     from service.app import create_app
 
     setup_logging()
-    web.run_app(
-        create_app(settings, worker=worker),
+    app = create_app(settings, worker=worker)
+    hasher = Hasher(settings.pepper_bytes)
+    guard = http.ConnectionGuard(http.Limits.from_settings(settings), hasher.client)
+    http.serve(
+        app,
+        guard,
         host=host,
         port=port,
         reuse_port=reuse_port,
-        access_log=None,  # no per-request log line: under a flash crowd it would be the bottleneck
-        print=None,
         loop=uvloop.new_event_loop(),
         shutdown_timeout=5,
-        backlog=4096,  # a flash crowd connects at once; 128 overflows and clients retry in 1-3 s
+        backlog=4096,  # a flash crowd connects at once; 128 overflows, clients retry in 1-3 s
     )
 
 

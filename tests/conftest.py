@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from stdnum.cn import ric
 from allocator import db
 from allocator.config import Settings, load_settings
 from allocator.keys import Keys
+from service import logsafe
 from service.app import create_app
 
 REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -183,6 +185,18 @@ async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestC
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def safe_aiohttp_logs() -> Iterator[None]:
+    """aiohttp's loggers filtered as `allot serve` does (service/logsafe.py), for this test
+    only: the filter is process-wide, and other tests read aiohttp's access log."""
+    logsafe.install()
+    yield
+    for name in logsafe.AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, logsafe.AiohttpLogFilter)]:
+            logger.removeFilter(f)
 
 
 @pytest.fixture(autouse=True)

@@ -195,3 +195,92 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(server: Se
             async with session.get(f"{server.url}/healthz") as r:
                 assert r.status == 200
     assert "exited with -9; restarting" in server.log.read_text()
+
+
+# -- what clients send never reaches the log; slow clients are cut off ------------------------
+
+ID, PHONE, GUESS = "11010519491231002X", "13912345678", "guessed-token-5f1e"
+JSON_BODY = f'{{"citizen_id": "{ID}", "phone": "{PHONE}", "site_id": "s1"}}'.encode()
+POST_HEAD = b"POST /api/v1/rounds/r1/reservations HTTP/1.1\r\nHost: t\r\n"
+HOSTILE = [
+    # the reported case: chunked framing announced, a plain JSON body sent
+    POST_HEAD + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + JSON_BODY,
+    # a good first chunk, then garbage where the next chunk size belongs
+    POST_HEAD
+    + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"%x\r\n%s\r\n" % (len(JSON_BODY), JSON_BODY)
+    + b"zz"
+    + JSON_BODY
+    + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX Citizen: " + ID.encode() + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-Phone: " + PHONE.encode() * 900 + b"\r\n\r\n",
+    b"GET /api/v1/admin/rounds/r1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    b"Authorization: Bearer " + GUESS.encode() + b"\xff\xfe\r\n\r\n",
+    b"GET /api/v1/admin/rounds/r1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    b"Authorization: Bearer " + GUESS.encode() + b"\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5" + PHONE.encode() + b"\r\n\r\n",
+]
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+async def test_nothing_a_client_sends_reaches_the_log_and_slow_clients_are_cut_off(
+    server: Server, tmp_path: Path
+) -> None:
+    """aiohttp logged such a body, ID and phone in clear, with a traceback per request; slow
+    heads and bodies stayed open for minutes. Both through a real `allot serve`."""
+    config = tmp_path / "allot.toml"
+    config.write_text("[service]\nheader_timeout_ms = 500\nbody_timeout_ms = 500\n")
+    server.env["ALLOT_CONFIG"] = str(config)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=2)
+        await server.wait_ready(session)
+        for _ in range(4):
+            for data in HOSTILE:
+                answer = await raw_exchange(server.port, data)
+                status = int(answer.split(b" ", 2)[1])
+                assert status in (400, 401), answer[:200]
+                assert b"application/problem+json" in answer
+                for secret in (ID, PHONE, GUESS):
+                    assert secret.encode() not in answer
+        first = await raw_exchange(server.port, HOSTILE[0])
+        assert b'"code":"bad-request"' in first
+        # a head trickled byte by byte, and a body that never comes
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in POST_HEAD + b"X-Pad: " + b"a" * 10_000:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(10):  # closed, and nothing was answered
+                with contextlib.suppress(ConnectionError):
+                    assert await reader.read() == b""
+        finally:
+            sender.cancel()
+            writer.close()
+        late = POST_HEAD + b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{"
+        assert b'"code":"request-timeout"' in await raw_exchange(server.port, late)
+    server.stop()
+    log = server.log.read_text(errors="replace")
+    assert "malformed HTTP request" in log  # they are seen...
+    assert log.count("malformed HTTP request") <= 6, log  # ...once per 10 s and worker
+    for secret in (ID, PHONE, GUESS, "Traceback", JSON_BODY.decode()[:12]):
+        assert secret not in log, secret
