@@ -49,6 +49,8 @@ class ServiceSettings:
     workers: int = 1
     redis_prefix: str = "allot"
     redis_timeout_ms: int = 800
+    ops_host: str = "127.0.0.1"
+    ops_port: int = 9180
     header_timeout_ms: int = 10000
     body_timeout_ms: int = 10000
     connections_per_address: int = 64
@@ -134,6 +136,15 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             svc["port"] = int(env["ALLOT_PORT"])
         except ValueError as exc:
             raise ConfigError(f"ALLOT_PORT={env['ALLOT_PORT']!r} is not a port number") from exc
+    if env.get("ALLOT_OPS_PORT"):
+        try:
+            svc["ops_port"] = int(env["ALLOT_OPS_PORT"])
+        except ValueError as exc:
+            raise ConfigError(
+                f"ALLOT_OPS_PORT={env['ALLOT_OPS_PORT']!r} is not a port number"
+            ) from exc
+    if env.get("ALLOT_OPS_HOST"):
+        svc["ops_host"] = env["ALLOT_OPS_HOST"]
     if env.get("ALLOT_REDIS_PREFIX"):
         svc["redis_prefix"] = env["ALLOT_REDIS_PREFIX"]
     if svc:

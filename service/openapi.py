@@ -879,6 +879,12 @@ def _operations_paths() -> dict[str, Any]:
                 "tags": [OPERATIONS],
                 "operationId": "metrics",
                 "summary": "Prometheus metrics",
+                "description": (
+                    "Served only on the operations listener (`[service] ops_port`, env "
+                    "`ALLOT_OPS_PORT`, default 9180, bound to 127.0.0.1 unless `ops_host` says "
+                    "otherwise), which also answers `/healthz` and `/readyz`. The public port "
+                    "answers this path with 404."
+                ),
                 "responses": {
                     "200": {
                         "description": (

@@ -200,12 +200,14 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[METRICS].render(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+# /metrics is served only by the operations listener (service/ops.py): on this port it is 404.
+
+
+@routes.get("/api/v1/admin/queue")
+async def get_queue(request: web.Request) -> web.Response:
+    """Beyond the contract, for the console: requests waiting in all workers' queues."""
+    await require_operator(request)
+    return json_response({"queue_depth": request.app[METRICS].queue_depth_total()})
 
 
 @routes.get("/api/v1/openapi.json")

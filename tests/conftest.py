@@ -33,6 +33,8 @@ from allocator.config import Settings, load_settings
 from allocator.keys import Keys
 from service import logsafe
 from service.app import create_app
+from service.appkeys import METRICS
+from service.ops import create_ops_app
 
 REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -185,6 +187,15 @@ async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestC
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def ops(
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any
+) -> TestClient[Any, Any]:
+    """The operations listener of the app behind ``client``, on its own port as in
+    `allot serve` (its own Redis client and PostgreSQL pool, that app's metrics)."""
+    return await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
 
 
 @pytest.fixture

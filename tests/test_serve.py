@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -30,6 +31,8 @@ class Server:
     def __init__(self, settings: Settings, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ops_port = free_port()
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
         self.log = log
         self.env = {
             **os.environ,
@@ -38,6 +41,7 @@ class Server:
             "ALLOT_DATABASE_URL": settings.database_url,
             "ALLOT_ADMIN_TOKEN": ADMIN_TOKEN,
             "ALLOT_ID_PEPPER": "test-pepper",
+            "ALLOT_OPS_PORT": str(self.ops_port),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -195,6 +199,115 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(server: Se
             async with session.get(f"{server.url}/healthz") as r:
                 assert r.status == 200
     assert "exited with -9; restarting" in server.log.read_text()
+
+
+# -- the operations listener ----------------------------------------------------------------
+
+
+def listener_owners(port: int, pids: list[int]) -> list[int]:
+    """Which of ``pids`` hold a socket listening on ``port`` (from /proc: who owns the fd)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    assert inodes, f"nothing listens on port {port}"
+    owners = []
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    owners.append(pid)
+                    break
+    return owners
+
+
+async def requests_served(session: aiohttp.ClientSession, server: Server) -> int:
+    """Requests the citizens' port has answered, all workers summed (each one is timed)."""
+    async with session.get(f"{server.ops_url}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("allot_request_duration_seconds_count")
+    )
+
+
+async def scrape_50_at_once_and_count_worker_requests(
+    session: aiohttp.ClientSession, server: Server
+) -> None:
+    """50 concurrent scrapes all answered; then the workers' request count has moved by
+    exactly the one citizens' request made afterwards: no scrape ran in a worker."""
+    before = await requests_served(session, server)
+
+    async def scrape() -> tuple[int, str]:
+        async with session.get(f"{server.ops_url}/metrics") as r:
+            return r.status, await r.text()
+
+    answers = await asyncio.gather(*(scrape() for _ in range(50)))
+    assert {status for status, _ in answers} == {200}
+    for _, text in answers:
+        for series in ("allot_request_duration_seconds_bucket", "allot_queue_depth"):
+            assert series in text
+    async with session.get(f"{server.url}/healthz") as r:
+        assert r.status == 200
+    async with asyncio.timeout(15):  # /metrics is rendered at most once a second
+        while (after := await requests_served(session, server)) == before:
+            await asyncio.sleep(0.2)
+    assert after == before + 1
+
+
+async def test_metrics_are_served_by_the_supervisor_and_scrapes_never_reach_a_worker(
+    server: Server,
+) -> None:
+    """One scrape blocked a worker's loop for ~47 ms and 50 scrapers brought 503s: now the
+    supervisor alone holds the operations port, and the workers do not see a scrape."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=2)
+        await server.wait_ready(session)
+        assert server.proc is not None
+        supervisor, workers = server.proc.pid, server.workers()
+        assert len(workers) == 2
+        everyone = [supervisor, *workers]
+        assert listener_owners(server.ops_port, everyone) == [supervisor]
+        assert supervisor not in listener_owners(server.port, everyone)  # workers' alone
+        async with session.get(f"{server.url}/metrics") as r:
+            assert r.status == 404
+            assert r.content_type == "application/problem+json"
+        for path in ("/healthz", "/readyz"):  # on both ports
+            for url in (server.url, server.ops_url):
+                async with session.get(url + path) as r:
+                    assert r.status == 200, (url, path, await r.text())
+        await scrape_50_at_once_and_count_worker_requests(session, server)
+
+
+async def test_a_single_worker_serves_operations_on_their_own_port(server: Server) -> None:
+    """`--workers 1` has no supervisor: the worker runs the listener in a thread of its own,
+    off its citizens' loop, with the same answers."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=1)
+        await server.wait_ready(session)
+        assert server.proc is not None
+        assert listener_owners(server.ops_port, [server.proc.pid]) == [server.proc.pid]
+        async with session.get(f"{server.url}/metrics") as r:
+            assert r.status == 404
+        async with session.get(f"{server.ops_url}/readyz") as r:
+            assert r.status == 200
+        await scrape_50_at_once_and_count_worker_requests(session, server)
+
+
+async def test_a_taken_operations_port_stops_serve_with_its_reason(server: Server) -> None:
+    """Serving on without metrics or readiness would leave on-call blind; say why and stop."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.ops_port))
+        taken.listen()
+        server.start(workers=2)
+        assert server.proc is not None
+        code = await asyncio.to_thread(server.proc.wait, 60)
+    assert code == 2
+    assert "operations listener cannot listen" in server.log.read_text()
 
 
 # -- what clients send never reaches the log; slow clients are cut off ------------------------
