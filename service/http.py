@@ -151,17 +151,23 @@ class GuardedHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # The hot path (a head and its body in one read, nothing late): one base call, two
+        # comparisons, one is_eof(). Everything else is on the slow paths below.
         count = self._request_count
-        super().data_received(data)
+        RequestHandler.data_received(self, data)
         if self._request_count != count:  # a head (or a parser error) is complete
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
             self._heard = False
-            self._cancel_head_timer()
-            if self._messages:
-                message, payload = self._messages[-1]
-                if isinstance(message, RawRequestMessage):
-                    self._watch_body(payload)
-                elif self._body is not None and not self._body.is_eof():
-                    self._body_malformed(type(message.exc).__name__)
+            messages = self._messages
+            if not messages:
+                return
+            if self._body is not None and self._previous_body_ended(messages[-1][0]):
+                return
+            payload = messages[-1][1]
+            if not payload.is_eof():
+                self._watch_body(payload)
         elif self._body is not None:  # body bytes of the request being read
             if self._body.is_eof():
                 self._cancel_body_timer()
@@ -172,6 +178,18 @@ class GuardedHandler(RequestHandler):
                 self._head_timer = self._loop.call_later(
                     self._guard.limits.header_timeout, self._head_expired
                 )
+
+    def _previous_body_ended(self, message: Any) -> bool:
+        """A new message while a body was being read: that body is complete (a pipelined
+        request follows), or the parser failed inside it (True: answered as that body's)."""
+        body = self._body
+        assert body is not None
+        if not isinstance(message, RawRequestMessage) and not body.is_eof():
+            self._body_malformed(type(message.exc).__name__)
+            return True
+        self._cancel_body_timer()
+        self._body = None
+        return False
 
     # -- deadlines -------------------------------------------------------------------------------
 
@@ -366,6 +384,7 @@ def serve(
             handle_signals=True,
             access_log=None,  # no per-request log line: under a flash crowd, the bottleneck
             shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=75,  # idle keep-alive connections, as web.run_app had it
         )
         await runner.setup()
         try:
