@@ -88,6 +88,12 @@ def _problem(description: str) -> dict[str, Any]:
     }
 
 
+AUTH_THROTTLED = (
+    "`rate-limited`: too many wrong operator tokens from this client address within a minute"
+    " (`[service] auth_failures_per_minute`); every attempt from it waits out `Retry-After`."
+)
+
+
 def _retry_later(description: str) -> dict[str, Any]:
     """An error answer that carries a ``Retry-After`` header (429 and 503)."""
     response = _problem(description)
@@ -743,6 +749,7 @@ def _operator_paths() -> dict[str, Any]:
                     "200": _ok("SitesUpserted", "How many sites were written."),
                     **_body_errors(),
                     "401": _problem(UNAUTHORIZED),
+                    "429": _retry_later(AUTH_THROTTLED),
                     "503": _retry_later(UNAVAILABLE),
                 },
             },
@@ -760,6 +767,7 @@ def _operator_paths() -> dict[str, Any]:
                     "200": _ok("Round", "The round was updated."),
                     **_body_errors(),
                     "401": _problem(UNAUTHORIZED),
+                    "429": _retry_later(AUTH_THROTTLED),
                     "503": _retry_later(UNAVAILABLE),
                 },
             },
@@ -803,6 +811,7 @@ def _operator_paths() -> dict[str, Any]:
                         media="`unsupported-media-type`: the body is neither JSON nor CSV.",
                     ),
                     "401": _problem(UNAUTHORIZED),
+                    "429": _retry_later(AUTH_THROTTLED),
                     "404": _problem("`not-found`: unknown round."),
                     "409": _problem(
                         "`batch-conflict`: this `batch_id` was already loaded with other contents."
@@ -821,6 +830,7 @@ def _operator_paths() -> dict[str, Any]:
                 "responses": {
                     "200": _ok("Stats", "The round's figures."),
                     "401": _problem(UNAUTHORIZED),
+                    "429": _retry_later(AUTH_THROTTLED),
                     "404": _problem("`not-found`: unknown round."),
                     "503": _retry_later(UNAVAILABLE),
                 },
@@ -841,6 +851,7 @@ def _operator_paths() -> dict[str, Any]:
                     "200": _ok("Reservation", "The reservation, now `collected`."),
                     **_body_errors(),
                     "401": _problem(UNAUTHORIZED),
+                    "429": _retry_later(AUTH_THROTTLED),
                     "404": _problem("`not-found`: unknown pickup code at that site."),
                     "409": _problem(
                         "`not-collectable`: the reservation is collected, cancelled or expired; "
