@@ -104,9 +104,6 @@ class ConnectionGuard:
         else:
             self._open.pop(host, None)
 
-    def open_from(self, host: str) -> int:
-        return self._open.get(host, 0)
-
     def client(self, host: str | None) -> str:
         """How a peer address appears in the log: a short HMAC, never the address."""
         return self._hash(host or "")[:12]
