@@ -26,6 +26,13 @@ class MalformedJson(Problem):
     status, code, title = 400, "malformed-json", "Body is not a JSON object"
 
 
+class BadRequest(Problem):
+    """Not a well-formed HTTP/1.1 request (framing, request line, headers): the contract's
+    table has no code for it, and ``malformed-json`` would misname a header error."""
+
+    status, code, title = 400, "bad-request", "Malformed HTTP request"
+
+
 class Unauthorized(Problem):
     status, code, title = 401, "unauthorized", "Operator token missing or wrong"
 
@@ -56,6 +63,10 @@ class BatchConflict(Problem):
 
 class NotCollectable(Problem):
     status, code, title = 409, "not-collectable", "This reservation cannot be collected"
+
+
+class RequestTimeout(Problem):
+    status, code, title = 408, "request-timeout", "The request did not arrive in time"
 
 
 class PayloadTooLarge(Problem):
