@@ -91,6 +91,11 @@ class Keys:
         return f"{self.prefix}:authfail:{scope}:{client_hash}"
 
     @property
+    def desk_events(self) -> str:
+        """Pub/sub channel: a desk token was revoked; every worker drops its desk-token cache."""
+        return f"{self.prefix}:desk-events"
+
+    @property
     def stock_events(self) -> str:
         """Pub/sub channel: "<round_id> <site_id>" when units come back (cancel, batch)."""
         return f"{self.prefix}:stock-events"

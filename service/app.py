@@ -18,6 +18,7 @@ from allocator import db
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
 from allocator.core import Allocator
+from allocator.desk import DeskTokens
 from allocator.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -36,6 +37,7 @@ from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
     AUTH_THROTTLE,
+    DESK_TOKENS,
     LEDGER,
     METRICS,
     PG_POOL,
@@ -44,6 +46,7 @@ from service.appkeys import (
     SITE_FEEDS,
     TRUSTED_PROXIES,
 )
+from service.desk_views import routes as desk_routes
 from service.feeds import feed_cache
 from service.metrics import Metrics
 from service.validation import CSV_LIMIT
@@ -213,6 +216,14 @@ def create_app(
         app[AUTH_THROTTLE] = FailureThrottle(
             allocator, limit=settings.service.auth_failures_per_minute, window=60.0
         )
+        desks = DeskTokens(
+            app[REDIS],
+            allocator.keys,
+            redis_call=allocator._redis,
+            pg=allocator._pg,
+            monotonic=monotonic,
+        )
+        app[DESK_TOKENS] = desks
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
         app[ADMISSION] = queue
         stop = asyncio.Event()
@@ -221,6 +232,7 @@ def create_app(
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
+            asyncio.create_task(desks.follow(stop), name="desk-events"),
         ]
         yield
         stop.set()
@@ -251,5 +263,6 @@ def create_app(
     if run_ledger:
         app.cleanup_ctx.append(ledger_ctx)
     app.add_routes(routes)
+    app.add_routes(desk_routes)
     app.add_routes(pages.routes)
     return app

@@ -29,19 +29,32 @@ from service.schemas import CSV_LIMIT, JSON_LIMIT, SCHEMAS, Schema, ref
 CITIZENS = "citizens"
 OPERATORS = "operators"
 OPERATIONS = "operations"
+DESKS = "desks"
 ADMIN_PREFIX = "/api/v1/admin/"
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 RETRY_LATER = "`Retry-After` says when to try again."
+DESK_PREFIX = "/api/v1/desk/"
 AUTH_THROTTLED = (
-    "too many wrong operator tokens from this client address within a minute"
-    " (`[service] auth_failures_per_minute`); every attempt from it waits out `Retry-After`."
+    "too many wrong operator (or desk) tokens from this client address within a minute"
+    " (`[service] auth_failures_per_minute`, counted apart for each kind); every attempt from"
+    " it waits out `Retry-After`."
 )
+# The answers of an operator-only endpoint to a token that is not the operator's.
+OPERATOR_ONLY: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token: this endpoint is the operator's only.",
+    "rate-limited": AUTH_THROTTLED,
+}
 
 JSON_SIZE = f"{JSON_LIMIT // 1024} KiB"
 CSV_SIZE = f"{CSV_LIMIT // (1024 * 1024)} MiB"
 
 # Path parameters by name: #/components/parameters/<value>
-PATH_PARAMETERS = {"round_id": "RoundId", "reservation_id": "ReservationId"}
+PATH_PARAMETERS = {
+    "round_id": "RoundId",
+    "reservation_id": "ReservationId",
+    "token_id": "DeskTokenId",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,13 @@ def _body_problems(
 
 
 CITIZEN_ERRORS: dict[str, str | None] = {"rate-limited": None, "unavailable": None}
+
+# The answers of an endpoint a desk may use, to a token that may not act there.
+DESK_ALLOWED: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token of another site.",
+    "rate-limited": AUTH_THROTTLED,
+}
 
 # -- the routes -------------------------------------------------------------------------------
 
@@ -185,8 +205,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("How many sites were written.", "SitesUpserted")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
         request={"application/json": "SitesUpsert"},
@@ -204,8 +223,7 @@ ROUTES: tuple[Route, ...] = (
         },
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
         request={"application/json": "RoundSpec"},
@@ -230,8 +248,7 @@ ROUTES: tuple[Route, ...] = (
                 too_large=f"the body is larger than {JSON_SIZE} (JSON) or {CSV_SIZE} (CSV).",
                 media="the body is neither JSON nor CSV.",
             ),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "not-found": "unknown round.",
             "batch-conflict": None,
             "unavailable": None,
@@ -256,8 +273,7 @@ ROUTES: tuple[Route, ...] = (
         "A round's figures",
         {200: Answer("The round's figures.", "Stats")},
         {
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "not-found": "unknown round.",
             "unavailable": None,
         },
@@ -269,7 +285,7 @@ ROUTES: tuple[Route, ...] = (
         OPERATORS,
         "Requests waiting in the admission queues",
         {200: Answer("Requests waiting in all workers' queues.", "QueueDepth")},
-        {"unauthorized": None, "rate-limited": AUTH_THROTTLED},
+        OPERATOR_ONLY,
         description=(
             "Extension beyond the contract, for the console (which no longer reads `/metrics`)."
         ),
@@ -283,8 +299,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("The reservation, now `collected`.", "Reservation")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **DESK_ALLOWED,
             "not-found": "unknown pickup code at that site.",
             "not-collectable": (
                 "the reservation is collected, cancelled or expired; or `citizen_id` was given "
@@ -293,11 +308,103 @@ ROUTES: tuple[Route, ...] = (
             "unavailable": None,
         },
         description=(
-            "Extension beyond the contract: the body may name the `round_id`; when it does not, "
-            "the server finds the round holding that pickup code at that site."
+            "The operator token, or a desk token of that site. Extension beyond the contract: "
+            "the body may name the `round_id`; when it does not, the server finds the round "
+            "holding that pickup code at that site."
         ),
         request={"application/json": "PickupRequest"},
         request_description="The site and the pickup code.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/desk-tokens",
+        "createDeskToken",
+        OPERATORS,
+        "Create a desk token for one site",
+        {201: Answer("The new token, shown this once.", "DeskTokenCreated")},
+        {
+            **_body_problems(),
+            **OPERATOR_ONLY,
+            "invalid-request": (
+                "a field is missing or wrong, or `site_id` names no site; `errors` names each."
+            ),
+            "unavailable": None,
+        },
+        description=(
+            "The token may collect at its site (`POST /api/v1/admin/pickups`) and reserve on "
+            "behalf of a citizen there (`POST /api/v1/desk/rounds/{round_id}/reservations`), "
+            "nothing else. Only its SHA-256 is stored: keep the answer, it is not shown again."
+        ),
+        request={"application/json": "DeskTokenRequest"},
+        request_description="The site, and a label saying who holds the token.",
+    ),
+    Route(
+        "get",
+        "/api/v1/admin/desk-tokens",
+        "listDeskTokens",
+        OPERATORS,
+        "List desk tokens",
+        {200: Answer("Every desk token, without the tokens.", "DeskTokenList")},
+        {**OPERATOR_ONLY, "unavailable": None},
+        description="Extension beyond the contract, for the console.",
+    ),
+    Route(
+        "delete",
+        "/api/v1/admin/desk-tokens/{token_id}",
+        "revokeDeskToken",
+        OPERATORS,
+        "Revoke a desk token",
+        {200: Answer("The token, now revoked (again: the same answer).", "DeskToken")},
+        {**OPERATOR_ONLY, "not-found": "unknown `token_id`.", "unavailable": None},
+        description=("At once: every worker and node refuses the token within a second (401)."),
+    ),
+    Route(
+        "post",
+        "/api/v1/desk/rounds/{round_id}/reservations",
+        "createDeskReservation",
+        DESKS,
+        "Reserve on behalf of a walk-in citizen at the desk's site",
+        {
+            201: Answer("A new reservation.", "Reservation", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds a live reservation at this "
+                "same site in this round: that reservation, unchanged.",
+                "Reservation",
+            ),
+        },
+        {
+            **_body_problems(),
+            **DESK_ALLOWED,
+            "not-found": "unknown round or site.",
+            "round-not-open": None,
+            "sold-out": None,
+            "already-reserved": None,
+            "rate-limited": (
+                "a token bucket (whole round or citizen) refused the request; or " + AUTH_THROTTLED
+            ),
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "The same body and answers as `POST /api/v1/rounds/{round_id}/reservations`, with "
+            "a desk token of the `site_id` asked for (or the operator token)."
+        ),
+        request={"application/json": "ReservationRequest"},
+        request_description="Who reserves, and where (the desk's own site).",
+    ),
+    Route(
+        "get",
+        "/api/v1/desk/me",
+        "whoAmI",
+        DESKS,
+        "What the bearer token is",
+        {200: Answer("The operator, or a desk token with its site.", "Principal")},
+        {
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "unavailable": None,
+        },
+        description="Extension beyond the contract, for the console's sign-in.",
     ),
     # operations
     Route(
@@ -414,9 +521,9 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.description:
         operation["description"] = route.description
-    if route.path.startswith(ADMIN_PREFIX):
+    if route.path.startswith((ADMIN_PREFIX, DESK_PREFIX)):
         if "unauthorized" not in route.problems:
-            raise ValueError(f"{route.path}: an operator endpoint answers 401 unauthorized")
+            raise ValueError(f"{route.path}: an operator or desk endpoint answers 401")
         operation["security"] = ADMIN_SECURITY
     if route.query:
         operation["parameters"] = [
@@ -469,6 +576,12 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": ref("ReservationId"),
             },
+            "DeskTokenId": {
+                "name": "token_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("DeskTokenId"),
+            },
             "BatchId": {
                 "name": "batch_id",
                 "in": "query",
@@ -502,7 +615,10 @@ def _components() -> dict[str, Any]:
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+                "description": (
+                    "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`, or a desk token where a desk "
+                    "may act (pickups and assisted reservations at its own site)."
+                ),
             },
         },
     }
@@ -534,6 +650,13 @@ def openapi_document() -> dict[str, Any]:
             {
                 "name": OPERATORS,
                 "description": "Operators' tools; `Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+            },
+            {
+                "name": DESKS,
+                "description": (
+                    "Desk staff of one site (a pharmacy counter, a community desk) with a desk "
+                    "token; the operator token may do the same."
+                ),
             },
             {"name": OPERATIONS, "description": "Health, readiness, metrics, this document."},
         ],

@@ -83,6 +83,11 @@ _VALUES: dict[str, Schema] = {
         "description": f"A `round_id`, `site_id` or `batch_id`: {rules.ID_RULE}.",
         "examples": ["spring-2026"],
     },
+    "DeskTokenId": {
+        "type": "string",
+        "pattern": "^desk-[0-9a-f]{16}$",
+        "description": "A desk token's public name.",
+    },
     "ReservationId": {
         "type": "string",
         "pattern": anchored(rules.RESERVATION_ID_REGEX),
@@ -373,6 +378,58 @@ _OPERATORS: dict[str, Schema] = {
     },
 }
 
+_DESK: dict[str, Schema] = {
+    "DeskTokenRequest": {
+        "type": "object",
+        "required": ["site_id", "label"],
+        "properties": {
+            "site_id": _with("Id", "The site the token is bound to; it must exist."),
+            "label": {**_text(), "description": "Who holds it, e.g. the counter's name."},
+        },
+    },
+    "DeskTokenCreated": _closed(
+        {
+            "token": {
+                "type": "string",
+                "pattern": "^allot-desk-[A-Za-z0-9_-]{43}$",
+                "description": "The token (256 random bits), shown this once; stored hashed.",
+            },
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+        }
+    ),
+    "DeskToken": _closed(
+        {
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+            "created_at": ref("Timestamp"),
+            "revoked_at": {
+                "oneOf": [{"type": "null"}, ref("Timestamp")],
+                "description": "When it was revoked; `null` while it is valid.",
+            },
+        },
+        description="A desk token's public fields: never the token itself.",
+    ),
+    "DeskTokenList": _closed(
+        {"desk_tokens": {"type": "array", "items": ref("DeskToken")}},
+        description="Extension beyond the contract: every desk token, revoked ones included.",
+    ),
+    "Principal": _closed(
+        {
+            "role": {"enum": ["operator", "desk"]},
+            "token_id": {"oneOf": [{"type": "null"}, ref("DeskTokenId")]},
+            "site_id": {"oneOf": [{"type": "null"}, ref("Id")]},
+            "label": {"oneOf": [{"type": "null"}, _text()]},
+        },
+        description=(
+            "Extension beyond the contract: what the bearer token is; for a desk token, its "
+            "site and label."
+        ),
+    ),
+}
+
 # -- operations -------------------------------------------------------------------------------
 
 _OPERATIONS: dict[str, Schema] = {
@@ -518,6 +575,7 @@ def schemas() -> dict[str, Schema]:
         **_VALUES,
         **_CITIZENS,
         **_OPERATORS,
+        **_DESK,
         **_OPERATIONS,
         **_PROBLEM_PARTS,
         "Problem": problem_schema(served),
