@@ -40,6 +40,14 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "the body is not JSON, or not a JSON object.",
     ),
     ProblemCode(
+        "bad-request",
+        400,
+        "Malformed HTTP request",
+        "the request is not well-formed HTTP/1.1 (answered by the connection layer, "
+        "service/http.py, on any route; `malformed-json` would misname a header error).",
+        beyond_contract=True,
+    ),
+    ProblemCode(
         "unauthorized",
         401,
         "Operator token missing or wrong",
@@ -59,6 +67,14 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         405,
         "Method not allowed",
         "the path exists but does not take this method.",
+        beyond_contract=True,
+    ),
+    ProblemCode(
+        "request-timeout",
+        408,
+        "The request did not arrive in time",
+        "the body did not arrive within `[service] body_timeout_ms` (answered by the connection "
+        "layer, service/http.py, on any route).",
         beyond_contract=True,
     ),
     ProblemCode(
