@@ -28,7 +28,9 @@ WORKDIR /app
 COPY config/ /app/config/
 USER allot
 ENV ALLOT_PORT=8080
-EXPOSE 8080
+# 9180: the operations listener (/metrics); it binds 127.0.0.1 unless ALLOT_OPS_HOST says
+# otherwise (docker-compose.yml sets 0.0.0.0 and publishes it to the host's loopback only).
+EXPOSE 8080 9180
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('ALLOT_PORT', '8080'), timeout=2)"]
 CMD ["allot", "serve", "--host", "0.0.0.0", "--workers", "2"]

@@ -97,7 +97,7 @@ def networks(value: tuple[str, ...]) -> str | None:
     return None
 
 
-def host(value: str) -> str | None:
+def hostname(value: str) -> str | None:
     return "a host name or address" if not value.strip() or value != value.strip() else None
 
 
@@ -140,11 +140,19 @@ class LedgerSettings:
 
 @dataclass(frozen=True, slots=True)
 class ServiceSettings:
-    host: str = key("127.0.0.1", check=host)
+    host: str = key("127.0.0.1", check=hostname)
     port: int = key(8080, env="ALLOT_PORT", at_least=1, at_most=65535)
     workers: int = key(1, at_least=1, at_most=256)
     redis_prefix: str = key("allot", env="ALLOT_REDIS_PREFIX", check=redis_prefix)
     redis_timeout_ms: int = key(800, at_least=1)
+    # the operations listener (/metrics, /healthz, /readyz): docs/operations.md
+    ops_host: str = key("127.0.0.1", env="ALLOT_OPS_HOST", check=hostname)
+    ops_port: int = key(9180, env="ALLOT_OPS_PORT", at_least=1, at_most=65535)
+    # the front door's limits (service/http.py, allocator/throttle.py)
+    header_timeout_ms: int = key(10000, at_least=1)
+    body_timeout_ms: int = key(10000, at_least=1)
+    connections_per_address: int = key(64, at_least=1)
+    auth_failures_per_minute: int = key(10, at_least=1)
 
 
 @dataclass(frozen=True, slots=True)

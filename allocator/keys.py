@@ -85,6 +85,11 @@ class Keys:
             _tag=tag,
         )
 
+    def auth_failures(self, scope: str, client_hash: str) -> str:
+        """Counter of failed authentications of one client address (its HMAC) in one scope,
+        expiring with its window (allocator/throttle.py)."""
+        return f"{self.prefix}:authfail:{scope}:{client_hash}"
+
     @property
     def stock_events(self) -> str:
         """Pub/sub channel: "<round_id> <site_id>" when units come back (cancel, batch)."""

@@ -221,9 +221,9 @@ async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> di
     )  # fmt: skip
     config = tmp / "full-queue.toml"
     config.write_text(WIDE_OPEN + FULL_QUEUE)
-    port = free_port()
+    port, ops_port = free_port(), free_port()
     worker_env = {**env, "ALLOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                  "ALLOT_CONFIG": str(config)}  # fmt: skip
+                  "ALLOT_CONFIG": str(config), "ALLOT_OPS_PORT": str(ops_port)}  # fmt: skip
     server = procs.start(
         "allot-full-queue",
         [str(BIN / "allot"), "serve", "--port", str(port), "--workers", "1"],
@@ -249,7 +249,7 @@ async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> di
             async with asyncio.timeout(50):
                 while depth < n * 0.99:
                     await asyncio.sleep(0.5)
-                    async with s.get(url + "/metrics") as r:
+                    async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
                         text = await r.text()
                     found = re.search(r"^allot_queue_depth ([\d.e+]+)$", text, re.M)
                     depth = float(found.group(1)) if found else 0.0
@@ -307,8 +307,10 @@ async def main(args: argparse.Namespace) -> int:
         procs.start("bare", [py, "bench/apps.py", "bare", str(ports["bare"])], env)
         procs.start("naive", [py, "bench/apps.py", "naive", str(ports["naive"])], env)
         allot = [str(BIN / "allot"), "serve", "--port"]
-        procs.start("allot", [*allot, str(ports["allot"]), "--workers", "1"], env)
-        procs.start("allot2", [*allot, str(ports["allot2"]), "--workers", "2"], env)
+        procs.start("allot", [*allot, str(ports["allot"]), "--workers", "1"],
+                    {**env, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
+        procs.start("allot2", [*allot, str(ports["allot2"]), "--workers", "2"],
+                    {**env, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
         urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
         for url in urls.values():
             await wait_up(url)

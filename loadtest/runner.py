@@ -269,6 +269,7 @@ async def self_hosted(
             "ALLOT_DATABASE_URL": with_database(server_url, name),
             "ALLOT_ADMIN_TOKEN": token,
             "ALLOT_ID_PEPPER": secrets.token_urlsafe(32),
+            "ALLOT_OPS_PORT": str(free_port()),  # its own: another allot may hold 9180
         }
         env.pop("ALLOT_DEV", None)
         if opts.config:

@@ -48,4 +48,5 @@ elif [[ "$host" == *:* ]]; then
     shown_host="[$host]"
 fi
 echo "run: open http://${shown_host}:${port}/  (Ctrl-C stops)" >&2
+echo "run: metrics, health and readiness on http://${ALLOT_OPS_HOST:-127.0.0.1}:${ALLOT_OPS_PORT:-9180}/metrics" >&2
 exec allot serve --host "$host" --port "$port" --workers "$workers"

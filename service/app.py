@@ -22,10 +22,12 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
 from allocator.redistyping import awaited
+from allocator.throttle import FailureThrottle
 from service import pages
 from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
+    AUTH_THROTTLE,
     LEDGER,
     METRICS,
     PG_POOL,
@@ -36,7 +38,7 @@ from service.appkeys import (
 )
 from service.feeds import feed_cache
 from service.metrics import Metrics
-from service.problems import MethodNotAllowed, PayloadTooLarge, problem_response
+from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
 from service.views import routes
 
@@ -62,21 +64,34 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # a redirect or 304 Not Modified is an answer, not a failure
-        response = problem_response(_http_problem(request, exc))
+        response = problem_response(http_problem(request, exc))
     except asyncio.CancelledError:
         raise
-    except Exception:
-        log.exception("unhandled error for %s %s", request.method, request.path)
-        response = problem_response(
-            Unavailable("Something went wrong on our side; please try again.")
-        )
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    request.app[METRICS].observe_request(route, response.status, time.perf_counter() - started)
+    except Exception as exc:
+        response = unforeseen(request, exc)
+    request.app[METRICS].observe_request(
+        route_name(request), response.status, time.perf_counter() - started
+    )
     return response
 
 
-def _http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
+def route_name(request: web.Request) -> str:
+    """The route's pattern (``/api/v1/reservations/{reservation_id}``), never the path itself:
+    a path can hold a reservation_id, the citizen's only key to a reservation."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def unforeseen(request: web.Request, exc: Exception) -> web.Response:
+    """An error nobody foresaw: logged with its trace (not the path), answered 503. Except
+    the client hanging up mid-request: nobody is left to answer, and nothing is wrong here."""
+    if isinstance(exc, ConnectionResetError) and request.transport is None:
+        return problem_response(BadRequest("The connection closed before the request was read."))
+    log.exception("unhandled error for %s %s", request.method, route_name(request))
+    return problem_response(Unavailable("Something went wrong on our side; please try again."))
+
+
+def http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
     """aiohttp's own refusals (no route, wrong method, body too large) in the contract's terms."""
     if exc.status == 404:
         return NotFound(f"Nothing is at {request.path}.")
@@ -86,7 +101,9 @@ def _http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
         )
     if exc.status == 413:
         return PayloadTooLarge("The body is too large.")
-    log.warning("HTTP %s for %s %s: %s", exc.status, request.method, request.path, exc.reason)
+    log.warning(
+        "HTTP %s for %s %s: %s", exc.status, request.method, route_name(request), exc.reason
+    )
     return Unavailable(exc.reason or "Please try again.")
 
 
@@ -162,6 +179,9 @@ def create_app(
             monotonic=monotonic,
         )
         app[ALLOCATOR] = allocator
+        app[AUTH_THROTTLE] = FailureThrottle(
+            allocator, limit=settings.service.auth_failures_per_minute, window=60.0
+        )
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
         app[ADMISSION] = queue
         stop = asyncio.Event()

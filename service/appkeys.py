@@ -11,6 +11,7 @@ from allocator.cache import TtlCache
 from allocator.config import Settings
 from allocator.facade import Allocator
 from allocator.ledger import LedgerWriter
+from allocator.throttle import FailureThrottle
 from service.client import Network
 from service.feeds import Feed
 from service.metrics import Metrics
@@ -22,5 +23,6 @@ PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 ALLOCATOR = web.AppKey("allocator", Allocator)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 ADMISSION = web.AppKey("admission", AdmissionQueue)
+AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)  # failed operator tokens
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 SITE_FEEDS = web.AppKey("site_feeds", TtlCache[str, Feed])  # rendered sites.csv per round

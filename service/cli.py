@@ -26,42 +26,66 @@ log = logging.getLogger("allot.cli")
 
 
 def setup_logging(level: str = "INFO") -> None:
+    from service import logsafe
+
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
+    logsafe.install()  # aiohttp's own lines: never what a client sent, never a flood
 
 
 # -- serve ------------------------------------------------------------------------------------
 
 
-def run_worker(settings: Settings, host: str, port: int, worker: int, reuse_port: bool) -> None:
-    """One worker process: its own uvloop event loop, pools and ledger writer."""
+def run_worker(
+    settings: Settings, host: str, port: int, worker: int, reuse_port: bool, ops: bool = False
+) -> None:
+    """One worker process: its own uvloop event loop, pools and ledger writer. With ``ops``
+    (a single worker, no supervisor) it also runs the operations listener, in a thread."""
     import uvloop
-    from aiohttp import web
 
+    from allocator.identity import Hasher
+    from service import http
     from service.app import create_app
+    from service.appkeys import METRICS
+    from service.ops import OpsListener
 
     setup_logging()
-    web.run_app(
-        create_app(settings, worker=worker),
-        host=host,
-        port=port,
-        reuse_port=reuse_port,
-        access_log=None,  # no per-request log line: under a flash crowd it would be the bottleneck
-        print=None,
-        loop=uvloop.new_event_loop(),
-        shutdown_timeout=5,
-        backlog=4096,  # a flash crowd connects at once; 128 overflows and clients retry in 1-3 s
-    )
+    app = create_app(settings, worker=worker)
+    listener = OpsListener(settings, app[METRICS].render) if ops else None
+    if listener is not None:
+        listener.start()
+    hasher = Hasher(settings.pepper_bytes)
+    guard = http.ConnectionGuard(http.Limits.from_settings(settings), hasher.client)
+    try:
+        http.serve(
+            app,
+            guard,
+            host=host,
+            port=port,
+            reuse_port=reuse_port,
+            loop=uvloop.new_event_loop(),
+            shutdown_timeout=5,
+            backlog=4096,  # a flash crowd connects at once; 128 overflows, clients retry in 1-3 s
+        )
+    finally:
+        if listener is not None:
+            listener.stop()
 
 
 def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Run N workers on one port (SO_REUSEPORT) and restart any that dies."""
+    """Run N workers on one port (SO_REUSEPORT) and restart any that dies. The supervisor
+    serves the operations listener (aggregated /metrics, /healthz, /readyz) in a thread."""
+    from service.metrics import render_multiprocess
+    from service.ops import OpsListener
+
     ctx = multiprocessing.get_context("spawn")
     metrics_dir = tempfile.mkdtemp(prefix="allot-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    listener = OpsListener(settings, lambda: render_multiprocess(metrics_dir))
+    listener.start()  # before any worker: a port in use stops the start here
     stopping = False
 
     def start(index: int) -> Any:
@@ -100,6 +124,7 @@ def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
             procs[i] = start(i)
     for p in procs:
         p.join()
+    listener.stop()
     return 0
 
 
@@ -115,7 +140,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port or settings.service.port
     if workers == 1:
         log.info("serving on http://%s:%d", host, port)
-        run_worker(settings, host, port, 0, reuse_port=False)
+        run_worker(settings, host, port, 0, reuse_port=False, ops=True)
         return 0
     return supervise(settings, host, port, workers)
 

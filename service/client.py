@@ -15,7 +15,7 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
     X-Forwarded-For. Hops a client wrote itself (to the left) are never believed, so a spoofed
     header from an untrusted peer changes nothing."""
     peer = request.remote or ""
-    if "X-Forwarded-For" not in request.headers or not _is_trusted(peer, trusted):
+    if "X-Forwarded-For" not in request.headers or not is_trusted(peer, trusted):
         return peer
     hops = [h.strip() for h in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")]
     for hop in reversed([h for h in hops if h]):
@@ -29,7 +29,7 @@ def client_address(request: web.Request, trusted: tuple[Network, ...]) -> str:
 
 
 @functools.lru_cache(maxsize=4096)  # peers repeat (keep-alive, proxies): parse each once
-def _is_trusted(peer: str, trusted: tuple[Network, ...]) -> bool:
+def is_trusted(peer: str, trusted: tuple[Network, ...]) -> bool:
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:

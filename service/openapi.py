@@ -32,6 +32,10 @@ OPERATIONS = "operations"
 ADMIN_PREFIX = "/api/v1/admin/"
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 RETRY_LATER = "`Retry-After` says when to try again."
+AUTH_THROTTLED = (
+    "too many wrong operator tokens from this client address within a minute"
+    " (`[service] auth_failures_per_minute`); every attempt from it waits out `Retry-After`."
+)
 
 JSON_SIZE = f"{JSON_LIMIT // 1024} KiB"
 CSV_SIZE = f"{CSV_LIMIT // (1024 * 1024)} MiB"
@@ -179,7 +183,12 @@ ROUTES: tuple[Route, ...] = (
         OPERATORS,
         "Create or update pickup sites",
         {200: Answer("How many sites were written.", "SitesUpserted")},
-        {**_body_problems(), "unauthorized": None, "unavailable": None},
+        {
+            **_body_problems(),
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "unavailable": None,
+        },
         request={"application/json": "SitesUpsert"},
         request_description="The sites to create or update.",
     ),
@@ -193,7 +202,12 @@ ROUTES: tuple[Route, ...] = (
             201: Answer("The round was created.", "Round"),
             200: Answer("The round was updated.", "Round"),
         },
-        {**_body_problems(), "unauthorized": None, "unavailable": None},
+        {
+            **_body_problems(),
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "unavailable": None,
+        },
         request={"application/json": "RoundSpec"},
         request_description="The round's settings.",
     ),
@@ -217,6 +231,7 @@ ROUTES: tuple[Route, ...] = (
                 media="the body is neither JSON nor CSV.",
             ),
             "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
             "not-found": "unknown round.",
             "batch-conflict": None,
             "unavailable": None,
@@ -240,7 +255,24 @@ ROUTES: tuple[Route, ...] = (
         OPERATORS,
         "A round's figures",
         {200: Answer("The round's figures.", "Stats")},
-        {"unauthorized": None, "not-found": "unknown round.", "unavailable": None},
+        {
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "not-found": "unknown round.",
+            "unavailable": None,
+        },
+    ),
+    Route(
+        "get",
+        "/api/v1/admin/queue",
+        "getQueueDepth",
+        OPERATORS,
+        "Requests waiting in the admission queues",
+        {200: Answer("Requests waiting in all workers' queues.", "QueueDepth")},
+        {"unauthorized": None, "rate-limited": AUTH_THROTTLED},
+        description=(
+            "Extension beyond the contract, for the console (which no longer reads `/metrics`)."
+        ),
     ),
     Route(
         "post",
@@ -252,6 +284,7 @@ ROUTES: tuple[Route, ...] = (
         {
             **_body_problems(),
             "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
             "not-found": "unknown pickup code at that site.",
             "not-collectable": (
                 "the reservation is collected, cancelled or expired; or `citizen_id` was given "
@@ -309,6 +342,11 @@ ROUTES: tuple[Route, ...] = (
                 media="text/plain",
             )
         },
+        description=(
+            "Served only on the operations listener (`[service] ops_port`, env `ALLOT_OPS_PORT`, "
+            "default 9180, bound to 127.0.0.1 unless `ops_host` says otherwise), which also "
+            "answers `/healthz` and `/readyz`. The public port answers this path with 404."
+        ),
     ),
     Route(
         "get",

@@ -45,6 +45,14 @@ class ProblemCode:
 
 PROBLEM_CODES: tuple[ProblemCode, ...] = (
     ProblemCode(
+        "bad-request",
+        400,
+        "Malformed HTTP request",
+        "not a well-formed HTTP/1.1 request (framing, request line, headers); answered by the "
+        "connection layer (service/http.py), which then closes the connection.",
+        beyond_contract=True,
+    ),
+    ProblemCode(
         "malformed-json",
         400,
         "Body is not a JSON object",
@@ -159,6 +167,14 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "a carry-over from a round whose pickup window has not ended.",
         served=False,
     ),
+    ProblemCode(
+        "request-timeout",
+        408,
+        "The request did not arrive in time",
+        "the request's head or body did not arrive within its deadline "
+        "(`[service] header_timeout_ms`, `body_timeout_ms`); the connection is closed.",
+        beyond_contract=True,
+    ),
     ProblemCode("payload-too-large", 413, "Body too large", "the body is over the limit."),
     ProblemCode(
         "unsupported-media-type",
@@ -217,6 +233,17 @@ PROBLEM_JSON = "application/problem+json"
 
 class MalformedJson(Problem):
     code = "malformed-json"
+
+
+class BadRequest(Problem):
+    """Not a well-formed HTTP/1.1 request (framing, request line, headers): the contract's
+    table has no code for it, and ``malformed-json`` would misname a header error."""
+
+    code = "bad-request"
+
+
+class RequestTimeout(Problem):
+    code = "request-timeout"
 
 
 class Unauthorized(Problem):

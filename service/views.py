@@ -9,7 +9,15 @@ import orjson
 from aiohttp import web
 
 from allocator.errors import Problem
-from service.appkeys import ADMISSION, ALLOCATOR, METRICS, SETTINGS, TRUSTED_PROXIES
+from allocator.throttle import OPERATOR
+from service.appkeys import (
+    ADMISSION,
+    ALLOCATOR,
+    AUTH_THROTTLE,
+    METRICS,
+    SETTINGS,
+    TRUSTED_PROXIES,
+)
 from service.client import client_address
 from service.openapi import openapi_document
 from service.problems import Unauthorized
@@ -39,15 +47,25 @@ def json_response(
     )
 
 
-def require_operator(request: web.Request) -> None:
+async def require_operator(request: web.Request) -> None:
+    """The operator token, or 401; after too many wrong ones from an address, 429 for it
+    (allocator/throttle.py; desk tokens will go through the same throttle).
+
+    Header bytes that are not UTF-8 reach us as surrogates: compared as the bytes they were,
+    they are simply a wrong token (401), not a server error.
+    """
     token = request.app[SETTINGS].admin_token
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if (
-        not token
-        or scheme.lower() != "bearer"
-        or not hmac.compare_digest(value.strip().encode(), token.encode())
-    ):
+    if not token:
+        raise Unauthorized("Operator endpoints are disabled: ALLOT_ADMIN_TOKEN is not set.")
+    throttle = request.app[AUTH_THROTTLE]
+    client = client_address(request, request.app[TRUSTED_PROXIES])
+    await throttle.check(OPERATOR, client)
+    header = request.headers.get("Authorization")
+    scheme, _, value = (header or "").partition(" ")
+    given = value.strip().encode("utf-8", "surrogateescape")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
+        if header is not None:  # no header at all guesses nothing: refused, not counted
+            await throttle.failed(OPERATOR, client)
         raise Unauthorized("Operator endpoints need 'Authorization: Bearer <ALLOT_ADMIN_TOKEN>'.")
 
 
@@ -130,14 +148,14 @@ async def cancel_reservation(request: web.Request) -> web.Response:
 
 @routes.put("/api/v1/admin/sites")
 async def put_sites(request: web.Request) -> web.Response:
-    require_operator(request)
+    await require_operator(request)
     sites = parse_sites(await read_json(request))
     return json_response({"upserted": await request.app[ALLOCATOR].upsert_sites(sites)})
 
 
 @routes.put("/api/v1/admin/rounds/{round_id}")
 async def put_round(request: web.Request) -> web.Response:
-    require_operator(request)
+    await require_operator(request)
     allocator = request.app[ALLOCATOR]
     rnd = parse_round(request.match_info["round_id"], await read_json(request))
     created = await allocator.upsert_round(rnd)
@@ -147,7 +165,7 @@ async def put_round(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/admin/rounds/{round_id}/batches")
 async def post_batch(request: web.Request) -> web.Response:
-    require_operator(request)
+    await require_operator(request)
     round_id = path_id(request, "round_id")
     allocator = request.app[ALLOCATOR]
     await allocator.round(round_id)  # 404 before reading a large body for nothing
@@ -164,14 +182,14 @@ async def post_batch(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/admin/rounds/{round_id}/stats")
 async def get_stats(request: web.Request) -> web.Response:
-    require_operator(request)
+    await require_operator(request)
     stats = await request.app[ALLOCATOR].stats(path_id(request, "round_id"))
     return json_response(stats_body(stats))
 
 
 @routes.post("/api/v1/admin/pickups")
 async def post_pickup(request: web.Request) -> web.Response:
-    require_operator(request)
+    await require_operator(request)
     allocator = request.app[ALLOCATOR]
     ask = parse_pickup(await read_json(request))
     reservation = await allocator.pickup(ask.site_id, ask.pickup_code, ask.citizen_id, ask.round_id)
@@ -193,12 +211,14 @@ async def readyz(request: web.Request) -> web.Response:
     return json_response({"status": "ready"})
 
 
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[METRICS].render(),
-        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
-    )
+# /metrics is served only by the operations listener (service/ops.py): on this port it is 404.
+
+
+@routes.get("/api/v1/admin/queue")
+async def get_queue(request: web.Request) -> web.Response:
+    """Beyond the contract, for the console: requests waiting in all workers' queues."""
+    await require_operator(request)
+    return json_response({"queue_depth": request.app[METRICS].queue_depth_total()})
 
 
 @routes.get("/api/v1/openapi.json")

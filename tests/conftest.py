@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import os
 import subprocess
 import sys
@@ -31,7 +32,10 @@ from stdnum.cn import ric
 from allocator import db
 from allocator.config import Settings, load_settings
 from allocator.keys import Keys
+from service import logsafe
 from service.app import create_app
+from service.appkeys import METRICS
+from service.ops import create_ops_app
 from tests.helpers import FakeClock
 from tests.openapi_check import ContractCheck
 
@@ -159,9 +163,15 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
         database_url=database_url,
         admin_token=ADMIN_TOKEN,
         id_pepper="test-pepper",
-        service=replace(base.service, redis_prefix=redis_prefix, redis_timeout_ms=2000),
         # Every test request comes from 127.0.0.1: wide-open buckets here, so that tests of
-        # the invariants see every claim decided; tests/test_gate.py uses the real defaults.
+        # the invariants see every claim decided; tests/test_gate.py uses the real defaults,
+        # tests/test_auth_throttle.py the real limit of failed operator tokens.
+        service=replace(
+            base.service,
+            redis_prefix=redis_prefix,
+            redis_timeout_ms=2000,
+            auth_failures_per_minute=10**6,
+        ),
         gate=replace(
             base.gate,
             global_rate=1e6,
@@ -217,6 +227,27 @@ def checked_client(
         return client
 
     return make
+
+
+@pytest.fixture
+async def ops(
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any
+) -> TestClient[Any, Any]:
+    """The operations listener of the app behind ``client``, on its own port as in
+    `allot serve` (its own Redis client and PostgreSQL pool, that app's metrics)."""
+    return await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
+
+
+@pytest.fixture
+def safe_aiohttp_logs() -> Iterator[None]:
+    """aiohttp's loggers filtered as `allot serve` does (service/logsafe.py), for this test
+    only: the filter is process-wide, and other tests read aiohttp's access log."""
+    logsafe.install()
+    yield
+    for name in logsafe.AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, logsafe.AiohttpLogFilter)]:
+            logger.removeFilter(f)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,8 @@ from allocator.admission import AdmissionQueue
 from allocator.config import QueueSettings, Settings
 from allocator.facade import Allocator
 from service.app import create_app
-from service.appkeys import ADMISSION, ALLOCATOR
+from service.appkeys import ADMISSION, ALLOCATOR, METRICS
+from service.ops import create_ops_app
 from tests.conftest import ADMIN, reserve, seed
 from tests.helpers import FakeClock
 
@@ -117,7 +118,8 @@ async def test_queue_depth_is_reported_and_returns_to_zero(
     await asyncio.gather(*(reserve(client, n) for n in range(200)))
     queue: AdmissionQueue = app[ADMISSION]
     assert queue.depth == 0
-    metrics = await (await client.get("/metrics")).text()
+    ops: TestClient[Any, Any] = await aiohttp_client(create_ops_app(settings, app[METRICS].render))
+    metrics = await (await ops.get("/metrics")).text()
     assert "allot_queue_depth 0.0" in metrics
 
 

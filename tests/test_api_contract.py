@@ -1531,12 +1531,12 @@ async def test_health_and_readiness_answer_200(client: Client) -> None:
     assert r.status == 200, await r.text()
 
 
-async def test_metrics_expose_the_contract_series(client: Client) -> None:
+async def test_metrics_expose_the_contract_series(client: Client, ops: Client) -> None:
     """Dashboards and alerts are keyed on these names; renaming one silently blinds them."""
     await seed(client)
     await created(await reserve(client, 1))
     await problem(await reserve(client, 1, site="nosuch"), 409, "already-reserved")
-    r = await client.get("/metrics")
+    r = await ops.get("/metrics")
     assert r.status == 200
     assert r.content_type == "text/plain"
     text = await r.text()
@@ -1545,6 +1545,20 @@ async def test_metrics_expose_the_contract_series(client: Client) -> None:
     assert "allot_request_duration_seconds_bucket{" in text
     assert re.search(r"^allot_queue_depth \d", text, re.M)
     assert re.search(r"^allot_ledger_lag \d", text, re.M)
+
+
+async def test_metrics_are_404_on_the_citizens_port(client: Client) -> None:
+    """/metrics is for the operations listener only: on the public port it would let anyone
+    stall a worker's loop with scrapes, and it tells outsiders how the service is doing."""
+    await problem(await client.get("/metrics"), 404, "not-found")
+
+
+async def test_operations_listener_answers_health_and_readiness(ops: Client) -> None:
+    """Orchestrators may probe the operations port instead of the public one."""
+    assert (await ops.get("/healthz")).status == 200
+    r = await ops.get("/readyz")
+    assert r.status == 200, await r.text()
+    await problem(await ops.get("/api/v1/rounds"), 404, "not-found")  # nothing else is here
 
 
 async def test_openapi_document_is_served_as_openapi_3_1(client: Client) -> None:

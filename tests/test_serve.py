@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ class Server:
     def __init__(self, settings: Settings, log: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.ops_port = free_port()
+        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
         self.log = log
         self.env = {
             **os.environ,
@@ -39,6 +42,7 @@ class Server:
             "ALLOT_DATABASE_URL": settings.database_url,
             "ALLOT_ADMIN_TOKEN": ADMIN_TOKEN,
             "ALLOT_ID_PEPPER": "test-pepper",
+            "ALLOT_OPS_PORT": str(self.ops_port),
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -220,3 +224,201 @@ async def test_a_started_service_imports_nothing_of_the_load_test(server: Server
     assert {"service.app", "service.views", "aiohttp.web"} <= imported  # the probe works
     roots = {m.split(".")[0] for m in imported}
     assert roots & {"loadtest", "locust", "gevent", "matplotlib"} == set()
+
+
+# -- the operations listener ----------------------------------------------------------------
+
+
+def listener_owners(port: int, pids: list[int]) -> list[int]:
+    """Which of ``pids`` hold a socket listening on ``port`` (from /proc: who owns the fd)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    assert inodes, f"nothing listens on port {port}"
+    owners = []
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    owners.append(pid)
+                    break
+    return owners
+
+
+async def requests_served(session: aiohttp.ClientSession, server: Server) -> int:
+    """Requests the citizens' port has answered, all workers summed (each one is timed)."""
+    async with session.get(f"{server.ops_url}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    return sum(
+        int(float(line.rsplit(" ", 1)[1]))
+        for line in text.splitlines()
+        if line.startswith("allot_request_duration_seconds_count")
+    )
+
+
+async def scrape_50_at_once_and_count_worker_requests(
+    session: aiohttp.ClientSession, server: Server
+) -> None:
+    """50 concurrent scrapes all answered; then the workers' request count has moved by
+    exactly the one citizens' request made afterwards: no scrape ran in a worker."""
+    before = await requests_served(session, server)
+
+    async def scrape() -> tuple[int, str]:
+        async with session.get(f"{server.ops_url}/metrics") as r:
+            return r.status, await r.text()
+
+    answers = await asyncio.gather(*(scrape() for _ in range(50)))
+    assert {status for status, _ in answers} == {200}
+    for _, text in answers:
+        for series in ("allot_request_duration_seconds_bucket", "allot_queue_depth"):
+            assert series in text
+    async with session.get(f"{server.url}/healthz") as r:
+        assert r.status == 200
+    async with asyncio.timeout(15):  # /metrics is rendered at most once a second
+        while (after := await requests_served(session, server)) == before:
+            await asyncio.sleep(0.2)
+    assert after == before + 1
+
+
+async def test_metrics_are_served_by_the_supervisor_and_scrapes_never_reach_a_worker(
+    server: Server,
+) -> None:
+    """One scrape blocked a worker's loop for ~47 ms and 50 scrapers brought 503s: now the
+    supervisor alone holds the operations port, and the workers do not see a scrape."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=2)
+        await server.wait_ready(session)
+        assert server.proc is not None
+        supervisor, workers = server.proc.pid, server.workers()
+        assert len(workers) == 2
+        everyone = [supervisor, *workers]
+        assert listener_owners(server.ops_port, everyone) == [supervisor]
+        assert supervisor not in listener_owners(server.port, everyone)  # workers' alone
+        async with session.get(f"{server.url}/metrics") as r:
+            assert r.status == 404
+            assert r.content_type == "application/problem+json"
+        for path in ("/healthz", "/readyz"):  # on both ports
+            for url in (server.url, server.ops_url):
+                async with session.get(url + path) as r:
+                    assert r.status == 200, (url, path, await r.text())
+        await scrape_50_at_once_and_count_worker_requests(session, server)
+
+
+async def test_a_single_worker_serves_operations_on_their_own_port(server: Server) -> None:
+    """`--workers 1` has no supervisor: the worker runs the listener in a thread of its own,
+    off its citizens' loop, with the same answers."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=1)
+        await server.wait_ready(session)
+        assert server.proc is not None
+        assert listener_owners(server.ops_port, [server.proc.pid]) == [server.proc.pid]
+        async with session.get(f"{server.url}/metrics") as r:
+            assert r.status == 404
+        async with session.get(f"{server.ops_url}/readyz") as r:
+            assert r.status == 200
+        await scrape_50_at_once_and_count_worker_requests(session, server)
+
+
+async def test_a_taken_operations_port_stops_serve_with_its_reason(server: Server) -> None:
+    """Serving on without metrics or readiness would leave on-call blind; say why and stop."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", server.ops_port))
+        taken.listen()
+        server.start(workers=2)
+        assert server.proc is not None
+        code = await asyncio.to_thread(server.proc.wait, 60)
+    assert code == 2
+    assert "operations listener cannot listen" in server.log.read_text()
+
+
+# -- what clients send never reaches the log; slow clients are cut off ------------------------
+
+ID, PHONE, GUESS = "11010519491231002X", "13912345678", "guessed-token-5f1e"
+JSON_BODY = f'{{"citizen_id": "{ID}", "phone": "{PHONE}", "site_id": "s1"}}'.encode()
+POST_HEAD = b"POST /api/v1/rounds/r1/reservations HTTP/1.1\r\nHost: t\r\n"
+HOSTILE = [
+    # the reported case: chunked framing announced, a plain JSON body sent
+    POST_HEAD + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n" + JSON_BODY,
+    # a good first chunk, then garbage where the next chunk size belongs
+    POST_HEAD
+    + b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"%x\r\n%s\r\n" % (len(JSON_BODY), JSON_BODY)
+    + b"zz"
+    + JSON_BODY
+    + b"\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX Citizen: " + ID.encode() + b"\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: t\r\nX-Phone: " + PHONE.encode() * 900 + b"\r\n\r\n",
+    b"GET /api/v1/admin/rounds/r1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    b"Authorization: Bearer " + GUESS.encode() + b"\xff\xfe\r\n\r\n",
+    b"GET /api/v1/admin/rounds/r1/stats HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+    b"Authorization: Bearer " + GUESS.encode() + b"\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5" + PHONE.encode() + b"\r\n\r\n",
+]
+
+
+async def raw_exchange(port: int, data: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(10):
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+async def test_nothing_a_client_sends_reaches_the_log_and_slow_clients_are_cut_off(
+    server: Server, tmp_path: Path
+) -> None:
+    """aiohttp logged such a body, ID and phone in clear, with a traceback per request; slow
+    heads and bodies stayed open for minutes. Both through a real `allot serve`."""
+    config = tmp_path / "allot.toml"
+    config.write_text("[service]\nheader_timeout_ms = 500\nbody_timeout_ms = 500\n")
+    server.env["ALLOT_CONFIG"] = str(config)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        server.start(workers=2)
+        await server.wait_ready(session)
+        for _ in range(4):
+            for data in HOSTILE:
+                answer = await raw_exchange(server.port, data)
+                status = int(answer.split(b" ", 2)[1])
+                assert status in (400, 401), answer[:200]
+                assert b"application/problem+json" in answer
+                for secret in (ID, PHONE, GUESS):
+                    assert secret.encode() not in answer
+        first = await raw_exchange(server.port, HOSTILE[0])
+        assert b'"code":"bad-request"' in first
+        # a head trickled byte by byte, and a body that never comes
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in POST_HEAD + b"X-Pad: " + b"a" * 10_000:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+
+        sender = asyncio.create_task(trickle())
+        try:
+            async with asyncio.timeout(10):  # closed, and nothing was answered
+                with contextlib.suppress(ConnectionError):
+                    assert await reader.read() == b""
+        finally:
+            sender.cancel()
+            writer.close()
+        late = POST_HEAD + b"Content-Type: application/json\r\nContent-Length: 200\r\n\r\n{"
+        assert b'"code":"request-timeout"' in await raw_exchange(server.port, late)
+    server.stop()
+    log = server.log.read_text(errors="replace")
+    assert "malformed HTTP request" in log  # they are seen...
+    assert log.count("malformed HTTP request") <= 6, log  # ...once per 10 s and worker
+    for secret in (ID, PHONE, GUESS, "Traceback", JSON_BODY.decode()[:12]):
+        assert secret not in log, secret

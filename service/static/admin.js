@@ -201,18 +201,14 @@
     if (token()) state.statsTimer = setTimeout(pollStats, next);
   }
 
-  /** The admission queue's depth, from /metrics (all workers summed), every other second. */
+  /** The admission queue's depth (all workers summed), every other second. /metrics is on the
+   *  operations port, out of a browser's reach; this operator endpoint gives the one figure. */
   async function maybeQueue() {
     if (Date.now() - state.metricsAt < 1900) return;
     state.metricsAt = Date.now();
-    var res = await A.api('GET', '/metrics', null, { timeout: 3000 });
-    if (res.status !== 200) return;
-    var total = null;
-    res.text.split('\n').forEach(function (line) {
-      var m = /^allot_queue_depth(?:\{[^}]*\})?\s+([-+0-9.eE]+|NaN)\s*$/.exec(line);
-      if (m && m[1] !== 'NaN') total = (total || 0) + parseFloat(m[1]);
-    });
-    state.queue = total;
+    var res = await admin('GET', '/api/v1/admin/queue', null, { timeout: 3000 });
+    if (res.status !== 200 || !res.data || typeof res.data.queue_depth !== 'number') return;
+    state.queue = res.data.queue_depth;
   }
 
   function addSample(s) {
