@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from allocator.admission import AdmissionQueue
 from allocator.config import QueueSettings, Settings
-from allocator.core import Allocator
+from allocator.facade import Allocator
 from service.app import create_app
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS
 from service.ops import create_ops_app

@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.errors import InvalidRequest, UnsupportedMediaType
+from allocator.errors import InvalidRequest
 from allocator.model import Round
+from service.problems import UnsupportedMediaType
 from service.validation import (
     CSV_LIMIT,
     JSON_LIMIT,
