@@ -34,7 +34,7 @@ from service.validation import (
     parse_round,
     parse_sites,
 )
-from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
 from tests.test_api_contract import (
     CSV,
     RESERVATIONS,

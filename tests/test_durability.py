@@ -43,8 +43,7 @@ from loadtest.servers import PrivateRedis
 from service.app import create_app
 from service.problems import problem_headers, status_of
 from service.shapes import stats_body
-from tests.conftest import ADMIN, citizen_id, phone, reserve, seed
-from tests.helpers import claim_once
+from tests.helpers import ADMIN, citizen_id, claim_once, phone, reserve, seed
 
 ALLOT = str(Path(sys.executable).with_name("allot"))
 

@@ -19,8 +19,7 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys, RoundKeys
 from allocator.model import Round, Site
-from tests.conftest import citizen_id, phone
-from tests.helpers import claim_once
+from tests.helpers import citizen_id, claim_once, phone
 
 GATE = ["1000", "1000", "1000", "1000", "1000", "1000"]
 CODES = "AAAAAAAA BBBBBBBB CCCCCCCC"

@@ -53,8 +53,7 @@ from allocator.model import PICKUP_CODE, RESERVATION_ID, Round, Site
 from allocator.reconcile import reconcile
 from loadtest.servers import PrivateRedis
 from service.shapes import batch_body, stats_body
-from tests.conftest import citizen_id, phone
-from tests.helpers import claim_once
+from tests.helpers import citizen_id, claim_once, phone
 
 T = TypeVar("T")
 
