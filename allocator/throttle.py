@@ -1,12 +1,12 @@
 """Failed authentications, counted per client address and shared by every worker through Redis.
 
 At most ``limit`` failures per address in a fixed window of ``window`` seconds (from the first
-failure); then every attempt from that address, right or wrong, is refused with 429
-``rate-limited`` and Retry-After until the window ends, so a guess that happens to be right
-teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the operator
-token, ``desk`` for desk tokens (``service/auth.py`` calls ``check`` before looking at the
-token and ``failed`` when it is wrong; a bearer value with the desk tokens' prefix counts as a
-desk attempt, any other as an operator one).
+failure); then every attempt from that address, right or wrong, is refused (``RateLimited``,
+its ``retry_after`` the rest of the window) until the window ends, so a guess that happens to
+be right teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the
+operator token, ``desk`` for desk tokens (``service/auth.py`` calls ``check`` before looking at
+the token and ``failed`` when it is wrong; a bearer value with the desk tokens' prefix counts as
+a desk attempt, any other as an operator one).
 
 Redis: one key per scope and address hash (``Keys.auth_failures``), a counter that expires with
 its window; one round trip per check and per failure. Each worker also remembers the blocks it
@@ -26,7 +26,7 @@ from allocator.errors import RateLimited
 from allocator.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
-    from allocator.core import Allocator
+    from allocator.facade import Allocator
 
 log = logging.getLogger("allot.auth")
 
@@ -76,7 +76,7 @@ class FailureThrottle:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.pttl(key)
-            count, ttl_ms = await self._allocator._redis(pipe.execute())  # its 503 guard
+            count, ttl_ms = await self._allocator.store.redis_call(pipe.execute())  # its 503 guard
         if count is not None and int(count) >= self.limit and ttl_ms > 0:
             self._remember(key, now + ttl_ms / 1000)
             raise self._refuse(ttl_ms / 1000)
@@ -92,7 +92,7 @@ class FailureThrottle:
             pipe.set(key, 0, nx=True, px=window_ms)
             pipe.incr(key)
             pipe.pttl(key)
-            _, count, ttl_ms = await self._allocator._redis(pipe.execute())
+            _, count, ttl_ms = await self._allocator.store.redis_call(pipe.execute())
         if count >= self.limit:
             ttl = ttl_ms / 1000 if ttl_ms > 0 else self.window
             self._remember(key, self._clock() + ttl)

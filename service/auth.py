@@ -23,14 +23,10 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from allocator.desk import DeskToken, looks_like_desk_token
-from allocator.errors import Problem, Unauthorized
 from allocator.throttle import DESK, OPERATOR
 from service.appkeys import AUTH_THROTTLE, DESK_TOKENS, SETTINGS, TRUSTED_PROXIES
 from service.client import client_address
-
-
-class Forbidden(Problem):
-    status, code, title = 403, "forbidden", "Not allowed with this token"
+from service.problems import Forbidden, Unauthorized
 
 
 @dataclass(frozen=True, slots=True)

@@ -279,18 +279,6 @@ ROUTES: tuple[Route, ...] = (
         },
     ),
     Route(
-        "get",
-        "/api/v1/admin/queue",
-        "getQueueDepth",
-        OPERATORS,
-        "Requests waiting in the admission queues",
-        {200: Answer("Requests waiting in all workers' queues.", "QueueDepth")},
-        OPERATOR_ONLY,
-        description=(
-            "Extension beyond the contract, for the console (which no longer reads `/metrics`)."
-        ),
-    ),
-    Route(
         "post",
         "/api/v1/admin/pickups",
         "recordPickup",
@@ -339,16 +327,6 @@ ROUTES: tuple[Route, ...] = (
         request_description="The site, and a label saying who holds the token.",
     ),
     Route(
-        "get",
-        "/api/v1/admin/desk-tokens",
-        "listDeskTokens",
-        OPERATORS,
-        "List desk tokens",
-        {200: Answer("Every desk token, without the tokens.", "DeskTokenList")},
-        {**OPERATOR_ONLY, "unavailable": None},
-        description="Extension beyond the contract, for the console.",
-    ),
-    Route(
         "delete",
         "/api/v1/admin/desk-tokens/{token_id}",
         "revokeDeskToken",
@@ -391,20 +369,6 @@ ROUTES: tuple[Route, ...] = (
         ),
         request={"application/json": "ReservationRequest"},
         request_description="Who reserves, and where (the desk's own site).",
-    ),
-    Route(
-        "get",
-        "/api/v1/desk/me",
-        "whoAmI",
-        DESKS,
-        "What the bearer token is",
-        {200: Answer("The operator, or a desk token with its site.", "Principal")},
-        {
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
-            "unavailable": None,
-        },
-        description="Extension beyond the contract, for the console's sign-in.",
     ),
     # operations
     Route(
@@ -454,6 +418,7 @@ ROUTES: tuple[Route, ...] = (
             "default 9180, bound to 127.0.0.1 unless `ops_host` says otherwise), which also "
             "answers `/healthz` and `/readyz`. The public port answers this path with 404."
         ),
+        problems={"not-found": "on the citizens' port: `/metrics` is served on `ops_port` only."},
     ),
     Route(
         "get",

@@ -412,31 +412,11 @@ _DESK: dict[str, Schema] = {
         },
         description="A desk token's public fields: never the token itself.",
     ),
-    "DeskTokenList": _closed(
-        {"desk_tokens": {"type": "array", "items": ref("DeskToken")}},
-        description="Extension beyond the contract: every desk token, revoked ones included.",
-    ),
-    "Principal": _closed(
-        {
-            "role": {"enum": ["operator", "desk"]},
-            "token_id": {"oneOf": [{"type": "null"}, ref("DeskTokenId")]},
-            "site_id": {"oneOf": [{"type": "null"}, ref("Id")]},
-            "label": {"oneOf": [{"type": "null"}, _text()]},
-        },
-        description=(
-            "Extension beyond the contract: what the bearer token is; for a desk token, its "
-            "site and label."
-        ),
-    ),
 }
 
 # -- operations -------------------------------------------------------------------------------
 
 _OPERATIONS: dict[str, Schema] = {
-    "QueueDepth": _closed(
-        {"queue_depth": {"type": "integer", "minimum": 0}},
-        description="Extension beyond the contract: requests waiting in all workers' queues.",
-    ),
     # The contract says only "200 while the process runs": the status code is what counts, so
     # the body is not closed.
     "Health": {

@@ -13,12 +13,11 @@ from redis.asyncio import Redis
 
 from allocator.admission import AdmissionQueue
 from allocator.config import QueueSettings, Settings
-from allocator.core import Allocator
+from allocator.facade import Allocator
 from service.app import create_app
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS
 from service.ops import create_ops_app
-from tests.conftest import ADMIN, reserve, seed
-from tests.helpers import FakeClock
+from tests.helpers import ADMIN, FakeClock, reserve, seed
 
 
 def count_claim_calls(allocator: Allocator) -> list[int]:

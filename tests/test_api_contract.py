@@ -25,8 +25,16 @@ from redis.asyncio import Redis
 
 from allocator.config import Settings
 from service.app import create_app
-from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, round_body, seed
-from tests.helpers import FakeClock
+from tests.helpers import (
+    ADMIN,
+    ADMIN_TOKEN,
+    FakeClock,
+    citizen_id,
+    phone,
+    reserve,
+    round_body,
+    seed,
+)
 
 Client = TestClient[Any, Any]
 

@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.errors import InvalidRequest, UnsupportedMediaType
+from allocator.errors import InvalidRequest
 from allocator.model import Round
+from service.problems import UnsupportedMediaType
 from service.validation import (
     CSV_LIMIT,
     JSON_LIMIT,
@@ -33,7 +34,7 @@ from service.validation import (
     parse_round,
     parse_sites,
 )
-from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
 from tests.test_api_contract import (
     CSV,
     RESERVATIONS,

@@ -27,8 +27,7 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import rebuild_round
-from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, seed
-from tests.helpers import FakeClock
+from tests.helpers import ADMIN, ADMIN_TOKEN, FakeClock, citizen_id, phone, reserve, seed
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

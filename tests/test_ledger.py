@@ -15,12 +15,12 @@ from redis.asyncio import Redis
 
 from allocator import db
 from allocator.config import LedgerSettings, Settings
-from allocator.core import Allocator
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
-from allocator.ledger import GROUP, Entry, LedgerWriter
+from allocator.ledger import GROUP, Entry, LedgerWriter, create_group
 from allocator.model import Round, Site
-from tests.conftest import citizen_id, phone
+from tests.helpers import citizen_id, claim_once, phone
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ async def rows(pool: asyncpg.Pool) -> dict[str, str]:
 async def reserve_many(allocator: Allocator, count: int, start: int = 0) -> list[str]:
     ids = []
     for n in range(start, start + count):
-        res, created = await allocator.reserve("r1", "s1", citizen_id(n), phone(n))
+        res, created = await claim_once(allocator, "r1", "s1", citizen_id(n), phone(n))
         assert created
         ids.append(res.reservation_id)
     return ids
@@ -104,7 +104,7 @@ async def test_status_only_moves_forward_whatever_the_delivery_order(
         "cancelled",
     ]
     await redis.delete(rk.ledger)
-    await redis.xgroup_create(rk.ledger, GROUP, id="0", mkstream=True)
+    await create_group(redis, rk.ledger)
     for fields in reversed(reservation_entries):  # cancelled first, then the stale confirmed
         await redis.xadd(rk.ledger, fields)
     w = writer(redis, pool, keys, "c1")
@@ -194,11 +194,11 @@ async def test_service_ledger_writer_records_within_five_seconds(
 ) -> None:
     """Inside `allot serve`, a reservation answered 201 is in PostgreSQL within 5 s."""
     from service.app import create_app
-    from tests.conftest import seed
+    from tests.helpers import seed
 
     client = await aiohttp_client(create_app(settings))
     await seed(client, stock={"s1": 5})
-    from tests.conftest import reserve
+    from tests.helpers import reserve
 
     r = await reserve(client, 1)
     assert r.status == 201
