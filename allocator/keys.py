@@ -33,6 +33,11 @@ class RoundKeys:
         """Set of citizen hashes that reserved at this site (never shrinks: a safe superset)."""
         return f"{self._tag}siteholders:{site_id}"
 
+    def fair_asked(self, dimension: str, group: str) -> str:
+        """Set of citizen hashes that reserved or were refused sold-out, in one group of the
+        fairness report (``district``, ``age_band`` or ``channel``)."""
+        return f"{self._tag}fair:asked:{dimension}:{group}"
+
     @property
     def gate_global(self) -> str:
         """Token bucket of the whole round (hash: t tokens, ts ms)."""

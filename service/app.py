@@ -202,6 +202,7 @@ def create_app(
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
             asyncio.create_task(desks.follow(stop), name="desk-events"),
+            asyncio.create_task(allocator.asks.run(stop), name="fairness-asks"),
         ]
         yield
         stop.set()

@@ -79,4 +79,4 @@ async def desk_reservation(request: web.Request) -> web.Response:
     async def allowed(site_id: str) -> None:
         check_site(principal, site_id)
 
-    return await reserve(request, allowed)
+    return await reserve(request, allowed, channel="desk")

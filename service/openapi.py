@@ -279,6 +279,24 @@ ROUTES: tuple[Route, ...] = (
         },
     ),
     Route(
+        "get",
+        "/api/v1/admin/rounds/{round_id}/fairness",
+        "getRoundFairness",
+        OPERATORS,
+        "Who asked and who got a share, by group",
+        {200: Answer("The round's fairness report.", "FairnessReport")},
+        {
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "unavailable": "Redis or PostgreSQL (the ledger counts `granted`) does not answer.",
+        },
+        description=(
+            "`asked` counts distinct citizens who reserved or were refused sold-out, from "
+            "Redis at once; `granted` distinct citizens holding a reservation not cancelled, "
+            "from the ledger (a few seconds behind at most)."
+        ),
+    ),
+    Route(
         "post",
         "/api/v1/admin/pickups",
         "recordPickup",

@@ -378,6 +378,32 @@ _OPERATORS: dict[str, Schema] = {
     },
 }
 
+_FAIRNESS: dict[str, Schema] = {
+    "FairnessGroup": _closed(
+        {
+            "dimension": {"enum": ["district", "age_band", "channel"]},
+            "group": {
+                "type": "string",
+                "description": (
+                    "A district (of the site asked for); an age band `0-17`, `18-39`, `40-64`, "
+                    "`65+` at `opens_at`; or a channel `desk`, `web`, `mini-program`, `api`."
+                ),
+            },
+            "asked": _count("Distinct citizens who reserved or were refused sold-out."),
+            "granted": _count("Distinct citizens holding a reservation not cancelled."),
+            "share_of_asked": {"type": "number", "minimum": 0, "maximum": 1},
+            "share_of_granted": {"type": "number", "minimum": 0, "maximum": 1},
+        }
+    ),
+    "FairnessReport": _closed(
+        {"round_id": ref("Id"), "groups": {"type": "array", "items": ref("FairnessGroup")}},
+        description=(
+            "Granted share against asked share per group; kept without clear IDs. A group "
+            "nobody asked in and nobody was granted in is left out."
+        ),
+    ),
+}
+
 _DESK: dict[str, Schema] = {
     "DeskTokenRequest": {
         "type": "object",
@@ -556,6 +582,7 @@ def schemas() -> dict[str, Schema]:
         **_CITIZENS,
         **_OPERATORS,
         **_DESK,
+        **_FAIRNESS,
         **_OPERATIONS,
         **_PROBLEM_PARTS,
         "Problem": problem_schema(served),

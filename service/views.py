@@ -29,6 +29,7 @@ from service.validation import (
 )
 
 routes = web.RouteTableDef()
+CITIZEN_CHANNELS = ("web", "mini-program")  # X-Allot-Channel values taken as given
 
 
 def json_response(
@@ -76,33 +77,46 @@ async def create_reservation(request: web.Request) -> web.Response:
 
 
 async def reserve(
-    request: web.Request, allowed: Callable[[str], Awaitable[None]] | None = None
+    request: web.Request,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+    channel: str | None = None,
 ) -> web.Response:
     """A reservation, for the citizen's own endpoint and the desk's (``allowed`` is then
-    called with the site asked for before anything is claimed)."""
+    called with the site asked for before anything is claimed, and ``channel`` is ``desk``).
+    A citizen's channel is its ``X-Allot-Channel`` header when that is ``web`` or
+    ``mini-program``, else ``api``."""
     allocator = request.app[ALLOCATOR]
     metrics = request.app[METRICS]
+    if channel is None:
+        channel = request.headers.get("X-Allot-Channel", "api")
+        if channel not in CITIZEN_CHANNELS:
+            channel = "api"
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
         if allowed is not None:
             await allowed(ask.site_id)
+        rnd = await allocator.round(round_id)  # its opening date gives the age band
         claim = allocator.claim_request(
             round_id,
             ask.site_id,
             ask.citizen_id,
             ask.phone,
             client_address(request, request.app[TRUSTED_PROXIES]),
+            channel=channel,
+            opens_on=rnd.opens_at.date(),
         )
         reservation, created = await request.app[ADMISSION].reserve(claim)
-        rnd = await allocator.round(round_id)
     except Problem as problem:
         metrics.count_reservation(problem.code)
+        if problem.code == "sold-out":
+            metrics.count_ask(channel, granted=False)
         raise
     metrics.count_reservation("created" if created else "existing")
     body = reservation_body(reservation, rnd, allocator.now_ms())
     if not created:
         return json_response(body)
+    metrics.count_ask(channel, granted=True)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
     return json_response(body, status=201, headers={"Location": location})
 
@@ -165,6 +179,13 @@ async def get_stats(request: web.Request) -> web.Response:
     await require_operator(request)
     stats = await request.app[ALLOCATOR].stats(path_id(request, "round_id"))
     return json_response(stats_body(stats))
+
+
+@routes.get("/api/v1/admin/rounds/{round_id}/fairness")
+async def get_fairness(request: web.Request) -> web.Response:
+    await require_operator(request)
+    report = await request.app[ALLOCATOR].fairness_report(path_id(request, "round_id"))
+    return json_response(report)
 
 
 @routes.post("/api/v1/admin/pickups")

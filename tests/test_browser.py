@@ -206,6 +206,12 @@ async def test_citizen_reserves_on_a_phone_and_sees_the_pickup_code_and_qr(
     await expect(code).to_have_text(body["pickup_code"])
     assert body["site_id"] == "s1"
     assert body["quantity"] == 2
+    # the page reserves as the web channel
+    r = await client.get("/api/v1/admin/rounds/r1/fairness", headers=ADMIN)
+    channels = {
+        g["group"]: g["asked"] for g in (await r.json())["groups"] if g["dimension"] == "channel"
+    }
+    assert channels == {"web": 1}
     result = page.locator("#result")
     await expect(result).to_contain_text("Site s1")
     await expect(result).to_contain_text("s1 road 1")
@@ -738,5 +744,31 @@ async def test_console_issues_a_desk_token_once_and_revokes_it(
     await expect(row).to_contain_text("已撤销")
     me = await client.get("/api/v1/desk/me", headers={"Authorization": f"Bearer {token}"})
     assert me.status == 401
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_console_shows_the_fairness_report_and_marks_the_groups_left_behind(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """During the round, not after: a district getting far less than the best one stands out."""
+    await seed(client, stock={"s1": 3, "s2": 1}, districts={"s1": "East", "s2": "West"})
+    for n in (1, 2, 3):
+        assert (await reserve(client, n, site="s1")).status == 201
+    assert (await reserve(client, 4, site="s2")).status == 201
+    for n in (5, 6, 7):
+        assert (await reserve(client, n, site="s2")).status == 409  # sold out in West
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    west = page.locator('#fair-table tr[data-group="district:West"]')
+    await expect(west).to_contain_text("25.0%")  # 1 of 4 askers got a share
+    await expect(west).to_have_class(re.compile(r"\bunder\b"))
+    await expect(west).to_contain_text("偏低")
+    east = page.locator('#fair-table tr[data-group="district:East"]')
+    await expect(east).to_contain_text("100.0%")
+    await expect(east).not_to_have_class(re.compile(r"\bunder\b"))
+    await page.locator("#fair-table").scroll_into_view_if_needed()
+    await page.screenshot(path=shots / "admin-fairness.png")
+    await assert_contrast(page)
     assert page_errors(page) == []
     await context.close()

@@ -25,6 +25,7 @@ CONTRACT_OPERATIONS = {
     ("put", "/api/v1/admin/rounds/{round_id}"),
     ("post", "/api/v1/admin/rounds/{round_id}/batches"),
     ("get", "/api/v1/admin/rounds/{round_id}/stats"),
+    ("get", "/api/v1/admin/rounds/{round_id}/fairness"),
     ("post", "/api/v1/admin/pickups"),
     ("post", "/api/v1/admin/desk-tokens"),
     ("delete", "/api/v1/admin/desk-tokens/{token_id}"),

@@ -13,6 +13,7 @@
   var TOKEN_KEY = 'allot.admin.token';
   var DESK_SITE_KEY = 'allot.desk.site';
   var STATS_EVERY_MS = 1000;
+  var FAIR_EVERY_MS = 3000; // the report reads the ledger: every few seconds is live enough
   var WINDOW_MS = 120000; // the charts show the last two minutes, now at the right edge
   var HISTORY = 150; // samples kept (one a second, a little more than the window)
   var SVG = 'http://www.w3.org/2000/svg';
@@ -30,6 +31,7 @@
     role: null, // 'operator' or 'desk', from GET /api/v1/desk/me
     desk: null, // {token_id, site_id, label} in desk mode
     assisting: false,
+    fairAt: 0,
   };
   // What desk mode hides: everything but the pickup desk and the assisted reservation form.
   var OPERATOR_ONLY = ['stats', 'batches', 'rounds', 'sites', 'desk-tokens'];
@@ -230,6 +232,7 @@
         // the operator switched rounds while this one was in flight
       } else if (res.status === 200 && res.data) {
         await maybeQueue();
+        await maybeFairness(round);
         addSample(res.data);
         $('stats-updated').textContent = t('stats_updated', { time: A.fmtClock(new Date()) });
       } else if (A.isBusy(res.status)) {
@@ -240,6 +243,60 @@
       }
     }
     if (token()) state.statsTimer = setTimeout(pollStats, next);
+  }
+
+  /** The fairness report, every few seconds: granted against asked per group, and the
+   *  groups whose rate (granted / asked) is under 0.8 x the best group's of their dimension. */
+  async function maybeFairness(round) {
+    if (Date.now() - state.fairAt < FAIR_EVERY_MS) return;
+    state.fairAt = Date.now();
+    var res = await admin('GET', '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/fairness', null, {
+      timeout: 5000,
+    });
+    if (res.status === 200 && res.data && round === state.statsRound) renderFairness(res.data.groups || []);
+  }
+  function pct(x) {
+    return (x * 100).toFixed(1) + '%';
+  }
+  function renderFairness(groups) {
+    var best = {};
+    groups.forEach(function (g) {
+      if (g.asked > 0) best[g.dimension] = Math.max(best[g.dimension] || 0, g.granted / g.asked);
+    });
+    var table = A.clear($('fair-table'));
+    table.appendChild(
+      el('thead', {}, [
+        el('tr', {}, [
+          el('th', { scope: 'col', text: t('fair_dimension') }),
+          el('th', { scope: 'col', text: t('fair_group') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_asked') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_granted') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_rate') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_share_asked') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_share_granted') }),
+          el('th', { scope: 'col' }),
+        ]),
+      ])
+    );
+    var body = el('tbody');
+    groups.forEach(function (g) {
+      var rate = g.asked > 0 ? g.granted / g.asked : null;
+      var under = rate !== null && best[g.dimension] > 0 && rate < 0.8 * best[g.dimension];
+      body.appendChild(
+        el('tr', { class: under ? 'under' : null, 'data-group': g.dimension + ':' + g.group }, [
+          el('td', { text: t('fair_dim_' + g.dimension) }),
+          el('td', { text: g.dimension === 'channel' ? t('fair_ch_' + g.group.replace('-', '_')) : g.group }),
+          el('td', { class: 'num', text: fmt(g.asked) }),
+          el('td', { class: 'num', text: fmt(g.granted) }),
+          el('td', { class: 'num', text: rate === null ? '—' : pct(rate) }),
+          el('td', { class: 'num', text: pct(g.share_of_asked) }),
+          el('td', { class: 'num', text: pct(g.share_of_granted) }),
+          el('td', { class: 'flag', text: under ? t('fair_under') : '' }),
+        ])
+      );
+    });
+    if (!groups.length) body.appendChild(el('tr', {}, [el('td', { colspan: 8, text: t('fair_none') })]));
+    table.appendChild(body);
   }
 
   /** The admission queue's depth (all workers summed), every other second. /metrics is on the
@@ -1009,6 +1066,8 @@
     $('stats-round').addEventListener('change', function () {
       state.statsRound = $('stats-round').value;
       state.history = [];
+      state.fairAt = 0;
+      A.clear($('fair-table'));
       $('feed-link').href = '/api/v1/rounds/' + encodeURIComponent(state.statsRound) + '/sites.csv';
       pollStats();
     });
