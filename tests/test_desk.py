@@ -19,8 +19,7 @@ from redis.asyncio import Redis
 
 from allocator.config import Settings
 from service.app import create_app
-from tests.conftest import ADMIN, ADMIN_TOKEN, citizen_id, phone, reserve, seed
-from tests.helpers import FakeClock
+from tests.helpers import ADMIN, ADMIN_TOKEN, FakeClock, citizen_id, phone, reserve, seed
 
 Client = TestClient[Any, Any]
 TOKEN = re.compile(r"allot-desk-[A-Za-z0-9_-]{43}")

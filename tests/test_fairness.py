@@ -19,9 +19,10 @@ from stdnum.cn import ric
 from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import rebuild_round
+from allocator.redistyping import awaited
 from service.app import create_app
 from service.appkeys import ALLOCATOR, METRICS
-from tests.conftest import ADMIN, citizen_id, phone, seed
+from tests.helpers import ADMIN, citizen_id, phone, seed
 from tests.test_api_contract import _redis_texts
 
 Client = TestClient[Any, Any]
@@ -180,14 +181,14 @@ async def test_rebuild_restores_channels_and_the_askers_the_ledger_knows(
     rk = keys.round("r1")
     before = {
         orjson.loads(v)["id"]: orjson.loads(v)
-        for v in (await redis.hgetall(rk.reservations)).values()
+        for v in (await awaited(redis.hgetall(rk.reservations))).values()
     }
     doomed = [k async for k in redis.scan_iter(match=f"{keys.prefix}:{{r:r1}}:*")]
     await redis.delete(*doomed)
     await rebuild_round(redis, pg, keys, "r1")
     after = {
         orjson.loads(v)["id"]: orjson.loads(v)
-        for v in (await redis.hgetall(rk.reservations)).values()
+        for v in (await awaited(redis.hgetall(rk.reservations))).values()
     }
     assert {i: (r["ch"], r["age"], r["reg"]) for i, r in after.items()} == {
         i: (r["ch"], r["age"], r["reg"]) for i, r in before.items()

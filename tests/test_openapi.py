@@ -44,7 +44,7 @@ DOCUMENTED_PREFIXES = ("/api/v1/", "/healthz", "/readyz", "/metrics")
 DOCUMENTED_EXTENSIONS = {
     ("get", "/api/v1/reservations/{reservation_id}/qr.svg"),  # the pickup code as a QR image
     ("get", "/api/v1/rounds/{round_id}/sites.csv"),  # the open stock feed, CSV
-    ("get", "/api/v1/admin/queue"),  # the console's queue depth
+    ("get", "/api/v1/admin/queue"),  # the console's queue depth (it no longer reads /metrics)
     ("get", "/api/v1/admin/desk-tokens"),  # the console's list of desk tokens
     ("get", "/api/v1/desk/me"),  # the console's sign-in: the operator, or a desk of which site
 }
