@@ -703,6 +703,7 @@ async def test_desk_mode_reserves_for_a_walk_in_and_collects_with_the_keyboard_a
     await page.keyboard.type(phone(2))
     await page.keyboard.press("Enter")
     await expect(verdict).to_contain_text("已预约")
+    await expect(page.get_by_test_id("assist-code")).not_to_have_text(code)  # the new one's
     await page.get_by_test_id("assist-hand-over").press("Enter")
     await expect(page.get_by_test_id("desk-verdict")).to_contain_text("可以发放：1 件")
     await expect(cid).to_be_focused()

@@ -588,7 +588,7 @@
     var url = '/api/v1/desk/rounds/' + encodeURIComponent(round) + '/reservations';
     state.assisting = true;
     $('assist-submit').disabled = true;
-    $('assist-result').hidden = true; // never the last citizen's code next to this one's form
+    A.clear($('assist-result')).hidden = true; // never the last citizen's code by this form
     var res = await adminRetrying('POST', url, { citizen_id: cid, phone: ph, site_id: state.desk.site_id });
     state.assisting = false;
     $('assist-submit').disabled = false;
