@@ -74,6 +74,14 @@ class AdmissionQueue:
             request.round_id, request.site_id, request.citizen_hash
         )
         if refusal is not None:
+            # answered from memory: still an ask, for the fairness report
+            self.allocator.asks.note(
+                request.round_id,
+                request.site_id,
+                request.age_band,
+                request.channel,
+                request.citizen_hash,
+            )
             raise refusal
         outcome = await self.submit(request)
         if outcome.refusal is not None:

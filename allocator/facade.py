@@ -11,6 +11,7 @@ frame on the hot path):
   stock_events.py  returned units announced to every worker (sold-out marks cleared)
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
+  fairness.py      who asked and who got a share, by district, age band and channel
 
 Every method returns a domain value or raises a refusal from allocator/errors.py; store
 failures become ``Unavailable`` within the configured timeout, never a hang.
@@ -27,6 +28,7 @@ from redis.asyncio import Redis
 from allocator.catalogue import Catalogue
 from allocator.claims import Claims
 from allocator.config import GateSettings
+from allocator.fairness import Asks, Fairness
 from allocator.gate import Gate
 from allocator.identity import Hasher
 from allocator.integrity import Floors
@@ -90,6 +92,8 @@ class Allocator:
             self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
+        self.asks = Asks(self.store, keys, self.catalogue)  # its run() is started by the app
+        self.fairness = Fairness(self.store, keys, self.catalogue, self.asks)
 
         # -- the calls handlers, the queue and the CLI make -------------------------------------
         self.now_ms = self.claims.now_ms
@@ -114,6 +118,7 @@ class Allocator:
         self.mirror_round = self.operators.mirror_round
         self.load_batch = self.operators.load_batch
         self.stats = self.figures.round_stats
+        self.fairness_report = self.fairness.report
         self.units_returned = self.stock_events.units_returned
         self.follow_stock_events = self.stock_events.follow
         self.ping = self.watch.ping

@@ -33,6 +33,11 @@ class RoundKeys:
         """Set of citizen hashes that reserved at this site (never shrinks: a safe superset)."""
         return f"{self._tag}siteholders:{site_id}"
 
+    def fair_asked(self, dimension: str, group: str) -> str:
+        """Set of citizen hashes that reserved or were refused sold-out, in one group of the
+        fairness report (``district``, ``age_band`` or ``channel``)."""
+        return f"{self._tag}fair:asked:{dimension}:{group}"
+
     @property
     def gate_global(self) -> str:
         """Token bucket of the whole round (hash: t tokens, ts ms)."""
@@ -89,6 +94,11 @@ class Keys:
         """Counter of failed authentications of one client address (its HMAC) in one scope,
         expiring with its window (allocator/throttle.py)."""
         return f"{self.prefix}:authfail:{scope}:{client_hash}"
+
+    @property
+    def desk_events(self) -> str:
+        """Pub/sub channel: a desk token was revoked; every worker drops its desk-token cache."""
+        return f"{self.prefix}:desk-events"
 
     @property
     def stock_events(self) -> str:

@@ -61,8 +61,9 @@ async def create_group(redis: Redis, stream: str) -> None:
 
 UPSERT_RESERVATION = """
 INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
-                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at,
+                          channel, age_band, region)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
 ON CONFLICT (reservation_id) DO UPDATE
    SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
  WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
@@ -109,6 +110,9 @@ class Entry:
                 r["mask"],
                 _ts(int(r["created"])),
                 _ts(int(r["updated"])),
+                r.get("ch") or "api",  # records made before channels: api
+                r.get("age"),
+                r.get("reg"),
             )
         if kind == "batch":
             items = orjson.loads(self.fields[b"items"])

@@ -119,6 +119,10 @@ class Reservation:
     citizen_id_masked: str
     created_ms: int
     updated_ms: int
+    # the fairness report's groups, fixed at claim time; never the ID itself
+    channel: str = "api"  # desk | web | mini-program | api
+    age_band: str | None = None  # 0-17 | 18-39 | 40-64 | 65+ at the round's opening date
+    region: str | None = None  # the ID's six-digit issuing prefix
 
     @classmethod
     def from_record(cls, round_id: str, record: bytes | str) -> Reservation:
@@ -135,6 +139,9 @@ class Reservation:
             citizen_id_masked=r["mask"],
             created_ms=int(r["created"]),
             updated_ms=int(r["updated"]),
+            channel=r.get("ch") or "api",
+            age_band=r.get("age"),
+            region=r.get("reg"),
         )
 
     def effective_status(self, now_ms: int, pickup_end_ms: int) -> str:

@@ -149,24 +149,36 @@ async def _rewrite_from(
     site_holders: dict[str, set[str]] = defaultdict(set)
     tally: dict[str, int] = defaultdict(int)
     held: dict[str, int] = defaultdict(int)
+    districts = {
+        s["site_id"]: s["district"] for s in await con.fetch("SELECT site_id, district FROM sites")
+    }
+    askers: dict[str, set[str]] = defaultdict(set)  # the fairness report's, from the ledger
     for r in await con.fetch(
         "SELECT * FROM reservations WHERE round_id = $1 ORDER BY created_at", round_id
     ):
         status = "confirmed" if r["status"] == "expired" else r["status"]  # expiry is derived
-        records[r["reservation_id"]] = orjson.dumps(
-            {
-                "id": r["reservation_id"],
-                "site": r["site_id"],
-                "qty": r["quantity"],
-                "status": status,
-                "code": r["pickup_code"],
-                "cit": r["citizen_hash"],
-                "ph": r["phone_hash"],
-                "mask": r["citizen_id_masked"],
-                "created": _ms(r["created_at"]),
-                "updated": _ms(r["updated_at"]),
-            }
-        )
+        record = {
+            "id": r["reservation_id"],
+            "site": r["site_id"],
+            "qty": r["quantity"],
+            "status": status,
+            "code": r["pickup_code"],
+            "cit": r["citizen_hash"],
+            "ph": r["phone_hash"],
+            "mask": r["citizen_id_masked"],
+            "created": _ms(r["created_at"]),
+            "updated": _ms(r["updated_at"]),
+            "ch": r["channel"],
+        }
+        if r["age_band"] is not None:
+            record["age"] = r["age_band"]
+            askers[rk.fair_asked("age_band", r["age_band"])].add(r["citizen_hash"])
+        if r["region"] is not None:
+            record["reg"] = r["region"]
+        records[r["reservation_id"]] = orjson.dumps(record)
+        askers[rk.fair_asked("channel", r["channel"])].add(r["citizen_hash"])
+        if r["site_id"] in districts:
+            askers[rk.fair_asked("district", districts[r["site_id"]])].add(r["citizen_hash"])
         codes[r["site_id"]][r["pickup_code"]] = r["reservation_id"]
         site_holders[r["site_id"]].add(r["citizen_hash"])
         tally["created"] += 1
@@ -207,6 +219,10 @@ async def _rewrite_from(
         pipe.hset(rk.codes(site_id), mapping=mapping)
     for site_id, members in site_holders.items():
         pipe.sadd(rk.site_holders(site_id), *members)
+    # Askers only grow: the ledger's reservers are added back; citizens only ever refused
+    # sold-out are not in the ledger, and are lost with the Redis that lost them.
+    for key, members in askers.items():
+        pipe.sadd(key, *members)
     await pipe.execute()
     async with redis.pipeline(transaction=False) as after:
         after.sadd(keys.rounds, round_id)

@@ -23,16 +23,22 @@
 --           holders of a site      <p>:{r:<round>}:siteholders:<site> set of citizen hashes
 --           client token bucket    <p>:{r:<round>}:gate:client:<hmac of address>
 --           citizen token bucket   <p>:{r:<round>}:gate:citizen:<citizen hash>
+--           askers of a group      <p>:{r:<round>}:fair:asked:<dimension>:<group>  set of
+--                                  citizen hashes (district, age_band, channel): who reserved
+--                                  or was refused sold-out (the fairness report's `asked`)
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens):
 --           global rate, global burst, client rate, client burst, citizen rate, citizen burst
 -- ARGV[8]   floor: the ledger's high-water `seq` for the round, or -1 when the caller does not
 --           know it (then only a `lost` mark already set refuses)
--- ARGV[9..] n items, one string each of 12 space-separated fields (one argument per item keeps
+-- ARGV[9..] n items, one string each of 18 space-separated fields (one argument per item keeps
 --           the client's packing cheap; no field can contain a space):
---           codes key index, site-holders key index, client bucket key index, citizen bucket
---           key index (all into KEYS), site_id, citizen hash (hex), phone hash (hex),
---           masked citizen id, new reservation_id, three candidate pickup codes
+--           codes key index, site-holders key index, client bucket key index (0: none, a desk's
+--           claim skips the per-address bucket), citizen bucket key index, askers key indexes
+--           for the district, age band and channel (0: not counted), all into KEYS; site_id,
+--           citizen hash (hex), phone hash (hex), masked citizen id, new reservation_id,
+--           channel (desk | web | mini-program | api), age band (0-17 | 18-39 | 40-64 | 65+),
+--           region (the ID's six-digit issuing prefix), three candidate pickup codes
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
@@ -40,8 +46,9 @@
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
 -- errors    redis.error_reply 'ERR claim: ...' when ARGV is not a whole n >= 1, six bucket
---           settings (numbers > 0), a whole floor and n items, or an item has not 12 fields or
---           a key index outside KEYS[8..]; all checked before anything is written
+--           settings (numbers > 0), a whole floor and n items, or an item has not 18 fields or
+--           a key index outside KEYS[8..] (0 allowed where said); all checked before anything
+--           is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9
@@ -86,12 +93,13 @@ for i = 1, n do
   for field in string.gmatch(ARGV[HEAD + i - 1], '%S+') do
     f[#f + 1] = field
   end
-  if #f ~= 12 then
-    return refuse('item ' .. i .. ' must have 12 fields')
+  if #f ~= 18 then
+    return refuse('item ' .. i .. ' must have 18 fields')
   end
-  for k = 1, 4 do
+  for k = 1, 7 do
     local at = whole(f[k])
-    if not at or at < 8 or at > #KEYS then
+    local optional = k == 3 or k >= 5 -- the client bucket and the askers sets may be 0: none
+    if not at or (at < 8 and not (optional and at == 0)) or at > #KEYS then
       return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[8..]')
     end
     f[k] = at
@@ -150,16 +158,25 @@ for i = 0, n - 1 do
   local f = items[i + 1]
   local codes_key = KEYS[f[1]]
   local site_holders_key = KEYS[f[2]]
-  local gates = {
-    bucket(KEYS[7], 'global'),
-    bucket(KEYS[f[3]], 'client'),
-    bucket(KEYS[f[4]], 'citizen'),
-  }
-  local site_id = f[5]
-  local citizen = f[6]
-  local phone = f[7]
-  local masked = f[8]
-  local reservation_id = f[9]
+  local gates = {bucket(KEYS[7], 'global')}
+  if f[3] > 0 then
+    gates[#gates + 1] = bucket(KEYS[f[3]], 'client')
+  end
+  gates[#gates + 1] = bucket(KEYS[f[4]], 'citizen')
+  local askers = {f[5], f[6], f[7]}
+  local site_id = f[8]
+  local citizen = f[9]
+  local phone = f[10]
+  local masked = f[11]
+  local reservation_id = f[12]
+  local channel, age, reg = f[13], f[14], f[15]
+  local function asked()
+    for _, at in ipairs(askers) do
+      if at > 0 then
+        redis.call('SADD', KEYS[at], citizen)
+      end
+    end
+  end
 
   local wait, refused_by = 0, nil
   for _, b in ipairs(gates) do
@@ -196,10 +213,11 @@ for i = 0, n - 1 do
       else
         local left = tonumber(redis.call('HGET', KEYS[2], site_id) or '0')
         if left < per_person then
+          asked()
           reply = {'sold-out', tostring(left)}
         else
           local code = nil
-          for c = 10, 12 do
+          for c = 16, 18 do
             if redis.call('HEXISTS', codes_key, f[c]) == 0 then
               code = f[c]
               break
@@ -211,8 +229,9 @@ for i = 0, n - 1 do
             local record = cjson.encode({
               id = reservation_id, site = site_id, qty = per_person, status = 'confirmed',
               code = code, cit = citizen, ph = phone, mask = masked,
-              created = now, updated = now,
+              created = now, updated = now, ch = channel, age = age, reg = reg,
             })
+            asked()
             redis.call('HINCRBY', KEYS[2], site_id, -per_person)
             redis.call('HSET', codes_key, code, reservation_id)
             redis.call('SADD', site_holders_key, citizen)

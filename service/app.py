@@ -16,6 +16,7 @@ from redis.retry import Retry
 from allocator import db
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
+from allocator.desk import DeskTokens
 from allocator.errors import NotFound, Problem, Unavailable
 from allocator.facade import Allocator
 from allocator.identity import Hasher
@@ -28,6 +29,7 @@ from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
     AUTH_THROTTLE,
+    DESK_TOKENS,
     LEDGER,
     METRICS,
     PG_POOL,
@@ -36,6 +38,7 @@ from service.appkeys import (
     SITE_FEEDS,
     TRUSTED_PROXIES,
 )
+from service.desk_views import routes as desk_routes
 from service.feeds import feed_cache
 from service.metrics import Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
@@ -182,6 +185,14 @@ def create_app(
         app[AUTH_THROTTLE] = FailureThrottle(
             allocator, limit=settings.service.auth_failures_per_minute, window=60.0
         )
+        desks = DeskTokens(
+            app[REDIS],
+            allocator.keys,
+            redis_call=allocator.store.redis_call,
+            pg=allocator.store.pg,
+            monotonic=monotonic,
+        )
+        app[DESK_TOKENS] = desks
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
         app[ADMISSION] = queue
         stop = asyncio.Event()
@@ -190,6 +201,8 @@ def create_app(
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
+            asyncio.create_task(desks.follow(stop), name="desk-events"),
+            asyncio.create_task(allocator.asks.run(stop), name="fairness-asks"),
         ]
         yield
         stop.set()
@@ -220,5 +233,6 @@ def create_app(
     if run_ledger:
         app.cleanup_ctx.append(ledger_ctx)
     app.add_routes(routes)
+    app.add_routes(desk_routes)
     app.add_routes(pages.routes)
     return app

@@ -53,8 +53,23 @@ class Metrics:
             multiprocess_mode="livemax",
         )
 
+        self.asks = Counter(
+            "allot_asks_total",
+            "Reservation requests that asked for a share by channel: answered with a new "
+            "reservation or refused sold-out (not distinct citizens: see the fairness report)",
+            ["channel"],
+            registry=self.registry,
+        )
+        self.grants = Counter(
+            "allot_grants_total",
+            "New reservations by channel",
+            ["channel"],
+            registry=self.registry,
+        )
+
         # label children resolved once: labels() takes a lock and builds a key on every call
         self._outcomes: dict[str, Any] = {}
+        self._asks: dict[str, tuple[Any, Any]] = {}
         self._durations: dict[tuple[str, int], Any] = {}
         self._depth_total: tuple[float, float] = (float("-inf"), 0.0)  # (read at, value)
 
@@ -63,6 +78,15 @@ class Metrics:
         if child is None:
             child = self._outcomes[outcome] = self.reservations.labels(outcome)
         child.inc()
+
+    def count_ask(self, channel: str, *, granted: bool) -> None:
+        """One ask on ``channel`` (a new reservation, or refused sold-out)."""
+        child = self._asks.get(channel)
+        if child is None:
+            child = self._asks[channel] = (self.asks.labels(channel), self.grants.labels(channel))
+        child[0].inc()
+        if granted:
+            child[1].inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         child = self._durations.get((route, status))

@@ -29,19 +29,32 @@ from service.schemas import CSV_LIMIT, JSON_LIMIT, SCHEMAS, Schema, ref
 CITIZENS = "citizens"
 OPERATORS = "operators"
 OPERATIONS = "operations"
+DESKS = "desks"
 ADMIN_PREFIX = "/api/v1/admin/"
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 RETRY_LATER = "`Retry-After` says when to try again."
+DESK_PREFIX = "/api/v1/desk/"
 AUTH_THROTTLED = (
-    "too many wrong operator tokens from this client address within a minute"
-    " (`[service] auth_failures_per_minute`); every attempt from it waits out `Retry-After`."
+    "too many wrong operator (or desk) tokens from this client address within a minute"
+    " (`[service] auth_failures_per_minute`, counted apart for each kind); every attempt from"
+    " it waits out `Retry-After`."
 )
+# The answers of an operator-only endpoint to a token that is not the operator's.
+OPERATOR_ONLY: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token: this endpoint is the operator's only.",
+    "rate-limited": AUTH_THROTTLED,
+}
 
 JSON_SIZE = f"{JSON_LIMIT // 1024} KiB"
 CSV_SIZE = f"{CSV_LIMIT // (1024 * 1024)} MiB"
 
 # Path parameters by name: #/components/parameters/<value>
-PATH_PARAMETERS = {"round_id": "RoundId", "reservation_id": "ReservationId"}
+PATH_PARAMETERS = {
+    "round_id": "RoundId",
+    "reservation_id": "ReservationId",
+    "token_id": "DeskTokenId",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +99,13 @@ def _body_problems(
 
 
 CITIZEN_ERRORS: dict[str, str | None] = {"rate-limited": None, "unavailable": None}
+
+# The answers of an endpoint a desk may use, to a token that may not act there.
+DESK_ALLOWED: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token of another site.",
+    "rate-limited": AUTH_THROTTLED,
+}
 
 # -- the routes -------------------------------------------------------------------------------
 
@@ -185,8 +205,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("How many sites were written.", "SitesUpserted")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
         request={"application/json": "SitesUpsert"},
@@ -204,8 +223,7 @@ ROUTES: tuple[Route, ...] = (
         },
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
         request={"application/json": "RoundSpec"},
@@ -230,8 +248,7 @@ ROUTES: tuple[Route, ...] = (
                 too_large=f"the body is larger than {JSON_SIZE} (JSON) or {CSV_SIZE} (CSV).",
                 media="the body is neither JSON nor CSV.",
             ),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "not-found": "unknown round.",
             "batch-conflict": None,
             "unavailable": None,
@@ -256,11 +273,28 @@ ROUTES: tuple[Route, ...] = (
         "A round's figures",
         {200: Answer("The round's figures.", "Stats")},
         {
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "not-found": "unknown round.",
             "unavailable": None,
         },
+    ),
+    Route(
+        "get",
+        "/api/v1/admin/rounds/{round_id}/fairness",
+        "getRoundFairness",
+        OPERATORS,
+        "Who asked and who got a share, by group",
+        {200: Answer("The round's fairness report.", "FairnessReport")},
+        {
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "unavailable": "Redis or PostgreSQL (the ledger counts `granted`) does not answer.",
+        },
+        description=(
+            "`asked` counts distinct citizens who reserved or were refused sold-out, from "
+            "Redis at once; `granted` distinct citizens holding a reservation not cancelled, "
+            "from the ledger (a few seconds behind at most)."
+        ),
     ),
     Route(
         "post",
@@ -271,8 +305,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("The reservation, now `collected`.", "Reservation")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **DESK_ALLOWED,
             "not-found": "unknown pickup code at that site.",
             "not-collectable": (
                 "the reservation is collected, cancelled or expired; or `citizen_id` was given "
@@ -281,11 +314,79 @@ ROUTES: tuple[Route, ...] = (
             "unavailable": None,
         },
         description=(
-            "Extension beyond the contract: the body may name the `round_id`; when it does not, "
-            "the server finds the round holding that pickup code at that site."
+            "The operator token, or a desk token of that site. Extension beyond the contract: "
+            "the body may name the `round_id`; when it does not, the server finds the round "
+            "holding that pickup code at that site."
         ),
         request={"application/json": "PickupRequest"},
         request_description="The site and the pickup code.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/desk-tokens",
+        "createDeskToken",
+        OPERATORS,
+        "Create a desk token for one site",
+        {201: Answer("The new token, shown this once.", "DeskTokenCreated")},
+        {
+            **_body_problems(),
+            **OPERATOR_ONLY,
+            "invalid-request": (
+                "a field is missing or wrong, or `site_id` names no site; `errors` names each."
+            ),
+            "unavailable": None,
+        },
+        description=(
+            "The token may collect at its site (`POST /api/v1/admin/pickups`) and reserve on "
+            "behalf of a citizen there (`POST /api/v1/desk/rounds/{round_id}/reservations`), "
+            "nothing else. Only its SHA-256 is stored: keep the answer, it is not shown again."
+        ),
+        request={"application/json": "DeskTokenRequest"},
+        request_description="The site, and a label saying who holds the token.",
+    ),
+    Route(
+        "delete",
+        "/api/v1/admin/desk-tokens/{token_id}",
+        "revokeDeskToken",
+        OPERATORS,
+        "Revoke a desk token",
+        {200: Answer("The token, now revoked (again: the same answer).", "DeskToken")},
+        {**OPERATOR_ONLY, "not-found": "unknown `token_id`.", "unavailable": None},
+        description=("At once: every worker and node refuses the token within a second (401)."),
+    ),
+    Route(
+        "post",
+        "/api/v1/desk/rounds/{round_id}/reservations",
+        "createDeskReservation",
+        DESKS,
+        "Reserve on behalf of a walk-in citizen at the desk's site",
+        {
+            201: Answer("A new reservation.", "Reservation", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds a live reservation at this "
+                "same site in this round: that reservation, unchanged.",
+                "Reservation",
+            ),
+        },
+        {
+            **_body_problems(),
+            **DESK_ALLOWED,
+            "not-found": "unknown round or site.",
+            "round-not-open": None,
+            "sold-out": None,
+            "already-reserved": None,
+            "rate-limited": (
+                "a token bucket (whole round or citizen) refused the request; or " + AUTH_THROTTLED
+            ),
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "The same body and answers as `POST /api/v1/rounds/{round_id}/reservations`, with "
+            "a desk token of the `site_id` asked for (or the operator token)."
+        ),
+        request={"application/json": "ReservationRequest"},
+        request_description="Who reserves, and where (the desk's own site).",
     ),
     # operations
     Route(
@@ -403,9 +504,9 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.description:
         operation["description"] = route.description
-    if route.path.startswith(ADMIN_PREFIX):
+    if route.path.startswith((ADMIN_PREFIX, DESK_PREFIX)):
         if "unauthorized" not in route.problems:
-            raise ValueError(f"{route.path}: an operator endpoint answers 401 unauthorized")
+            raise ValueError(f"{route.path}: an operator or desk endpoint answers 401")
         operation["security"] = ADMIN_SECURITY
     if route.query:
         operation["parameters"] = [
@@ -458,6 +559,12 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": ref("ReservationId"),
             },
+            "DeskTokenId": {
+                "name": "token_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("DeskTokenId"),
+            },
             "BatchId": {
                 "name": "batch_id",
                 "in": "query",
@@ -491,7 +598,10 @@ def _components() -> dict[str, Any]:
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+                "description": (
+                    "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`, or a desk token where a desk "
+                    "may act (pickups and assisted reservations at its own site)."
+                ),
             },
         },
     }
@@ -523,6 +633,13 @@ def openapi_document() -> dict[str, Any]:
             {
                 "name": OPERATORS,
                 "description": "Operators' tools; `Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+            },
+            {
+                "name": DESKS,
+                "description": (
+                    "Desk staff of one site (a pharmacy counter, a community desk) with a desk "
+                    "token; the operator token may do the same."
+                ),
             },
             {"name": OPERATIONS, "description": "Health, readiness, metrics, this document."},
         ],

@@ -83,6 +83,11 @@ _VALUES: dict[str, Schema] = {
         "description": f"A `round_id`, `site_id` or `batch_id`: {rules.ID_RULE}.",
         "examples": ["spring-2026"],
     },
+    "DeskTokenId": {
+        "type": "string",
+        "pattern": "^desk-[0-9a-f]{16}$",
+        "description": "A desk token's public name.",
+    },
     "ReservationId": {
         "type": "string",
         "pattern": anchored(rules.RESERVATION_ID_REGEX),
@@ -373,6 +378,68 @@ _OPERATORS: dict[str, Schema] = {
     },
 }
 
+_FAIRNESS: dict[str, Schema] = {
+    "FairnessGroup": _closed(
+        {
+            "dimension": {"enum": ["district", "age_band", "channel"]},
+            "group": {
+                "type": "string",
+                "description": (
+                    "A district (of the site asked for); an age band `0-17`, `18-39`, `40-64`, "
+                    "`65+` at `opens_at`; or a channel `desk`, `web`, `mini-program`, `api`."
+                ),
+            },
+            "asked": _count("Distinct citizens who reserved or were refused sold-out."),
+            "granted": _count("Distinct citizens holding a reservation not cancelled."),
+            "share_of_asked": {"type": "number", "minimum": 0, "maximum": 1},
+            "share_of_granted": {"type": "number", "minimum": 0, "maximum": 1},
+        }
+    ),
+    "FairnessReport": _closed(
+        {"round_id": ref("Id"), "groups": {"type": "array", "items": ref("FairnessGroup")}},
+        description=(
+            "Granted share against asked share per group; kept without clear IDs. A group "
+            "nobody asked in and nobody was granted in is left out."
+        ),
+    ),
+}
+
+_DESK: dict[str, Schema] = {
+    "DeskTokenRequest": {
+        "type": "object",
+        "required": ["site_id", "label"],
+        "properties": {
+            "site_id": _with("Id", "The site the token is bound to; it must exist."),
+            "label": {**_text(), "description": "Who holds it, e.g. the counter's name."},
+        },
+    },
+    "DeskTokenCreated": _closed(
+        {
+            "token": {
+                "type": "string",
+                "pattern": "^allot-desk-[A-Za-z0-9_-]{43}$",
+                "description": "The token (256 random bits), shown this once; stored hashed.",
+            },
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+        }
+    ),
+    "DeskToken": _closed(
+        {
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+            "created_at": ref("Timestamp"),
+            "revoked_at": {
+                "oneOf": [{"type": "null"}, ref("Timestamp")],
+                "description": "When it was revoked; `null` while it is valid.",
+            },
+        },
+        description="A desk token's public fields: never the token itself.",
+    ),
+}
+
 # -- operations -------------------------------------------------------------------------------
 
 _OPERATIONS: dict[str, Schema] = {
@@ -514,6 +581,8 @@ def schemas() -> dict[str, Schema]:
         **_VALUES,
         **_CITIZENS,
         **_OPERATORS,
+        **_DESK,
+        **_FAIRNESS,
         **_OPERATIONS,
         **_PROBLEM_PARTS,
         "Problem": problem_schema(served),

@@ -476,3 +476,20 @@ def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
     assert site_id
     assert code
     return PickupRequest(site_id, code, citizen_id, round_id)
+
+
+@dataclass(frozen=True, slots=True)
+class DeskTokenRequest:
+    site_id: str
+    label: str
+
+
+def parse_desk_token(body: Mapping[str, Any]) -> DeskTokenRequest:
+    """``{"site_id", "label"}``: label 1-200 characters (trimmed), no control characters."""
+    errors = _Errors()
+    site_id = errors.ident(body, "site_id")
+    label = errors.text(body, "label")
+    errors.check()
+    assert site_id
+    assert label
+    return DeskTokenRequest(site_id, label)

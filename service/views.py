@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from allocator.errors import Problem
-from allocator.throttle import OPERATOR
-from service.appkeys import (
-    ADMISSION,
-    ALLOCATOR,
-    AUTH_THROTTLE,
-    METRICS,
-    SETTINGS,
-    TRUSTED_PROXIES,
-)
+from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
+from service.auth import check_site, require_operator, require_staff
 from service.client import client_address
 from service.openapi import openapi_document
-from service.problems import Unauthorized
 from service.shapes import batch_body, reservation_body, round_body, site_body, stats_body
 from service.validation import (
     CSV_LIMIT,
@@ -37,6 +29,7 @@ from service.validation import (
 )
 
 routes = web.RouteTableDef()
+CITIZEN_CHANNELS = ("web", "mini-program")  # X-Allot-Channel values taken as given
 
 
 def json_response(
@@ -45,28 +38,6 @@ def json_response(
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
-
-
-async def require_operator(request: web.Request) -> None:
-    """The operator token, or 401; after too many wrong ones from an address, 429 for it
-    (allocator/throttle.py; desk tokens will go through the same throttle).
-
-    Header bytes that are not UTF-8 reach us as surrogates: compared as the bytes they were,
-    they are simply a wrong token (401), not a server error.
-    """
-    token = request.app[SETTINGS].admin_token
-    if not token:
-        raise Unauthorized("Operator endpoints are disabled: ALLOT_ADMIN_TOKEN is not set.")
-    throttle = request.app[AUTH_THROTTLE]
-    client = client_address(request, request.app[TRUSTED_PROXIES])
-    await throttle.check(OPERATOR, client)
-    header = request.headers.get("Authorization")
-    scheme, _, value = (header or "").partition(" ")
-    given = value.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
-        if header is not None:  # no header at all guesses nothing: refused, not counted
-            await throttle.failed(OPERATOR, client)
-        raise Unauthorized("Operator endpoints need 'Authorization: Bearer <ALLOT_ADMIN_TOKEN>'.")
 
 
 # -- citizens ---------------------------------------------------------------------------------
@@ -102,27 +73,50 @@ async def list_sites(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/rounds/{round_id}/reservations")
 async def create_reservation(request: web.Request) -> web.Response:
+    return await reserve(request)
+
+
+async def reserve(
+    request: web.Request,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+    channel: str | None = None,
+) -> web.Response:
+    """A reservation, for the citizen's own endpoint and the desk's (``allowed`` is then
+    called with the site asked for before anything is claimed, and ``channel`` is ``desk``).
+    A citizen's channel is its ``X-Allot-Channel`` header when that is ``web`` or
+    ``mini-program``, else ``api``."""
     allocator = request.app[ALLOCATOR]
     metrics = request.app[METRICS]
+    if channel is None:
+        channel = request.headers.get("X-Allot-Channel", "api")
+        if channel not in CITIZEN_CHANNELS:
+            channel = "api"
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
+        if allowed is not None:
+            await allowed(ask.site_id)
+        rnd = await allocator.round(round_id)  # its opening date gives the age band
         claim = allocator.claim_request(
             round_id,
             ask.site_id,
             ask.citizen_id,
             ask.phone,
             client_address(request, request.app[TRUSTED_PROXIES]),
+            channel=channel,
+            opens_on=rnd.opens_at.date(),
         )
         reservation, created = await request.app[ADMISSION].reserve(claim)
-        rnd = await allocator.round(round_id)
     except Problem as problem:
         metrics.count_reservation(problem.code)
+        if problem.code == "sold-out":
+            metrics.count_ask(channel, granted=False)
         raise
     metrics.count_reservation("created" if created else "existing")
     body = reservation_body(reservation, rnd, allocator.now_ms())
     if not created:
         return json_response(body)
+    metrics.count_ask(channel, granted=True)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
     return json_response(body, status=201, headers={"Location": location})
 
@@ -187,11 +181,19 @@ async def get_stats(request: web.Request) -> web.Response:
     return json_response(stats_body(stats))
 
 
+@routes.get("/api/v1/admin/rounds/{round_id}/fairness")
+async def get_fairness(request: web.Request) -> web.Response:
+    await require_operator(request)
+    report = await request.app[ALLOCATOR].fairness_report(path_id(request, "round_id"))
+    return json_response(report)
+
+
 @routes.post("/api/v1/admin/pickups")
 async def post_pickup(request: web.Request) -> web.Response:
-    await require_operator(request)
+    principal = await require_staff(request)  # the operator, or a desk of that site
     allocator = request.app[ALLOCATOR]
     ask = parse_pickup(await read_json(request))
+    check_site(principal, ask.site_id)
     reservation = await allocator.pickup(ask.site_id, ask.pickup_code, ask.citizen_id, ask.round_id)
     rnd = await allocator.round(reservation.round_id)
     return json_response(reservation_body(reservation, rnd, allocator.now_ms()))

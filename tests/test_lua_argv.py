@@ -42,8 +42,11 @@ def claim_keys(rk: RoundKeys) -> list[str]:
     ]
 
 
-def item(*, indexes: str = "8 9 10 11", n: int = 1) -> str:
-    return f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1 {CODES}"
+def item(*, indexes: str = "8 9 10 11 0 0 0", n: int = 1) -> str:
+    return (
+        f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1"
+        f" web 18-39 110101 {CODES}"
+    )
 
 
 GOOD_ITEM = item()
@@ -58,10 +61,19 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
     "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
     "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
-    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "8 9 10 11 s1"],
-    "second item key index outside KEYS": ["2", *GATE, "-1", GOOD_ITEM, item(indexes="8 9 99 11")],
-    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 9 10 11")],
-    "item key index not a number": ["1", *GATE, "-1", item(indexes="8 x 10 11")],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "8 9 10 11 0 0 0 s1"],
+    "second item key index outside KEYS": [
+        *("2", *GATE, "-1", GOOD_ITEM),
+        item(indexes="8 9 99 11 0 0 0"),
+    ],
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 9 10 11 0 0 0")],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="8 x 10 11 0 0 0")],
+    "item codes key index 0 (only the client bucket and askers may be 0)": [
+        *("1", *GATE, "-1"),
+        item(indexes="0 9 10 11 0 0 0"),
+    ],
+    "item citizen bucket index 0": ["1", *GATE, "-1", item(indexes="8 9 10 0 0 0 0")],
+    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="8 9 10 11 0 12 0")],
     # a floor above the round's seq would set the lost mark: not before the items are checked
     "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "8 9 10"],
 }
