@@ -11,6 +11,8 @@ frame on the hot path):
   stock_events.py  returned units announced to every worker (sold-out marks cleared)
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
+  expiry.py        the sweep that records expiry after pickup_end (run by every worker)
+  carryover.py     a batch carried over from an earlier round's leftovers
 
 Every method returns a domain value or raises a refusal from allocator/errors.py; store
 failures become ``Unavailable`` within the configured timeout, never a hang.
@@ -24,9 +26,11 @@ from collections.abc import Callable
 import asyncpg
 from redis.asyncio import Redis
 
+from allocator.carryover import CarryOver
 from allocator.catalogue import Catalogue
 from allocator.claims import Claims
 from allocator.config import GateSettings
+from allocator.expiry import Expiry
 from allocator.gate import Gate
 from allocator.identity import Hasher
 from allocator.integrity import Floors
@@ -90,6 +94,18 @@ class Allocator:
             self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
+        self.expiry = Expiry(
+            self.store, keys, self.scripts, self.catalogue, self.watch, clock=clock
+        )
+        self.carryover = CarryOver(
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            self.operators,
+            self.expiry,
+        )
 
         # -- the calls handlers, the queue and the CLI make -------------------------------------
         self.now_ms = self.claims.now_ms
@@ -113,6 +129,9 @@ class Allocator:
         self.upsert_round = self.operators.upsert_round
         self.mirror_round = self.operators.mirror_round
         self.load_batch = self.operators.load_batch
+        self.carry_batch = self.carryover.carry
+        self.sweep_expiry = self.expiry.sweep
+        self.run_expiry = self.expiry.run
         self.stats = self.figures.round_stats
         self.units_returned = self.stock_events.units_returned
         self.follow_stock_events = self.stock_events.follow
