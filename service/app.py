@@ -190,6 +190,10 @@ def create_app(
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
+            asyncio.create_task(
+                allocator.run_expiry(stop, settings.service.expiry_sweep_ms / 1000),
+                name="expiry-sweep",
+            ),
         ]
         yield
         stop.set()
