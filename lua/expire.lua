@@ -32,7 +32,7 @@
 --          {'busy', until_ms}      another runner holds the lock until then
 --          {'no-round'}
 --          {'lost', mark}          the round is lost (Redis is behind the ledger)
--- errors   redis.error_reply 'ERR expire: ...' when ARGV is not a whole cursor >= 0, a chunk
+-- errors   redis.error_reply 'ERR expire: ...' when ARGV is not a cursor (decimal digits), a chunk
 --          size of 1 to 1000, a runner (or ''), a whole lock time >= 1 and a whole floor;
 --          checked before anything is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
@@ -47,7 +47,7 @@ end
 
 local cursor, runner = ARGV[1], ARGV[3]
 local count, ttl, floor = whole(ARGV[2]), whole(ARGV[4]), whole(ARGV[5])
-if #ARGV ~= 5 or not whole(cursor) or whole(cursor) < 0 or not count or count < 1
+if #ARGV ~= 5 or not string.match(cursor or '', '^%d+$') or not count or count < 1
     or count > 1000 or not ttl or ttl < 1 or not floor then
   return redis.error_reply('ERR expire: ARGV must be cursor, count, runner, ttl, floor')
 end
