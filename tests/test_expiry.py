@@ -24,10 +24,10 @@ from allocator.keys import Keys
 from allocator.ledger import LedgerWriter
 from allocator.rebuild import rebuild_round
 from allocator.reconcile import reconcile
+from allocator.redistyping import awaited
 from service.app import create_app
-from service.appkeys import ALLOCATOR
-from tests.conftest import ADMIN, citizen_id, phone, reserve, round_body, seed
-from tests.helpers import claim_once
+from service.appkeys import ALLOCATOR, PG_POOL
+from tests.helpers import ADMIN, citizen_id, claim_once, phone, reserve, round_body, seed
 
 Client = TestClient[Any, Any]
 
@@ -65,7 +65,7 @@ def balanced(s: dict[str, Any]) -> None:
 
 
 async def records(redis: Redis, keys: Keys, round_id: str = "r1") -> dict[str, str]:
-    raw = await redis.hgetall(keys.round(round_id).reservations)  # type: ignore[misc]
+    raw = await awaited(redis.hgetall(keys.round(round_id).reservations))
     return {k.decode(): orjson.loads(v)["status"] for k, v in raw.items()}
 
 
@@ -202,7 +202,7 @@ async def test_expiry_waits_for_the_end_of_the_pickup_window(
     """A sweep before pickup_end changes nothing: a reservation can still be collected."""
     await seed(app, stock={"s1": 3})
     made = await (await reserve(app, 1)).json()
-    allocator: Allocator = app.server.app[ALLOCATOR]
+    allocator: Allocator = app.app[ALLOCATOR]
     assert (await allocator.expiry.sweep_round("r1")).status == "not-yet"
     assert await allocator.expiry.sweep() == []  # by the worker's clock, not yet either
     assert await records(redis, keys) == {made["reservation_id"]: "confirmed"}
@@ -223,7 +223,7 @@ async def test_two_sweepers_racing_expire_each_reservation_exactly_once(
     made = [await claim_once(a, "r1", "s1", citizen_id(n), phone(n)) for n in range(50)]
     assert all(created for _, created in made)
     rk = keys.round("r1")
-    seq_before = int(await redis.hget(rk.tally, "seq"))  # type: ignore[misc]
+    seq_before = int((await awaited(redis.hgetall(rk.tally)))[b"seq"])
     entries_before = await redis.xlen(rk.ledger)
     await end_pickup_allocator(a)
 
@@ -233,7 +233,7 @@ async def test_two_sweepers_racing_expire_each_reservation_exactly_once(
     assert sum(r.expired for r in results) == 50
     if locked:
         assert sorted(r.status for r in results).count("busy") >= 1
-    tally = await redis.hgetall(rk.tally)  # type: ignore[misc]
+    tally = await awaited(redis.hgetall(rk.tally))
     assert (int(tally[b"reserved:s1"]), int(tally[b"expired:s1"])) == (0, 50)
     assert int(tally[b"seq"]) == seq_before + 50
     assert await redis.xlen(rk.ledger) == entries_before + 50
@@ -242,7 +242,7 @@ async def test_two_sweepers_racing_expire_each_reservation_exactly_once(
     later = await a.expiry.sweep_round("r1")
     assert (later.status, later.expired) == ("done" if locked else "swept", 0)
     assert (await b.expiry.sweep_round("r1")).status == "done"
-    assert int((await redis.hgetall(rk.tally))[b"seq"]) == seq_before + 50  # type: ignore[misc]
+    assert int((await awaited(redis.hgetall(rk.tally)))[b"seq"]) == seq_before + 50
 
 
 async def seed_allocator(allocator: Allocator, round_id: str = "r1", units: int = 10) -> None:
@@ -264,7 +264,7 @@ async def end_pickup_allocator(allocator: Allocator, round_id: str = "r1") -> No
 # -- carry-over -------------------------------------------------------------------------------
 
 
-async def two_rounds(client: Client) -> dict[str, dict[str, Any]]:
+async def two_rounds(client: Client) -> dict[int, dict[str, Any]]:
     """r1 with reservations (one collected, one cancelled, two left uncollected), whose pickup
     window has then ended; r2, a later round at the same sites."""
     await seed(client, stock={"s1": 6, "s2": 4}, per_person=2)
@@ -321,7 +321,7 @@ async def test_a_carry_moves_the_unclaimed_units_once_and_a_replay_answers_the_s
     the still-confirmed reservations are expired first, so nobody's units are taken."""
     made = await two_rounds(app)
     await end_pickup(app, per_person=2)
-    allocator: Allocator = app.server.app[ALLOCATOR]
+    allocator: Allocator = app.app[ALLOCATOR]
     allocator.expiry.chunk = 1  # whatever the sweep has done so far, the carry finishes it
 
     r = await carry(app, "r2", "carry-1", "r1")
@@ -406,9 +406,9 @@ async def test_a_crash_between_the_two_steps_is_flagged_and_healed_by_the_replay
     """Step (a) done, step (b) never: reconcile names the carry; the same request loads it."""
     await two_rounds(app)
     await end_pickup(app, per_person=2)
-    allocator: Allocator = app.server.app[ALLOCATOR]
+    allocator: Allocator = app.app[ALLOCATOR]
     await allocator.expiry.sweep_round("r1", locked=False)
-    status, record = await allocator.carryover._take("r1", "r2", "carry-1")  # (a) only
+    status, _ = await allocator.carryover._take("r1", "r2", "carry-1")  # step (a) only
     assert status == "carried"
     assert (await stats(app, "r1"))["carried_out"] == 8
     assert (await stats(app, "r2"))["loaded"] == 0
@@ -456,10 +456,10 @@ async def test_rebuild_restores_expired_and_carried_out_from_the_ledger(
     before = {r: await stats(app, r) for r in ("r1", "r2")}
     statuses = {r: await records(redis, keys, r) for r in ("r1", "r2")}
     rk = keys.round("r1")
-    carries_before = await redis.hgetall(rk.carries)  # type: ignore[misc]
+    carries_before = await awaited(redis.hgetall(rk.carries))
     con = await asyncpg.connect(settings.database_url)
     try:
-        writer = LedgerWriter(redis, await_pool(app), keys, LedgerSettings(), consumer="t")
+        writer = LedgerWriter(redis, app.app[PG_POOL], keys, LedgerSettings(), consumer="t")
         async with asyncio.timeout(10):
             await writer.drain()
         for round_id in ("r1", "r2"):
@@ -467,15 +467,15 @@ async def test_rebuild_restores_expired_and_carried_out_from_the_ledger(
             await redis.delete(*doomed)
         for round_id in ("r1", "r2"):
             await rebuild_round(redis, con, keys, round_id)
-        app.server.app[ALLOCATOR].catalogue.forget_round("r1")
-        app.server.app[ALLOCATOR].catalogue.forget_round("r2")
+        app.app[ALLOCATOR].catalogue.forget_round("r1")
+        app.app[ALLOCATOR].catalogue.forget_round("r2")
         for round_id in ("r1", "r2"):
             after = await stats(app, round_id)
             assert {k: v for k, v in after.items() if k != "ledger"} == {
                 k: v for k, v in before[round_id].items() if k != "ledger"
             }
             assert await records(redis, keys, round_id) == statuses[round_id]
-        restored = await redis.hgetall(rk.carries)  # type: ignore[misc]
+        restored = await awaited(redis.hgetall(rk.carries))
         assert {k: carry_view(v) for k, v in restored.items()} == {
             k: carry_view(v) for k, v in carries_before.items()
         }
@@ -496,9 +496,3 @@ async def test_rebuild_restores_expired_and_carried_out_from_the_ledger(
 def carry_view(raw: bytes) -> dict[str, Any]:
     record: dict[str, Any] = orjson.loads(raw)
     return {**record, "items": record["items"] or [], "parts": record["parts"] or []}
-
-
-def await_pool(client: Client) -> Any:
-    from service.appkeys import PG_POOL
-
-    return client.server.app[PG_POOL]
