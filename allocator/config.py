@@ -153,6 +153,8 @@ class ServiceSettings:
     body_timeout_ms: int = key(10000, at_least=1)
     connections_per_address: int = key(64, at_least=1)
     auth_failures_per_minute: int = key(10, at_least=1)
+    # the expiry sweep (allocator/expiry.py): at most 50 s, so expiry lands within 60 s
+    expiry_sweep_ms: int = key(10000, at_least=100, at_most=50000)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,6 +50,13 @@ class NotCollectable(Problem):
     code = "not-collectable"
 
 
+class CarryNotReady(Problem):
+    """A carry-over from a round whose pickup window has not ended; the detail says when it
+    ends."""
+
+    code = "carry-not-ready"
+
+
 class InvalidRequest(Problem):
     code = "invalid-request"
 

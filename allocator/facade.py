@@ -12,6 +12,8 @@ frame on the hot path):
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
   fairness.py      who asked and who got a share, by district, age band and channel
+  expiry.py        the sweep that records expiry after pickup_end (run by every worker)
+  carryover.py     a batch carried over from an earlier round's leftovers
 
 Every method returns a domain value or raises a refusal from allocator/errors.py; store
 failures become ``Unavailable`` within the configured timeout, never a hang.
@@ -25,9 +27,11 @@ from collections.abc import Callable
 import asyncpg
 from redis.asyncio import Redis
 
+from allocator.carryover import CarryOver
 from allocator.catalogue import Catalogue
 from allocator.claims import Claims
 from allocator.config import GateSettings
+from allocator.expiry import Expiry
 from allocator.fairness import Asks, Fairness
 from allocator.gate import Gate
 from allocator.identity import Hasher
@@ -94,6 +98,18 @@ class Allocator:
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
         self.asks = Asks(self.store, keys, self.catalogue)  # its run() is started by the app
         self.fairness = Fairness(self.store, keys, self.catalogue, self.asks)
+        self.expiry = Expiry(
+            self.store, keys, self.scripts, self.catalogue, self.watch, clock=clock
+        )
+        self.carryover = CarryOver(
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            self.operators,
+            self.expiry,
+        )
 
         # -- the calls handlers, the queue and the CLI make -------------------------------------
         self.now_ms = self.claims.now_ms
@@ -117,6 +133,9 @@ class Allocator:
         self.upsert_round = self.operators.upsert_round
         self.mirror_round = self.operators.mirror_round
         self.load_batch = self.operators.load_batch
+        self.carry_batch = self.carryover.carry
+        self.sweep_expiry = self.expiry.sweep
+        self.run_expiry = self.expiry.run
         self.stats = self.figures.round_stats
         self.fairness_report = self.fairness.report
         self.units_returned = self.stock_events.units_returned

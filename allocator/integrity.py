@@ -8,8 +8,8 @@ out twice.
 
 The guard is a sequence number per round:
 
-* every script that changes a round (claim, cancel, pickup, load_batch) bumps the round's ``seq``
-  (tally field) and writes it into the ledger entry, in the same atomic step;
+* every script that changes a round (claim, cancel, pickup, load_batch, expire, carry) bumps the
+  round's ``seq`` (tally field) and writes it into the ledger entry, in the same atomic step;
 * the ledger writer raises ``rounds.ledger_seq`` to the highest committed ``seq``, in the same
   transaction as the rows (``GREATEST``, so redelivery or reordering never lowers it);
 * every worker keeps a copy of ``ledger_seq`` per round (:class:`Floors`, a lower bound of the

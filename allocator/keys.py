@@ -17,12 +17,15 @@ class RoundKeys:
     round: str  # hash: title, times (ISO and *_ms), per_person, mode
     stock: str  # hash: site_id -> units left
     loaded: str  # hash: site_id -> units ever loaded
-    tally: str  # hash: reserved:<site>, collected:<site>, created, seq, lost (integrity.py)
+    tally: str  # hash: reserved:<site>, collected:<site>, expired:<site>, carried_out:<site>,
+    # carried_expired:<site>, created, seq, lost (integrity.py)
     holders: str  # hash: citizen hash -> reservation_id (live: confirmed or collected)
     reservations: str  # hash: reservation_id -> record JSON
     batches: str  # hash: batch_id -> digest
     ledger: str  # stream: one entry per state change, drained into PostgreSQL
     dead: str  # stream: ledger entries that failed too often, kept for an operator
+    sweep: str  # hash: the expiry sweep's lock (owner, until) and its `done` mark (expire.lua)
+    carries: str  # hash: "<to_round>/<batch_id>" -> carry-over record JSON (carry.lua)
     _tag: str  # "<prefix>:{r:<round_id>}:", the shared hash tag
 
     def codes(self, site_id: str) -> str:
@@ -58,6 +61,8 @@ class RoundKeys:
             self.holders,
             self.reservations,
             self.batches,
+            self.sweep,
+            self.carries,
         )
 
 
@@ -87,6 +92,8 @@ class Keys:
             batches=tag + "batches",
             ledger=tag + "ledger",
             dead=tag + "ledger:dead",
+            sweep=tag + "sweep",
+            carries=tag + "carries",
             _tag=tag,
         )
 

@@ -5,7 +5,7 @@ stream. This writer reads the stream through a consumer group and commits entrie
 
 * rows are written with ``INSERT … ON CONFLICT`` keyed by reservation_id, and a status only ever
   moves forward (confirmed -> collected | cancelled | expired), so a replayed or reordered entry
-  changes nothing;
+  changes nothing; batches and carry-overs (``kind=carry``, lua/carry.lua) once per key;
 * an entry is acknowledged (``XACK``, then ``XDEL``) only after its transaction committed, so a
   writer killed in between leaves it pending, and it is delivered again;
 * on start a consumer first re-reads its own pending entries, and entries a dead consumer left
@@ -76,6 +76,13 @@ ON CONFLICT (round_id, batch_id) DO NOTHING
 """
 
 
+INSERT_CARRY = """
+INSERT INTO carries (from_round, to_round, batch_id, items, parts, units, carried_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (from_round, to_round, batch_id) DO NOTHING
+"""
+
+
 def _ts(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
 
@@ -123,6 +130,19 @@ class Entry:
                 orjson.dumps(items).decode(),
                 sum(int(q) for _, q in items),
                 _ts(int(self.fields[b"at"])),
+            )
+        if kind == "carry":  # lua/carry.lua: an empty Lua list arrives encoded as {}
+            c = orjson.loads(self.fields[b"record"])
+            items = [[str(s), int(q)] for s, q in (c.get("items") or [])]
+            parts = [[str(s), int(r), int(e)] for s, r, e in (c.get("parts") or [])]
+            return INSERT_CARRY, (
+                self.round_id,
+                c["to"],
+                c["batch_id"],
+                orjson.dumps(items).decode(),
+                orjson.dumps(parts).decode(),
+                sum(q for _, q in items),
+                _ts(int(c["at"])),
             )
         raise ValueError(f"unknown ledger entry kind {kind!r}")
 

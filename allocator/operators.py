@@ -36,6 +36,7 @@ class BatchResult:
     units_added: int  # the batch's units (also on a replay, which adds nothing again)
     sites: int
     created: bool  # False: the same batch was loaded before; nothing changed
+    carried_from: str | None = None  # a carry-over's earlier round (allocator/carryover.py)
 
 
 class Operators:

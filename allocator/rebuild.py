@@ -1,7 +1,12 @@
 """``allot rebuild``: restore a round's Redis state from the ledger after Redis lost its data.
 
-The ledger holds every batch and every reservation that reached it, so stock is recomputed as
-loaded minus the units of live and collected reservations. What was in the Redis stream and not
+The ledger holds every batch, reservation and carry-over that reached it, so stock is
+recomputed as loaded minus the units of confirmed, collected and expired reservations and of what
+carry-overs took (less the expired units among them, which the expired reservations already
+count): loaded = remaining + reserved + collected + expired + carried_out again. Expired
+reservations come back expired (their holders kept), carry records come back (so a replayed
+carry answers as before), and the expiry sweep's marks are dropped (a new sweep finds whatever
+the ledger still has as confirmed past pickup_end). What was in the Redis stream and not
 yet written is gone with Redis; that is why a rebuild refuses to overwrite a round whose stream
 still has entries (``--force`` overrides, and says what it discards).
 
@@ -156,7 +161,7 @@ async def _rewrite_from(
     for r in await con.fetch(
         "SELECT * FROM reservations WHERE round_id = $1 ORDER BY created_at", round_id
     ):
-        status = "confirmed" if r["status"] == "expired" else r["status"]  # expiry is derived
+        status = r["status"]  # expiry is recorded (the sweep), not derived
         record = {
             "id": r["reservation_id"],
             "site": r["site_id"],
@@ -184,10 +189,34 @@ async def _rewrite_from(
         tally["created"] += 1
         if status != "cancelled":
             holders[r["citizen_hash"]] = r["reservation_id"]
-            field = "reserved" if status == "confirmed" else "collected"
-            tally[f"{field}:{r['site_id']}"] += r["quantity"]
+            field = {"confirmed": "reserved", "collected": "collected", "expired": "expired"}
+            tally[f"{field[status]}:{r['site_id']}"] += r["quantity"]
             held[r["site_id"]] += r["quantity"]
-    stock = {site: loaded[site] - held.get(site, 0) for site in loaded}
+    # carry-overs out of this round (lua/carry.lua): their units left the stock, and the expired
+    # units among them left the `expired` tally
+    carries: dict[str, bytes] = {}
+    carried: dict[str, int] = defaultdict(int)
+    for c in await con.fetch(
+        "SELECT to_round, batch_id, items, parts, carried_at FROM carries WHERE from_round = $1",
+        round_id,
+    ):
+        parts = orjson.loads(c["parts"])
+        carries[f"{c['to_round']}/{c['batch_id']}"] = orjson.dumps(
+            {
+                "to": c["to_round"],
+                "batch_id": c["batch_id"],
+                "items": orjson.loads(c["items"]),
+                "parts": parts,
+                "at": _ms(c["carried_at"]),
+            }
+        )
+        for site_id, from_remaining, from_expired in parts:
+            carried[site_id] += int(from_remaining)
+            tally[f"carried_out:{site_id}"] += int(from_remaining) + int(from_expired)
+            if int(from_expired):
+                tally[f"expired:{site_id}"] -= int(from_expired)
+                tally[f"carried_expired:{site_id}"] += int(from_expired)
+    stock = {site: loaded[site] - held.get(site, 0) - carried.get(site, 0) for site in loaded}
     # changes go on from the ledger's mark (or Redis's own, if that is higher): never backwards
     seq = max(int(row["ledger_seq"]), redis_seq)
     tally["seq"] = seq
@@ -214,6 +243,8 @@ async def _rewrite_from(
         pipe.hset(rk.reservations, mapping=records)
     if holders:
         pipe.hset(rk.holders, mapping=holders)
+    if carries:
+        pipe.hset(rk.carries, mapping=carries)
     pipe.hset(rk.tally, mapping=dict(tally))
     for site_id, mapping in codes.items():
         pipe.hset(rk.codes(site_id), mapping=mapping)
@@ -245,6 +276,7 @@ async def _rewrite_from(
         "reservations": len(records),
         "live": len(holders),
         "batches": len(digests),
+        "carries": len(carries),
         "seq": seq,
     }
 

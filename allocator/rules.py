@@ -59,7 +59,8 @@ FIRST_YEAR: Final = 2000
 LAST_YEAR: Final = 2999
 MODES: Final = ("fcfs",)  # a "lottery" mode will come (API.md, Lottery rounds)
 ROUND_STATUSES: Final = ("upcoming", "open", "closed")
-# A reservation's status as shown; "expired" is derived (confirmed past pickup_end), not stored.
+# A reservation's status: "expired" is recorded by the sweep (allocator/expiry.py) within ~10 s
+# after pickup_end, and shown for a confirmed one past pickup_end until then.
 RESERVATION_STATUSES: Final = ("confirmed", "collected", "cancelled", "expired")
 # Why a reservation cannot be collected or cancelled (the `reason` of not-collectable);
 # "citizen": the ID given at the desk is not the holder's.

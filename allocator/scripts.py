@@ -12,7 +12,7 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity")
+SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity", "expire", "carry")
 
 
 def script_source(name: str) -> str:
@@ -26,6 +26,8 @@ class Scripts:
     pickup: AsyncScript
     load_batch: AsyncScript
     integrity: AsyncScript
+    expire: AsyncScript
+    carry: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

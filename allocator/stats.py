@@ -15,9 +15,15 @@ from allocator.store import Store
 
 @dataclass(frozen=True, slots=True)
 class SiteFigures:
+    """One site's units; always loaded = remaining + reserved + collected + expired +
+    carried_out (expired: units of expired reservations not yet carried over)."""
+
     site_id: str
     loaded: int
     reserved: int
+    collected: int
+    expired: int
+    carried_out: int
     remaining: int
 
 
@@ -27,6 +33,8 @@ class RoundStats:
     loaded: int
     reserved: int
     collected: int
+    expired: int
+    carried_out: int
     remaining: int
     reservations: int  # live holders
     sites: list[SiteFigures]
@@ -75,22 +83,28 @@ class Stats:
         except Unavailable:
             recorded = None
         lost = await self.watch.check(round_id)
+        sites = [
+            SiteFigures(
+                site_id=s,
+                loaded=loaded.get(s, 0),
+                reserved=tally.get(f"reserved:{s}", 0),
+                collected=tally.get(f"collected:{s}", 0),
+                expired=tally.get(f"expired:{s}", 0),
+                carried_out=tally.get(f"carried_out:{s}", 0),
+                remaining=stock.get(s, 0),
+            )
+            for s in sorted(set(loaded) | set(stock))
+        ]
         return RoundStats(
             round_id=round_id,
             loaded=sum(loaded.values()),
             reserved=sum(v for k, v in tally.items() if k.startswith("reserved:")),
             collected=sum(v for k, v in tally.items() if k.startswith("collected:")),
+            expired=sum(v for k, v in tally.items() if k.startswith("expired:")),
+            carried_out=sum(v for k, v in tally.items() if k.startswith("carried_out:")),
             remaining=sum(stock.values()),
             reservations=live,
-            sites=[
-                SiteFigures(
-                    site_id=s,
-                    loaded=loaded.get(s, 0),
-                    reserved=tally.get(f"reserved:{s}", 0),
-                    remaining=stock.get(s, 0),
-                )
-                for s in sorted(set(loaded) | set(stock))
-            ],
+            sites=sites,
             recorded=recorded,
             lag=backlog,
             lost=lost,

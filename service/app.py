@@ -203,6 +203,10 @@ def create_app(
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
             asyncio.create_task(desks.follow(stop), name="desk-events"),
             asyncio.create_task(allocator.asks.run(stop), name="fairness-asks"),
+            asyncio.create_task(
+                allocator.run_expiry(stop, settings.service.expiry_sweep_ms / 1000),
+                name="expiry-sweep",
+            ),
         ]
         yield
         stop.set()

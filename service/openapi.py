@@ -249,19 +249,24 @@ ROUTES: tuple[Route, ...] = (
                 media="the body is neither JSON nor CSV.",
             ),
             **OPERATOR_ONLY,
-            "not-found": "unknown round.",
+            "not-found": "unknown round, or unknown `carry_from` round.",
             "batch-conflict": None,
+            "carry-not-ready": None,
             "unavailable": None,
         },
         description=(
             "All or nothing: one bad row is answered 422 naming it, and nothing is loaded. The "
             "same `batch_id` with the same contents again answers 200 with the first answer and "
-            "leaves the stock unchanged."
+            "leaves the stock unchanged. With `carry_from` (a carry-over), each site of that "
+            "earlier round gives its unclaimed units (remaining + expired) to the same site of "
+            "this round, once: the earlier round counts them as `carried_out`, a second carry "
+            "adds 0, and the same `batch_id` again answers 200 with the first answer; only "
+            "after the earlier round's `pickup_end`."
         ),
         request={"application/json": "Batch", "text/csv": "BatchCsv"},
         request_description=(
-            "JSON with `batch_id` and `items`, or CSV (`site_id,quantity` header) with "
-            "`?batch_id=` in the query."
+            "JSON with `batch_id` and `items` (or `carry_from`), or CSV (`site_id,quantity` "
+            "header) with `?batch_id=` in the query."
         ),
         query=("BatchId",),
     ),

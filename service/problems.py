@@ -165,7 +165,6 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "The earlier round's pickup has not ended",
         "a carry-over from a round whose pickup window has not ended.",
-        served=False,
     ),
     ProblemCode(
         "request-timeout",

@@ -277,8 +277,13 @@ _OPERATORS: dict[str, Schema] = {
     },
     "Batch": {
         "type": "object",
-        "description": "Inventory loaded into a round, once per `batch_id`.",
-        "required": ["batch_id", "items"],
+        "description": (
+            "Inventory loaded into a round, once per `batch_id`: either `items`, or "
+            "`carry_from` (a carry-over: each site of that earlier round gives its unclaimed "
+            "units, remaining + expired, to the same site of this round)."
+        ),
+        "required": ["batch_id"],
+        "oneOf": [{"required": ["items"]}, {"required": ["carry_from"]}],
         "properties": {
             "batch_id": ref("Id"),
             "items": {
@@ -287,6 +292,11 @@ _OPERATORS: dict[str, Schema] = {
                 "items": ref("BatchItem"),
                 "description": "Each `site_id` at most once; every site must exist.",
             },
+            "carry_from": _with(
+                "Id",
+                "The earlier round whose leftovers this batch takes, after its `pickup_end`; "
+                "not this round. Not together with `items`.",
+            ),
         },
     },
     "BatchCsv": {
@@ -302,16 +312,29 @@ _OPERATORS: dict[str, Schema] = {
             "batch_id": ref("Id"),
             "units_added": _count(),
             "sites": _count("How many sites the batch names."),
-        }
+            "carried_from": _with(
+                "Id", "Only in the answer to a carry-over: the round the units came from."
+            ),
+        },
+        optional=("carried_from",),
     ),
     "SiteStats": _closed(
         {
             "site_id": ref("Id"),
             "loaded": _count(),
             "reserved": _count(),
+            "collected": _count(),
+            "expired": _count(
+                "Units of expired reservations (not collected by `pickup_end`) not yet carried "
+                "over."
+            ),
+            "carried_out": _count("Units carried over to later rounds."),
             "remaining": _count(),
         },
-        description="One site's units in the round.",
+        description=(
+            "One site's units in the round: `loaded` = `remaining` + `reserved` + `collected` "
+            "+ `expired` + `carried_out`."
+        ),
     ),
     "Stats": _closed(
         {
@@ -319,6 +342,8 @@ _OPERATORS: dict[str, Schema] = {
             "loaded": _count(),
             "reserved": _count(),
             "collected": _count(),
+            "expired": _count(),
+            "carried_out": _count(),
             "remaining": _count(),
             "reservations": _count("Live reservations."),
             "sites": {"type": "array", "items": ref("SiteStats")},

@@ -57,7 +57,14 @@ def reservation_body(reservation: Reservation, rnd: Round, now_ms: int) -> dict[
 
 
 def batch_body(result: BatchResult) -> dict[str, Any]:
-    return {"batch_id": result.batch_id, "units_added": result.units_added, "sites": result.sites}
+    body: dict[str, Any] = {
+        "batch_id": result.batch_id,
+        "units_added": result.units_added,
+        "sites": result.sites,
+    }
+    if result.carried_from is not None:
+        body["carried_from"] = result.carried_from
+    return body
 
 
 def stats_body(stats: RoundStats) -> dict[str, Any]:
@@ -66,6 +73,8 @@ def stats_body(stats: RoundStats) -> dict[str, Any]:
         "loaded": stats.loaded,
         "reserved": stats.reserved,
         "collected": stats.collected,
+        "expired": stats.expired,
+        "carried_out": stats.carried_out,
         "remaining": stats.remaining,
         "reservations": stats.reservations,
         "sites": [
@@ -73,6 +82,9 @@ def stats_body(stats: RoundStats) -> dict[str, Any]:
                 "site_id": s.site_id,
                 "loaded": s.loaded,
                 "reserved": s.reserved,
+                "collected": s.collected,
+                "expired": s.expired,
+                "carried_out": s.carried_out,
                 "remaining": s.remaining,
             }
             for s in stats.sites

@@ -343,7 +343,8 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
 @dataclass(frozen=True, slots=True)
 class Batch:
     batch_id: str
-    items: list[tuple[str, int]]
+    items: list[tuple[str, int]]  # empty for a carry-over
+    carry_from: str | None = None  # a carry-over: the earlier round (no items)
 
 
 def _check_items(
@@ -383,9 +384,21 @@ def _check_items(
     return items
 
 
-def parse_batch_json(body: Mapping[str, Any], known_sites: Container[str]) -> Batch:
+def parse_batch_json(
+    body: Mapping[str, Any], known_sites: Container[str], round_id: str = ""
+) -> Batch:
     errors = _Errors()
     batch_id = errors.ident(body, "batch_id")
+    if body.get("carry_from") is not None:
+        carry_from = errors.ident(body, "carry_from")
+        if "items" in body:
+            errors.add("items", "must not be given with carry_from (a carry-over takes no items)")
+        if carry_from is not None and carry_from == round_id:
+            errors.add("carry_from", "must name another round than this one")
+        errors.check()
+        assert batch_id
+        assert carry_from
+        return Batch(batch_id, [], carry_from)
     raw = body.get("items")
     if not isinstance(raw, list):
         errors.add("items", "must be a list of {site_id, quantity}")

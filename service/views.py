@@ -169,8 +169,11 @@ async def post_batch(request: web.Request) -> web.Response:
         batch = parse_batch_csv(raw, request.query.get("batch_id"), known)
     else:
         body = await read_json(request)
-        batch = parse_batch_json(body, await allocator.sites(fresh=True))
-    result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
+        batch = parse_batch_json(body, await allocator.sites(fresh=True), round_id)
+    if batch.carry_from is not None:
+        result = await allocator.carry_batch(round_id, batch.batch_id, batch.carry_from)
+    else:
+        result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
     return json_response(batch_body(result), status=201 if result.created else 200)
 
 

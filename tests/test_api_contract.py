@@ -1359,9 +1359,26 @@ async def test_stats_account_for_every_unit_and_the_ledger_catches_up(
     assert s["reservations"] == 2  # r1 collected + r3 confirmed; r2 cancelled
     assert s["loaded"] == s["remaining"] + s["reserved"] + s["collected"]
     assert s["sites"] == [
-        {"site_id": "s1", "loaded": 5, "reserved": 0, "remaining": 3},
-        {"site_id": "s2", "loaded": 5, "reserved": 2, "remaining": 3},
+        {
+            "site_id": "s1",
+            "loaded": 5,
+            "reserved": 0,
+            "collected": 2,
+            "expired": 0,
+            "carried_out": 0,
+            "remaining": 3,
+        },
+        {
+            "site_id": "s2",
+            "loaded": 5,
+            "reserved": 2,
+            "collected": 0,
+            "expired": 0,
+            "carried_out": 0,
+            "remaining": 3,
+        },
     ]
+    assert (s["expired"], s["carried_out"]) == (0, 0)
     assert set(s["ledger"]) == {"recorded", "lag"}
     deadline = asyncio.get_running_loop().time() + 5
     while True:

@@ -36,7 +36,16 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import rebuild_round
 from allocator.redistyping import awaited
-from tests.helpers import ADMIN, ADMIN_TOKEN, FakeClock, citizen_id, phone, reserve, seed
+from tests.helpers import (
+    ADMIN,
+    ADMIN_TOKEN,
+    FakeClock,
+    citizen_id,
+    phone,
+    reserve,
+    round_body,
+    seed,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -519,6 +528,44 @@ async def test_console_loads_a_csv_batch_and_the_stats_move(
     # the token lives in the tab's session only: a new session asks again
     context, page = await open_page(browser, client, "/admin", size=DESKTOP)
     await expect(page.locator("#login")).to_be_visible()
+    await context.close()
+
+
+async def test_console_carries_over_the_leftovers_of_an_earlier_round(
+    client: Client, browser: Browser
+) -> None:
+    """After a round's pickup window, its uncollected units go to the next round from the
+    console; before it, the console says plainly that it is too early."""
+    await seed(client, stock={"s1": 10}, per_person=2)
+    assert (await reserve(client, 1, site="s1")).status == 201
+    past = round_body(opens_in=-7200, closes_in=-120, pickup_in=-7200, pickup_for=7140)
+    past["per_person"] = 2
+    r = await client.put("/api/v1/admin/rounds/r1", json=past, headers=ADMIN)
+    assert r.status == 200
+    await seed(client, "r2", stock={"s1": 0}, title="Next")
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    await page.locator("#batch-round").select_option("r1")
+    await page.locator("input[name=batch_mode][value=carry]").check()
+    await expect(page.locator("#batch-carry-from")).to_be_visible()
+    await page.locator("#batch-carry-from").select_option("r2")
+    await page.locator("#batch-id").fill("too-early")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    result = page.get_by_test_id("batch-result")
+    await expect(result).to_contain_text("还在领取时间内")
+
+    await page.locator("#batch-round").select_option("r2")
+    await page.locator("#batch-carry-from").select_option("r1")
+    await page.locator("#batch-id").fill("leftovers")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    await expect(result).to_contain_text("已入库")
+    await expect(result).to_contain_text("共 10 件，1 个站点")  # 8 remaining + 2 expired
+    await expect(result).to_contain_text("转自轮次 r1")
+    await page.locator("#stats-round").select_option("r1")
+    await expect(page.get_by_test_id("stat-carried-out")).to_have_text("10", timeout=3000)
+    await expect(page.get_by_test_id("stat-expired")).to_have_text("0")
+    await expect(page.get_by_test_id("stat-remaining")).to_have_text("0")
+    assert page_errors(page) == []
     await context.close()
 
 

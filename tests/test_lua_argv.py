@@ -160,6 +160,24 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
         "load_batch",
         ["b2", "d", "[]", "99", "s1", "1", "s1", "nan"],
     ),
+    # a floor of 99 is above the round's seq: a script that wrote before checking its ARGV
+    # would set the round's lost mark, which the snapshot sees
+    "expire: no ARGV": ("expire", []),
+    "expire: cursor not digits": ("expire", ["0x10", "10", "me", "1000", "99"]),
+    "expire: cursor negative": ("expire", ["-1", "10", "me", "1000", "99"]),
+    "expire: count zero": ("expire", ["0", "0", "me", "1000", "99"]),
+    "expire: count over 1000": ("expire", ["0", "1001", "me", "1000", "99"]),
+    "expire: count not whole": ("expire", ["0", "1.5", "me", "1000", "99"]),
+    "expire: lock time zero": ("expire", ["0", "10", "me", "0", "99"]),
+    "expire: floor not a number": ("expire", ["0", "10", "me", "1000", "x"]),
+    "expire: one argument too many": ("expire", ["0", "10", "me", "1000", "99", "more"]),
+    "expire: bad count, floor marks lost": ("expire", ["0", "nan", "me", "1000", "99"]),
+    "carry: no ARGV": ("carry", []),
+    "carry: empty to_round": ("carry", ["", "b9", "99"]),
+    "carry: empty batch_id": ("carry", ["r2", "", "99"]),
+    "carry: floor not a number": ("carry", ["r2", "b9", "x"]),
+    "carry: floor missing": ("carry", ["r2", "b9"]),
+    "carry: one argument too many": ("carry", ["r2", "b9", "99", "more"]),
     "integrity: no ARGV": ("integrity", []),
     "integrity: floor not a number": ("integrity", ["x"]),
     "integrity: floor infinite": ("integrity", ["inf"]),
@@ -181,5 +199,7 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
         "pickup": [rk.round, rk.reservations, rk.codes("s1"), rk.tally, rk.ledger],
         "load_batch": [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
         "integrity": [rk.round, rk.tally],
+        "expire": [rk.round, rk.reservations, rk.tally, rk.ledger, rk.sweep],
+        "carry": [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
     }[name]
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)

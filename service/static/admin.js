@@ -200,7 +200,7 @@
     return (open[0] || state.rounds[state.rounds.length - 1] || {}).round_id || null;
   }
   function renderRoundSelects() {
-    ['stats-round', 'batch-round', 'assist-round'].forEach(function (id) {
+    ['stats-round', 'batch-round', 'assist-round', 'batch-carry-from'].forEach(function (id) {
       var select = $(id);
       var current = select.value || (id === 'stats-round' ? state.statsRound : null) || pickRound();
       A.clear(select);
@@ -329,6 +329,8 @@
     $('n-reserved').textContent = fmt(s.reserved);
     $('n-collected').textContent = fmt(s.collected);
     $('n-remaining').textContent = fmt(s.remaining);
+    $('n-expired').textContent = fmt(s.expired);
+    $('n-carried-out').textContent = fmt(s.carried_out);
     $('n-live').textContent = fmt(s.reservations);
     $('n-rate').textContent = rate === null ? '—' : rate >= 10 ? fmt(Math.round(rate)) : rate.toFixed(1);
     var lag = s.ledger || {};
@@ -446,6 +448,9 @@
           el('th', { scope: 'col', text: t('site_name_col') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_loaded') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_reserved') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_collected') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_expired') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_carried_out') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
         ]),
       ])
@@ -459,6 +464,9 @@
           el('td', { text: known ? known.name : '' }),
           el('td', { class: 'num', text: fmt(s.loaded) }),
           el('td', { class: 'num', text: fmt(s.reserved) }),
+          el('td', { class: 'num', text: fmt(s.collected) }),
+          el('td', { class: 'num', text: fmt(s.expired) }),
+          el('td', { class: 'num', text: fmt(s.carried_out) }),
           el('td', { class: 'num', text: fmt(s.remaining) }),
         ])
       );
@@ -795,7 +803,15 @@
     var url = '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/batches';
     var res;
     $('batch-submit').disabled = true;
-    if (batchMode() === 'csv') {
+    if (batchMode() === 'carry') {
+      // a carry-over: the earlier round's leftovers (remaining + expired) go to this round
+      var from = $('batch-carry-from').value;
+      if (!from || from === round) {
+        $('batch-submit').disabled = false;
+        return showBox('batch-result', 'bad', t('batch_carry_same'));
+      }
+      res = await adminRetrying('POST', url, { batch_id: batchId, carry_from: from });
+    } else if (batchMode() === 'csv') {
       var text = $('batch-csv').value.trim();
       if (!text) {
         $('batch-submit').disabled = false;
@@ -818,19 +834,20 @@
     $('batch-submit').disabled = false;
     var d = res.data || {};
     var idLine = el('p', {}, [t('batch_id_label') + ': ', el('code', { 'data-testid': 'batch-id', text: d.batch_id || batchId })]);
+    var carried = d.carried_from ? [t('batch_carried', { round: d.carried_from })] : [];
     if (res.status === 201) {
       showBox('batch-result', 'ok', t('batch_loaded'), [
         idLine,
         t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
-        t('batch_next_hint'),
-      ]);
+      ].concat(carried, [t('batch_next_hint')]));
       pollStats();
     } else if (res.status === 200) {
       showBox('batch-result', 'info', t('batch_replayed'), [
         idLine,
         t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
-        t('batch_replayed_hint'),
-      ]);
+      ].concat(carried, [t('batch_replayed_hint')]));
+    } else if (res.status === 409 && d.code === 'carry-not-ready') {
+      showBox('batch-result', 'bad', t('batch_carry_not_ready'), [problemText(res)]);
     } else if (res.status === 409) {
       showBox('batch-result', 'bad', t('batch_conflict'), [idLine, t('batch_conflict_hint')]);
     } else if (res.status === 422) {
@@ -1094,6 +1111,7 @@
       radio.addEventListener('change', function () {
         $('batch-csv-box').hidden = batchMode() !== 'csv';
         $('batch-form-box').hidden = batchMode() !== 'form';
+        $('batch-carry-box').hidden = batchMode() !== 'carry';
       });
     });
     $('round-form').addEventListener('submit', saveRound);
