@@ -491,7 +491,10 @@ async def run_locust(plan: Plan, target: Target, out: Path, p99_budget_ms: float
         "--loglevel", "WARNING",
     ]  # fmt: skip
     if plan.processes > 1:  # one process: locust's local runner, no master to feed
+        # a free port for master and workers: the default 5557 may be held by another crowd
+        master = str(free_port())
         cmd += ["--processes", str(plan.processes)]
+        cmd += ["--master-bind-port", master, "--master-port", master]
     env = {
         **os.environ,
         crowd.ENV_ROUND: plan.round_id,
