@@ -46,6 +46,7 @@ from allocator.redistyping import awaited
 log = logging.getLogger("allot.ledger")
 
 GROUP = "ledger"
+LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
 
 UPSERT_RESERVATION = """
 INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
@@ -111,9 +112,11 @@ class Entry:
         raise ValueError(f"unknown ledger entry kind {kind!r}")
 
 
-def consumer_name(worker: int = 0) -> str:
-    """Stable across restarts of the same worker slot, so a restarted writer finds its pending."""
-    return f"{socket.gethostname()}-w{worker}"
+def consumer_name(configured: str = "") -> str:
+    """The writer's name in the consumer group: ``[ledger] consumer`` when set, else
+    ``<hostname>-ledger``. Stable across restarts, so that a restarted writer re-reads its own
+    pending entries first; two writers running at once need two names."""
+    return configured or f"{socket.gethostname()}-ledger"
 
 
 class LedgerWriter:
@@ -133,7 +136,7 @@ class LedgerWriter:
         self.pool = pool
         self.keys = keys
         self.settings = settings
-        self.consumer = consumer or consumer_name()
+        self.consumer = consumer or consumer_name(settings.consumer)
         self.block_ms = block_ms
         self.on_lag = on_lag
         self.floors = floors  # this worker's copy of the ledger's marks, raised after each commit
@@ -148,15 +151,17 @@ class LedgerWriter:
     async def run(self) -> None:
         """Drain until stop() is called; every failure is logged and retried, never raised."""
         log.info("ledger writer %s started (pid %d)", self.consumer, os.getpid())
-        next_claim = 0.0
+        loop = asyncio.get_running_loop()
+        next_claim = next_lag = 0.0
         while not self._stopping.is_set():
             try:
-                loop = asyncio.get_running_loop()
                 streams = await self._streams()
                 if loop.time() >= next_claim:
                     await self._autoclaim(streams)
                     next_claim = loop.time() + self.settings.claim_idle_ms / 2000
+                if loop.time() >= next_lag:  # also while PostgreSQL is down: the backlog grows
                     await self._report_lag(streams)
+                    next_lag = loop.time() + LAG_INTERVAL
                 progressed = await self.step(streams)
                 self._backoff = 0.0
                 if not progressed and not streams:

@@ -1,4 +1,6 @@
-"""The ledger writer: at-least-once delivery from the stream, exactly one row per reservation."""
+"""The ledger writer: at-least-once delivery from the stream, exactly one row per reservation.
+
+(The writer as the process `allot serve` and `allot ledger` run: tests/test_writer_process.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from allocator import db
-from allocator.config import LedgerSettings, Settings
+from allocator.config import LedgerSettings
 from allocator.core import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
@@ -187,28 +189,3 @@ def test_entry_statement_rejects_an_unknown_kind() -> None:
     """An entry of a kind the writer does not know is a data fault, not a crash."""
     with pytest.raises(ValueError, match="unknown ledger entry kind"):
         Entry("r1", b"1-0", {b"kind": b"mystery"}).statement()
-
-
-async def test_service_ledger_writer_records_within_five_seconds(
-    aiohttp_client: Any, settings: Settings, redis: Redis
-) -> None:
-    """Inside `allot serve`, a reservation answered 201 is in PostgreSQL within 5 s."""
-    from service.app import create_app
-    from tests.conftest import seed
-
-    client = await aiohttp_client(create_app(settings))
-    await seed(client, stock={"s1": 5})
-    from tests.conftest import reserve
-
-    r = await reserve(client, 1)
-    assert r.status == 201
-    rid = (await r.json())["reservation_id"]
-    con = await asyncpg.connect(settings.database_url)
-    try:
-        async with asyncio.timeout(5):
-            while not await con.fetchval(
-                "SELECT 1 FROM reservations WHERE reservation_id = $1", rid
-            ):
-                await asyncio.sleep(0.05)
-    finally:
-        await con.close()
