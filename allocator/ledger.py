@@ -5,7 +5,9 @@ stream. This writer reads the stream through a consumer group and commits entrie
 
 * rows are written with ``INSERT … ON CONFLICT`` keyed by reservation_id, and a status only ever
   moves forward (confirmed -> collected | cancelled | expired), so a replayed or reordered entry
-  changes nothing;
+  changes nothing; a batch's reservations go in as one ``INSERT … SELECT … FROM unnest(…)``
+  (one statement, one round trip), after folding the batch's entries of one reservation into
+  the one that statement would have kept, applied one after the other;
 * an entry is acknowledged (``XACK``, then ``XDEL``) only after its transaction committed, so a
   writer killed in between leaves it pending, and it is delivered again;
 * on start a consumer first re-reads its own pending entries, and entries a dead consumer left
@@ -39,7 +41,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
-from allocator.integrity import RAISE_LEDGER_SEQ, Floors
+from allocator.integrity import RAISE_LEDGER_SEQ, RAISE_LEDGER_SEQS, Floors
 from allocator.keys import Keys
 from allocator.redistyping import awaited
 
@@ -52,6 +54,18 @@ UPSERT_RESERVATION = """
 INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
                           citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (reservation_id) DO UPDATE
+   SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
+"""
+
+# The whole batch at once, one array per column. Each reservation_id appears once (``_fold``):
+# ON CONFLICT DO UPDATE may not touch the same row twice in one statement.
+UPSERT_RESERVATIONS = """
+INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
+                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[])
 ON CONFLICT (reservation_id) DO UPDATE
    SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
  WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
@@ -262,11 +276,15 @@ class LedgerWriter:
     async def _commit(self, entries: Sequence[Entry], streams: dict[str, str]) -> None:
         marks = _marks(entries)
         try:
+            reservations, batches = _split(entries)
             async with self.pool.acquire() as con, con.transaction():
-                for sql, rows in _grouped(entries):
-                    await con.executemany(sql, rows)
+                if reservations:
+                    await con.execute(UPSERT_RESERVATIONS, *_columns(_fold(reservations)))
+                if batches:
+                    await con.executemany(INSERT_BATCH, batches)
                 if marks:
-                    await con.executemany(RAISE_LEDGER_SEQ, sorted(marks.items()))
+                    rounds, seqs = zip(*sorted(marks.items()), strict=True)
+                    await con.execute(RAISE_LEDGER_SEQS, list(rounds), list(seqs))
         except TRANSIENT_PG_ERRORS:
             raise
         except (asyncpg.PostgresError, ValueError, KeyError) as exc:
@@ -378,16 +396,35 @@ def _marks(entries: Sequence[Entry]) -> dict[str, int]:
     return marks
 
 
-def _grouped(entries: Sequence[Entry]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """Consecutive entries of the same kind as one executemany, keeping stream order."""
-    groups: list[tuple[str, list[tuple[Any, ...]]]] = []
+def _split(entries: Sequence[Entry]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The batch's reservation rows (in stream order) and its batch rows. The two tables do
+    not refer to each other, so their order between them does not matter."""
+    reservations: list[tuple[Any, ...]] = []
+    batches: list[tuple[Any, ...]] = []
     for entry in entries:
         sql, row = entry.statement()
-        if groups and groups[-1][0] == sql:
-            groups[-1][1].append(row)
-        else:
-            groups.append((sql, [row]))
-    return groups
+        (reservations if sql == UPSERT_RESERVATION else batches).append(row)
+    return reservations, batches
+
+
+def _fold(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One row per reservation_id: the one that decides the outcome when the rows are upserted
+    one after the other in stream order. The forward-only rule keeps a row's first insert,
+    moves its status once, off 'confirmed', and never again: so the first row that is not
+    'confirmed' decides (its record is the reservation's full record with that status), else
+    the first row."""
+    chosen: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        rid, status = row[0], row[4]
+        held = chosen.get(rid)
+        if held is None or (held[4] == "confirmed" and status != "confirmed"):
+            chosen[rid] = row
+    return list(chosen.values())
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column, for unnest()."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _transient(exc: BaseException) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -20,7 +21,15 @@ from allocator.config import LedgerSettings
 from allocator.core import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
-from allocator.ledger import GROUP, Entry, LedgerWriter
+from allocator.ledger import (
+    GROUP,
+    UPSERT_RESERVATION,
+    UPSERT_RESERVATIONS,
+    Entry,
+    LedgerWriter,
+    _columns,
+    _fold,
+)
 from allocator.model import Round, Site
 from tests.conftest import citizen_id, phone
 
@@ -189,3 +198,74 @@ def test_entry_statement_rejects_an_unknown_kind() -> None:
     """An entry of a kind the writer does not know is a data fault, not a crash."""
     with pytest.raises(ValueError, match="unknown ledger entry kind"):
         Entry("r1", b"1-0", {b"kind": b"mystery"}).statement()
+
+
+# -- one statement per batch --------------------------------------------------------------------
+
+
+async def test_a_batch_with_redeliveries_and_a_cancel_commits_as_one_bulk_insert(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys, caplog: Any
+) -> None:
+    """A reservation, its cancel and a second delivery of everything in one batch: one
+    ``INSERT … SELECT FROM unnest`` may touch each row once only, so the batch is folded first;
+    it commits in one go (no one-by-one fallback) with the outcome of the entries in order."""
+    ids = await reserve_many(allocator, 3)
+    await allocator.cancel(ids[1])
+    rk = keys.round("r1")
+    for _, fields in await redis.xrange(rk.ledger):
+        await redis.xadd(rk.ledger, fields)
+    w = writer(redis, pool, keys, "c1")
+    async with asyncio.timeout(10):
+        await w.drain()
+    assert await rows(pool) == {ids[0]: "confirmed", ids[1]: "cancelled", ids[2]: "confirmed"}
+    assert w.committed == 2 * 5  # the batch entry, three reservations and a cancel, twice
+    assert "one by one" not in caplog.text
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = 'r1'") == 5
+
+
+STATUSES = ("confirmed", "confirmed", "confirmed", "cancelled", "collected", "expired")
+
+
+async def test_the_bulk_upsert_ends_as_the_same_upserts_one_after_the_other_would(
+    pg: asyncpg.Connection,
+) -> None:
+    """Differential: for random batches (several entries of one reservation, any order, rows
+    already there in any state), the folded bulk statement leaves exactly the rows that the
+    single-row statement applied entry by entry leaves, in every column."""
+    now = dt.datetime.now(dt.UTC)
+    await pg.execute(
+        "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person, pickup_start,"
+        " pickup_end, spec) VALUES ('r1', 't', $1, $2, 1, $1, $2, '{}')",
+        now,
+        now + dt.timedelta(hours=1),
+    )
+    await pg.execute("CREATE TABLE one_by_one (LIKE reservations INCLUDING ALL)")
+    one_by_one = UPSERT_RESERVATION.replace("reservations", "one_by_one")
+    columns = "reservation_id, round_id, site_id, quantity, status, pickup_code, citizen_hash,"
+    columns += " phone_hash, citizen_id_masked, created_at, updated_at"
+    rng = random.Random(13)
+
+    def row(rid: int, status: str) -> tuple[Any, ...]:
+        updated = now + dt.timedelta(seconds=rng.randrange(3600))
+        return (f"id{rid}", "r1", "s1", 1 + rid % 3, status, f"CODE{rid}", f"c{rid}", f"p{rid}",
+                "m", now, updated)  # fmt: skip
+
+    for _ in range(300):
+        await pg.execute("TRUNCATE reservations, one_by_one")
+        ids = range(rng.randrange(1, 5))
+        for rid in ids:
+            if rng.random() < 0.5:
+                there = row(rid, rng.choice(STATUSES))
+                for table in ("reservations", "one_by_one"):
+                    values = ", ".join(f"${i}" for i in range(1, 12))
+                    insert = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608
+                    await pg.execute(insert, *there)
+        batch = [row(rng.choice(ids), rng.choice(STATUSES)) for _ in range(rng.randrange(1, 9))]
+        async with pg.transaction():
+            await pg.execute(UPSERT_RESERVATIONS, *_columns(_fold(batch)))
+        for entry in batch:
+            await pg.execute(one_by_one, *entry)
+        query = f"SELECT {columns} FROM {{}} ORDER BY reservation_id"  # noqa: S608 - constants
+        bulk = [tuple(r) for r in await pg.fetch(query.format("reservations"))]
+        assert bulk == [tuple(r) for r in await pg.fetch(query.format("one_by_one"))], batch
