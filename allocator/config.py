@@ -143,6 +143,7 @@ class LedgerSettings:
     batch_size: int = key(500, at_least=1)
     claim_idle_ms: int = key(10000, at_least=1)
     max_attempts: int = key(5, at_least=1)
+    linger_ms: int = key(50, at_least=0, at_most=1000)
     # the writer's stable name in the consumer group; "" = "<hostname>-ledger" (docs/operations.md)
     consumer: str = key("", env="ALLOT_LEDGER_CONSUMER", check=consumer_name)
 

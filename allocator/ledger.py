@@ -10,6 +10,9 @@ stream. This writer reads the stream through a consumer group and commits entrie
   the one that statement would have kept, applied one after the other;
 * an entry is acknowledged (``XACK``, then ``XDEL``) only after its transaction committed, so a
   writer killed in between leaves it pending, and it is delivered again;
+* after a batch smaller than ``batch_size`` the writer waits ``linger_ms`` before reading
+  again, so that under a steady flow its batches grow (one commit's cost is shared by more
+  entries) instead of committing every few entries as they trickle in;
 * on start a consumer first re-reads its own pending entries, and entries a dead consumer left
   pending longer than ``claim_idle_ms`` are taken over with ``XAUTOCLAIM``;
 * while PostgreSQL is down, nothing is acknowledged and the writer backs off; reservations go on
@@ -155,6 +158,7 @@ class LedgerWriter:
         self.on_lag = on_lag
         self.floors = floors  # this worker's copy of the ledger's marks, raised after each commit
         self.committed = 0  # entries committed by this writer, for tests and logs
+        self.last_batch = 0  # entries in the last batch read
         self._groups: set[str] = set()
         self._failures: dict[bytes, int] = {}
         self._stopping = asyncio.Event()
@@ -180,6 +184,9 @@ class LedgerWriter:
                 self._backoff = 0.0
                 if not progressed and not streams:
                     await self._sleep(self.block_ms / 1000)
+                elif progressed and self.last_batch < self.settings.batch_size:
+                    # a trickle: let entries gather, a bigger batch costs less per entry
+                    await self._sleep(self.settings.linger_ms / 1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -224,6 +231,7 @@ class LedgerWriter:
             )
         if not entries:
             return False
+        self.last_batch = len(entries)
         await self._commit(entries, streams)
         return True
 

@@ -269,3 +269,28 @@ async def test_the_bulk_upsert_ends_as_the_same_upserts_one_after_the_other_woul
         query = f"SELECT {columns} FROM {{}} ORDER BY reservation_id"  # noqa: S608 - constants
         bulk = [tuple(r) for r in await pg.fetch(query.format("reservations"))]
         assert bulk == [tuple(r) for r in await pg.fetch(query.format("one_by_one"))], batch
+
+
+async def test_a_trickle_of_entries_is_gathered_into_one_batch_by_the_linger(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """After a batch smaller than batch_size the writer waits linger_ms before reading again:
+    entries that trickle in meanwhile are committed together, not one commit each."""
+    w = writer(redis, pool, keys, "c1", linger_ms=1000)
+    task = asyncio.create_task(w.run())
+    try:
+        async with asyncio.timeout(10):
+            while w.committed < 1:  # the seed batch's entry: the linger starts now
+                await asyncio.sleep(0.005)
+        assert w.last_batch == 1
+        for n in range(8):  # one at a time, each one would wake a writer blocked in its read
+            await reserve_many(allocator, 1, start=n)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while w.committed < 9:
+                await asyncio.sleep(0.01)
+    finally:
+        w.stop()
+        await task
+    assert w.last_batch == 8
+    assert len(await rows(pool)) == 8

@@ -330,3 +330,21 @@ async def test_nothing_a_client_sends_reaches_the_log_and_slow_clients_are_cut_o
     assert log.count("malformed HTTP request") <= 6, log  # ...once per 10 s and worker
     for secret in (ID, PHONE, GUESS, "Traceback", JSON_BODY.decode()[:12]):
         assert secret not in log, secret
+
+
+def test_a_started_worker_freezes_what_it_holds_and_collects_the_young_less_often() -> None:
+    """tune_gc (run by each worker once its app has started): what exists then is out of the
+    collector's sight, and generation 0 is collected every GC_GEN0 allocations, not 700."""
+    import gc
+
+    from service.cli import GC_GEN0, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_GEN0, before[1], before[2])
+        assert before[0] < GC_GEN0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
