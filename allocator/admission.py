@@ -7,7 +7,7 @@ request is not delayed, and under a crowd each Redis round trip carries many cla
 
 A request that is already in Redis when its wait runs out is answered with its true outcome
 (bounded by the Redis timeout): a claim that ran is never reported as refused. Only requests
-still waiting are turned away, with 429 ``overloaded`` and an honest Retry-After.
+still waiting are turned away, ``overloaded``, with an honest ``retry_after``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from allocator.claims import ClaimOutcome, ClaimRequest
 from allocator.config import QueueSettings
-from allocator.core import Allocator, ClaimOutcome, ClaimRequest
 from allocator.errors import Overloaded, Problem, Unavailable
+from allocator.facade import Allocator
 from allocator.model import Reservation
 
 log = logging.getLogger("allot.admission")
@@ -61,7 +62,7 @@ class AdmissionQueue:
         self._depth = 0  # tickets waiting: neither taken nor abandoned
         self._wake = asyncio.Event()  # something is in line for the dispatcher
         self._reaper_wake = asyncio.Event()  # something is in line for the reaper
-        self._rate = 0.0  # decided items per second, smoothed; for Retry-After
+        self._rate = 0.0  # decided items per second, smoothed; for retry_after
 
     @property
     def depth(self) -> int:

@@ -1,84 +1,57 @@
-"""The domain's error hierarchy. The service maps each to problem+json by its status and code."""
+"""The domain's refusals: each a ``code`` of the contract and the data that explains it.
+
+Nothing here knows HTTP. A refusal carries its ``detail`` (one sentence for a person), its
+``code`` and, in ``extra``, the data the contract names for that code (``alternatives``,
+``errors``, ``reason``, ``opens_at``/``closes_at``, ``lost_rounds``; later ``until``, ``rule``);
+a retryable one carries ``retry_after`` in seconds. ``service/problems.py`` maps each code to
+its HTTP answer (from the one problem-code table) and serialises it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 
 class Problem(Exception):
-    """An answer that is not a success; ``code`` is the contract's stable code."""
+    """A refusal; ``code`` is the contract's stable code, ``extra`` its named data."""
 
-    status = 500
-    code = "unavailable"
-    title = "Problem"
+    code: ClassVar[str] = "unavailable"
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
-        self.headers: dict[str, str] = {}
-        # Shared by problems that are the same answer (e.g. one site's sold-out from memory), so
-        # the service serializes that answer once, not once per request.
-        self.memo: dict[str, bytes] | None = None
-
-
-class MalformedJson(Problem):
-    status, code, title = 400, "malformed-json", "Body is not a JSON object"
-
-
-class BadRequest(Problem):
-    """Not a well-formed HTTP/1.1 request (framing, request line, headers): the contract's
-    table has no code for it, and ``malformed-json`` would misname a header error."""
-
-    status, code, title = 400, "bad-request", "Malformed HTTP request"
-
-
-class Unauthorized(Problem):
-    status, code, title = 401, "unauthorized", "Operator token missing or wrong"
+        # Refusals given from one memory (one mark of the sold-out board) share this object:
+        # they are the same answer, so the service may serialise it once (service/problems.py).
+        self.same_as: object | None = None
 
 
 class NotFound(Problem):
-    status, code, title = 404, "not-found", "Not found"
-
-
-class MethodNotAllowed(Problem):
-    status, code, title = 405, "method-not-allowed", "Method not allowed"
+    code = "not-found"
 
 
 class RoundNotOpen(Problem):
-    status, code, title = 409, "round-not-open", "The round is not open for reservations"
+    code = "round-not-open"
 
 
 class SoldOut(Problem):
-    status, code, title = 409, "sold-out", "Sold out at this site"
+    code = "sold-out"
 
 
 class AlreadyReserved(Problem):
-    status, code, title = 409, "already-reserved", "Already reserved in this round"
+    code = "already-reserved"
 
 
 class BatchConflict(Problem):
-    status, code, title = 409, "batch-conflict", "batch_id already loaded with other contents"
+    code = "batch-conflict"
 
 
 class NotCollectable(Problem):
-    status, code, title = 409, "not-collectable", "This reservation cannot be collected"
-
-
-class RequestTimeout(Problem):
-    status, code, title = 408, "request-timeout", "The request did not arrive in time"
-
-
-class PayloadTooLarge(Problem):
-    status, code, title = 413, "payload-too-large", "Body too large"
-
-
-class UnsupportedMediaType(Problem):
-    status, code, title = 415, "unsupported-media-type", "Unsupported media type"
+    code = "not-collectable"
 
 
 class InvalidRequest(Problem):
-    status, code, title = 422, "invalid-request", "Invalid request"
+    code = "invalid-request"
 
     def __init__(self, errors: list[dict[str, str]], detail: str | None = None) -> None:
         super().__init__(
@@ -90,23 +63,24 @@ class InvalidRequest(Problem):
         return cls([{"field": field, "message": message}])
 
 
-class _RetryLater(Problem):
+class RetryLater(Problem):
+    """A refusal that may succeed later: ``retry_after`` is how many seconds to wait (> 0)."""
+
     def __init__(self, detail: str, retry_after: float = 1.0, **extra: Any) -> None:
         super().__init__(detail, **extra)
-        self.retry_after = max(1, int(-(-retry_after // 1)))  # whole seconds, rounded up, >= 1
-        self.headers["Retry-After"] = str(self.retry_after)
+        self.retry_after = max(retry_after, 0.001)
 
 
-class RateLimited(_RetryLater):
-    status, code, title = 429, "rate-limited", "Too many requests"
+class RateLimited(RetryLater):
+    code = "rate-limited"
 
 
-class Overloaded(_RetryLater):
-    status, code, title = 429, "overloaded", "Too busy right now"
+class Overloaded(RetryLater):
+    code = "overloaded"
 
 
-class Unavailable(_RetryLater):
-    status, code, title = 503, "unavailable", "Service temporarily unavailable"
+class Unavailable(RetryLater):
+    code = "unavailable"
 
 
 class RoundLost(Unavailable):

@@ -3,7 +3,8 @@
 Redis decides and the ledger writer copies each change into PostgreSQL a moment later. If Redis
 then loses its most recent writes (a power loss with ``appendfsync everysec``, an old AOF
 restored, an emptied or replaced server), PostgreSQL holds reservations that Redis no longer
-knows: their owners would get 404, could reserve again, and the stock would be handed out twice.
+knows: their owners would be told not-found, could reserve again, and the stock would be handed
+out twice.
 
 The guard is a sequence number per round:
 

@@ -53,6 +53,18 @@ log = logging.getLogger("allot.ledger")
 GROUP = "ledger"
 LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
 
+
+async def create_group(redis: Redis, stream: str) -> None:
+    """The one place the ledger's consumer group is created (by the writer, by an operator's
+    round write, by a rebuild). It starts at 0, so no entry written before it existed is
+    skipped; a group already there is left as it is."""
+    try:
+        await redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 UPSERT_RESERVATION = """
 INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
                           citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
@@ -260,11 +272,7 @@ class LedgerWriter:
         streams = {self.keys.round(r).ledger: r for r in round_ids}
         for stream in streams:
             if stream not in self._groups:
-                try:
-                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-                except ResponseError as exc:
-                    if "BUSYGROUP" not in str(exc):
-                        raise
+                await create_group(self.redis, stream)
                 self._groups.add(stream)
         return streams
 

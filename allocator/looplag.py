@@ -2,7 +2,8 @@
 
 A Redis call that times out while the loop itself was too busy to run callbacks on time most
 likely did not wait on Redis at all: its reply sat unread while the worker was saturated. That
-is overload (answer 429 and shed load), not Redis being unreachable (503, open the breaker).
+is overload (answer overloaded and shed load), not Redis being unreachable (unavailable, open the
+breaker).
 """
 
 from __future__ import annotations

@@ -1,15 +1,14 @@
-"""Plain values of the domain and their public (API) shapes."""
+"""Plain values of the domain. Their public (API) shapes are built in service/shapes.py."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 # The patterns live in allocator/rules.py; these names stay importable from here for the
-# modules that read them from the model (allocator/core.py, the state-machine test).
+# modules that read them from the model (allocator/claims.py, the state-machine test).
 from allocator.rules import PICKUP_ALPHABET as PICKUP_ALPHABET
 from allocator.rules import PICKUP_CODE as PICKUP_CODE
 from allocator.rules import RESERVATION_ID as RESERVATION_ID
@@ -38,14 +37,24 @@ class Site:
     address: str
     district: str
 
-    def public(self, remaining: int) -> dict[str, Any]:
-        return {
-            "site_id": self.site_id,
-            "name": self.name,
-            "address": self.address,
-            "district": self.district,
-            "remaining": remaining,
-        }
+
+@dataclass(frozen=True, slots=True)
+class SiteStock:
+    """A site serving a round, and the units it has left (from a snapshot)."""
+
+    site: Site
+    remaining: int
+
+
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """Another site that can still serve a share, offered with a sold-out refusal. Its fields
+    are the contract's ``alternatives`` members, in order (the service serialises it as is)."""
+
+    site_id: str
+    name: str
+    district: str
+    remaining: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,20 +74,6 @@ class Round:
         if now < self.closes_at:
             return "open"
         return "closed"
-
-    def public(self, now: dt.datetime, remaining: int) -> dict[str, Any]:
-        return {
-            "round_id": self.round_id,
-            "title": self.title,
-            "opens_at": self.opens_at.isoformat(),
-            "closes_at": self.closes_at.isoformat(),
-            "per_person": self.per_person,
-            "pickup_start": self.pickup_start.isoformat(),
-            "pickup_end": self.pickup_end.isoformat(),
-            "mode": self.mode,
-            "status": self.status(now),
-            "remaining": remaining,
-        }
 
     def to_redis(self) -> dict[str, str | int]:
         """Fields of the round hash; the *_ms ones are what the Lua scripts read."""
@@ -147,17 +142,3 @@ class Reservation:
         if self.status == "confirmed" and now_ms >= pickup_end_ms:
             return "expired"
         return self.status
-
-    def public(self, rnd: Round, now_ms: int) -> dict[str, Any]:
-        return {
-            "reservation_id": self.reservation_id,
-            "round_id": self.round_id,
-            "site_id": self.site_id,
-            "quantity": self.quantity,
-            "status": self.effective_status(now_ms, to_ms(rnd.pickup_end)),
-            "pickup_code": self.pickup_code,
-            "pickup_start": rnd.pickup_start.isoformat(),
-            "pickup_end": rnd.pickup_end.isoformat(),
-            "created_at": ms_to_rfc3339(self.created_ms),
-            "citizen_id_masked": self.citizen_id_masked,
-        }

@@ -23,11 +23,11 @@ from typing import Any
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import WatchError
 
 from allocator.integrity import check_round
 from allocator.keys import Keys
-from allocator.ledger import GROUP
+from allocator.ledger import create_group
 from allocator.model import Site
 from allocator.redistyping import awaited
 
@@ -221,11 +221,7 @@ async def _rewrite_from(
                 },
             )
         await after.execute()
-    try:
-        await redis.xgroup_create(rk.ledger, GROUP, id="0", mkstream=True)
-    except ResponseError as exc:
-        if "BUSYGROUP" not in str(exc):
-            raise
+    await create_group(redis, rk.ledger)
     return {
         "round_id": round_id,
         "loaded": sum(loaded.values()),

@@ -4,28 +4,29 @@ Once Redis answers sold-out for a site, the same answer is given from memory for
 so a herd pressing "reserve" on an empty site costs Redis nothing. It is never given to a citizen
 who may hold a reservation at that site (their retry must reach Redis and get it back with 200):
 the board keeps a snapshot of the site's holders, a superset that only grows. A cancel or batch
-that brings units back clears the mark in every worker at once (pub/sub, see Allocator).
+that brings units back clears the mark in every worker at once (allocator/stock_events.py).
+Every answer from one mark is the same refusal (``same_as`` is the mark), so the service
+serialises it once per mark, not once per request.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from allocator.errors import SoldOut
+from allocator.model import Alternative
 
 TTL = 1.0  # seconds an answer from memory may be stale, at most
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class _Mark:
     expires: float
     holders: frozenset[str]
     detail: str
-    alternatives: list[dict[str, Any]]
-    memo: dict[str, bytes] = field(default_factory=dict)  # the answer, serialized once
+    alternatives: list[Alternative]
 
 
 class SoldOutBoard:
@@ -52,7 +53,7 @@ class SoldOutBoard:
         if mark is None or mark.expires <= self._clock() or citizen_hash in mark.holders:
             return None
         refusal = SoldOut(mark.detail, alternatives=mark.alternatives)
-        refusal.memo = mark.memo
+        refusal.same_as = mark
         return refusal
 
     def clear(self, round_id: str, site_id: str | None = None) -> None:

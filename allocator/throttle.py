@@ -1,9 +1,9 @@
 """Failed authentications, counted per client address and shared by every worker through Redis.
 
 At most ``limit`` failures per address in a fixed window of ``window`` seconds (from the first
-failure); then every attempt from that address, right or wrong, is refused with 429
-``rate-limited`` and Retry-After until the window ends, so a guess that happens to be right
-teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the operator
+failure); then every attempt from that address, right or wrong, is refused (``RateLimited``,
+its ``retry_after`` the rest of the window) until the window ends, so a guess that happens to
+be right teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the operator
 token now, ``desk`` for desk tokens when they exist (call ``check`` before looking at the
 token and ``failed`` when it is wrong).
 
@@ -25,7 +25,7 @@ from allocator.errors import RateLimited
 from allocator.ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
-    from allocator.core import Allocator
+    from allocator.facade import Allocator
 
 log = logging.getLogger("allot.auth")
 
@@ -74,7 +74,7 @@ class FailureThrottle:
         async with redis.pipeline(transaction=False) as pipe:
             pipe.get(key)
             pipe.pttl(key)
-            count, ttl_ms = await self._allocator._redis(pipe.execute())  # its 503 guard
+            count, ttl_ms = await self._allocator.store.redis_call(pipe.execute())  # its 503 guard
         if count is not None and int(count) >= self.limit and ttl_ms > 0:
             self._remember(key, now + ttl_ms / 1000)
             raise self._refuse(ttl_ms / 1000)
@@ -90,7 +90,7 @@ class FailureThrottle:
             pipe.set(key, 0, nx=True, px=window_ms)
             pipe.incr(key)
             pipe.pttl(key)
-            _, count, ttl_ms = await self._allocator._redis(pipe.execute())
+            _, count, ttl_ms = await self._allocator.store.redis_call(pipe.execute())
         if count >= self.limit:
             ttl = ttl_ms / 1000 if ttl_ms > 0 else self.window
             self._remember(key, self._clock() + ttl)

@@ -17,11 +17,13 @@ import uvloop
 from aiohttp import web
 
 from allocator.config import load_settings
-from allocator.core import Allocator
 from allocator.errors import Problem
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from service.app import redis_client
+from service.problems import status_of
+from service.shapes import reservation_body
 from service.validation import parse_reservation, read_json
 
 CONSTANT = orjson.dumps({"reservation_id": "x", "status": "confirmed"})
@@ -51,15 +53,17 @@ def naive_app() -> web.Application:
         round_id = request.match_info["round_id"]
         try:
             ask = parse_reservation(await read_json(request))
-            reservation, created = await allocator.reserve(
-                round_id, ask.site_id, ask.citizen_id, ask.phone
-            )
+            claim = allocator.claim_request(round_id, ask.site_id, ask.citizen_id, ask.phone)
+            [outcome] = await allocator.claim_many(round_id, [claim])  # one EVALSHA, no queue
+            if outcome.refusal is not None:
+                raise outcome.refusal
+            assert outcome.reservation is not None
             rnd = await allocator.round(round_id)
         except Problem as p:
-            return web.Response(body=orjson.dumps({"code": p.code}), status=p.status)
+            return web.Response(body=orjson.dumps({"code": p.code}), status=status_of(p))
         return web.Response(
-            body=orjson.dumps(reservation.public(rnd, allocator.now_ms())),
-            status=201 if created else 200,
+            body=orjson.dumps(reservation_body(outcome.reservation, rnd, allocator.now_ms())),
+            status=201 if outcome.created else 200,
             content_type="application/json",
         )
 

@@ -13,12 +13,21 @@
 --          {'not-collectable', record}    collected, or past the pickup window (expired)
 --          {'not-found'}
 --          {'lost', mark}                 the round is lost (Redis is behind the ledger)
--- errors   redis.error_reply 'ERR cancel: ...' when ARGV is not reservation_id and floor
+-- errors   redis.error_reply 'ERR cancel: ...' when ARGV is not a reservation_id (not empty) and a
+--          whole floor; checked before anything is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
+local function whole(text)
+  local x = tonumber(text)
+  if x and x == x and x > -math.huge and x < math.huge and x == math.floor(x) then
+    return x
+  end
+  return nil
+end
+
 local reservation_id = ARGV[1]
-local floor = tonumber(ARGV[2])
-if not floor then
+local floor = whole(ARGV[2])
+if #ARGV ~= 2 or reservation_id == '' or not floor then
   return redis.error_reply('ERR cancel: ARGV must be reservation_id, floor')
 end
 local t = redis.call('TIME')

@@ -39,15 +39,64 @@
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
--- errors    redis.error_reply 'ERR claim: ...' when ARGV is not n, six bucket settings, floor
---           and n items, or an item has not 12 fields
+-- errors    redis.error_reply 'ERR claim: ...' when ARGV is not a whole n >= 1, six bucket
+--           settings (numbers > 0), a whole floor and n items, or an item has not 12 fields or
+--           a key index outside KEYS[8..]; all checked before anything is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9
-local n = tonumber(ARGV[1])
-local floor = tonumber(ARGV[8])
+
+-- Every argument is checked before anything is written (a script does not roll back: an
+-- error on item k must not leave items < k committed).
+local function number(text)
+  local x = tonumber(text)
+  if x and x == x and x > -math.huge and x < math.huge then
+    return x
+  end
+  return nil
+end
+
+local function whole(text)
+  local x = number(text)
+  if x and x == math.floor(x) then
+    return x
+  end
+  return nil
+end
+
+local function refuse(why)
+  return redis.error_reply('ERR claim: ' .. why)
+end
+
+local n = whole(ARGV[1])
+local floor = whole(ARGV[8])
 if not n or n < 1 or not floor or #ARGV ~= HEAD - 1 + n then
-  return redis.error_reply('ERR claim: ARGV must be n, six bucket settings, floor, then n items')
+  return refuse('ARGV must be n, six bucket settings, floor, then n items')
+end
+local settings = {}
+for i = 2, 7 do
+  settings[i] = number(ARGV[i])
+  if not settings[i] or settings[i] <= 0 then
+    return refuse('bucket rates and bursts must be numbers above 0')
+  end
+end
+local items = {}
+for i = 1, n do
+  local f = {}
+  for field in string.gmatch(ARGV[HEAD + i - 1], '%S+') do
+    f[#f + 1] = field
+  end
+  if #f ~= 12 then
+    return refuse('item ' .. i .. ' must have 12 fields')
+  end
+  for k = 1, 4 do
+    local at = whole(f[k])
+    if not at or at < 8 or at > #KEYS then
+      return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[8..]')
+    end
+    f[k] = at
+  end
+  items[i] = f
 end
 
 local t = redis.call('TIME')
@@ -72,13 +121,13 @@ local first_seq = seq
 local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
 
+-- The gate: three token buckets (allocator/gate.py), read once per call, kept here while the
+-- items are decided, written once at the end. A claim the gate refuses changes nothing else.
 local limits = {
-  global = {tonumber(ARGV[2]), tonumber(ARGV[3])},
-  client = {tonumber(ARGV[4]), tonumber(ARGV[5])},
-  citizen = {tonumber(ARGV[6]), tonumber(ARGV[7])},
+  global = {settings[2], settings[3]},
+  client = {settings[4], settings[5]},
+  citizen = {settings[6], settings[7]},
 }
-
--- Token buckets are read once per call, kept here while items are decided, written once.
 local buckets = {}
 local function bucket(key, kind)
   local b = buckets[key]
@@ -98,19 +147,13 @@ end
 
 local replies = {}
 for i = 0, n - 1 do
-  local f = {}
-  for field in string.gmatch(ARGV[HEAD + i], '%S+') do
-    f[#f + 1] = field
-  end
-  if #f ~= 12 then
-    return redis.error_reply('ERR claim: an item must have 12 fields')
-  end
-  local codes_key = KEYS[tonumber(f[1])]
-  local site_holders_key = KEYS[tonumber(f[2])]
+  local f = items[i + 1]
+  local codes_key = KEYS[f[1]]
+  local site_holders_key = KEYS[f[2]]
   local gates = {
     bucket(KEYS[7], 'global'),
-    bucket(KEYS[tonumber(f[3])], 'client'),
-    bucket(KEYS[tonumber(f[4])], 'citizen'),
+    bucket(KEYS[f[3]], 'client'),
+    bucket(KEYS[f[4]], 'citizen'),
   }
   local site_id = f[5]
   local citizen = f[6]

@@ -9,11 +9,20 @@
 -- returns  {'ok', seq, exists}   exists: 1 when the round hash is in Redis, else 0
 --          {'lost', mark, exists} mark: JSON {at, redis, ledger}, set by whichever script saw
 --                                 it first; it stays until `allot rebuild` rewrites the tally
--- errors   redis.error_reply 'ERR integrity: ...' when ARGV[1] is not a number
+-- errors   redis.error_reply 'ERR integrity: ...' when ARGV is not one whole number; checked
+--          before anything is written
 -- The mark's time (`at`) is milliseconds since the epoch, from Redis TIME.
 
-local floor = tonumber(ARGV[1])
-if not floor then
+local function whole(text)
+  local x = tonumber(text)
+  if x and x == x and x > -math.huge and x < math.huge and x == math.floor(x) then
+    return x
+  end
+  return nil
+end
+
+local floor = whole(ARGV[1])
+if #ARGV ~= 1 or not floor then
   return redis.error_reply('ERR integrity: ARGV must be floor')
 end
 local exists = redis.call('EXISTS', KEYS[1])

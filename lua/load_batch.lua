@@ -15,20 +15,30 @@
 -- returns  {'loaded', units added} | {'replay'} (same batch_id, same digest: nothing changed) |
 --          {'conflict'} (same batch_id, other contents) | {'no-round'} |
 --          {'lost', mark} (the round is lost: Redis is behind the ledger)
--- errors   redis.error_reply 'ERR load_batch: ...' when ARGV is not batch_id, digest, items,
---          floor and site/unit pairs with whole units >= 1; checked before anything is changed
+-- errors   redis.error_reply 'ERR load_batch: ...' when ARGV is not batch_id, digest and items
+--          (none empty), a whole floor and site/unit pairs (site_id not empty, whole units >= 1);
+--          checked before anything is changed
 -- Times (the ledger entry's `at`, the lost mark's) are ms since the epoch, from Redis TIME.
 
+local function whole(text)
+  local x = tonumber(text)
+  if x and x == x and x > -math.huge and x < math.huge and x == math.floor(x) then
+    return x
+  end
+  return nil
+end
+
 local batch_id, digest, items = ARGV[1], ARGV[2], ARGV[3]
-local floor = tonumber(ARGV[4])
-if not floor or (#ARGV - 4) % 2 ~= 0 or #ARGV < 6 then
+local floor = whole(ARGV[4])
+if not floor or (#ARGV - 4) % 2 ~= 0 or #ARGV < 6 or batch_id == '' or digest == ''
+    or items == '' then
   return redis.error_reply(
     'ERR load_batch: ARGV needs batch_id, digest, items, floor and site/unit pairs')
 end
 for i = 5, #ARGV, 2 do
-  local units = tonumber(ARGV[i + 1])
-  if not units or units < 1 or units ~= math.floor(units) then
-    return redis.error_reply('ERR load_batch: units must be whole and >= 1')
+  local units = whole(ARGV[i + 1])
+  if ARGV[i] == '' or not units or units < 1 then
+    return redis.error_reply('ERR load_batch: each pair is a site_id and whole units >= 1')
   end
 end
 local t = redis.call('TIME')
@@ -57,7 +67,7 @@ end
 
 local added = 0
 for i = 5, #ARGV, 2 do
-  local units = tonumber(ARGV[i + 1])
+  local units = whole(ARGV[i + 1])
   redis.call('HINCRBY', KEYS[2], ARGV[i], units)
   redis.call('HINCRBY', KEYS[3], ARGV[i], units)
   added = added + units

@@ -14,13 +14,22 @@
 --          {'not-collectable', record, why}   why: collected | cancelled | expired | citizen
 --          {'not-found'}                      no such code at this site in this round
 --          {'lost', mark}                     the round is lost (Redis is behind the ledger)
--- errors   redis.error_reply 'ERR pickup: ...' when ARGV is not code, citizen and floor
+-- errors   redis.error_reply 'ERR pickup: ...' when ARGV is not a code (not empty), a citizen
+--          hash (or '') and a whole floor; checked before anything is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
+
+local function whole(text)
+  local x = tonumber(text)
+  if x and x == x and x > -math.huge and x < math.huge and x == math.floor(x) then
+    return x
+  end
+  return nil
+end
 
 local code = ARGV[1]
 local citizen = ARGV[2]
-local floor = tonumber(ARGV[3])
-if not floor then
+local floor = whole(ARGV[3])
+if #ARGV ~= 3 or code == '' or not floor then
   return redis.error_reply('ERR pickup: ARGV must be code, citizen, floor')
 end
 local t = redis.call('TIME')

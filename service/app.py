@@ -8,7 +8,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-import orjson
 from aiohttp import web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
@@ -17,15 +16,8 @@ from redis.retry import Retry
 from allocator import db
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
-from allocator.core import Allocator
-from allocator.errors import (
-    BadRequest,
-    MethodNotAllowed,
-    NotFound,
-    PayloadTooLarge,
-    Problem,
-    Unavailable,
-)
+from allocator.errors import NotFound, Problem, Unavailable
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
@@ -46,36 +38,13 @@ from service.appkeys import (
 )
 from service.feeds import feed_cache
 from service.metrics import LedgerMetrics, Metrics
+from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
 from service.views import routes
 
 log = logging.getLogger("allot.service")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-PROBLEM_TYPE = "urn:allot:problem:"
-
-
-def problem_response(problem: Problem) -> web.Response:
-    body = problem.memo.get("body") if problem.memo is not None else None
-    if body is None:
-        body = orjson.dumps(
-            {
-                "type": PROBLEM_TYPE + problem.code,
-                "title": problem.title,
-                "status": problem.status,
-                "detail": problem.detail,
-                "code": problem.code,
-                **problem.extra,
-            }
-        )
-        if problem.memo is not None:
-            problem.memo["body"] = body
-    return web.Response(
-        body=body,
-        status=problem.status,
-        content_type="application/problem+json",
-        headers=problem.headers,
-    )
 
 
 @web.middleware
@@ -127,9 +96,9 @@ def http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
     if exc.status == 404:
         return NotFound(f"Nothing is at {request.path}.")
     if exc.status == 405:
-        p: Problem = MethodNotAllowed(f"{request.method} is not allowed here.")
-        p.headers["Allow"] = exc.headers.get("Allow", "")
-        return p
+        return MethodNotAllowed(
+            f"{request.method} is not allowed here.", allow=exc.headers.get("Allow", "")
+        )
     if exc.status == 413:
         return PayloadTooLarge("The body is too large.")
     log.warning(

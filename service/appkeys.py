@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 from allocator.admission import AdmissionQueue
 from allocator.cache import TtlCache
 from allocator.config import Settings
-from allocator.core import Allocator
+from allocator.facade import Allocator
 from allocator.ledger import LedgerWriter
 from allocator.throttle import FailureThrottle
 from service.client import Network

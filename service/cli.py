@@ -258,6 +258,7 @@ DEMO_UNITS = 500
 async def demo(settings: Settings) -> dict[str, Any]:
     """A round open now (for a week), six sites in three districts, 500 units each."""
     from allocator.model import Round, Site
+    from service.shapes import batch_body
 
     async with _stores(settings) as (allocator, _redis, _con):
         await allocator.upsert_sites([Site(*s) for s in DEMO_SITES])
@@ -278,7 +279,7 @@ async def demo(settings: Settings) -> dict[str, Any]:
         answer = await allocator.load_batch(
             DEMO_ROUND, "demo-initial", [(s[0], DEMO_UNITS) for s in DEMO_SITES]
         )
-        return {"round_id": DEMO_ROUND, "batch": answer.body, "new_batch": answer.created}
+        return {"round_id": DEMO_ROUND, "batch": batch_body(answer), "new_batch": answer.created}
 
 
 class _stores:
@@ -288,7 +289,7 @@ class _stores:
         self.settings = settings
 
     async def __aenter__(self) -> Any:
-        from allocator.core import Allocator
+        from allocator.facade import Allocator
         from allocator.identity import Hasher
         from service.app import redis_client
 

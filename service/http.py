@@ -41,10 +41,10 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from allocator.config import Settings
-from allocator.errors import BadRequest, Problem, RateLimited, RequestTimeout, Unavailable
+from allocator.errors import Problem, RateLimited, Unavailable
 from allocator.ratelog import RateLimitedLog
-from service.app import problem_response
 from service.client import Network, is_trusted
+from service.problems import BadRequest, RequestTimeout, problem_response
 
 log = logging.getLogger("allot.http")
 

@@ -263,18 +263,6 @@ ROUTES: tuple[Route, ...] = (
         },
     ),
     Route(
-        "get",
-        "/api/v1/admin/queue",
-        "getQueueDepth",
-        OPERATORS,
-        "Requests waiting in the admission queues",
-        {200: Answer("Requests waiting in all workers' queues.", "QueueDepth")},
-        {"unauthorized": None, "rate-limited": AUTH_THROTTLED},
-        description=(
-            "Extension beyond the contract, for the console (which no longer reads `/metrics`)."
-        ),
-    ),
-    Route(
         "post",
         "/api/v1/admin/pickups",
         "recordPickup",
@@ -347,6 +335,7 @@ ROUTES: tuple[Route, ...] = (
             "default 9180, bound to 127.0.0.1 unless `ops_host` says otherwise), which also "
             "answers `/healthz` and `/readyz`. The public port answers this path with 404."
         ),
+        problems={"not-found": "on the citizens' port: `/metrics` is served on `ops_port` only."},
     ),
     Route(
         "get",

@@ -28,13 +28,14 @@ from aiohttp import web
 
 from allocator import db
 from allocator.config import ConfigError, Settings
-from allocator.core import Allocator
 from allocator.errors import Problem
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from service import views
-from service.app import http_problem, problem_response, redis_client, unforeseen
+from service.app import http_problem, redis_client, unforeseen
 from service.appkeys import ALLOCATOR, SETTINGS
+from service.problems import problem_response
 
 log = logging.getLogger("allot.ops")
 

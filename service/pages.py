@@ -25,6 +25,7 @@ from aiohttp import web
 from allocator.errors import NotFound
 from service.appkeys import ALLOCATOR, SITE_FEEDS
 from service.feeds import FEED_TTL, Feed, render_feed
+from service.shapes import site_body
 from service.validation import path_id
 
 routes = web.RouteTableDef()
@@ -284,7 +285,7 @@ async def sites_csv(request: web.Request) -> web.Response:
 
     async def load() -> Feed:
         sites = await allocator.site_list(round_id)
-        body = render_feed(sites, allocator.now())
+        body = render_feed([site_body(x) for x in sites], allocator.now())
         return Feed(
             body=body,
             gzipped=gzip.compress(body, 6, mtime=0),

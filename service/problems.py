@@ -1,10 +1,13 @@
-"""Every problem ``code`` of the contract, with its HTTP status and title, declared once.
+"""Every problem ``code`` of the contract, with its HTTP status and title, declared once, and
+the one mapping of a refusal (``allocator/errors.py``) to its problem+json answer.
 
 This is API.md's error table as data. The OpenAPI document (``service/openapi.py``) derives each
 operation's error answers from it: a route names the codes it can answer, and their statuses,
-``Retry-After`` headers and extension members come from here. The HTTP mapping of the domain's
-refusals is meant to read the same table (today ``allocator/errors.py`` still carries a status
-and title per class; ``tests/test_schemas.py`` checks that they agree with this table).
+``Retry-After`` headers and extension members come from here. ``problem_response`` reads the
+same table: a refusal's ``code`` gives its status and title, its ``retry_after`` the
+``Retry-After`` header; its ``extra`` data become the body's extension members. The refusals
+only HTTP can give (a body that is not JSON, a wrong method, a missing token) are declared here
+too, not in the domain.
 
 The codes of the lottery, entitlement, expiry and desk parts of the contract are listed too,
 marked ``served=False``: no endpoint answers them yet. They are kept here so that the work that
@@ -15,8 +18,16 @@ client generated from it would otherwise carry branches for answers that never c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import orjson
+from aiohttp import web
+
+from allocator.errors import Problem, RetryLater
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +44,14 @@ class ProblemCode:
 
 
 PROBLEM_CODES: tuple[ProblemCode, ...] = (
+    ProblemCode(
+        "bad-request",
+        400,
+        "Malformed HTTP request",
+        "not a well-formed HTTP/1.1 request (framing, request line, headers); answered by the "
+        "connection layer (service/http.py), which then closes the connection.",
+        beyond_contract=True,
+    ),
     ProblemCode(
         "malformed-json",
         400,
@@ -148,6 +167,14 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "a carry-over from a round whose pickup window has not ended.",
         served=False,
     ),
+    ProblemCode(
+        "request-timeout",
+        408,
+        "The request did not arrive in time",
+        "the request's head or body did not arrive within its deadline "
+        "(`[service] header_timeout_ms`, `body_timeout_ms`); the connection is closed.",
+        beyond_contract=True,
+    ),
     ProblemCode("payload-too-large", 413, "Body too large", "the body is over the limit."),
     ProblemCode(
         "unsupported-media-type",
@@ -195,3 +222,96 @@ PROBLEMS: dict[str, ProblemCode] = {p.code: p for p in PROBLEM_CODES}
 def served() -> Iterator[ProblemCode]:
     """The codes some endpoint answers today, in table order."""
     return (p for p in PROBLEM_CODES if p.served)
+
+
+PROBLEM_TYPE = "urn:allot:problem:"
+PROBLEM_JSON = "application/problem+json"
+
+
+# -- the refusals only the HTTP layer gives ---------------------------------------------------
+
+
+class MalformedJson(Problem):
+    code = "malformed-json"
+
+
+class BadRequest(Problem):
+    """Not a well-formed HTTP/1.1 request (framing, request line, headers): the contract's
+    table has no code for it, and ``malformed-json`` would misname a header error."""
+
+    code = "bad-request"
+
+
+class RequestTimeout(Problem):
+    code = "request-timeout"
+
+
+class Unauthorized(Problem):
+    code = "unauthorized"
+
+
+class MethodNotAllowed(Problem):
+    code = "method-not-allowed"
+
+    def __init__(self, detail: str, allow: str = "") -> None:
+        super().__init__(detail)
+        self.allow = allow  # the methods the path takes: the answer's Allow header
+
+
+class PayloadTooLarge(Problem):
+    code = "payload-too-large"
+
+
+class UnsupportedMediaType(Problem):
+    code = "unsupported-media-type"
+
+
+# -- a refusal as an HTTP answer --------------------------------------------------------------
+
+# One serialised body per shared refusal (Problem.same_as: one sold-out mark answers a herd
+# from memory); it goes when the mark does.
+_BODIES: WeakKeyDictionary[object, bytes] = WeakKeyDictionary()
+
+
+def status_of(problem: Problem) -> int:
+    return PROBLEMS[problem.code].status
+
+
+def problem_headers(problem: Problem) -> dict[str, str]:
+    """Retry-After in whole seconds (rounded up, at least 1) for a retryable refusal."""
+    headers: dict[str, str] = {}
+    if isinstance(problem, RetryLater):
+        headers["Retry-After"] = str(max(1, math.ceil(problem.retry_after)))
+    if isinstance(problem, MethodNotAllowed):
+        headers["Allow"] = problem.allow
+    return headers
+
+
+def problem_body(problem: Problem) -> bytes:
+    shared = problem.same_as
+    if shared is not None:
+        body = _BODIES.get(shared)
+        if body is not None:
+            return body
+    row = PROBLEMS[problem.code]
+    members: dict[str, Any] = {
+        "type": PROBLEM_TYPE + row.code,
+        "title": row.title,
+        "status": row.status,
+        "detail": problem.detail,
+        "code": row.code,
+        **problem.extra,
+    }
+    body = orjson.dumps(members)
+    if shared is not None:
+        _BODIES[shared] = body
+    return body
+
+
+def problem_response(problem: Problem) -> web.Response:
+    return web.Response(
+        body=problem_body(problem),
+        status=status_of(problem),
+        content_type=PROBLEM_JSON,
+        headers=problem_headers(problem),
+    )

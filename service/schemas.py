@@ -376,10 +376,6 @@ _OPERATORS: dict[str, Schema] = {
 # -- operations -------------------------------------------------------------------------------
 
 _OPERATIONS: dict[str, Schema] = {
-    "QueueDepth": _closed(
-        {"queue_depth": {"type": "integer", "minimum": 0}},
-        description="Extension beyond the contract: requests waiting in all workers' queues.",
-    ),
     # The contract says only "200 while the process runs": the status code is what counts, so
     # the body is not closed.
     "Health": {

@@ -22,13 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from allocator.errors import (
-    InvalidRequest,
-    MalformedJson,
-    NotFound,
-    PayloadTooLarge,
-    UnsupportedMediaType,
-)
+from allocator.errors import InvalidRequest, NotFound
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
 from allocator.model import Round, Site, parse_rfc3339
 from allocator.rules import (
@@ -44,6 +38,7 @@ from allocator.rules import (
     PICKUP_CODE,
     PICKUP_CODE_RULE,
 )
+from service.problems import MalformedJson, PayloadTooLarge, UnsupportedMediaType
 from service.schemas import CSV_LIMIT as CSV_LIMIT  # re-exported: service.app and views read it
 from service.schemas import JSON_LIMIT as JSON_LIMIT
 

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from allocator.errors import Problem, Unauthorized
+from allocator.errors import Problem
 from allocator.throttle import OPERATOR
 from service.appkeys import (
     ADMISSION,
@@ -20,6 +20,8 @@ from service.appkeys import (
 )
 from service.client import client_address
 from service.openapi import openapi_document
+from service.problems import Unauthorized
+from service.shapes import batch_body, reservation_body, round_body, site_body, stats_body
 from service.validation import (
     CSV_LIMIT,
     media_type,
@@ -73,8 +75,14 @@ async def require_operator(request: web.Request) -> None:
 @routes.get("/api/v1/rounds")
 async def list_rounds(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
+    now = allocator.now()
     return json_response(
-        {"rounds": [await allocator.round_public(r) for r in await allocator.rounds()]}
+        {
+            "rounds": [
+                round_body(r, now, await allocator.remaining(r.round_id))
+                for r in await allocator.rounds()
+            ]
+        }
     )
 
 
@@ -82,13 +90,14 @@ async def list_rounds(request: web.Request) -> web.Response:
 async def get_round(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     rnd = await allocator.round(path_id(request, "round_id"))
-    return json_response(await allocator.round_public(rnd))
+    return json_response(round_body(rnd, allocator.now(), await allocator.remaining(rnd.round_id)))
 
 
 @routes.get("/api/v1/rounds/{round_id}/sites")
 async def list_sites(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
-    return json_response({"sites": await allocator.site_list(path_id(request, "round_id"))})
+    sites = await allocator.site_list(path_id(request, "round_id"))
+    return json_response({"sites": [site_body(s) for s in sites]})
 
 
 @routes.post("/api/v1/rounds/{round_id}/reservations")
@@ -111,7 +120,7 @@ async def create_reservation(request: web.Request) -> web.Response:
         metrics.count_reservation(problem.code)
         raise
     metrics.count_reservation("created" if created else "existing")
-    body = reservation.public(rnd, allocator.now_ms())
+    body = reservation_body(reservation, rnd, allocator.now_ms())
     if not created:
         return json_response(body)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
@@ -123,7 +132,7 @@ async def get_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     reservation = await allocator.reservation(request.match_info["reservation_id"])
     rnd = await allocator.round(reservation.round_id)
-    return json_response(reservation.public(rnd, allocator.now_ms()))
+    return json_response(reservation_body(reservation, rnd, allocator.now_ms()))
 
 
 @routes.delete("/api/v1/reservations/{reservation_id}")
@@ -131,7 +140,7 @@ async def cancel_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     reservation = await allocator.cancel(request.match_info["reservation_id"])
     rnd = await allocator.round(reservation.round_id)
-    return json_response(reservation.public(rnd, allocator.now_ms()))
+    return json_response(reservation_body(reservation, rnd, allocator.now_ms()))
 
 
 # -- operators --------------------------------------------------------------------------------
@@ -150,7 +159,8 @@ async def put_round(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     rnd = parse_round(request.match_info["round_id"], await read_json(request))
     created = await allocator.upsert_round(rnd)
-    return json_response(await allocator.round_public(rnd), status=201 if created else 200)
+    body = round_body(rnd, allocator.now(), await allocator.remaining(rnd.round_id))
+    return json_response(body, status=201 if created else 200)
 
 
 @routes.post("/api/v1/admin/rounds/{round_id}/batches")
@@ -166,14 +176,15 @@ async def post_batch(request: web.Request) -> web.Response:
     else:
         body = await read_json(request)
         batch = parse_batch_json(body, await allocator.sites(fresh=True))
-    answer = await allocator.load_batch(round_id, batch.batch_id, batch.items)
-    return json_response(answer.body, status=201 if answer.created else 200)
+    result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
+    return json_response(batch_body(result), status=201 if result.created else 200)
 
 
 @routes.get("/api/v1/admin/rounds/{round_id}/stats")
 async def get_stats(request: web.Request) -> web.Response:
     await require_operator(request)
-    return json_response(await request.app[ALLOCATOR].stats(path_id(request, "round_id")))
+    stats = await request.app[ALLOCATOR].stats(path_id(request, "round_id"))
+    return json_response(stats_body(stats))
 
 
 @routes.post("/api/v1/admin/pickups")
@@ -183,7 +194,7 @@ async def post_pickup(request: web.Request) -> web.Response:
     ask = parse_pickup(await read_json(request))
     reservation = await allocator.pickup(ask.site_id, ask.pickup_code, ask.citizen_id, ask.round_id)
     rnd = await allocator.round(reservation.round_id)
-    return json_response(reservation.public(rnd, allocator.now_ms()))
+    return json_response(reservation_body(reservation, rnd, allocator.now_ms()))
 
 
 # -- operations -------------------------------------------------------------------------------

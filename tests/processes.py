@@ -17,7 +17,7 @@ import aiohttp
 
 from allocator.config import Settings
 from loadtest.servers import free_port
-from tests.conftest import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
+from tests.helpers import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
 
 ALLOT = str(Path(sys.executable).with_name("allot"))
 

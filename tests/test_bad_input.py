@@ -21,8 +21,9 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given
 from hypothesis import strategies as st
 
-from allocator.errors import InvalidRequest, UnsupportedMediaType
+from allocator.errors import InvalidRequest
 from allocator.model import Round
+from service.problems import UnsupportedMediaType
 from service.validation import (
     CSV_LIMIT,
     JSON_LIMIT,
@@ -33,10 +34,11 @@ from service.validation import (
     parse_round,
     parse_sites,
 )
-from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
 from tests.test_api_contract import (
     CSV,
     RESERVATIONS,
+    Cases,
     created,
     fields_named,
     problem,
@@ -91,7 +93,7 @@ async def test_bad_or_unsupported_content_encoding_is_415_and_changes_nothing(
         "two-codings": ("gzip, gzip", gzip.compress(good_gzip)),
         "not-ascii": ("gz\u00efp", plain),
     }
-    cases = {
+    cases: Cases = {
         name: ("POST", RESERVATIONS, {"data": body, "headers": {**JSON, "Content-Encoding": enc}})
         for name, (enc, body) in bodies.items()
     }

@@ -62,8 +62,14 @@ async def test_the_app_gives_its_clock_to_every_cache_the_board_and_the_breaker(
     """One clock for the whole worker: a cache left on the real one would need a real sleep."""
     app = clocked_client.app
     allocator = app[ALLOCATOR]
-    caches = [allocator._rounds, allocator._round_ids, allocator._sites, allocator._stock]
+    catalogue = allocator.catalogue
+    caches = [
+        catalogue.rounds_cache,
+        catalogue.round_ids_cache,
+        catalogue.sites_cache,
+        catalogue.stock_cache,
+    ]
     assert [c._clock for c in caches] == [clock] * 4
     assert allocator.sold_out._clock is clock
-    assert allocator._monotonic is clock  # the breaker
+    assert allocator.store.monotonic is clock  # the breaker
     assert app[SITE_FEEDS]._clock is clock

@@ -34,6 +34,7 @@ from allocator.entitlement import (
 )
 from allocator.errors import InvalidRequest
 from allocator.identity import normalise_citizen_id
+from service.problems import status_of
 
 CST = dt.timezone(dt.timedelta(hours=8))
 
@@ -51,7 +52,7 @@ def d(iso: str) -> dt.date:
 
 
 def fields(exc: pytest.ExceptionInfo[InvalidRequest]) -> list[str]:
-    assert exc.value.status == 422
+    assert status_of(exc.value) == 422
     return [e["field"] for e in exc.value.extra["errors"]]
 
 

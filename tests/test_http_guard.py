@@ -297,7 +297,13 @@ async def test_a_client_hanging_up_mid_body_logs_no_traceback(
     await asyncio.sleep(0.2)
     writer.close()
     await asyncio.sleep(0.3)  # the server notices and the handler's read fails
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    # the one warning a test Redis (no persistence) earns at start-up is not about this client
+    noted = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.getMessage().startswith("redis runs with")
+    ]
+    assert not noted, caplog.text
 
 
 @pytest.mark.usefixtures("safe_aiohttp_logs")

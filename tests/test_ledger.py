@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from allocator import db
 from allocator.config import LedgerSettings
-from allocator.core import Allocator
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import (
@@ -29,9 +29,10 @@ from allocator.ledger import (
     LedgerWriter,
     _columns,
     _fold,
+    create_group,
 )
 from allocator.model import Round, Site
-from tests.conftest import citizen_id, phone
+from tests.helpers import citizen_id, claim_once, phone
 
 
 @pytest.fixture
@@ -78,7 +79,7 @@ async def rows(pool: asyncpg.Pool) -> dict[str, str]:
 async def reserve_many(allocator: Allocator, count: int, start: int = 0) -> list[str]:
     ids = []
     for n in range(start, start + count):
-        res, created = await allocator.reserve("r1", "s1", citizen_id(n), phone(n))
+        res, created = await claim_once(allocator, "r1", "s1", citizen_id(n), phone(n))
         assert created
         ids.append(res.reservation_id)
     return ids
@@ -115,7 +116,7 @@ async def test_status_only_moves_forward_whatever_the_delivery_order(
         "cancelled",
     ]
     await redis.delete(rk.ledger)
-    await redis.xgroup_create(rk.ledger, GROUP, id="0", mkstream=True)
+    await create_group(redis, rk.ledger)
     for fields in reversed(reservation_entries):  # cancelled first, then the stale confirmed
         await redis.xadd(rk.ledger, fields)
     w = writer(redis, pool, keys, "c1")

@@ -8,11 +8,12 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from allocator.core import Allocator
 from allocator.errors import Overloaded, Unavailable
+from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.looplag import LoopLag
+from allocator.redistyping import awaited
 from tests.helpers import FakeClock
 
 
@@ -46,8 +47,8 @@ async def test_a_timeout_while_saturated_is_overload_and_keeps_the_breaker_close
     allocator = Allocator(redis, None, keys, Hasher(b"p"), timeout=0.05)
     allocator.loop_lag._late_at = asyncio.get_running_loop().time()  # saturated just now
     with pytest.raises(Overloaded):
-        await allocator._redis(slow())
-    assert await allocator._redis(redis.ping())  # no breaker opened
+        await allocator.store.redis_call(slow())
+    assert await allocator.store.redis_call(awaited(redis.ping()))  # no breaker opened
 
 
 async def test_a_timeout_on_a_healthy_loop_is_unavailable_and_opens_the_breaker(
@@ -59,11 +60,11 @@ async def test_a_timeout_on_a_healthy_loop_is_unavailable_and_opens_the_breaker(
         redis, None, keys, Hasher(b"p"), timeout=0.05, breaker=0.2, monotonic=clock
     )
     with pytest.raises(Unavailable):
-        await allocator._redis(slow())
+        await allocator.store.redis_call(slow())
     with pytest.raises(Unavailable):
-        await allocator._redis(redis.ping())  # the breaker answers without trying
+        await allocator.store.redis_call(awaited(redis.ping()))  # breaker answers without trying
     clock.advance(0.15)
     with pytest.raises(Unavailable):
-        await allocator._redis(redis.ping())  # still open within its 0.2 s
+        await allocator.store.redis_call(awaited(redis.ping()))  # still open within its 0.2 s
     clock.advance(0.1)
-    assert await allocator._redis(redis.ping())
+    assert await allocator.store.redis_call(awaited(redis.ping()))

@@ -3,20 +3,31 @@ and the check that holds every contract test's answers to the served document re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiohttp import web
 
+import allocator
 from allocator import errors, rules
-from allocator.errors import InvalidRequest
+from allocator.errors import InvalidRequest, RateLimited, SoldOut, Unavailable
+from allocator.model import Alternative
+from allocator.soldout import SoldOutBoard
 from service.openapi import openapi_document, openapi_json
-from service.problems import PROBLEM_CODES, PROBLEMS
+from service.problems import (
+    PROBLEM_CODES,
+    PROBLEMS,
+    problem_body,
+    problem_headers,
+    problem_response,
+)
 from service.schemas import SCHEMAS
 from service.validation import parse_batch_json, parse_pickup, parse_round, parse_sites
-from tests.conftest import round_body
+from tests.helpers import round_body
 from tests.openapi_check import ContractCheck
 
 # API.md's error table, written out by hand from it: (status, code).
@@ -57,7 +68,8 @@ def test_problem_table_is_the_contracts_error_table() -> None:
     assert len(PROBLEMS) == len(PROBLEM_CODES)  # each code once
 
 
-def _domain_problems() -> Iterator[type[errors.Problem]]:
+def _refusal_classes() -> Iterator[type[errors.Problem]]:
+    """Every refusal with a code: the domain's (allocator/errors.py) and the HTTP layer's."""
     todo = [errors.Problem]
     while todo:
         cls = todo.pop()
@@ -66,18 +78,95 @@ def _domain_problems() -> Iterator[type[errors.Problem]]:
             yield cls
 
 
-def test_domain_errors_answer_as_the_problem_table_says() -> None:
-    """Until the HTTP mapping reads service/problems.py, allocator/errors.py carries its own
-    status and title per code: the two must not drift apart."""
+def test_refusals_answer_as_the_problem_table_says() -> None:
+    """The HTTP mapping (service/problems.py) gives each refusal its row's status, title and
+    Retry-After; every code raised anywhere is a served row, and every served row is raised."""
+    import service.problems  # noqa: F401 - its refusal classes must be among the subclasses
+
     seen = set()
-    for cls in _domain_problems():
+    for cls in _refusal_classes():
         row = PROBLEMS[cls.code]
         problem = InvalidRequest.one("f", "m") if cls is InvalidRequest else cls("detail")
-        assert (cls.status, cls.title) == (row.status, row.title), cls
-        assert ("Retry-After" in problem.headers) == row.retry_after, cls
+        response = problem_response(problem)
+        body = orjson.loads(response.body)  # type: ignore[arg-type]
+        assert (response.status, body["title"], body["code"]) == (row.status, row.title, row.code)
+        assert body["type"] == f"urn:allot:problem:{row.code}", cls
+        assert ("Retry-After" in response.headers) == row.retry_after, cls
+        assert response.content_type == "application/problem+json"
         assert row.served, f"{cls.code} is raised but marked not served"
         seen.add(cls.code)
     assert seen == {p.code for p in PROBLEM_CODES if p.served}
+
+
+def test_retry_after_is_whole_seconds_rounded_up() -> None:
+    assert problem_headers(RateLimited("x", retry_after=0.2))["Retry-After"] == "1"
+    assert problem_headers(RateLimited("x", retry_after=2.01))["Retry-After"] == "3"
+    assert problem_headers(Unavailable("x", retry_after=10))["Retry-After"] == "10"
+    assert "Retry-After" not in problem_headers(SoldOut("x", alternatives=[]))
+
+
+def test_one_sold_out_mark_is_serialised_once() -> None:
+    """A herd answered from one mark of the sold-out board shares one body (the memo lives in
+    service/, keyed by the mark); another mark gets its own."""
+    board = SoldOutBoard()
+    offer = [Alternative("s2", "Two", "d1", 9)]
+    board.mark(
+        "r1", "s1", frozenset(), SoldOut("Site 's1' has 0 unit(s) left.", alternatives=offer)
+    )
+    first, second = board.check("r1", "s1", "a"), board.check("r1", "s1", "b")
+    assert first is not None
+    assert second is not None
+    assert first is not second
+    body = problem_body(first)
+    assert problem_body(second) is body
+    assert orjson.loads(body)["alternatives"] == [
+        {"site_id": "s2", "name": "Two", "district": "d1", "remaining": 9}
+    ]
+    board.mark("r1", "s1", frozenset(), SoldOut("Site 's1' has 1 unit(s) left.", alternatives=[]))
+    third = board.check("r1", "s1", "c")
+    assert third is not None
+    assert orjson.loads(problem_body(third))["detail"] == "Site 's1' has 1 unit(s) left."
+
+
+HTTP_IN_THE_DOMAIN = re.compile(
+    r"\bstatus\s*=\s*\d{3}|\.status\s*=\s*\d|\bheaders\b|Retry-After|\btitle\s*=\s*\"|aiohttp"
+)
+HTTP_STATUS = re.compile(r"\b(?:400|401|403|404|405|408|409|413|415|422|429|500|503)\b")
+
+
+def http_in(name: str, text: str) -> list[str]:
+    """Lines of an allocator/ module that speak HTTP; in errors.py, any HTTP status number."""
+    return [
+        f"{name}:{n}: {line.strip()}"
+        for n, line in enumerate(text.splitlines(), 1)
+        if HTTP_IN_THE_DOMAIN.search(line) or (name == "errors.py" and HTTP_STATUS.search(line))
+    ]
+
+
+def test_the_domain_knows_no_http() -> None:
+    """No module of allocator/ sets an HTTP status, a title or a header, or imports aiohttp:
+    that is service/problems.py's job (and service/shapes.py's for bodies)."""
+    root = Path(allocator.__file__).parent
+    found = [
+        line
+        for path in sorted(root.glob("*.py"))
+        for line in http_in(path.name, path.read_text(encoding="utf-8"))
+    ]
+    assert found == []
+
+
+def test_the_http_scan_finds_a_status_in_the_domain() -> None:
+    """The scan above can fail: the errors module as it was (statuses, headers) is caught."""
+    old = [
+        'class SoldOut(Problem):\n    code, title = "sold-out", "Sold out at this site"',
+        "class SoldOut(Problem):\n    status = 409",
+        '        self.headers["Retry-After"] = str(self.retry_after)',
+        "        problem.status = 503",
+        "from aiohttp import web",
+    ]
+    assert all(http_in("errors.py", text) for text in old)
+    assert http_in("errors.py", "    code = 'sold-out'  # 409") != []
+    assert http_in("claims.py", "    code = 'sold-out'") == []
 
 
 # -- the limits the document states are the ones the service applies -------------------------

@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from allocator.config import Settings
-from tests.conftest import ADMIN
+from tests.helpers import ADMIN
 from tests.processes import Server, post, seed_http
 
 pytestmark = pytest.mark.slow

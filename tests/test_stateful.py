@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -42,16 +42,18 @@ from redis.asyncio import Redis
 
 from allocator import db
 from allocator.admission import AdmissionQueue
+from allocator.claims import ClaimOutcome, new_reservation_id
 from allocator.config import GateSettings, LedgerSettings, QueueSettings
-from allocator.core import Allocator, ClaimOutcome, new_reservation_id
 from allocator.errors import Problem
+from allocator.facade import Allocator
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter
 from allocator.model import PICKUP_CODE, RESERVATION_ID, Round, Site
 from allocator.reconcile import reconcile
 from loadtest.servers import PrivateRedis
-from tests.conftest import citizen_id, phone
+from service.shapes import batch_body, stats_body
+from tests.helpers import citizen_id, claim_once, phone
 
 T = TypeVar("T")
 
@@ -238,8 +240,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert outcome.refusal.code == expected, (expected, outcome.refusal)
         if expected == "sold-out":
             for alternative in outcome.refusal.extra["alternatives"]:
-                assert alternative["site_id"] != site_id
-                assert alternative["site_id"] in self.site_ids
+                assert alternative.site_id != site_id
+                assert alternative.site_id in self.site_ids
         return None
 
     # -- setup -------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert problem is None, problem
         assert answer is not None
         assert answer.created == (seen is None)
-        assert answer.body == {
+        assert batch_body(answer) == {
             "batch_id": batch_id,
             "units_added": sum(q for _, q in items),
             "sites": len(items),
@@ -341,7 +343,7 @@ class AllocatorMachine(RuleBasedStateMachine):
             found, problem = self.attempt(self.door.reserve(request))
         else:
             found, problem = self.attempt(
-                self.allocator.reserve(self.round_id, site_id, citizen_id(n), phone_of(n, k))
+                claim_once(self.allocator, self.round_id, site_id, citizen_id(n), phone_of(n, k))
             )
         if problem is not None:
             outcome = ClaimOutcome(refusal=problem)
@@ -453,7 +455,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.run(self._check_redis())
 
     async def _check_redis(self) -> None:
-        stats = await self.allocator.stats(self.round_id)
+        stats = stats_body(await self.allocator.stats(self.round_id))
         rk = self.keys.round(self.round_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.tally)
@@ -572,10 +574,12 @@ class AllocatorMachine(RuleBasedStateMachine):
             ledger_seq = await con.fetchval(
                 "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.round_id
             )
-            report = await reconcile(self.redis, con, self.keys, [self.round_id], wait=0)
+            report = await reconcile(
+                self.redis, cast(asyncpg.Connection, con), self.keys, [self.round_id], wait=0
+            )
         assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"
         assert report["ok"], report
-        stats = await self.allocator.stats(self.round_id)
+        stats = stats_body(await self.allocator.stats(self.round_id))
         assert stats["ledger"] == {"recorded": len(self.model), "lag": 0}
 
 
@@ -599,7 +603,7 @@ def test_allocator_agrees_with_a_plain_model_under_any_sequence_of_operations(
         return AllocatorMachine(database_url, own_redis)
 
     run_state_machine_as_test(
-        machine,
+        machine,  # type: ignore[arg-type]  # typed as a class; its docs take any factory
         settings=settings(
             max_examples=75,
             stateful_step_count=40,

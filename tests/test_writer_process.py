@@ -33,7 +33,7 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.ledger import GROUP
 from service.app import create_app
-from tests.conftest import ADMIN, reserve, seed
+from tests.helpers import ADMIN, reserve, seed
 from tests.processes import Server, Writer, config_file, post, seed_http
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,354 @@
+"""Claims: a citizen's reservation decided in Redis (claim.lua), then cancel and pickup.
+
+``claim_many`` packs any number of claims on one round into one EVALSHA (the admission queue
+sends each batch through it) and decodes one outcome per claim; ``cancel`` and ``pickup`` run
+their own scripts. Every script is passed the round's floor (allocator/losswatch.py), and every
+state change it makes goes to the round's ledger stream, which allocator/ledger.py copies to
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from allocator.catalogue import Catalogue
+from allocator.errors import (
+    AlreadyReserved,
+    NotCollectable,
+    NotFound,
+    Problem,
+    RoundNotOpen,
+    SoldOut,
+    Unavailable,
+)
+from allocator.gate import Gate
+from allocator.identity import Hasher, mask_citizen_id
+from allocator.integrity import Lost
+from allocator.keys import Keys
+from allocator.losswatch import LossWatch, round_refusal
+from allocator.model import (
+    PICKUP_ALPHABET,
+    RESERVATION_ID,
+    Reservation,
+    Round,
+    ms_to_rfc3339,
+    to_ms,
+)
+from allocator.redistyping import awaited
+from allocator.scripts import Scripts
+from allocator.soldout import SoldOutBoard
+from allocator.stock_events import StockEvents
+from allocator.store import Store
+
+log = logging.getLogger("allot.allocator")
+
+CODE_CANDIDATES = 3
+
+# byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
+_TO_LETTER = bytes(ord(PICKUP_ALPHABET[b % 32]) for b in range(256))
+_ID_BYTES = 16  # 128 random bits in every reservation_id
+_ITEM_BYTES = _ID_BYTES + 8 * CODE_CANDIDATES
+
+
+def fresh_identifiers(round_id: str, count: int) -> list[tuple[str, list[str]]]:
+    """A new reservation_id and CODE_CANDIDATES pickup codes for each of ``count`` claims, all
+    from one read of the OS's random source (not one per identifier or per character)."""
+    raw = os.urandom(_ITEM_BYTES * count)
+    fresh = []
+    for i in range(0, len(raw), _ITEM_BYTES):
+        token = base64.urlsafe_b64encode(raw[i : i + _ID_BYTES]).rstrip(b"=").decode()
+        letters = raw[i + _ID_BYTES : i + _ITEM_BYTES].translate(_TO_LETTER).decode()
+        codes = [letters[j : j + 8] for j in range(0, len(letters), 8)]
+        fresh.append((f"{token}.{round_id}", codes))
+    return fresh
+
+
+def new_reservation_id(round_id: str) -> str:
+    return fresh_identifiers(round_id, 1)[0][0]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One citizen's claim. The citizen hash is computed at once (the sold-out fast path needs
+    it); the phone and client hashes only when the claim goes to Redis."""
+
+    round_id: str
+    site_id: str
+    citizen_hash: str
+    masked_id: str
+    phone: str  # validated; hashed by claim_many, never stored in clear
+    client: str  # the client address; hashed by claim_many for its token bucket
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimOutcome:
+    """What one claim came to: a reservation (created or the existing one), or a refusal."""
+
+    reservation: Reservation | None = None
+    created: bool = False
+    refusal: Problem | None = None
+
+
+class Claims:
+    def __init__(
+        self,
+        store: Store,
+        keys: Keys,
+        hasher: Hasher,
+        scripts: Scripts,
+        gate: Gate,
+        catalogue: Catalogue,
+        watch: LossWatch,
+        board: SoldOutBoard,
+        events: StockEvents,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.keys = keys
+        self.hasher = hasher
+        self.scripts = scripts
+        self.gate = gate
+        self.catalogue = catalogue
+        self.watch = watch
+        self.board = board
+        self.events = events
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def now(self) -> dt.datetime:
+        return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+
+    def claim_request(
+        self, round_id: str, site_id: str, citizen_id: str, phone: str, client: str = ""
+    ) -> ClaimRequest:
+        """Hash and mask the ID once; it goes no further in clear."""
+        return ClaimRequest(
+            round_id=round_id,
+            site_id=site_id,
+            citizen_hash=self.hasher.citizen(citizen_id),
+            masked_id=mask_citizen_id(citizen_id),
+            phone=phone,
+            client=client,
+        )
+
+    # -- claim.lua: packing and decoding ------------------------------------------------------
+
+    async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
+        """Admit (the gate) and decide several claims on one round in one script call."""
+        rk = self.keys.round(round_id)
+        keys = [
+            rk.round,
+            rk.stock,
+            rk.holders,
+            rk.reservations,
+            rk.tally,
+            rk.ledger,
+            self.gate.round_bucket(rk),
+        ]
+        index: dict[str, int] = {}
+
+        def key(name: str) -> int:
+            """1-based position of ``name`` in KEYS, each key passed once."""
+            if name not in index:
+                keys.append(name)
+                index[name] = len(keys)
+            return index[name]
+
+        args: list[str | int | float] = [
+            len(items),
+            *self.gate.args,
+            await self.watch.floor(round_id),
+        ]
+        for item, (reservation_id, codes) in zip(
+            items, fresh_identifiers(round_id, len(items)), strict=True
+        ):
+            client_bucket, citizen_bucket = self.gate.item_buckets(
+                rk, self.hasher.client(item.client), item.citizen_hash
+            )
+            args.append(  # one space-separated argument per item: see lua/claim.lua
+                " ".join(
+                    (
+                        str(key(rk.codes(item.site_id))),
+                        str(key(rk.site_holders(item.site_id))),
+                        str(key(client_bucket)),
+                        str(key(citizen_bucket)),
+                        item.site_id,
+                        item.citizen_hash,
+                        self.hasher.phone(item.phone),
+                        item.masked_id,
+                        reservation_id,
+                        *codes,
+                    )
+                )
+            )
+        replies = await self.store.redis_call(self.scripts.claim(keys=keys, args=args))
+        if replies and replies[0][0] == b"lost":
+            self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
+            return [ClaimOutcome(refusal=round_refusal()) for _ in items]
+        self.watch.seen_whole(round_id)
+        return [
+            await self._outcome(round_id, item, reply)
+            for item, reply in zip(items, replies, strict=True)
+        ]
+
+    async def _outcome(self, round_id: str, item: ClaimRequest, reply: list[bytes]) -> ClaimOutcome:
+        status = reply[0].decode()
+        if status in ("created", "existing"):
+            reservation = Reservation.from_record(round_id, reply[1])
+            return ClaimOutcome(reservation=reservation, created=status == "created")
+        if status == "gated":
+            return ClaimOutcome(refusal=self.gate.refusal(reply[2].decode(), int(reply[1])))
+        if status == "no-round":
+            if self.watch.knows(round_id):  # the ledger has it, Redis not: lost, or a moment early
+                return ClaimOutcome(refusal=round_refusal())
+            return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
+        if status == "not-open":
+            opens, closes = (ms_to_rfc3339(int(x)) for x in reply[1:3])
+            when = "has not opened yet" if self.now_ms() < int(reply[1]) else "has closed"
+            return ClaimOutcome(
+                refusal=RoundNotOpen(
+                    f"Round {round_id!r} {when}: reservations are taken from {opens} to {closes}.",
+                    opens_at=opens,
+                    closes_at=closes,
+                )
+            )
+        if status == "already-reserved":
+            return ClaimOutcome(
+                refusal=AlreadyReserved(
+                    "This citizen ID already holds a reservation in this round "
+                    "(at another site or with another phone number)."
+                )
+            )
+        if status == "sold-out":
+            return ClaimOutcome(refusal=await self._sold_out(round_id, item.site_id, int(reply[1])))
+        if status == "no-code":
+            log.error("all %d pickup-code candidates were taken; retry", CODE_CANDIDATES)
+            return ClaimOutcome(refusal=Unavailable("Please try again."))
+        raise AssertionError(f"claim.lua answered {status!r}")
+
+    async def _sold_out(self, round_id: str, site_id: str, left: int) -> Problem:
+        """The refusal, with alternatives; the site is marked on the sold-out board."""
+        if left == 0 and not await self.catalogue.site_exists(site_id):
+            return NotFound(f"There is no site {site_id!r}.")
+        rnd = await self.catalogue.round(round_id)
+        refusal = SoldOut(
+            f"Site {site_id!r} has {left} unit(s) left; a share is {rnd.per_person}.",
+            alternatives=await self.catalogue.alternatives(rnd, site_id),
+        )
+        if not self.board.marked(round_id, site_id):
+            holders = await self.store.redis_call(
+                awaited(self.store.redis.smembers(self.keys.round(round_id).site_holders(site_id)))
+            )
+            self.board.mark(round_id, site_id, frozenset(h.decode() for h in holders), refusal)
+        return refusal
+
+    # -- one reservation ----------------------------------------------------------------------
+
+    async def reservation(self, reservation_id: str) -> Reservation:
+        round_id = _round_of(reservation_id)
+        self.watch.refuse_if_lost(round_id)
+        record = await self.store.redis_call(
+            awaited(self.store.redis.hget(self.keys.round(round_id).reservations, reservation_id))
+        )
+        if record is None:
+            # before saying 404: a round Redis lost data of answers 503 (the ledger may have it)
+            await self.catalogue.find_round(round_id)
+            if self.watch.floors.get(round_id) > 0:
+                await self.watch.verify(round_id)
+            raise NotFound("There is no such reservation.")
+        return Reservation.from_record(round_id, record)
+
+    async def cancel(self, reservation_id: str) -> Reservation:
+        round_id = _round_of(reservation_id)
+        rk = self.keys.round(round_id)
+        floor = await self.watch.floor(round_id)
+        reply = await self.store.redis_call(
+            self.scripts.cancel(
+                keys=[rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+                args=[reservation_id, floor],
+            )
+        )
+        status = self.watch.whole_or_lost(round_id, reply)
+        if status == "not-found":
+            if self.watch.knows(round_id):
+                await self.catalogue.find_round(round_id)  # RoundLost, not NotFound, if lost
+            raise NotFound("There is no such reservation.")
+        reservation = Reservation.from_record(round_id, reply[1])
+        if status == "not-collectable":
+            shown = self.shown_status(reservation, await self.catalogue.round(round_id))
+            raise NotCollectable(
+                f"This reservation is {shown} and can no longer be cancelled.", reason=shown
+            )
+        await self.events.units_returned(round_id, [reservation.site_id])
+        return reservation
+
+    def shown_status(self, reservation: Reservation, rnd: Round) -> str:
+        return reservation.effective_status(self.now_ms(), to_ms(rnd.pickup_end))
+
+    # -- pickup -------------------------------------------------------------------------------
+
+    async def pickup(
+        self, site_id: str, code: str, citizen_id: str | None, round_id: str | None = None
+    ) -> Reservation:
+        """Hand over at the counter; without a round, the round whose code it is is found."""
+        round_id = round_id or await self._round_of_code(site_id, code)
+        if round_id is None:
+            if self.watch.any_lost():  # the code may be of a round Redis lost: not "no such code"
+                raise round_refusal()
+            raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
+        rk = self.keys.round(round_id)
+        citizen = self.hasher.citizen(citizen_id) if citizen_id else ""
+        floor = await self.watch.floor(round_id)
+        reply = await self.store.redis_call(
+            self.scripts.pickup(
+                keys=[rk.round, rk.reservations, rk.codes(site_id), rk.tally, rk.ledger],
+                args=[code, citizen, floor],
+            )
+        )
+        status = self.watch.whole_or_lost(round_id, reply)
+        if status == "not-found":
+            if self.watch.knows(round_id):
+                await self.catalogue.find_round(round_id)  # RoundLost, not NotFound, if lost
+            raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
+        reservation = Reservation.from_record(round_id, reply[1])
+        if status == "not-collectable":
+            why = reply[2].decode()  # collected | cancelled | expired | citizen
+            if why == "citizen":
+                raise NotCollectable(
+                    "The ID number does not match this reservation's holder.", reason=why
+                )
+            raise NotCollectable(f"This reservation is {why} and cannot be collected.", reason=why)
+        return reservation
+
+    async def _round_of_code(self, site_id: str, code: str) -> str | None:
+        """The round holding this code at this site; a round in its pickup window wins a tie."""
+        round_ids = await self.catalogue.round_ids()
+        async with self.store.redis.pipeline(transaction=False) as pipe:
+            for r in round_ids:
+                pipe.hexists(self.keys.round(r).codes(site_id), code)
+            found: list[bool] = await self.store.redis_call(pipe.execute())
+        holders = [r for r, hit in zip(round_ids, found, strict=True) if hit]
+        if len(holders) <= 1:
+            return holders[0] if holders else None
+        now = self.now()
+        for r in holders:
+            rnd = await self.catalogue.find_round(r)
+            if rnd is not None and rnd.pickup_start <= now < rnd.pickup_end:
+                return r
+        return holders[-1]
+
+
+def _round_of(reservation_id: str) -> str:
+    match = RESERVATION_ID.fullmatch(reservation_id)
+    if match is None:
+        raise NotFound("There is no such reservation.")
+    return match.group(2)

@@ -1,0 +1,58 @@
+"""The gate: three token buckets every claim passes before anything else is decided.
+
+Buckets: the whole round (``global``), the client address (``client``, its HMAC) and the
+citizen (``citizen``, the citizen hash), each with a rate (tokens a second) and a burst. The
+buckets live in Redis and are spent inside claim.lua, in the same EVALSHA as the claim, so
+admission and decision are one atomic step; a claim refused by the gate changes nothing else.
+This module is the gate's Python side: its ARGV, its keys, and the refusal it comes to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from allocator.config import GateSettings
+from allocator.errors import RateLimited
+from allocator.keys import RoundKeys
+
+REFUSALS = {
+    "global": "Very many people are reserving right now; please try again in a moment.",
+    "client": "Too many requests from your address; please wait a moment.",
+    "citizen": "Too many attempts for this ID number; please wait a moment.",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """The bucket settings, in the order claim.lua reads them (ARGV[2..7])."""
+
+    args: tuple[float, int, float, int, float, int]
+
+    @classmethod
+    def from_settings(cls, gate: GateSettings | None = None) -> Gate:
+        gate = gate or GateSettings()
+        return cls(
+            (
+                gate.global_rate,
+                gate.global_burst,
+                gate.client_rate,
+                gate.client_burst,
+                gate.citizen_rate,
+                gate.citizen_burst,
+            )
+        )
+
+    @staticmethod
+    def round_bucket(rk: RoundKeys) -> str:
+        """KEYS[7] of claim.lua: the round's own bucket."""
+        return rk.gate_global
+
+    @staticmethod
+    def item_buckets(rk: RoundKeys, client_hash: str, citizen_hash: str) -> tuple[str, str]:
+        """An item's client and citizen buckets."""
+        return rk.gate_client(client_hash), rk.gate_citizen(citizen_hash)
+
+    @staticmethod
+    def refusal(bucket: str, wait_ms: int) -> RateLimited:
+        """What a claim the ``bucket`` refused is told: wait until it holds a token again."""
+        return RateLimited(REFUSALS[bucket], retry_after=wait_ms / 1000)

@@ -1,0 +1,66 @@
+"""Stock events: units came back (a cancel, a batch), so every worker forgets what it said.
+
+The worker that saw it forgets its stock snapshot and sold-out marks at once and publishes
+``<round_id> <site_id>...`` on the stock-events channel; every worker follows the channel and
+does the same. A lost message costs at most the board's TTL (1 s) of stale sold-out answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+from redis.exceptions import RedisError
+
+from allocator.catalogue import Catalogue
+from allocator.errors import Unavailable
+from allocator.keys import Keys
+from allocator.redistyping import awaited
+from allocator.soldout import SoldOutBoard
+from allocator.store import Store
+
+log = logging.getLogger("allot.allocator")
+
+
+class StockEvents:
+    def __init__(self, store: Store, keys: Keys, catalogue: Catalogue, board: SoldOutBoard) -> None:
+        self.store = store
+        self.keys = keys
+        self.catalogue = catalogue
+        self.board = board
+
+    def _forget(self, round_id: str, site_ids: Sequence[str]) -> None:
+        self.catalogue.forget_stock(round_id)
+        for site_id in site_ids:
+            self.board.clear(round_id, site_id)
+
+    async def units_returned(self, round_id: str, site_ids: Sequence[str]) -> None:
+        """Units came back: forget sold-out marks here, and tell every other worker."""
+        self._forget(round_id, site_ids)
+        message = " ".join([round_id, *site_ids])
+        try:
+            await self.store.redis_call(
+                awaited(self.store.redis.publish(self.keys.stock_events, message))
+            )
+        except Unavailable:
+            log.warning(
+                "could not announce returned units of %s; marks expire within 1 s", round_id
+            )
+
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Clear this worker's sold-out marks when another worker announces returned units."""
+        while not stop.is_set():
+            try:
+                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as ps:
+                    await ps.subscribe(self.keys.stock_events)
+                    while not stop.is_set():
+                        msg = await ps.get_message(timeout=min(0.5, self.store.timeout / 2))
+                        if msg and msg.get("type") == "message":
+                            round_id, *site_ids = msg["data"].decode().split()
+                            self._forget(round_id, site_ids)
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("stock events: %s: %s; resubscribing", type(exc).__name__, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)

@@ -1,0 +1,93 @@
+"""The guarded stores: every Redis and PostgreSQL call of a worker passes through here.
+
+A store that fails or does not answer within ``timeout`` becomes ``Unavailable`` (with a
+``retry_after``), never a hang. After a Redis connection failure or timeout the breaker stays open
+for ``breaker`` seconds: calls then fail at once instead of each waiting out the timeout, and
+the first call after that tries Redis again, so the worker recovers by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.errors import Overloaded, Unavailable
+from allocator.looplag import LoopLag
+
+log = logging.getLogger("allot.allocator")
+
+T = TypeVar("T")
+
+
+class Store:
+    def __init__(
+        self,
+        redis: Redis,
+        pool: asyncpg.Pool | None,
+        *,
+        timeout: float = 0.8,
+        breaker: float = 0.5,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_redis_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.redis = redis
+        self.pool = pool
+        self.timeout = timeout
+        self.monotonic = monotonic  # the breaker's clock; tests pass a fake one
+        self.loop_lag = LoopLag()  # its run() is started by the app, next to the dispatcher
+        self._breaker = breaker
+        self._down_until = 0.0
+        # the Redis that answers after a failure may be an older copy: the loss watch
+        # (allocator/losswatch.py) compares it with the ledger before trusting it again
+        self._on_redis_failure = on_redis_failure
+
+    async def redis_call(self, aw: Awaitable[T]) -> T:
+        """Await a Redis call, turning any store failure into a prompt Unavailable."""
+        if self.monotonic() < self._down_until:
+            if inspect.iscoroutine(aw):
+                aw.close()  # never awaited: close it, or Python warns
+            raise Unavailable("The reservation store is not answering; please try again.")
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await aw
+        except ResponseError as exc:
+            if isinstance(exc, NoScriptError) or _is_transient_response(exc):
+                self._on_redis_failure()  # LOADING, or an empty script cache: a new server
+            else:
+                log.error("redis refused a command: %s", exc)
+            raise Unavailable("The reservation store is busy; please try again.") from exc
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._on_redis_failure()
+            if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
+                # the reply most likely sat unread while this worker was saturated: shed load
+                raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
+            self._down_until = self.monotonic() + self._breaker
+            log.warning("redis: %s: %s", type(exc).__name__, exc)
+            raise Unavailable("The reservation store is not answering; please try again.") from exc
+
+    @asynccontextmanager
+    async def pg(self) -> AsyncIterator[PoolConnectionProxy]:
+        """A ledger connection, or Unavailable when PostgreSQL is not configured or answering."""
+        if self.pool is None:
+            raise Unavailable("The ledger database is not configured.")
+        try:
+            async with self.pool.acquire(timeout=2) as con:
+                yield con
+        except TRANSIENT_PG_ERRORS as exc:
+            raise Unavailable("The ledger database is not answering; please try again.") from exc
+
+
+def _is_transient_response(exc: ResponseError) -> bool:
+    return str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"))

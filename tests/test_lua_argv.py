@@ -1,0 +1,173 @@
+"""Every script refuses malformed ARGV with an error reply, before it writes anything.
+
+Scripts do not roll back: a script that failed inside arithmetic on item k would leave items
+< k committed, or a round's lost mark set. Each case below calls a script with one malformed
+argument list against a round holding real state, and checks the error reply and that no key
+under the test's prefix changed (DUMP of every key, before and after).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from allocator.facade import Allocator
+from allocator.identity import Hasher
+from allocator.keys import Keys, RoundKeys
+from allocator.model import Round, Site
+from allocator.redistyping import awaited
+from tests.helpers import citizen_id, claim_once, phone
+
+GATE = ["1000", "1000", "1000", "1000", "1000", "1000"]
+CODES = "AAAAAAAA BBBBBBBB CCCCCCCC"
+
+
+def claim_keys(rk: RoundKeys) -> list[str]:
+    return [
+        rk.round,
+        rk.stock,
+        rk.holders,
+        rk.reservations,
+        rk.tally,
+        rk.ledger,
+        rk.gate_global,
+        rk.codes("s1"),
+        rk.site_holders("s1"),
+        rk.gate_client("client"),
+        rk.gate_citizen("c" * 64),
+    ]
+
+
+def item(*, indexes: str = "8 9 10 11", n: int = 1) -> str:
+    return f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1 {CODES}"
+
+
+GOOD_ITEM = item()
+BAD_CLAIMS: dict[str, list[str]] = {
+    "n not a number": ["x", *GATE, "-1", GOOD_ITEM],
+    "n zero": ["0", *GATE, "-1"],
+    "n not whole": ["1.5", *GATE, "-1", GOOD_ITEM],
+    "n does not match the items": ["2", *GATE, "-1", GOOD_ITEM],
+    "a rate not a number": ["1", "abc", *GATE[1:], "-1", GOOD_ITEM],
+    "a rate NaN": ["1", "nan", *GATE[1:], "-1", GOOD_ITEM],
+    "a burst infinite": ["1", GATE[0], "inf", *GATE[2:], "-1", GOOD_ITEM],
+    "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
+    "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
+    "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "8 9 10 11 s1"],
+    "second item key index outside KEYS": ["2", *GATE, "-1", GOOD_ITEM, item(indexes="8 9 99 11")],
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 9 10 11")],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="8 x 10 11")],
+    # a floor above the round's seq would set the lost mark: not before the items are checked
+    "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "8 9 10"],
+}
+
+
+async def snapshot(redis: Redis, prefix: str) -> dict[bytes, bytes | None]:
+    return {k: await redis.dump(k) async for k in redis.scan_iter(match=f"{prefix}*", count=500)}
+
+
+async def seeded(redis: Redis, keys: Keys) -> tuple[Allocator, str]:
+    """A round r1 with stock at s1 and one reservation; returns the allocator and its code."""
+    allocator = Allocator(redis, None, keys, Hasher(b"p"))
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    await allocator.mirror_sites([Site("s1", "One", "Road 1", "d1")])
+    await allocator.mirror_round(
+        Round(
+            round_id="r1",
+            title="r1",
+            opens_at=now - dt.timedelta(hours=1),
+            closes_at=now + dt.timedelta(hours=1),
+            per_person=1,
+            pickup_start=now - dt.timedelta(hours=1),
+            pickup_end=now + dt.timedelta(hours=2),
+        )
+    )
+    await allocator.load_batch("r1", "b1", [("s1", 10)])
+    made, _ = await claim_once(allocator, "r1", "s1", citizen_id(1), phone(1))
+    return allocator, made.pickup_code
+
+
+async def refused(
+    redis: Redis, prefix: str, script: Any, name: str, keys: list[str], args: list[str]
+) -> None:
+    before = await snapshot(redis, prefix)
+    with pytest.raises(ResponseError, match=rf"{name}: "):
+        await script(keys=keys, args=args)
+    assert await snapshot(redis, prefix) == before, args
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CLAIMS))
+async def test_claim_refuses_malformed_argv_and_writes_nothing(
+    case: str, redis: Redis, keys: Keys, redis_prefix: str
+) -> None:
+    allocator, _ = await seeded(redis, keys)
+    rk = keys.round("r1")
+    await refused(
+        redis, redis_prefix, allocator.scripts.claim, "claim", claim_keys(rk), BAD_CLAIMS[case]
+    )
+
+
+async def test_the_checks_can_fail_a_good_claim_changes_keys(
+    redis: Redis, keys: Keys, redis_prefix: str
+) -> None:
+    """The snapshot does see a change: the same call with good ARGV writes a reservation."""
+    allocator, _ = await seeded(redis, keys)
+    before = await snapshot(redis, redis_prefix)
+    replies = await allocator.scripts.claim(
+        keys=claim_keys(keys.round("r1")), args=["1", *GATE, "-1", GOOD_ITEM]
+    )
+    assert replies[0][0] == b"created"
+    assert await snapshot(redis, redis_prefix) != before
+
+
+BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
+    "cancel: no ARGV": ("cancel", []),
+    "cancel: empty reservation_id": ("cancel", ["", "-1"]),
+    "cancel: floor not a number": ("cancel", ["{rid}", "x"]),
+    "cancel: floor NaN": ("cancel", ["{rid}", "nan"]),
+    "cancel: floor missing": ("cancel", ["{rid}"]),
+    "cancel: one argument too many": ("cancel", ["{rid}", "-1", "more"]),
+    "pickup: empty code": ("pickup", ["", "", "-1"]),
+    "pickup: floor not a number": ("pickup", ["{code}", "", "x"]),
+    "pickup: floor not whole": ("pickup", ["{code}", "", "1.5"]),
+    "pickup: floor missing": ("pickup", ["{code}", ""]),
+    "load_batch: no pair": ("load_batch", ["b2", "d", "[]", "-1"]),
+    "load_batch: half a pair": ("load_batch", ["b2", "d", "[]", "-1", "s1"]),
+    "load_batch: units zero": ("load_batch", ["b2", "d", "[]", "-1", "s1", "0"]),
+    "load_batch: units not whole": ("load_batch", ["b2", "d", "[]", "-1", "s1", "1.5"]),
+    "load_batch: units infinite": ("load_batch", ["b2", "d", "[]", "-1", "s1", "inf"]),
+    "load_batch: empty site": ("load_batch", ["b2", "d", "[]", "-1", "", "1"]),
+    "load_batch: empty batch_id": ("load_batch", ["", "d", "[]", "-1", "s1", "1"]),
+    "load_batch: floor not a number": ("load_batch", ["b2", "d", "[]", "x", "s1", "1"]),
+    "load_batch: second pair bad, floor marks lost": (
+        "load_batch",
+        ["b2", "d", "[]", "99", "s1", "1", "s1", "nan"],
+    ),
+    "integrity: no ARGV": ("integrity", []),
+    "integrity: floor not a number": ("integrity", ["x"]),
+    "integrity: floor infinite": ("integrity", ["inf"]),
+    "integrity: two floors": ("integrity", ["99", "1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OTHERS))
+async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
+    case: str, redis: Redis, keys: Keys, redis_prefix: str
+) -> None:
+    allocator, code = await seeded(redis, keys)
+    name, template = BAD_OTHERS[case]
+    rid = (await awaited(redis.hkeys(keys.round("r1").reservations)))[0].decode()
+    args = [a.format(rid=rid, code=code) for a in template]
+    rk = keys.round("r1")
+    script_keys = {
+        "cancel": [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+        "pickup": [rk.round, rk.reservations, rk.codes("s1"), rk.tally, rk.ledger],
+        "load_batch": [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
+        "integrity": [rk.round, rk.tally],
+    }[name]
+    await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)
