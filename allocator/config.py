@@ -108,6 +108,13 @@ def redis_prefix(value: str) -> str | None:
     return None
 
 
+def consumer_name(value: str) -> str | None:
+    """A name in the ledger's consumer group (empty: the host's name + ``-ledger``)."""
+    if len(value) > 200 or re.search(r"\s", value):
+        return "empty, or a name of at most 200 characters without spaces"
+    return None
+
+
 # -- the settings --------------------------------------------------------------------------
 
 
@@ -136,6 +143,9 @@ class LedgerSettings:
     batch_size: int = key(500, at_least=1)
     claim_idle_ms: int = key(10000, at_least=1)
     max_attempts: int = key(5, at_least=1)
+    linger_ms: int = key(50, at_least=0, at_most=1000)
+    # the writer's stable name in the consumer group; "" = "<hostname>-ledger" (docs/operations.md)
+    consumer: str = key("", env="ALLOT_LEDGER_CONSUMER", check=consumer_name)
 
 
 @dataclass(frozen=True, slots=True)

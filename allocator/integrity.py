@@ -43,6 +43,13 @@ RAISE_LEDGER_SEQ = (
     " AND ledger_seq < $2"
 )
 
+# The same for several rounds in one statement: one (round_id, seq) per round.
+RAISE_LEDGER_SEQS = (
+    "UPDATE rounds r SET ledger_seq = GREATEST(r.ledger_seq, m.seq)"
+    " FROM unnest($1::text[], $2::bigint[]) AS m(round_id, seq)"
+    " WHERE r.round_id = m.round_id AND r.ledger_seq < m.seq"
+)
+
 
 async def ledger_marks(con: asyncpg.Connection | PoolConnectionProxy) -> dict[str, int]:
     """round_id -> the highest change sequence number the ledger has committed, for every round."""

@@ -40,7 +40,7 @@ from service.appkeys import (
 )
 from service.desk_views import routes as desk_routes
 from service.feeds import feed_cache
-from service.metrics import Metrics
+from service.metrics import LedgerMetrics, Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
 from service.views import routes
@@ -136,7 +136,11 @@ def create_app(
     run_ledger: bool = True,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """The application; ``monotonic`` is the clock of its caches, sold-out board and breaker."""
+    """The application; ``monotonic`` is the clock of its caches, sold-out board and breaker.
+
+    ``run_ledger`` runs a ledger writer inside the application, for tests and for embedding it
+    alone. ``allot serve`` passes False: its writer is a process of its own (service/writer.py),
+    which keeps the drain off the workers' loops."""
     app = web.Application(
         middlewares=[front],
         client_max_size=CSV_LIMIT + 1,
@@ -220,8 +224,8 @@ def create_app(
             app[PG_POOL],
             Keys(settings.service.redis_prefix),
             settings.ledger,
-            consumer=consumer_name(worker),
-            on_lag=app[METRICS].ledger_lag.set,
+            consumer=f"{consumer_name(settings.ledger.consumer)}-w{worker}",
+            on_lag=LedgerMetrics(app[METRICS].registry).ledger_lag.set,
             floors=app[ALLOCATOR].floors,
         )
         app[LEDGER] = writer

@@ -1,8 +1,11 @@
 """Prometheus metrics, one registry per application (no module-level singletons).
 
-With several worker processes, ``allot serve`` sets PROMETHEUS_MULTIPROC_DIR before the workers
-start; the supervisor's operations listener (service/ops.py) then aggregates every worker's
-values with the client's multiprocess collector. No worker ever renders /metrics.
+``allot serve`` sets PROMETHEUS_MULTIPROC_DIR before its workers and its ledger writer start;
+the supervisor's operations listener (service/ops.py) then aggregates every process's values
+with the client's multiprocess collector. No worker ever renders /metrics.
+
+The ledger's gauge belongs to the process that runs the writer (:class:`LedgerMetrics`), not to
+the workers: while no writer runs, ``allot_ledger_lag`` is absent, never a reassuring 0.
 """
 
 from __future__ import annotations
@@ -45,12 +48,6 @@ class Metrics:
             "Requests waiting in this worker's admission queue",
             registry=self.registry,
             multiprocess_mode="livesum",
-        )
-        self.ledger_lag = Gauge(
-            "allot_ledger_lag",
-            "Ledger entries in Redis not yet committed to PostgreSQL",
-            registry=self.registry,
-            multiprocess_mode="livemax",
         )
 
         self.asks = Counter(
@@ -123,8 +120,30 @@ class Metrics:
         return value
 
 
+class LedgerMetrics:
+    """The ledger writer's metrics, in a registry of their own or added to a worker's."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        # "live": the series of a writer that died leaves with it (the supervisor marks the
+        # process dead), and its replacement reports at once. "max": two writers (serve's and
+        # a standby `allot ledger` sharing the directory) each read the same total backlog.
+        self.ledger_lag = Gauge(
+            "allot_ledger_lag",
+            "Ledger entries in Redis not yet committed to PostgreSQL",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+
+    def render(self) -> bytes:
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            return render_multiprocess(path)
+        return generate_latest(self.registry)
+
+
 def render_multiprocess(path: str) -> bytes:
-    """Every worker's metrics from the files in ``path`` (the multiprocess collector)."""
+    """Every process's metrics from the files in ``path`` (the multiprocess collector)."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return generate_latest(registry)
