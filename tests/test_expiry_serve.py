@@ -25,7 +25,7 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.redistyping import awaited
 from tests.helpers import ADMIN, citizen_id, phone, round_body
-from tests.test_serve import ALLOT, Server
+from tests.processes import ALLOT, Server
 
 pytestmark = pytest.mark.slow
 
