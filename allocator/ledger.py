@@ -39,6 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.draw import entry_receipt
 from allocator.integrity import RAISE_LEDGER_SEQ, Floors
 from allocator.keys import Keys
 from allocator.redistyping import awaited
@@ -72,6 +73,22 @@ INSERT_BATCH = """
 INSERT INTO batches (round_id, batch_id, digest, items, units, loaded_at)
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (round_id, batch_id) DO NOTHING
+"""
+
+
+# A lottery entry (lua/enter.lua, withdraw.lua, award.lua). The row keeps the state of the
+# highest change number `seq` it has seen: a redelivered or reordered older entry changes
+# nothing. `not-drawn` is set by the draw itself (allocator/lottery.py), never by the stream.
+UPSERT_ENTRY = """
+INSERT INTO entries (entry_id, round_id, receipt, site_id, accept_district, status,
+                     citizen_hash, phone_hash, citizen_id_masked, reservation_id, seq,
+                     created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (entry_id) DO UPDATE
+   SET site_id = EXCLUDED.site_id, accept_district = EXCLUDED.accept_district,
+       status = EXCLUDED.status, reservation_id = EXCLUDED.reservation_id, seq = EXCLUDED.seq,
+       updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE entries.seq < EXCLUDED.seq
 """
 
 
@@ -109,6 +126,23 @@ class Entry:
                 r["mask"],
                 _ts(int(r["created"])),
                 _ts(int(r["updated"])),
+            )
+        if kind == "entry":
+            e = orjson.loads(self.fields[b"record"])
+            return UPSERT_ENTRY, (
+                e["id"],
+                self.round_id,
+                entry_receipt(self.round_id, e["id"]),
+                e["site"],
+                bool(int(e["acc"])),
+                e["status"],
+                e["cit"],
+                e["ph"],
+                e["mask"],
+                e.get("res") or None,
+                self.seq or 0,
+                _ts(int(e["created"])),
+                _ts(int(e["updated"])),
             )
         if kind == "batch":
             items = orjson.loads(self.fields[b"items"])
