@@ -8,6 +8,7 @@ frame on the hot path):
   catalogue.py     rounds, sites and stock from short-lived snapshots; alternatives
   gate.py          the token buckets' settings, keys and refusals (spent inside claim.lua)
   claims.py        claims packed into one claim.lua call and decoded; cancel; pickup
+  entries.py       lottery entries packed into one enter.lua call; withdrawal; look-up
   stock_events.py  returned units announced to every worker (sold-out marks cleared)
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
@@ -27,6 +28,8 @@ from redis.asyncio import Redis
 from allocator.catalogue import Catalogue
 from allocator.claims import Claims
 from allocator.config import GateSettings
+from allocator.drawkeys import DrawKeys
+from allocator.entries import Entries
 from allocator.gate import Gate
 from allocator.identity import Hasher
 from allocator.integrity import Floors
@@ -53,6 +56,7 @@ class Allocator:
         breaker: float = 0.5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        draw_key: str | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -86,6 +90,17 @@ class Allocator:
             self.stock_events,
             clock=clock,
         )
+        self.entries = Entries(
+            self.store,
+            keys,
+            hasher,
+            self.scripts,
+            self.claims.gate,
+            self.catalogue,
+            self.watch,
+            now_ms=self.claims.now_ms,
+        )
+        self.draw_keys = DrawKeys(self.store, draw_key)
         self.operators = Operators(
             self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
         )
@@ -108,6 +123,11 @@ class Allocator:
         self.reservation = self.claims.reservation
         self.cancel = self.claims.cancel
         self.pickup = self.claims.pickup
+        self.entry_request = self.entries.entry_request
+        self.enter_many = self.entries.enter_many
+        self.entry = self.entries.entry
+        self.withdraw = self.entries.withdraw
+        self.draw_key = self.draw_keys.get
         self.upsert_sites = self.operators.upsert_sites
         self.mirror_sites = self.operators.mirror_sites
         self.upsert_round = self.operators.upsert_round

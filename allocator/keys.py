@@ -23,6 +23,8 @@ class RoundKeys:
     batches: str  # hash: batch_id -> digest
     ledger: str  # stream: one entry per state change, drained into PostgreSQL
     dead: str  # stream: ledger entries that failed too often, kept for an operator
+    entries: str  # hash: entry_id -> entry record JSON (lottery rounds)
+    entrants: str  # hash: citizen hash -> entry_id, for live (not withdrawn) entries
     _tag: str  # "<prefix>:{r:<round_id>}:", the shared hash tag
 
     def codes(self, site_id: str) -> str:
@@ -53,6 +55,8 @@ class RoundKeys:
             self.holders,
             self.reservations,
             self.batches,
+            self.entries,
+            self.entrants,
         )
 
 
@@ -82,6 +86,8 @@ class Keys:
             batches=tag + "batches",
             ledger=tag + "ledger",
             dead=tag + "ledger:dead",
+            entries=tag + "entries",
+            entrants=tag + "entrants",
             _tag=tag,
         )
 

@@ -12,7 +12,16 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity")
+SCRIPT_NAMES = (
+    "claim",
+    "cancel",
+    "pickup",
+    "load_batch",
+    "integrity",
+    "enter",
+    "withdraw",
+    "award",
+)
 
 
 def script_source(name: str) -> str:
@@ -26,6 +35,9 @@ class Scripts:
     pickup: AsyncScript
     load_batch: AsyncScript
     integrity: AsyncScript
+    enter: AsyncScript  # lottery entries (allocator/entries.py)
+    withdraw: AsyncScript
+    award: AsyncScript  # lottery winners' reservations (allocator/lottery.py)
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

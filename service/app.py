@@ -177,6 +177,7 @@ def create_app(
             timeout=settings.service.redis_timeout_ms / 1000,
             gate=settings.gate,
             monotonic=monotonic,
+            draw_key=settings.draw_key,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(

@@ -41,7 +41,12 @@ JSON_SIZE = f"{JSON_LIMIT // 1024} KiB"
 CSV_SIZE = f"{CSV_LIMIT // (1024 * 1024)} MiB"
 
 # Path parameters by name: #/components/parameters/<value>
-PATH_PARAMETERS = {"round_id": "RoundId", "reservation_id": "ReservationId"}
+PATH_PARAMETERS = {
+    "round_id": "RoundId",
+    "reservation_id": "ReservationId",
+    "entry_id": "EntryId",
+    "n": "PassNumber",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,7 @@ ROUTES: tuple[Route, ...] = (
             **_body_problems(),
             "not-found": "unknown round or site.",
             "round-not-open": None,
+            "wrong-mode": "the round is a `lottery` round: citizens register entries instead.",
             "sold-out": None,
             "already-reserved": None,
             "rate-limited": None,
@@ -175,6 +181,71 @@ ROUTES: tuple[Route, ...] = (
         },
         description="Its units go back to the site at once. Cancelling again answers the same.",
     ),
+    # lottery: entries
+    Route(
+        "post",
+        "/api/v1/rounds/{round_id}/entries",
+        "createEntry",
+        CITIZENS,
+        "Register an entry in a lottery round",
+        {
+            201: Answer("A new entry.", "Entry", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds an entry in this round: "
+                "that entry, now with this request's `site_id` and `accept_district` (the last "
+                "choice before close counts; the receipt is unchanged, the signature covers the "
+                "new choice).",
+                "Entry",
+            ),
+        },
+        {
+            **_body_problems(),
+            "not-found": "unknown round or site.",
+            "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
+            "wrong-mode": "the round is an `fcfs` round: citizens reserve instead.",
+            "already-entered": None,
+            "rate-limited": None,
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "Through the same token buckets, admission queue and batched script call as "
+            "reservations. Speed and retries change nothing in a lottery."
+        ),
+        request={"application/json": "EntryRequest"},
+        request_description="Who enters, where, and whether another site of the district will do.",
+    ),
+    Route(
+        "get",
+        "/api/v1/entries/{entry_id}",
+        "getEntry",
+        CITIZENS,
+        "Get an entry",
+        {200: Answer("The entry.", "Entry")},
+        {"not-found": "unknown entry.", **CITIZEN_ERRORS},
+    ),
+    Route(
+        "delete",
+        "/api/v1/entries/{entry_id}",
+        "withdrawEntry",
+        CITIZENS,
+        "Withdraw an entry",
+        {200: Answer("The entry, now `withdrawn` (withdrawing again answers the same).", "Entry")},
+        {
+            "not-found": "unknown entry.",
+            "round-not-open": "the registration window has closed.",
+            **CITIZEN_ERRORS,
+        },
+    ),
+    Route(
+        "get",
+        "/api/v1/draw-key",
+        "getDrawKey",
+        CITIZENS,
+        "The service's draw key",
+        {200: Answer("The Ed25519 public key that signs entries.", "DrawKey")},
+        {"unavailable": None},
+    ),
     # operators
     Route(
         "put",
@@ -208,6 +279,11 @@ ROUTES: tuple[Route, ...] = (
             "rate-limited": AUTH_THROTTLED,
             "unavailable": None,
         },
+        description=(
+            "`mode` and `public_randomness_source` cannot change once the round has opened "
+            "(422 naming the field). A new `lottery` round draws its secret here and publishes "
+            "`draw.commitment`."
+        ),
         request={"application/json": "RoundSpec"},
         request_description="The round's settings.",
     ),
@@ -458,6 +534,18 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": ref("ReservationId"),
             },
+            "EntryId": {
+                "name": "entry_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("EntryId"),
+            },
+            "PassNumber": {
+                "name": "n",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            },
             "BatchId": {
                 "name": "batch_id",
                 "in": "query",
@@ -472,7 +560,10 @@ def _components() -> dict[str, Any]:
                 "schema": {"type": "integer", "minimum": 1},
             },
             "Location": {
-                "description": "`/api/v1/reservations/{reservation_id}` of the new reservation.",
+                "description": (
+                    "`/api/v1/reservations/{reservation_id}` of the new reservation, or "
+                    "`/api/v1/entries/{entry_id}` of the new entry."
+                ),
                 "schema": {"type": "string", "format": "uri-reference"},
             },
         },

@@ -21,12 +21,20 @@ from service.appkeys import (
 from service.client import client_address
 from service.openapi import openapi_document
 from service.problems import Unauthorized
-from service.shapes import batch_body, reservation_body, round_body, site_body, stats_body
+from service.shapes import (
+    batch_body,
+    entry_body,
+    reservation_body,
+    round_body,
+    site_body,
+    stats_body,
+)
 from service.validation import (
     CSV_LIMIT,
     media_type,
     parse_batch_csv,
     parse_batch_json,
+    parse_entry,
     parse_pickup,
     parse_reservation,
     parse_round,
@@ -127,6 +135,52 @@ async def create_reservation(request: web.Request) -> web.Response:
     return json_response(body, status=201, headers={"Location": location})
 
 
+@routes.post("/api/v1/rounds/{round_id}/entries")
+async def create_entry(request: web.Request) -> web.Response:
+    """A lottery entry, through the same gate, queue and batches as a reservation."""
+    allocator = request.app[ALLOCATOR]
+    round_id = path_id(request, "round_id")
+    ask = parse_entry(await read_json(request))
+    key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
+    asked = allocator.entry_request(
+        round_id,
+        ask.site_id,
+        ask.citizen_id,
+        ask.phone,
+        ask.accept_district,
+        client_address(request, request.app[TRUSTED_PROXIES]),
+    )
+    entry, created = await request.app[ADMISSION].enter(asked)
+    body = entry_body(entry, await allocator.round(round_id), key)
+    if not created:
+        return json_response(body)
+    return json_response(
+        body, status=201, headers={"Location": f"/api/v1/entries/{entry.entry_id}"}
+    )
+
+
+@routes.get("/api/v1/entries/{entry_id}")
+async def get_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.entry(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.delete("/api/v1/entries/{entry_id}")
+async def withdraw_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.withdraw(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.get("/api/v1/draw-key")
+async def get_draw_key(request: web.Request) -> web.Response:
+    key = await request.app[ALLOCATOR].draw_key()
+    return json_response({"public_key": key.public_key()})
+
+
 @routes.get("/api/v1/reservations/{reservation_id}")
 async def get_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
@@ -159,6 +213,7 @@ async def put_round(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     rnd = parse_round(request.match_info["round_id"], await read_json(request))
     created = await allocator.upsert_round(rnd)
+    rnd = await allocator.round(rnd.round_id)  # as stored: a lottery round's commitment
     body = round_body(rnd, allocator.now(), await allocator.remaining(rnd.round_id))
     return json_response(body, status=201 if created else 200)
 

@@ -30,6 +30,11 @@ CONTRACT_OPERATIONS = {
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
+    # Lottery rounds
+    ("post", "/api/v1/rounds/{round_id}/entries"),
+    ("get", "/api/v1/entries/{entry_id}"),
+    ("delete", "/api/v1/entries/{entry_id}"),
+    ("get", "/api/v1/draw-key"),
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The part of the application the document must describe.
