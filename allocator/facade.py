@@ -12,6 +12,7 @@ frame on the hot path):
   stock_events.py  returned units announced to every worker (sold-out marks cleared)
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
+  lottery.py       lottery rounds: freeze, draw, passes, winners' reservations, the record
 
 Every method returns a domain value or raises a refusal from allocator/errors.py; store
 failures become ``Unavailable`` within the configured timeout, never a hang.
@@ -35,6 +36,7 @@ from allocator.identity import Hasher
 from allocator.integrity import Floors
 from allocator.keys import Keys
 from allocator.losswatch import LossWatch
+from allocator.lottery import Lottery
 from allocator.operators import Operators
 from allocator.scripts import Scripts
 from allocator.soldout import SoldOutBoard
@@ -57,6 +59,7 @@ class Allocator:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         draw_key: str | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -101,6 +104,9 @@ class Allocator:
             now_ms=self.claims.now_ms,
         )
         self.draw_keys = DrawKeys(self.store, draw_key)
+        self.lottery = Lottery(
+            self.store, keys, self.scripts, self.catalogue, self.watch, database_url
+        )
         self.operators = Operators(
             self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
         )
@@ -128,6 +134,11 @@ class Allocator:
         self.entry = self.entries.entry
         self.withdraw = self.entries.withdraw
         self.draw_key = self.draw_keys.get
+        self.draw_record = self.lottery.record
+        self.draw_file = self.lottery.file
+        self.draw = self.lottery.draw
+        self.draw_next = self.lottery.next_pass
+        self.watch_lottery = self.lottery.watch_rounds
         self.upsert_sites = self.operators.upsert_sites
         self.mirror_sites = self.operators.mirror_sites
         self.upsert_round = self.operators.upsert_round

@@ -178,6 +178,7 @@ def create_app(
             gate=settings.gate,
             monotonic=monotonic,
             draw_key=settings.draw_key,
+            database_url=settings.database_url,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(
@@ -191,9 +192,11 @@ def create_app(
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
+            asyncio.create_task(allocator.watch_lottery(stop), name="lottery"),
         ]
         yield
         stop.set()
+        allocator.lottery.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -92,6 +92,27 @@ def _body_problems(
 
 CITIZEN_ERRORS: dict[str, str | None] = {"rate-limited": None, "unavailable": None}
 
+_ENTRIES_CSV = "The frozen entry list, from the freeze on."
+_STOCK_CSV = "The stock at the freeze, from the freeze on."
+
+
+def _draw_file(name: str, operation_id: str, what: str) -> Route:
+    """One of the draw's published files (text/csv, byte-exact)."""
+    return Route(
+        "get",
+        f"/api/v1/rounds/{{round_id}}/draw/{name}",
+        operation_id,
+        CITIZENS,
+        f"A published file of the draw: {name}",
+        {200: Answer(what, "DrawFile", media="text/csv")},
+        {
+            "not-found": "unknown round, or the file is not published yet.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+    )
+
+
 # -- the routes -------------------------------------------------------------------------------
 
 ROUTES: tuple[Route, ...] = (
@@ -246,6 +267,27 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("The Ed25519 public key that signs entries.", "DrawKey")},
         {"unavailable": None},
     ),
+    Route(
+        "get",
+        "/api/v1/rounds/{round_id}/draw",
+        "getDraw",
+        CITIZENS,
+        "A lottery round's draw record",
+        {200: Answer("The draw record; members not yet known are `null`.", "DrawRecord")},
+        {
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+        description=(
+            "Public. From the freeze on it carries the secret and the digests of the files; "
+            "`allot verify-draw --url BASE --round R` replays the draw from it and the files."
+        ),
+    ),
+    _draw_file("entries.csv", "getDrawEntries", _ENTRIES_CSV),
+    _draw_file("stock.csv", "getDrawStock", _STOCK_CSV),
+    _draw_file("results.csv", "getDrawResults", "The draw's results, once drawn."),
+    _draw_file("pass-{n}.csv", "getDrawPass", "The entries pass `n` drew, in rank order."),
     # operators
     Route(
         "put",
@@ -362,6 +404,58 @@ ROUTES: tuple[Route, ...] = (
         ),
         request={"application/json": "PickupRequest"},
         request_description="The site and the pickup code.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw",
+        "drawRound",
+        OPERATORS,
+        "Draw a frozen lottery round",
+        {
+            200: Answer("The draw record, `drawn` (also for the same value again).", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the winners' reservations are still being made; "
+                "ask again (or read `GET /api/v1/rounds/{round_id}/draw`).",
+                "DrawRecord",
+            ),
+        },
+        {
+            **_body_problems(),
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": None,
+            "draw-conflict": None,
+            "unavailable": None,
+        },
+        request={"application/json": "DrawRequest"},
+        request_description="The public random value.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw/next",
+        "drawNextPass",
+        OPERATORS,
+        "One more pass of a drawn lottery round",
+        {
+            200: Answer("The draw record with one more pass.", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the pass's awards are being made.", "DrawRecord"
+            ),
+        },
+        {
+            "unauthorized": None,
+            "rate-limited": AUTH_THROTTLED,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": "the round has not been drawn yet.",
+            "unavailable": None,
+        },
+        description=(
+            "The units that came back since the last pass (cancelled won reservations, later "
+            "batches, as recorded in the ledger) go to the not-drawn entries in rank order."
+        ),
     ),
     # operations
     Route(

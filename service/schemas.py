@@ -74,6 +74,10 @@ def _randomness_text() -> Schema:
     return {"type": "string", "minLength": 1, "maxLength": rules.MAX_RANDOMNESS_TEXT}
 
 
+def _nullable(schema: Schema) -> Schema:
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
 def _with(name: str, description: str) -> Schema:
     """A reference with a description of its own (allowed beside $ref in OpenAPI 3.1)."""
     return {**ref(name), "description": description}
@@ -295,6 +299,67 @@ _LOTTERY: dict[str, Schema] = {
         },
         description="One citizen's entry in a lottery round.",
     ),
+    "DrawRequest": {
+        "type": "object",
+        "required": ["public_randomness"],
+        "properties": {
+            "public_randomness": {
+                **_randomness_text(),
+                "description": (
+                    "The value the round's `public_randomness_source` published, as text: 1-256 "
+                    "printable characters (NFC)."
+                ),
+            },
+        },
+    },
+    "DrawRecord": _closed(
+        {
+            "round_id": ref("Id"),
+            "algorithm": {"const": "allot-draw-1"},
+            "status": {"type": "string", "enum": list(rules.DRAW_STATUSES)},
+            "commitment": ref("Hex64"),
+            "public_randomness_source": {"type": "string"},
+            "frozen_at": _nullable(ref("Timestamp")),
+            "entries": _nullable(_count("Lines of entries.csv.")),
+            "entries_digest": _nullable(ref("Hex64")),
+            "stock_digest": _nullable(ref("Hex64")),
+            "public_randomness": _nullable({"type": "string"}),
+            "secret": _nullable(_with("Hex64", "Published at the freeze.")),
+            "seed": _nullable(ref("Hex64")),
+            "drawn_at": _nullable(ref("Timestamp")),
+            "results_digest": _nullable(ref("Hex64")),
+            "passes": {"type": "array", "items": ref("DrawPass")},
+            "sites": _nullable({"type": "array", "items": ref("DrawSite")}),
+        },
+        description=(
+            'A lottery round\'s draw (`allot-draw-1`, API.md "The draw, step by step"); '
+            "members not yet known are `null`."
+        ),
+    ),
+    "DrawPass": _closed(
+        {
+            "pass": {"type": "integer", "minimum": 1},
+            "at": ref("Timestamp"),
+            "released": {
+                "type": "array",
+                "items": _closed({"site_id": ref("Id"), "units": _count()}),
+            },
+            "digest": ref("Hex64"),
+        }
+    ),
+    "DrawSite": _closed(
+        {
+            "site_id": ref("Id"),
+            "district": {"type": "string"},
+            "stock": _count("Units at the freeze."),
+            "entries": _count("Entries choosing the site."),
+            "winners": _nullable(_count("Winners the draw placed here; `null` until drawn.")),
+        }
+    ),
+    "DrawFile": {
+        "type": "string",
+        "description": "A published file of the draw, byte-exact (UTF-8, LF line ends).",
+    },
     "DrawKey": _closed(
         {
             "public_key": {

@@ -34,6 +34,7 @@ from service.validation import (
     media_type,
     parse_batch_csv,
     parse_batch_json,
+    parse_draw,
     parse_entry,
     parse_pickup,
     parse_reservation,
@@ -181,6 +182,38 @@ async def get_draw_key(request: web.Request) -> web.Response:
     return json_response({"public_key": key.public_key()})
 
 
+@routes.get("/api/v1/rounds/{round_id}/draw")
+async def get_draw(request: web.Request) -> web.Response:
+    """The draw record (API.md, Lottery rounds); public."""
+    record = await request.app[ALLOCATOR].draw_record(path_id(request, "round_id"))
+    return json_response(record)
+
+
+async def _draw_file(request: web.Request, name: str) -> web.Response:
+    data = await request.app[ALLOCATOR].draw_file(path_id(request, "round_id"), name)
+    return web.Response(body=data, content_type="text/csv", charset="utf-8")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/entries.csv")
+async def get_draw_entries(request: web.Request) -> web.Response:
+    return await _draw_file(request, "entries.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/stock.csv")
+async def get_draw_stock(request: web.Request) -> web.Response:
+    return await _draw_file(request, "stock.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/results.csv")
+async def get_draw_results(request: web.Request) -> web.Response:
+    return await _draw_file(request, "results.csv")
+
+
+@routes.get(r"/api/v1/rounds/{round_id}/draw/pass-{n:[0-9]+}.csv")
+async def get_draw_pass(request: web.Request) -> web.Response:
+    return await _draw_file(request, f"pass-{request.match_info['n']}.csv")
+
+
 @routes.get("/api/v1/reservations/{reservation_id}")
 async def get_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
@@ -233,6 +266,24 @@ async def post_batch(request: web.Request) -> web.Response:
         batch = parse_batch_json(body, await allocator.sites(fresh=True))
     result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
     return json_response(batch_body(result), status=201 if result.created else 200)
+
+
+def _draw_answer(record: dict[str, Any]) -> web.Response:
+    return json_response(record, status=202 if record["status"] == "drawing" else 200)
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw")
+async def post_draw(request: web.Request) -> web.Response:
+    await require_operator(request)
+    round_id = path_id(request, "round_id")
+    value = parse_draw(await read_json(request))
+    return _draw_answer(await request.app[ALLOCATOR].draw(round_id, value))
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw/next")
+async def post_draw_next(request: web.Request) -> web.Response:
+    await require_operator(request)
+    return _draw_answer(await request.app[ALLOCATOR].draw_next(path_id(request, "round_id")))
 
 
 @routes.get("/api/v1/admin/rounds/{round_id}/stats")

@@ -8,18 +8,27 @@ import hashlib
 import random
 import re
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
+import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from allocator.config import Settings
 from allocator.draw import entry_receipt
 from allocator.receipts import verify_entry
 from allocator.scripts import script_source
+from service.app import create_app
 from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
 
 SOURCE = "drand quicknet round 9123456"
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis, checked_client: Any) -> TestClient[Any, Any]:
+    """The real application; every answer must also match the served OpenAPI document."""
+    return cast(TestClient[Any, Any], await checked_client(create_app(settings)))
 
 
 def lottery_body(**kwargs: Any) -> dict[str, Any]:
@@ -306,3 +315,169 @@ def test_the_entry_script_spends_the_same_gate_as_the_claim_script() -> None:
     assert _lua_function(entry, "bucket") == _lua_function(claim, "bucket")
     limits = claim[claim.index("local limits = {") : claim.index("local buckets = {}")]
     assert limits in entry
+
+
+# -- freeze, draw, passes -----------------------------------------------------------------------
+
+
+async def wait_for_status(
+    client: TestClient[Any, Any], want: str, round_id: str = "l1", within: float = 60.0
+) -> dict[str, Any]:
+    """The draw record once its status is ``want`` (the freeze comes within 60 s of close)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        r = await client.get(f"/api/v1/rounds/{round_id}/draw")
+        assert r.status == 200, await r.text()
+        record: dict[str, Any] = await r.json()
+        if record["status"] == want:
+            return record
+        assert loop.time() < deadline, f"still {record['status']}, not {want}"
+        await asyncio.sleep(0.2)
+
+
+async def closed_lottery(
+    client: TestClient[Any, Any], entrants: int, stock: dict[str, int], **kwargs: Any
+) -> list[dict[str, Any]]:
+    """A lottery round closing 2 s from now, ``entrants`` entries at s1 (odd ones accept the
+    district), then closed and frozen; the entries as answered."""
+    await seed_lottery(client, stock=stock, closes_in=2, **kwargs)
+    answers = await asyncio.gather(*(enter(client, n, accept=n % 2 == 1) for n in range(entrants)))
+    assert {a.status for a in answers} == {201}
+    bodies = [await a.json() for a in answers]
+    await wait_for_status(client, "frozen")
+    return bodies
+
+
+def verify_url(client: TestClient[Any, Any], round_id: str = "l1") -> int:
+    from allocator import verify_draw
+
+    base = str(client.make_url("")).rstrip("/")
+    return verify_draw.main(["--url", base, "--round", round_id])
+
+
+async def test_the_freeze_lists_every_entry_and_the_draw_replays_with_the_verifier(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """Frozen after close with every answered entry; drawn once; verify-draw replays it;
+    winners hold ordinary reservations, the others are not drawn."""
+    entries = await closed_lottery(client, 12, {"s1": 4, "s2": 2})
+    record = await wait_for_status(client, "frozen")
+    assert record["entries"] == 12
+    assert record["secret"] is not None
+    assert hashlib.sha256(bytes.fromhex(record["secret"])).hexdigest() == record["commitment"]
+    assert record["public_randomness"] is None
+    listed = await (await client.get("/api/v1/rounds/l1/draw/entries.csv")).read()
+    assert {e["receipt"] for e in entries} == {
+        line.split(b",")[0].decode() for line in listed.splitlines()[1:]
+    }
+    assert hashlib.sha256(listed).hexdigest() == record["entries_digest"]
+    await problem(await client.get("/api/v1/rounds/l1/draw/results.csv"), 404, "not-found")
+    got = await (await client.get(f"/api/v1/entries/{entries[0]['entry_id']}")).json()
+    assert (got["status"], got["weight"]) == ("registered", 1)
+    assert await asyncio.to_thread(verify_url, client) == 0  # "frozen, NOT drawn yet"
+
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "7 12 19 23 31 42"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert r.status == 200, await r.text()
+    drawn = await r.json()
+    assert drawn["status"] == "drawn"
+    assert drawn["public_randomness"] == "7 12 19 23 31 42"
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "7 12 19 23 31 42"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert (r.status, await r.json()) == (200, drawn)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "other"}, headers=ADMIN
+    )
+    await problem(r, 409, "draw-conflict")
+    assert await asyncio.to_thread(verify_url, client) == 0
+
+    results = await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()
+    placed = {
+        line.split(b",")[1].decode(): line.split(b",")[2].decode()
+        for line in results.splitlines()[1:]
+    }
+    statuses = Counter()
+    for e in entries:
+        got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        statuses[got["status"]] += 1
+        if placed[e["receipt"]]:
+            assert got["status"] == "won"
+            res = await (await client.get(f"/api/v1/reservations/{got['reservation_id']}")).json()
+            assert (res["site_id"], res["status"]) == (placed[e["receipt"]], "confirmed")
+            assert res["citizen_id_masked"] == e["citizen_id_masked"]
+        else:
+            assert (got["status"], got["reservation_id"]) == ("not-drawn", None)
+    # 4 units at s1 for 12 entrants at s1, odd ones may also take s2's 2: 6 winners
+    assert statuses == {"won": 6, "not-drawn": 6}
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert (stats["remaining"], stats["reserved"], stats["reservations"]) == (0, 6, 6)
+
+
+async def test_a_draw_before_the_freeze_is_not_ready_and_bad_randomness_is_refused(
+    client: TestClient[Any, Any],
+) -> None:
+    await seed_lottery(client)
+    draw = "/api/v1/admin/rounds/l1/draw"
+    r = await client.post(draw, json={"public_randomness": "42"}, headers=ADMIN)
+    await problem(r, 409, "draw-not-ready")
+    await problem(await client.post(f"{draw}/next", headers=ADMIN), 409, "draw-not-ready")
+    for bad in ("", "x" * 257, "line\nbreak", 42, None):
+        r = await client.post(draw, json={"public_randomness": bad}, headers=ADMIN)
+        body = await problem(r, 422, "invalid-request")
+        assert [e["field"] for e in body["errors"]] == ["public_randomness"]
+    await problem(await client.post(draw, json={"public_randomness": "42"}), 401, "unauthorized")
+    record = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    assert (record["status"], record["secret"], record["sites"]) == ("registering", None, None)
+    await seed(client, "f1")
+    await problem(await client.get("/api/v1/rounds/f1/draw"), 409, "wrong-mode")
+
+
+async def test_a_cancelled_win_goes_to_the_next_entry_in_rank_order_and_the_desk_hands_over(
+    client: TestClient[Any, Any],
+) -> None:
+    """Passes: units that come back go to the not-drawn entries in rank order; a winner
+    collects at the pickup desk like any reservation."""
+    entries = await closed_lottery(client, 6, {"s1": 2})
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "abc"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    results = (await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()).decode()
+    order = [line.split(",")[1] for line in results.splitlines()[1:]]
+    by_receipt = {e["receipt"]: e for e in entries}
+    first, second, third = (by_receipt[x] for x in order[:3])
+    won = [
+        await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json() for e in (first, second)
+    ]
+    assert [w["status"] for w in won] == ["won", "won"]
+    # the first winner collects at the desk; the second cancels
+    res = await (await client.get(f"/api/v1/reservations/{won[0]['reservation_id']}")).json()
+    r = await client.post(
+        "/api/v1/admin/pickups",
+        json={"site_id": "s1", "pickup_code": res["pickup_code"], "citizen_id": citizen_id(
+            next(n for n in range(6) if entries[n]["entry_id"] == first["entry_id"]))},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert (r.status, (await r.json())["status"]) == (200, "collected")
+    r = await client.delete(f"/api/v1/reservations/{won[1]['reservation_id']}")
+    assert r.status == 200
+    # the ledger must have the cancellation before the pass counts it: a pass may come back empty
+    for _ in range(100):
+        r = await client.post("/api/v1/admin/rounds/l1/draw/next", headers=ADMIN)
+        assert r.status == 200, await r.text()
+        record = await r.json()
+        if record["passes"][-1]["released"]:
+            break
+        await asyncio.sleep(0.1)
+    assert record["passes"][-1]["released"] == [{"site_id": "s1", "units": 1}]
+    n = record["passes"][-1]["pass"]
+    drawn = (await (await client.get(f"/api/v1/rounds/l1/draw/pass-{n}.csv")).read()).decode()
+    assert [line.split(",")[1] for line in drawn.splitlines()[1:]] == [third["receipt"]]
+    got = await (await client.get(f"/api/v1/entries/{third['entry_id']}")).json()
+    assert got["status"] == "won"
+    assert await asyncio.to_thread(verify_url, client) == 0

@@ -35,6 +35,13 @@ CONTRACT_OPERATIONS = {
     ("get", "/api/v1/entries/{entry_id}"),
     ("delete", "/api/v1/entries/{entry_id}"),
     ("get", "/api/v1/draw-key"),
+    ("get", "/api/v1/rounds/{round_id}/draw"),
+    ("get", "/api/v1/rounds/{round_id}/draw/entries.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/stock.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/results.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/pass-{n}.csv"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw/next"),
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The part of the application the document must describe.

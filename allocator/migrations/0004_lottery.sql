@@ -19,6 +19,7 @@ CREATE TABLE draws (
     -- site_id -> units handed to the draw and its passes so far (stock.csv, then each pass's
     -- `released`): what came back since is the next pass's `released`
     accounted        jsonb,
+    sites            jsonb,  -- the record's `sites` (winners null until the draw)
     public_randomness text,
     seed             text,
     drawn_at         timestamptz,
