@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import os
 import subprocess
@@ -26,8 +25,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
-from stdnum.cn import ric
 
 from allocator import db
 from allocator.config import Settings, load_settings
@@ -36,13 +35,20 @@ from service import logsafe
 from service.app import create_app
 from service.appkeys import METRICS
 from service.ops import create_ops_app
-from tests.helpers import FakeClock
+from tests.helpers import (  # noqa: F401  (re-exported: older tests import them from here)
+    ADMIN,
+    ADMIN_TOKEN,
+    PG_URL,
+    REDIS_URL,
+    FakeClock,
+    citizen_id,
+    phone,
+    reserve,
+    round_body,
+    seed,
+    tz8,
+)
 from tests.openapi_check import ContractCheck
-
-REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-ADMIN_TOKEN = "test-admin-token"
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 hypothesis_settings.register_profile(
     "allot",
@@ -55,21 +61,6 @@ hypothesis_settings.register_profile(
     "allot-long", parent=hypothesis_settings.get_profile("allot"), max_examples=300
 )
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "allot"))
-
-
-def citizen_id(n: int, born: str = "19800101") -> str:
-    """A valid 18-character ID, distinct for each n (region 110101, sequence from n)."""
-    body = f"110101{born}{n % 1000:03d}"
-    assert len(body) == 17
-    # the sequence only has 3 digits: vary the birth day for larger n so IDs stay distinct
-    if n >= 1000:
-        day = dt.date(1950, 1, 1) + dt.timedelta(days=n // 1000)
-        body = f"110101{day:%Y%m%d}{n % 1000:03d}"
-    return body + ric.calc_check_digit(body + "0")  # stdnum ignores the last character
-
-
-def phone(n: int) -> str:
-    return f"139{n:08d}"
 
 
 # -- the package as shipped -----------------------------------------------------------------
@@ -185,7 +176,9 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
 
 
 @pytest.fixture
-async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestClient[Any, Any]:
+async def client(
+    settings: Settings, redis: Redis, aiohttp_client: AiohttpClient
+) -> TestClient[Any, Any]:
     """The real application (ledger writer included) on a real socket.
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
@@ -200,7 +193,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def clocked_client(
-    settings: Settings, redis: Redis, aiohttp_client: Any, clock: FakeClock
+    settings: Settings, redis: Redis, aiohttp_client: AiohttpClient, clock: FakeClock
 ) -> TestClient[Any, Any]:
     """As ``client``, with time standing still until the test calls ``clock.advance()``."""
     return await aiohttp_client(create_app(settings, monotonic=clock))
@@ -231,7 +224,7 @@ def checked_client(
 
 @pytest.fixture
 async def ops(
-    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: AiohttpClient
 ) -> TestClient[Any, Any]:
     """The operations listener of the app behind ``client``, on its own port as in
     `allot serve` (its own Redis client and PostgreSQL pool, that app's metrics)."""
@@ -265,72 +258,3 @@ async def _fail_on_unretrieved_task_exceptions() -> AsyncIterator[None]:
     yield
     loop.set_exception_handler(previous)
     assert not seen, f"unhandled exceptions in the event loop: {seen}"
-
-
-# -- scenario helpers ----------------------------------------------------------------------
-
-
-def tz8() -> dt.timezone:
-    return dt.timezone(dt.timedelta(hours=8))
-
-
-def round_body(
-    *,
-    opens_in: float = -60,
-    closes_in: float = 3600,
-    per_person: int = 1,
-    pickup_in: float = -60,
-    pickup_for: float = 7200,
-    title: str = "Masks",
-) -> dict[str, Any]:
-    now = dt.datetime.now(tz8())
-    return {
-        "title": title,
-        "opens_at": (now + dt.timedelta(seconds=opens_in)).isoformat(),
-        "closes_at": (now + dt.timedelta(seconds=closes_in)).isoformat(),
-        "per_person": per_person,
-        "pickup_start": (now + dt.timedelta(seconds=pickup_in)).isoformat(),
-        "pickup_end": (now + dt.timedelta(seconds=pickup_in + pickup_for)).isoformat(),
-    }
-
-
-async def seed(
-    client: TestClient[Any, Any],
-    round_id: str = "r1",
-    stock: dict[str, int] | None = None,
-    districts: dict[str, str] | None = None,
-    **round_kwargs: Any,
-) -> None:
-    """Sites, an open round and one batch, through the operator API."""
-    stock = {"s1": 10} if stock is None else stock
-    districts = districts or {}
-    sites = [
-        {
-            "site_id": s,
-            "name": f"Site {s}",
-            "address": f"{s} road 1",
-            "district": districts.get(s, "d1"),
-        }
-        for s in stock
-    ]
-    r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
-    assert r.status == 200, await r.text()
-    r = await client.put(
-        f"/api/v1/admin/rounds/{round_id}", json=round_body(**round_kwargs), headers=ADMIN
-    )
-    assert r.status in (200, 201), await r.text()
-    items = [{"site_id": s, "quantity": q} for s, q in stock.items() if q > 0]
-    if items:
-        r = await client.post(
-            f"/api/v1/admin/rounds/{round_id}/batches",
-            json={"batch_id": f"seed-{round_id}", "items": items},
-            headers=ADMIN,
-        )
-        assert r.status == 201, await r.text()
-
-
-async def reserve(
-    client: TestClient[Any, Any], n: int, site: str = "s1", round_id: str = "r1", **extra: Any
-) -> Any:
-    body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": site, **extra}
-    return await client.post(f"/api/v1/rounds/{round_id}/reservations", json=body)

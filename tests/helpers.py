@@ -1,9 +1,38 @@
-"""Helpers for tests that are neither fixtures nor scenario steps."""
+"""Helpers shared by the tests: test identities, the operator token, scenario steps through
+the API, a fake clock. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import datetime as dt
+import os
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+from stdnum.cn import ric
+
 from allocator.facade import Allocator
 from allocator.model import Reservation
+
+# The servers the tests use (make test exports these; each test isolates itself by prefix/db).
+REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def citizen_id(n: int, born: str = "19800101") -> str:
+    """A valid 18-character ID, distinct for each n (region 110101, sequence from n)."""
+    body = f"110101{born}{n % 1000:03d}"
+    assert len(body) == 17
+    # the sequence only has 3 digits: vary the birth day for larger n so IDs stay distinct
+    if n >= 1000:
+        day = dt.date(1950, 1, 1) + dt.timedelta(days=n // 1000)
+        body = f"110101{day:%Y%m%d}{n % 1000:03d}"
+    return body + ric.calc_check_digit(body + "0")  # stdnum ignores the last character
+
+
+def phone(n: int) -> str:
+    return f"139{n:08d}"
 
 
 class FakeClock:
@@ -38,3 +67,72 @@ async def claim_once(
         raise outcome.refusal
     assert outcome.reservation is not None
     return outcome.reservation, outcome.created
+
+
+# -- scenario helpers ----------------------------------------------------------------------
+
+
+def tz8() -> dt.timezone:
+    return dt.timezone(dt.timedelta(hours=8))
+
+
+def round_body(
+    *,
+    opens_in: float = -60,
+    closes_in: float = 3600,
+    per_person: int = 1,
+    pickup_in: float = -60,
+    pickup_for: float = 7200,
+    title: str = "Masks",
+) -> dict[str, Any]:
+    now = dt.datetime.now(tz8())
+    return {
+        "title": title,
+        "opens_at": (now + dt.timedelta(seconds=opens_in)).isoformat(),
+        "closes_at": (now + dt.timedelta(seconds=closes_in)).isoformat(),
+        "per_person": per_person,
+        "pickup_start": (now + dt.timedelta(seconds=pickup_in)).isoformat(),
+        "pickup_end": (now + dt.timedelta(seconds=pickup_in + pickup_for)).isoformat(),
+    }
+
+
+async def seed(
+    client: TestClient[Any, Any],
+    round_id: str = "r1",
+    stock: dict[str, int] | None = None,
+    districts: dict[str, str] | None = None,
+    **round_kwargs: Any,
+) -> None:
+    """Sites, an open round and one batch, through the operator API."""
+    stock = {"s1": 10} if stock is None else stock
+    districts = districts or {}
+    sites = [
+        {
+            "site_id": s,
+            "name": f"Site {s}",
+            "address": f"{s} road 1",
+            "district": districts.get(s, "d1"),
+        }
+        for s in stock
+    ]
+    r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
+    assert r.status == 200, await r.text()
+    r = await client.put(
+        f"/api/v1/admin/rounds/{round_id}", json=round_body(**round_kwargs), headers=ADMIN
+    )
+    assert r.status in (200, 201), await r.text()
+    items = [{"site_id": s, "quantity": q} for s, q in stock.items() if q > 0]
+    if items:
+        r = await client.post(
+            f"/api/v1/admin/rounds/{round_id}/batches",
+            json={"batch_id": f"seed-{round_id}", "items": items},
+            headers=ADMIN,
+        )
+        assert r.status == 201, await r.text()
+
+
+async def reserve(
+    client: TestClient[Any, Any], n: int, site: str = "s1", round_id: str = "r1", **extra: Any
+) -> Any:
+    body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": site, **extra}
+    return await client.post(f"/api/v1/rounds/{round_id}/reservations", json=body)

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from allocator.config import Settings
 from service.app import create_app
-from tests.conftest import ADMIN, ADMIN_TOKEN, seed
+from tests.helpers import ADMIN, ADMIN_TOKEN, seed
 
 Client = TestClient[Any, Any]
 STATS = "/api/v1/admin/rounds/r1/stats"

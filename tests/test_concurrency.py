@@ -11,7 +11,7 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 
 from allocator.config import Settings
-from tests.conftest import ADMIN, citizen_id, phone, reserve, seed
+from tests.helpers import ADMIN, citizen_id, phone, reserve, seed
 
 
 async def stats(client: TestClient[Any, Any], round_id: str = "r1") -> dict[str, Any]:

@@ -18,7 +18,7 @@ from allocator import db
 from allocator.config import Settings
 from loadtest.servers import PrivatePostgres, PrivateRedis
 from service.app import create_app
-from tests.conftest import ADMIN, reserve, seed
+from tests.helpers import ADMIN, reserve, seed
 
 pytestmark = pytest.mark.slow
 

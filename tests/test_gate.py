@@ -17,7 +17,7 @@ from allocator.config import GateSettings, Settings
 from allocator.errors import RateLimited
 from service.app import create_app
 from service.client import client_address
-from tests.conftest import ADMIN, citizen_id, phone, seed
+from tests.helpers import ADMIN, citizen_id, phone, seed
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
 

@@ -18,7 +18,7 @@ from allocator.identity import (
     normalise_citizen_id,
     validate_phone,
 )
-from tests.conftest import citizen_id
+from tests.helpers import citizen_id
 
 WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 

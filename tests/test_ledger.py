@@ -20,8 +20,7 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import GROUP, Entry, LedgerWriter, create_group
 from allocator.model import Round, Site
-from tests.conftest import citizen_id, phone
-from tests.helpers import claim_once
+from tests.helpers import citizen_id, claim_once, phone
 
 
 @pytest.fixture
@@ -195,11 +194,11 @@ async def test_service_ledger_writer_records_within_five_seconds(
 ) -> None:
     """Inside `allot serve`, a reservation answered 201 is in PostgreSQL within 5 s."""
     from service.app import create_app
-    from tests.conftest import seed
+    from tests.helpers import seed
 
     client = await aiohttp_client(create_app(settings))
     await seed(client, stock={"s1": 5})
-    from tests.conftest import reserve
+    from tests.helpers import reserve
 
     r = await reserve(client, 1)
     assert r.status == 201

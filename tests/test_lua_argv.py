@@ -19,8 +19,8 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys, RoundKeys
 from allocator.model import Round, Site
-from tests.conftest import citizen_id, phone
-from tests.helpers import claim_once
+from allocator.redistyping import awaited
+from tests.helpers import citizen_id, claim_once, phone
 
 GATE = ["1000", "1000", "1000", "1000", "1000", "1000"]
 CODES = "AAAAAAAA BBBBBBBB CCCCCCCC"
@@ -161,7 +161,7 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
 ) -> None:
     allocator, code = await seeded(redis, keys)
     name, template = BAD_OTHERS[case]
-    rid = (await redis.hkeys(keys.round("r1").reservations))[0].decode()
+    rid = (await awaited(redis.hkeys(keys.round("r1").reservations)))[0].decode()
     args = [a.format(rid=rid, code=code) for a in template]
     rk = keys.round("r1")
     script_keys = {

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from allocator.config import ConfigError, Settings, load_settings
 from service.ops import MetricsCache, create_ops_app
-from tests.conftest import ADMIN
+from tests.helpers import ADMIN
 
 Client = TestClient[Any, Any]
 

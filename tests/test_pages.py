@@ -22,8 +22,7 @@ import segno
 from aiohttp.test_utils import TestClient
 
 from service import feeds, pages
-from tests.conftest import ADMIN, reserve, seed
-from tests.helpers import FakeClock
+from tests.helpers import ADMIN, FakeClock, reserve, seed
 
 Client = TestClient[Any, Any]
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,7 +416,7 @@ def test_the_page_checks_ids_and_phones_in_the_servers_canonical_form() -> None:
     """The citizen page refuses before sending what the server would refuse, and nothing else:
     fullwidth and math-bold digits pass, Arabic-Indic and Devanagari digits do not."""
     from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
-    from tests.conftest import citizen_id, phone
+    from tests.helpers import citizen_id, phone
 
     def forms(value: str) -> list[str]:
         return [

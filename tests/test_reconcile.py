@@ -20,7 +20,7 @@ from allocator.keys import Keys
 from allocator.rebuild import RebuildRefused, rebuild_round
 from allocator.reconcile import reconcile
 from service.appkeys import LEDGER
-from tests.conftest import ADMIN, REDIS_URL, reserve, seed
+from tests.helpers import ADMIN, REDIS_URL, reserve, seed
 
 ALLOT = str(Path(sys.executable).with_name("allot"))
 

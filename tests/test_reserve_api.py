@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import citizen_id, reserve, seed
+from tests.helpers import citizen_id, reserve, seed
 
 
 async def test_reserve_answers_201_with_location_and_pickup_code(

@@ -27,7 +27,7 @@ from service.problems import (
 )
 from service.schemas import SCHEMAS
 from service.validation import parse_batch_json, parse_pickup, parse_round, parse_sites
-from tests.conftest import round_body
+from tests.helpers import round_body
 from tests.openapi_check import ContractCheck
 
 # API.md's error table, written out by hand from it: (status, code).

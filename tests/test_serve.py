@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 
 from allocator.config import Settings
 from loadtest.servers import free_port
-from tests.conftest import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
+from tests.helpers import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
 
 pytestmark = pytest.mark.slow
 

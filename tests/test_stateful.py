@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -53,8 +53,7 @@ from allocator.model import PICKUP_CODE, RESERVATION_ID, Round, Site
 from allocator.reconcile import reconcile
 from loadtest.servers import PrivateRedis
 from service.shapes import batch_body, stats_body
-from tests.conftest import citizen_id, phone
-from tests.helpers import claim_once
+from tests.helpers import citizen_id, claim_once, phone
 
 T = TypeVar("T")
 
@@ -575,7 +574,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             ledger_seq = await con.fetchval(
                 "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.round_id
             )
-            report = await reconcile(self.redis, con, self.keys, [self.round_id], wait=0)
+            report = await reconcile(
+                self.redis, cast(asyncpg.Connection, con), self.keys, [self.round_id], wait=0
+            )
         assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"
         assert report["ok"], report
         stats = stats_body(await self.allocator.stats(self.round_id))
@@ -602,7 +603,7 @@ def test_allocator_agrees_with_a_plain_model_under_any_sequence_of_operations(
         return AllocatorMachine(database_url, own_redis)
 
     run_state_machine_as_test(
-        machine,
+        machine,  # type: ignore[arg-type]  # typed as a class; its docs take any factory
         settings=settings(
             max_examples=75,
             stateful_step_count=40,
