@@ -17,10 +17,12 @@ from redis.asyncio import Redis
 
 from allocator.config import Settings
 from allocator.draw import entry_receipt
+from allocator.keys import Keys
 from allocator.receipts import verify_entry
+from allocator.redistyping import awaited
 from allocator.scripts import script_source
 from service.app import create_app
-from tests.conftest import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
 
 SOURCE = "drand quicknet round 9123456"
 
@@ -130,7 +132,7 @@ async def test_a_lottery_round_publishes_its_commitment_and_keeps_the_secret_in_
     assert got["mode"] == "lottery"
     for key in [k async for k in redis.scan_iter(match=f"{redis_prefix}:*")]:
         if await redis.type(key) == b"hash":
-            dumped = repr(await redis.hgetall(key))
+            dumped = repr(await awaited(redis.hgetall(key)))
             assert secret.hex() not in dumped
             assert repr(secret)[2:-1] not in dumped
     # an update before opening keeps the same commitment; an fcfs round has no draw
@@ -171,7 +173,7 @@ async def test_mode_and_source_cannot_change_once_the_round_has_opened(
 
 
 async def test_a_reservation_on_a_lottery_round_and_an_entry_on_an_fcfs_round_are_wrong_mode(
-    client: TestClient[Any, Any], redis: Redis, keys: Any
+    client: TestClient[Any, Any], redis: Redis, keys: Keys
 ) -> None:
     """The two kinds of round never mix: no stock is taken by a reservation in a lottery."""
     await seed_lottery(client)
@@ -182,8 +184,8 @@ async def test_a_reservation_on_a_lottery_round_and_an_entry_on_an_fcfs_round_ar
     )
     await problem(r, 409, "wrong-mode")
     await problem(await enter(client, 1, round_id="f1"), 409, "wrong-mode")
-    assert await redis.hget(keys.round("l1").stock, "s1") == b"10"
-    assert await redis.hlen(keys.round("f1").entries) == 0
+    assert int(await awaited(redis.hget(keys.round("l1").stock, "s1")) or 0) == 10
+    assert await awaited(redis.hlen(keys.round("f1").entries)) == 0
 
 
 # -- entries ------------------------------------------------------------------------------------
@@ -401,7 +403,7 @@ async def test_the_freeze_lists_every_entry_and_the_draw_replays_with_the_verifi
         line.split(b",")[1].decode(): line.split(b",")[2].decode()
         for line in results.splitlines()[1:]
     }
-    statuses = Counter()
+    statuses: Counter[str] = Counter()
     for e in entries:
         got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
         statuses[got["status"]] += 1
