@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
+import orjson
 import pytest
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
@@ -483,3 +488,38 @@ async def test_a_cancelled_win_goes_to_the_next_entry_in_rank_order_and_the_desk
     got = await (await client.get(f"/api/v1/entries/{third['entry_id']}")).json()
     assert got["status"] == "won"
     assert await asyncio.to_thread(verify_url, client) == 0
+
+
+def allot(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`allot ...` against the test's Redis prefix and database."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")},
+        "ALLOT_REDIS_URL": settings.redis_url,
+        "ALLOT_REDIS_PREFIX": settings.service.redis_prefix,
+        "ALLOT_DATABASE_URL": settings.database_url,
+        "ALLOT_ID_PEPPER": "test-pepper",
+    }
+    command = [str(Path(sys.executable).with_name("allot")), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+async def test_allot_draw_does_what_the_endpoint_does_and_allot_verify_draw_replays_it(
+    client: TestClient[Any, Any], settings: Settings
+) -> None:
+    """The command line draws once; the same value again is the same record, another is a
+    conflict; `allot verify-draw --url` against the running service exits 0."""
+    await closed_lottery(client, 5, {"s1": 2})
+    done = await asyncio.to_thread(allot, settings, "draw", "--round", "l1",
+                                   "--public-randomness", "drand 123: 9f0e")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = orjson.loads(done.stdout)
+    assert record["status"] == "drawn"
+    assert record == await (await client.get("/api/v1/rounds/l1/draw")).json()
+    again = await asyncio.to_thread(allot, settings, "draw", "--round", "l1",
+                                    "--public-randomness", "other")  # fmt: skip
+    assert again.returncode == 1
+    assert "draw-conflict" in again.stderr
+    base = str(client.make_url("")).rstrip("/")
+    verified = await asyncio.to_thread(allot, settings, "verify-draw", "--url", base,
+                                       "--round", "l1")  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
