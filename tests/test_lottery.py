@@ -523,3 +523,41 @@ async def test_allot_draw_does_what_the_endpoint_does_and_allot_verify_draw_repl
     verified = await asyncio.to_thread(allot, settings, "verify-draw", "--url", base,
                                        "--round", "l1")  # fmt: skip
     assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_withdrawals_racing_re_entries_leave_at_most_one_live_entry_per_citizen(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, database_url: str
+) -> None:
+    """50 citizens withdraw and enter again at once, three times over: each ends with at most
+    one live entry, Redis's counts agree with the entries, and the ledger with Redis."""
+    await seed_lottery(client, stock={"s1": 5, "s2": 5})
+    first = [await (await enter(client, n)).json() for n in range(50)]
+    ids = {n: e["entry_id"] for n, e in enumerate(first)}
+    for rounds in range(3):
+        withdraws = [client.delete(f"/api/v1/entries/{ids[n]}") for n in range(50)]
+        again = [enter(client, n, "s2" if rounds % 2 else "s1") for n in range(50)]
+        mixed = [x for pair in zip(withdraws, again, strict=True) for x in pair]
+        answers = await asyncio.gather(*mixed)
+        for n in range(50):
+            withdrawn, entered = answers[2 * n], answers[2 * n + 1]
+            assert withdrawn.status == 200, await withdrawn.text()
+            assert entered.status in (200, 201), await entered.text()
+            ids[n] = (await entered.json())["entry_id"]
+    rk = keys.round("l1")
+    records = [orjson.loads(v) for v in (await awaited(redis.hgetall(rk.entries))).values()]
+    live = Counter(r["cit"] for r in records if r["status"] == "registered")
+    assert max(live.values()) == 1
+    entrants = await awaited(redis.hgetall(rk.entrants))
+    assert len(entrants) == len(live)
+    tally = await awaited(redis.hgetall(rk.tally))
+    counted = sum(int(v) for k, v in tally.items() if k.startswith(b"entries:"))
+    assert counted == len(live)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await awaited(redis.xlen(rk.ledger)):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    rows = await ledger_entries(database_url)
+    assert {(r["entry_id"], r["status"], r["site_id"]) for r in rows} == {
+        (r["id"], r["status"], r["site"]) for r in records
+    }
