@@ -296,12 +296,8 @@ class Lottery:
                 if status == "no-code":
                     again.append(item)
                 elif status not in ("created", "existing"):
-                    log.error(
-                        "round %s: the award of entry %s… at %s was refused (%s)",
-                        round_id,
-                        item[0][:6],
-                        item[1],
-                        status,
+                    log.error(  # the entry_id is its owner's key: never in the log
+                        "round %s: an award at %s was refused (%s)", round_id, item[1], status
                     )
             if not again:
                 return
