@@ -48,6 +48,7 @@ AWARD_BATCH = 256  # winners per award.lua call
 ANSWER_WITHIN = 5.0  # seconds a draw request waits for the draw before answering 202 drawing
 FILE = re.compile(r"(entries|stock|results)\.csv|pass-([1-9][0-9]{0,5})\.csv")
 AWARD_LOCK = "allot-award:"
+FREEZE_WARN_MS = 60_000  # the contract: frozen within 60 s after closes_at
 
 T = TypeVar("T")
 
@@ -70,6 +71,7 @@ class Lottery:
         self.database_url = database_url
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._warned: dict[str, float] = {}
 
     # -- the heavy steps, off the event loop ------------------------------------------------------
 
@@ -351,11 +353,7 @@ class Lottery:
 
     async def tick(self) -> None:
         now_ms = await self._redis_ms()
-        due = [
-            r
-            for r in await self.catalogue.rounds()
-            if r.lottery and _ms(r.closes_at) <= now_ms and r.draw_status != "drawn"
-        ]
+        due = [r for r in await self.catalogue.rounds() if r.lottery and _ms(r.closes_at) <= now_ms]
         if not due:
             return
         async with self.store.pg() as con:
@@ -373,13 +371,29 @@ class Lottery:
                 continue
             status = state["status"]
             if status == "registering":
-                if await self.freeze(rnd) == "frozen":
+                found = await self.freeze(rnd)
+                if found == "frozen":
                     await self._publish(rnd.round_id, "frozen", False)
+                elif now_ms - _ms(rnd.closes_at) > FREEZE_WARN_MS:
+                    self._warn_unfrozen(rnd.round_id, found)
                 continue
             if rnd.draw_status != status or rnd.drawn != state["drawn"]:
                 await self._publish(rnd.round_id, status, state["drawn"])
             if status == "drawing":
                 await self._finish(rnd.round_id, 0)
+
+    def _warn_unfrozen(self, round_id: str, why: str) -> None:
+        """Past the contract's 60 s and still not frozen: say why, once a minute."""
+        now = self.store.monotonic()
+        if now - self._warned.get(round_id, -60.0) < 60.0:
+            return
+        self._warned[round_id] = now
+        log.warning(
+            "round %s closed over 60 s ago and is not frozen yet (%s): the ledger has not every"
+            " change of the round; see its stats' ledger lag and the dead-letter stream",
+            round_id,
+            why,
+        )
 
     async def freeze(self, rnd: Round) -> str:
         """Freeze once the ledger has every change of the round: ``frozen`` or why not yet."""
