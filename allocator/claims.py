@@ -27,6 +27,7 @@ from allocator.errors import (
     RoundNotOpen,
     SoldOut,
     Unavailable,
+    WrongMode,
 )
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
@@ -72,6 +73,13 @@ def fresh_identifiers(round_id: str, count: int) -> list[tuple[str, list[str]]]:
         codes = [letters[j : j + 8] for j in range(0, len(letters), 8)]
         fresh.append((f"{token}.{round_id}", codes))
     return fresh
+
+
+def wrong_mode_for_reservation(round_id: str) -> WrongMode:
+    return WrongMode(
+        f"Round {round_id!r} is a lottery: register an entry"
+        f" (POST /api/v1/rounds/{round_id}/entries) instead of reserving."
+    )
 
 
 def new_reservation_id(round_id: str) -> str:
@@ -242,6 +250,8 @@ class Claims:
             if self.watch.knows(round_id):  # the ledger has it, Redis not: lost, or a moment early
                 return ClaimOutcome(refusal=round_refusal())
             return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
+        if status == "wrong-mode":
+            return ClaimOutcome(refusal=wrong_mode_for_reservation(round_id))
         if status == "not-open":
             opens, closes = (ms_to_rfc3339(int(x)) for x in reply[1:3])
             when = "has not opened yet" if self.now_ms() < int(reply[1]) else "has closed"

@@ -115,6 +115,17 @@ def consumer_name(value: str) -> str | None:
     return None
 
 
+def draw_key_text(value: str) -> str | None:
+    """ALLOT_DRAW_KEY: base64url of a raw 32-byte Ed25519 private key (allocator/receipts.py)."""
+    from allocator.receipts import DrawKey, DrawKeyError
+
+    try:
+        DrawKey.from_text(value)
+    except DrawKeyError:
+        return "base64url of a raw 32-byte Ed25519 private key (see allocator/receipts.py)"
+    return None
+
+
 # -- the settings --------------------------------------------------------------------------
 
 
@@ -184,6 +195,8 @@ class Settings:
     admin_token: str | None = key(None, env="ALLOT_ADMIN_TOKEN", secret=True)
     id_pepper: str | None = key(None, env="ALLOT_ID_PEPPER", secret=True)
     dev_mode: bool = key(False, env="ALLOT_DEV")
+    # the lottery's Ed25519 draw key; unset: generated once and kept in PostgreSQL (draw_key)
+    draw_key: str | None = key(None, env="ALLOT_DRAW_KEY", check=draw_key_text, secret=True)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)

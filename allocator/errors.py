@@ -57,6 +57,24 @@ class CarryNotReady(Problem):
     code = "carry-not-ready"
 
 
+class WrongMode(Problem):
+    """A reservation on a lottery round, or an entry on an fcfs round."""
+
+    code = "wrong-mode"
+
+
+class AlreadyEntered(Problem):
+    code = "already-entered"
+
+
+class DrawNotReady(Problem):
+    code = "draw-not-ready"
+
+
+class DrawConflict(Problem):
+    code = "draw-conflict"
+
+
 class InvalidRequest(Problem):
     code = "invalid-request"
 

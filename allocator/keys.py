@@ -26,6 +26,8 @@ class RoundKeys:
     dead: str  # stream: ledger entries that failed too often, kept for an operator
     sweep: str  # hash: the expiry sweep's lock (owner, until) and its `done` mark (expire.lua)
     carries: str  # hash: "<to_round>/<batch_id>" -> carry-over record JSON (carry.lua)
+    entries: str  # hash: entry_id -> entry record JSON (lottery rounds)
+    entrants: str  # hash: citizen hash -> entry_id, for live (not withdrawn) entries
     _tag: str  # "<prefix>:{r:<round_id>}:", the shared hash tag
 
     def codes(self, site_id: str) -> str:
@@ -63,6 +65,8 @@ class RoundKeys:
             self.batches,
             self.sweep,
             self.carries,
+            self.entries,
+            self.entrants,
         )
 
 
@@ -94,6 +98,8 @@ class Keys:
             dead=tag + "ledger:dead",
             sweep=tag + "sweep",
             carries=tag + "carries",
+            entries=tag + "entries",
+            entrants=tag + "entrants",
             _tag=tag,
         )
 

@@ -45,6 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
+from allocator.draw import entry_receipt
 from allocator.integrity import RAISE_LEDGER_SEQ, RAISE_LEDGER_SEQS, Floors
 from allocator.keys import Keys
 from allocator.redistyping import awaited
@@ -103,6 +104,21 @@ VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (from_round, to_round, batch_id) DO NOTHING
 """
 
+# A lottery entry (lua/enter.lua, withdraw.lua, award.lua). The row keeps the state of the
+# highest change number `seq` it has seen: a redelivered or reordered older entry changes
+# nothing. `not-drawn` is set by the draw itself (allocator/lottery.py), never by the stream.
+UPSERT_ENTRY = """
+INSERT INTO entries (entry_id, round_id, receipt, site_id, accept_district, status,
+                     citizen_hash, phone_hash, citizen_id_masked, reservation_id, seq,
+                     created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (entry_id) DO UPDATE
+   SET site_id = EXCLUDED.site_id, accept_district = EXCLUDED.accept_district,
+       status = EXCLUDED.status, reservation_id = EXCLUDED.reservation_id, seq = EXCLUDED.seq,
+       updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE entries.seq < EXCLUDED.seq
+"""
+
 
 def _ts(ms: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
@@ -141,6 +157,23 @@ class Entry:
                 r.get("ch") or "api",  # records made before channels: api
                 r.get("age"),
                 r.get("reg"),
+            )
+        if kind == "entry":
+            e = orjson.loads(self.fields[b"record"])
+            return UPSERT_ENTRY, (
+                e["id"],
+                self.round_id,
+                entry_receipt(self.round_id, e["id"]),
+                e["site"],
+                bool(int(e["acc"])),
+                e["status"],
+                e["cit"],
+                e["ph"],
+                e["mask"],
+                e.get("res") or None,
+                self.seq or 0,
+                _ts(int(e["created"])),
+                _ts(int(e["updated"])),
             )
         if kind == "batch":
             items = orjson.loads(self.fields[b"items"])

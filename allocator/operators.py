@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import orjson
 
+from allocator import draw
 from allocator.catalogue import Catalogue
 from allocator.errors import BatchConflict, InvalidRequest, NotFound
 from allocator.keys import Keys, RoundKeys
@@ -84,9 +86,32 @@ class Operators:
     # -- rounds -------------------------------------------------------------------------------
 
     async def upsert_round(self, rnd: Round) -> bool:
-        """Write the round to PostgreSQL, then to Redis; True when it is new."""
-        spec = orjson.dumps(rnd.to_redis()).decode()
-        async with self.store.pg() as con:
+        """Write the round to PostgreSQL, then to Redis; True when it is new (read it back for
+        a lottery round's commitment).
+
+        A lottery round's secret is drawn when the round first becomes a lottery and kept in
+        ``draws`` (only PostgreSQL holds it until the freeze publishes it). ``mode`` and
+        ``public_randomness_source`` cannot change once the round has opened (422 naming each).
+        """
+        async with self.store.pg() as con, con.transaction():
+            # one writer of this round at a time: the secret is drawn exactly once
+            await con.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"round:{rnd.round_id}")
+            before = await con.fetchrow(
+                "SELECT mode, spec, opens_at <= now() AS opened FROM rounds WHERE round_id = $1",
+                rnd.round_id,
+            )
+            if before is not None and before["opened"]:
+                _refuse_fixed_changes(rnd, before["mode"], orjson.loads(before["spec"]))
+            secret: bytes | None = None
+            if rnd.lottery:
+                commitment = await con.fetchval(
+                    "SELECT commitment FROM draws WHERE round_id = $1", rnd.round_id
+                )
+                if commitment is None:
+                    secret = draw.new_secret()
+                    commitment = draw.commitment(secret)
+                rnd = replace(rnd, commitment=commitment)
+            spec = orjson.dumps(rnd.to_redis()).decode()
             created = await con.fetchval(
                 "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person,"
                 " pickup_start, pickup_end, mode, spec) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)"
@@ -105,6 +130,13 @@ class Operators:
                 rnd.mode,
                 spec,
             )
+            if secret is not None:
+                await con.execute(
+                    "INSERT INTO draws (round_id, secret, commitment) VALUES ($1, $2, $3)",
+                    rnd.round_id,
+                    secret,
+                    commitment,
+                )
         await self.mirror_round(rnd)
         return bool(created)
 
@@ -166,3 +198,19 @@ class Operators:
             sites=len(items),
             created=status == "loaded",
         )
+
+
+def _refuse_fixed_changes(rnd: Round, mode: str, spec: dict[str, Any]) -> None:
+    """API.md: mode and public_randomness_source cannot change once the round has opened."""
+    errors = []
+    if rnd.mode != mode:
+        errors.append({"field": "mode", "message": "cannot change once the round has opened"})
+    if rnd.public_randomness_source != spec.get("prs"):
+        errors.append(
+            {
+                "field": "public_randomness_source",
+                "message": "cannot change once the round has opened",
+            }
+        )
+    if errors:
+        raise InvalidRequest(errors)

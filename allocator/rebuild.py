@@ -162,7 +162,7 @@ async def _rewrite_from(
         "SELECT * FROM reservations WHERE round_id = $1 ORDER BY created_at", round_id
     ):
         status = r["status"]  # expiry is recorded (the sweep), not derived
-        record = {
+        record: dict[str, Any] = {
             "id": r["reservation_id"],
             "site": r["site_id"],
             "qty": r["quantity"],
@@ -217,6 +217,36 @@ async def _rewrite_from(
                 tally[f"expired:{site_id}"] -= int(from_expired)
                 tally[f"carried_expired:{site_id}"] += int(from_expired)
     stock = {site: loaded[site] - held.get(site, 0) - carried.get(site, 0) for site in loaded}
+    # a lottery round's entries (the ledger's kind=entry rows) and its draw's status
+    entries: dict[str, bytes] = {}
+    entrants: dict[str, str] = {}
+    for e in await con.fetch(
+        "SELECT * FROM entries WHERE round_id = $1 ORDER BY created_at", round_id
+    ):
+        status = "registered" if e["status"] in ("not-drawn", "excluded") else e["status"]
+        record = {
+            "id": e["entry_id"],
+            "site": e["site_id"],
+            "acc": int(e["accept_district"]),
+            "status": status,  # not-drawn is derived from the draw, as enter.lua stores it
+            "cit": e["citizen_hash"],
+            "ph": e["phone_hash"],
+            "mask": e["citizen_id_masked"],
+            "created": _ms(e["created_at"]),
+            "updated": _ms(e["updated_at"]),
+        }
+        if e["reservation_id"]:
+            record["res"] = e["reservation_id"]
+        entries[e["entry_id"]] = orjson.dumps(record)
+        if status != "withdrawn":
+            entrants[e["citizen_hash"]] = e["entry_id"]
+            tally[f"entries:{e['site_id']}"] += 1
+    draw_row = await con.fetchrow(
+        "SELECT status, drawn_at IS NOT NULL AS drawn FROM draws WHERE round_id = $1", round_id
+    )
+    if draw_row is not None:
+        round_hash["draw"] = draw_row["status"]
+        round_hash["drawn"] = "1" if draw_row["drawn"] else "0"
     # changes go on from the ledger's mark (or Redis's own, if that is higher): never backwards
     seq = max(int(row["ledger_seq"]), redis_seq)
     tally["seq"] = seq
@@ -245,6 +275,10 @@ async def _rewrite_from(
         pipe.hset(rk.holders, mapping=holders)
     if carries:
         pipe.hset(rk.carries, mapping=carries)
+    if entries:
+        pipe.hset(rk.entries, mapping=entries)
+    if entrants:
+        pipe.hset(rk.entrants, mapping=entrants)
     pipe.hset(rk.tally, mapping=dict(tally))
     for site_id, mapping in codes.items():
         pipe.hset(rk.codes(site_id), mapping=mapping)
@@ -277,6 +311,7 @@ async def _rewrite_from(
         "live": len(holders),
         "batches": len(digests),
         "carries": len(carries),
+        "entries": len(entries),
         "seq": seq,
     }
 

@@ -12,7 +12,18 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity", "expire", "carry")
+SCRIPT_NAMES = (
+    "claim",
+    "cancel",
+    "pickup",
+    "load_batch",
+    "integrity",
+    "expire",
+    "carry",
+    "enter",
+    "withdraw",
+    "award",
+)
 
 
 def script_source(name: str) -> str:
@@ -28,6 +39,9 @@ class Scripts:
     integrity: AsyncScript
     expire: AsyncScript
     carry: AsyncScript
+    enter: AsyncScript  # lottery entries (allocator/entries.py)
+    withdraw: AsyncScript
+    award: AsyncScript  # lottery winners' reservations (allocator/lottery.py)
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -11,7 +11,8 @@
 -- changes the ledger has (restored from an old AOF, or emptied): the round is marked lost (tally
 -- field `lost`, sticky until `allot rebuild`), every item answers `lost`, and nothing else changes.
 --
--- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person
+-- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person,
+--                                                               mode
 -- KEYS[2]   stock hash             <p>:{r:<round>}:stock        site_id -> units left
 -- KEYS[3]   holders hash           <p>:{r:<round>}:holders      citizen hash -> reservation_id
 -- KEYS[4]   reservations hash      <p>:{r:<round>}:reservations reservation_id -> record (JSON)
@@ -42,6 +43,7 @@
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
+--           {'wrong-mode'} (a lottery round: citizens enter it, lua/enter.lua) |
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
@@ -126,8 +128,11 @@ if lost then
 end
 local first_seq = seq
 
-local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person')
+local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person', 'mode')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
+-- a lottery round takes entries, not reservations: refused with the round check, before the
+-- round window (the order gate, round, window, citizen, stock is unchanged)
+local lottery = round[4] == 'lottery'
 
 -- The gate: three token buckets (allocator/gate.py), read once per call, kept here while the
 -- items are decided, written once at the end. A claim the gate refuses changes nothing else.
@@ -198,6 +203,8 @@ for i = 0, n - 1 do
     end
     if not opens then
       reply = {'no-round'}
+    elseif lottery then
+      reply = {'wrong-mode'}
     elseif now < opens or now >= closes then
       reply = {'not-open', tostring(opens), tostring(closes)}
     else

@@ -184,6 +184,8 @@ def create_app(
             timeout=settings.service.redis_timeout_ms / 1000,
             gate=settings.gate,
             monotonic=monotonic,
+            draw_key=settings.draw_key,
+            database_url=settings.database_url,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(
@@ -211,9 +213,11 @@ def create_app(
                 allocator.run_expiry(stop, settings.service.expiry_sweep_ms / 1000),
                 name="expiry-sweep",
             ),
+            asyncio.create_task(allocator.watch_lottery(stop), name="lottery"),
         ]
         yield
         stop.set()
+        allocator.lottery.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

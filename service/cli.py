@@ -1,4 +1,4 @@
-"""The ``allot`` command: serve, ledger, migrate, demo, reconcile, rebuild, verify-draw."""
+"""The ``allot`` command: serve, ledger, migrate, demo, reconcile, rebuild, draw, verify-draw."""
 
 from __future__ import annotations
 
@@ -303,10 +303,19 @@ class _stores:
             if (self.settings.id_pepper or self.settings.dev_mode)
             else b"-"
         )
-        self.allocator = Allocator(self.redis, self.pool, keys, Hasher(pepper), timeout=5)
+        self.allocator = Allocator(
+            self.redis,
+            self.pool,
+            keys,
+            Hasher(pepper),
+            timeout=5,
+            draw_key=self.settings.draw_key,
+            database_url=self.settings.database_url,
+        )
         return self.allocator, self.redis, self.con
 
     async def __aexit__(self, *exc: object) -> None:
+        self.allocator.lottery.close()
         await self.pool.release(self.con)
         await self.pool.close()
         await self.redis.aclose()
@@ -396,6 +405,35 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     return loadtest_main(args, settings)
 
 
+async def _draw(settings: Settings, round_id: str, value: str, wait: float) -> dict[str, Any]:
+    """What POST /api/v1/admin/rounds/{round_id}/draw does, waiting until it is drawn."""
+    async with _stores(settings) as (allocator, _redis, _con):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            record: dict[str, Any] = await allocator.draw(round_id, value)
+            if record["status"] == "drawn" or loop.time() >= deadline:
+                return record
+
+
+def cmd_draw(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.draw import DrawInputError, check_public_randomness
+    from allocator.errors import Problem
+
+    try:
+        value = check_public_randomness(args.public_randomness)
+    except DrawInputError as exc:
+        print(f"allot draw: {exc}", file=sys.stderr)
+        return 2
+    try:
+        record = asyncio.run(_draw(settings, args.round, value, args.wait))
+    except Problem as exc:
+        print(f"allot draw: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+    return 0 if record["status"] == "drawn" else 1
+
+
 def cmd_verify_draw(args: argparse.Namespace, settings: Settings) -> int:
     from allocator.verify_draw import run
 
@@ -474,6 +512,17 @@ def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
 
         add_loadtest_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
+    dr = sub.add_parser(
+        "draw", help="draw a frozen lottery round with its public randomness (as POST …/draw)"
+    )
+    dr.add_argument("--round", required=True, help="the lottery round")
+    dr.add_argument(
+        "--public-randomness", required=True, help="the value the named source published"
+    )
+    dr.add_argument(
+        "--wait", type=float, default=600.0, help="seconds to wait for the winners' reservations"
+    )
+    dr.set_defaults(func=cmd_draw)
     from allocator.verify_draw import add_arguments as add_verify_draw_arguments
 
     vd = sub.add_parser(

@@ -54,6 +54,8 @@ PATH_PARAMETERS = {
     "round_id": "RoundId",
     "reservation_id": "ReservationId",
     "token_id": "DeskTokenId",
+    "entry_id": "EntryId",
+    "n": "PassNumber",
 }
 
 
@@ -107,6 +109,27 @@ DESK_ALLOWED: dict[str, str | None] = {
     "rate-limited": AUTH_THROTTLED,
 }
 
+_ENTRIES_CSV = "The frozen entry list, from the freeze on."
+_STOCK_CSV = "The stock at the freeze, from the freeze on."
+
+
+def _draw_file(name: str, operation_id: str, what: str) -> Route:
+    """One of the draw's published files (text/csv, byte-exact)."""
+    return Route(
+        "get",
+        f"/api/v1/rounds/{{round_id}}/draw/{name}",
+        operation_id,
+        CITIZENS,
+        f"A published file of the draw: {name}",
+        {200: Answer(what, "DrawFile", media="text/csv")},
+        {
+            "not-found": "unknown round, or the file is not published yet.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+    )
+
+
 # -- the routes -------------------------------------------------------------------------------
 
 ROUTES: tuple[Route, ...] = (
@@ -157,6 +180,7 @@ ROUTES: tuple[Route, ...] = (
             **_body_problems(),
             "not-found": "unknown round or site.",
             "round-not-open": None,
+            "wrong-mode": "the round is a `lottery` round: citizens register entries instead.",
             "sold-out": None,
             "already-reserved": None,
             "rate-limited": None,
@@ -195,6 +219,92 @@ ROUTES: tuple[Route, ...] = (
         },
         description="Its units go back to the site at once. Cancelling again answers the same.",
     ),
+    # lottery: entries
+    Route(
+        "post",
+        "/api/v1/rounds/{round_id}/entries",
+        "createEntry",
+        CITIZENS,
+        "Register an entry in a lottery round",
+        {
+            201: Answer("A new entry.", "Entry", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds an entry in this round: "
+                "that entry, now with this request's `site_id` and `accept_district` (the last "
+                "choice before close counts; the receipt is unchanged, the signature covers the "
+                "new choice).",
+                "Entry",
+            ),
+        },
+        {
+            **_body_problems(),
+            "not-found": "unknown round or site.",
+            "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
+            "wrong-mode": "the round is an `fcfs` round: citizens reserve instead.",
+            "already-entered": None,
+            "rate-limited": None,
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "Through the same token buckets, admission queue and batched script call as "
+            "reservations. Speed and retries change nothing in a lottery."
+        ),
+        request={"application/json": "EntryRequest"},
+        request_description="Who enters, where, and whether another site of the district will do.",
+    ),
+    Route(
+        "get",
+        "/api/v1/entries/{entry_id}",
+        "getEntry",
+        CITIZENS,
+        "Get an entry",
+        {200: Answer("The entry.", "Entry")},
+        {"not-found": "unknown entry.", **CITIZEN_ERRORS},
+    ),
+    Route(
+        "delete",
+        "/api/v1/entries/{entry_id}",
+        "withdrawEntry",
+        CITIZENS,
+        "Withdraw an entry",
+        {200: Answer("The entry, now `withdrawn` (withdrawing again answers the same).", "Entry")},
+        {
+            "not-found": "unknown entry.",
+            "round-not-open": "the registration window has closed.",
+            **CITIZEN_ERRORS,
+        },
+    ),
+    Route(
+        "get",
+        "/api/v1/draw-key",
+        "getDrawKey",
+        CITIZENS,
+        "The service's draw key",
+        {200: Answer("The Ed25519 public key that signs entries.", "DrawKey")},
+        {"unavailable": None},
+    ),
+    Route(
+        "get",
+        "/api/v1/rounds/{round_id}/draw",
+        "getDraw",
+        CITIZENS,
+        "A lottery round's draw record",
+        {200: Answer("The draw record; members not yet known are `null`.", "DrawRecord")},
+        {
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+        description=(
+            "Public. From the freeze on it carries the secret and the digests of the files; "
+            "`allot verify-draw --url BASE --round R` replays the draw from it and the files."
+        ),
+    ),
+    _draw_file("entries.csv", "getDrawEntries", _ENTRIES_CSV),
+    _draw_file("stock.csv", "getDrawStock", _STOCK_CSV),
+    _draw_file("results.csv", "getDrawResults", "The draw's results, once drawn."),
+    _draw_file("pass-{n}.csv", "getDrawPass", "The entries pass `n` drew, in rank order."),
     # operators
     Route(
         "put",
@@ -226,6 +336,11 @@ ROUTES: tuple[Route, ...] = (
             **OPERATOR_ONLY,
             "unavailable": None,
         },
+        description=(
+            "`mode` and `public_randomness_source` cannot change once the round has opened "
+            "(422 naming the field). A new `lottery` round draws its secret here and publishes "
+            "`draw.commitment`."
+        ),
         request={"application/json": "RoundSpec"},
         request_description="The round's settings.",
     ),
@@ -392,6 +507,56 @@ ROUTES: tuple[Route, ...] = (
         ),
         request={"application/json": "ReservationRequest"},
         request_description="Who reserves, and where (the desk's own site).",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw",
+        "drawRound",
+        OPERATORS,
+        "Draw a frozen lottery round",
+        {
+            200: Answer("The draw record, `drawn` (also for the same value again).", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the winners' reservations are still being made; "
+                "ask again (or read `GET /api/v1/rounds/{round_id}/draw`).",
+                "DrawRecord",
+            ),
+        },
+        {
+            **_body_problems(),
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": None,
+            "draw-conflict": None,
+            "unavailable": None,
+        },
+        request={"application/json": "DrawRequest"},
+        request_description="The public random value.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw/next",
+        "drawNextPass",
+        OPERATORS,
+        "One more pass of a drawn lottery round",
+        {
+            200: Answer("The draw record with one more pass.", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the pass's awards are being made.", "DrawRecord"
+            ),
+        },
+        {
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": "the round has not been drawn yet.",
+            "unavailable": None,
+        },
+        description=(
+            "The units that came back since the last pass (cancelled won reservations, later "
+            "batches, as recorded in the ledger) go to the not-drawn entries in rank order."
+        ),
     ),
     # operations
     Route(
@@ -570,6 +735,18 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": ref("DeskTokenId"),
             },
+            "EntryId": {
+                "name": "entry_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("EntryId"),
+            },
+            "PassNumber": {
+                "name": "n",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            },
             "BatchId": {
                 "name": "batch_id",
                 "in": "query",
@@ -584,7 +761,10 @@ def _components() -> dict[str, Any]:
                 "schema": {"type": "integer", "minimum": 1},
             },
             "Location": {
-                "description": "`/api/v1/reservations/{reservation_id}` of the new reservation.",
+                "description": (
+                    "`/api/v1/reservations/{reservation_id}` of the new reservation, or "
+                    "`/api/v1/entries/{entry_id}` of the new entry."
+                ),
                 "schema": {"type": "string", "format": "uri-reference"},
             },
         },

@@ -120,14 +120,12 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "Not taken by this kind of round",
         "a reservation on a `lottery` round, or an entry on an `fcfs` round.",
-        served=False,
     ),
     ProblemCode(
         "already-entered",
         409,
         "Already entered in this round",
         "the citizen holds an entry in this lottery round with another phone.",
-        served=False,
     ),
     ProblemCode(
         "not-eligible",
@@ -151,14 +149,12 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "The entry list is not frozen yet",
         "a draw asked for before the entry list is frozen.",
-        served=False,
     ),
     ProblemCode(
         "draw-conflict",
         409,
         "Already drawn with other randomness",
         "a draw asked for again with a different `public_randomness`.",
-        served=False,
     ),
     ProblemCode(
         "carry-not-ready",

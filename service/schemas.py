@@ -69,6 +69,15 @@ def _count(description: str | None = None) -> Schema:
     return schema
 
 
+def _randomness_text() -> Schema:
+    """public_randomness_source, public_randomness: 1-256 printable characters."""
+    return {"type": "string", "minLength": 1, "maxLength": rules.MAX_RANDOMNESS_TEXT}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
 def _with(name: str, description: str) -> Schema:
     """A reference with a description of its own (allowed beside $ref in OpenAPI 3.1)."""
     return {**ref(name), "description": description}
@@ -97,6 +106,15 @@ _VALUES: dict[str, Schema] = {
             "reservation."
         ),
         "examples": ["Qm9vdHN0cmFwcGluZ0lEeA.spring-2026"],
+    },
+    "EntryId": {
+        "type": "string",
+        "pattern": anchored(rules.ENTRY_ID_REGEX),
+        "description": (
+            f"Unguessable (128 random bits as {rules.RESERVATION_SECRET_LENGTH} URL-safe base64 "
+            "characters), a dot, then the `round_id`. It is the citizen's only key to the entry."
+        ),
+        "examples": ["RW50cnlJZEV4YW1wbGUwMQ.lottery-2026"],
     },
     "CitizenId": {
         "type": "string",
@@ -133,6 +151,11 @@ _VALUES: dict[str, Schema] = {
         ),
         "examples": ["7KQ2MZ9P"],
     },
+    "Hex64": {
+        "type": "string",
+        "pattern": anchored(rules.HEX64_REGEX),
+        "description": "A SHA-256 hash (or a 32-byte secret) in lowercase hex.",
+    },
     "Timestamp": {
         "type": "string",
         "format": "date-time",
@@ -163,12 +186,35 @@ _CITIZENS: dict[str, Schema] = {
             "mode": {
                 "type": "string",
                 "enum": list(rules.MODES),
-                "description": "First come, first served. A `lottery` mode will come.",
+                "description": (
+                    "`fcfs`: first come, first served. `lottery`: a registration window, then a "
+                    "draw anyone can replay (entries, not reservations)."
+                ),
             },
             "status": {"type": "string", "enum": list(rules.ROUND_STATUSES)},
             "remaining": _count("Units left over all sites."),
+            "draw": {
+                "oneOf": [{"type": "null"}, ref("RoundDraw")],
+                "description": "`null` for an `fcfs` round.",
+            },
         },
         description="One distribution campaign.",
+    ),
+    "RoundDraw": _closed(
+        {
+            "commitment": _with(
+                "Hex64", "Hex SHA-256 of the round's 32-byte secret, published from creation."
+            ),
+            "public_randomness_source": {
+                "type": "string",
+                "description": "The public random value that will decide the draw.",
+            },
+            "status": {"type": "string", "enum": list(rules.DRAW_STATUSES)},
+        },
+        description=(
+            "A lottery round's draw as far as the Round shows it; the whole record is "
+            "`GET /api/v1/rounds/{round_id}/draw`."
+        ),
     ),
     "RoundList": _closed({"rounds": {"type": "array", "items": ref("Round")}}),
     "SiteStock": _closed(
@@ -208,6 +254,128 @@ _CITIZENS: dict[str, Schema] = {
     ),
 }
 
+_LOTTERY: dict[str, Schema] = {
+    "EntryRequest": {
+        "type": "object",
+        "required": ["citizen_id", "phone", "site_id"],
+        "properties": {
+            "citizen_id": ref("CitizenId"),
+            "phone": ref("Phone"),
+            "site_id": ref("Id"),
+            "accept_district": {
+                "type": "boolean",
+                "default": False,
+                "description": "Also take a share at another site of the same district.",
+            },
+        },
+    },
+    "Entry": _closed(
+        {
+            "entry_id": ref("EntryId"),
+            "round_id": ref("Id"),
+            "site_id": ref("Id"),
+            "accept_district": {"type": "boolean"},
+            "status": {"type": "string", "enum": list(rules.ENTRY_STATUSES)},
+            "receipt": _with(
+                "Hex64",
+                'SHA-256 of `"allot-receipt-1\n" + round_id + "\n" + entry_id`: the '
+                "entry's public name in the draw's files.",
+            ),
+            "signature": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{86}$",
+                "description": (
+                    "base64url Ed25519 signature by the draw key (`GET /api/v1/draw-key`) over "
+                    '`"allot-entry-1\n{round_id}\n{receipt}\n{site_id}\n{0|1}\n"`.'
+                ),
+            },
+            "weight": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": 4,
+                "description": "`null` until the freeze.",
+            },
+            "created_at": ref("Timestamp"),
+            "citizen_id_masked": ref("CitizenIdMasked"),
+            "reservation_id": {
+                "oneOf": [{"type": "null"}, ref("ReservationId")],
+                "description": "The winner's reservation, once won.",
+            },
+        },
+        description="One citizen's entry in a lottery round.",
+    ),
+    "DrawRequest": {
+        "type": "object",
+        "required": ["public_randomness"],
+        "properties": {
+            "public_randomness": {
+                **_randomness_text(),
+                "description": (
+                    "The value the round's `public_randomness_source` published, as text: 1-256 "
+                    "printable characters (NFC)."
+                ),
+            },
+        },
+    },
+    "DrawRecord": _closed(
+        {
+            "round_id": ref("Id"),
+            "algorithm": {"const": "allot-draw-1"},
+            "status": {"type": "string", "enum": list(rules.DRAW_STATUSES)},
+            "commitment": ref("Hex64"),
+            "public_randomness_source": {"type": "string"},
+            "frozen_at": _nullable(ref("Timestamp")),
+            "entries": _nullable(_count("Lines of entries.csv.")),
+            "entries_digest": _nullable(ref("Hex64")),
+            "stock_digest": _nullable(ref("Hex64")),
+            "public_randomness": _nullable({"type": "string"}),
+            "secret": _nullable(_with("Hex64", "Published at the freeze.")),
+            "seed": _nullable(ref("Hex64")),
+            "drawn_at": _nullable(ref("Timestamp")),
+            "results_digest": _nullable(ref("Hex64")),
+            "passes": {"type": "array", "items": ref("DrawPass")},
+            "sites": _nullable({"type": "array", "items": ref("DrawSite")}),
+        },
+        description=(
+            'A lottery round\'s draw (`allot-draw-1`, API.md "The draw, step by step"); '
+            "members not yet known are `null`."
+        ),
+    ),
+    "DrawPass": _closed(
+        {
+            "pass": {"type": "integer", "minimum": 1},
+            "at": ref("Timestamp"),
+            "released": {
+                "type": "array",
+                "items": _closed({"site_id": ref("Id"), "units": _count()}),
+            },
+            "digest": ref("Hex64"),
+        }
+    ),
+    "DrawSite": _closed(
+        {
+            "site_id": ref("Id"),
+            "district": {"type": "string"},
+            "stock": _count("Units at the freeze."),
+            "entries": _count("Entries choosing the site."),
+            "winners": _nullable(_count("Winners the draw placed here; `null` until drawn.")),
+        }
+    ),
+    "DrawFile": {
+        "type": "string",
+        "description": "A published file of the draw, byte-exact (UTF-8, LF line ends).",
+    },
+    "DrawKey": _closed(
+        {
+            "public_key": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{43}$",
+                "description": "base64url of the raw 32-byte Ed25519 public key.",
+            }
+        }
+    ),
+}
+
 # -- operators' bodies and answers ------------------------------------------------------------
 
 _OPERATORS: dict[str, Schema] = {
@@ -233,7 +401,15 @@ _OPERATORS: dict[str, Schema] = {
                 "type": "string",
                 "enum": list(rules.MODES),
                 "default": rules.MODES[0],
-                "description": "Optional; only `fcfs` is taken for now.",
+                "description": "Optional; cannot change once the round has opened.",
+            },
+            "public_randomness_source": {
+                **_randomness_text(),
+                "description": (
+                    "Required for a `lottery` round: names a public random value that will "
+                    "exist only after `closes_at` (a drand round, a state lottery's numbers). "
+                    "Cannot change once the round has opened."
+                ),
             },
         },
     },
@@ -330,7 +506,12 @@ _OPERATORS: dict[str, Schema] = {
             ),
             "carried_out": _count("Units carried over to later rounds."),
             "remaining": _count(),
+            "entries": _count(
+                "Lottery rounds only. Extension beyond the contract: live entries choosing the "
+                "site."
+            ),
         },
+        optional=("entries",),
         description=(
             "One site's units in the round: `loaded` = `remaining` + `reserved` + `collected` "
             "+ `expired` + `carried_out`."
@@ -346,6 +527,7 @@ _OPERATORS: dict[str, Schema] = {
             "carried_out": _count(),
             "remaining": _count(),
             "reservations": _count("Live reservations."),
+            "entries": _count("Lottery rounds only: live (not withdrawn) entries."),
             "sites": {"type": "array", "items": ref("SiteStats")},
             "ledger": _closed(
                 {
@@ -380,9 +562,10 @@ _OPERATORS: dict[str, Schema] = {
                 ),
             },
         },
+        optional=("entries",),
         description=(
-            "A round's figures in units, except `reservations` (live reservations) and "
-            "`ledger` (reservations)."
+            "A round's figures in units, except `reservations` (live reservations), `entries` "
+            "and `ledger` (reservations)."
         ),
     ),
     "PickupRequest": {
@@ -605,6 +788,7 @@ def schemas() -> dict[str, Schema]:
     return {
         **_VALUES,
         **_CITIZENS,
+        **_LOTTERY,
         **_OPERATORS,
         **_DESK,
         **_FAIRNESS,

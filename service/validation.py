@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from allocator.draw import DrawInputError, check_public_randomness
 from allocator.errors import InvalidRequest, NotFound
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
 from allocator.model import Round, Site, parse_rfc3339
@@ -327,7 +328,10 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
     per_person = errors.integer(body, "per_person", 1, MAX_PER_PERSON)
     mode = body.get("mode", MODES[0])
     if mode not in MODES:
-        errors.add("mode", f"only {', '.join(map(repr, MODES))} is supported")
+        errors.add("mode", f"must be one of {', '.join(map(repr, MODES))}")
+    source = randomness_text(errors, body, "public_randomness_source", optional=True)
+    if mode == "lottery" and body.get("public_randomness_source") is None:
+        errors.add("public_randomness_source", "is required for a lottery round")
     if opens_at and closes_at and not opens_at < closes_at:
         errors.add("closes_at", "must be after opens_at")
     if pickup_start and pickup_end and not pickup_start < pickup_end:
@@ -337,7 +341,66 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
     errors.check()
     assert title
     assert per_person
-    return Round(round_id, title, opens_at, closes_at, per_person, pickup_start, pickup_end)
+    return Round(
+        round_id,
+        title,
+        opens_at,
+        closes_at,
+        per_person,
+        pickup_start,
+        pickup_end,
+        mode=mode,
+        public_randomness_source=source,
+    )
+
+
+def randomness_text(
+    errors: _Errors, body: Mapping[str, Any], name: str, *, optional: bool = False
+) -> str | None:
+    """``public_randomness_source`` or ``public_randomness``: 1-256 printable characters (in
+    NFC; allocator/draw.py's rule), kept exactly as given otherwise."""
+    value = errors.string(body, name, optional=optional)
+    if value is None:
+        return None
+    try:
+        return check_public_randomness(value)
+    except DrawInputError as exc:
+        errors.add(name, str(exc).removeprefix("public_randomness "))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRequest:
+    site_id: str
+    citizen_id: str
+    phone: str
+    accept_district: bool
+
+
+def parse_entry(body: Mapping[str, Any]) -> EntryRequest:
+    errors = _Errors()
+    citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id)
+    phone = errors.checked(body, "phone", validate_phone)
+    site_id = errors.ident(body, "site_id")
+    accept = body.get("accept_district", False)
+    if accept is None:
+        accept = False
+    if not isinstance(accept, bool):
+        errors.add("accept_district", "must be true or false")
+    errors.check()
+    assert site_id
+    assert citizen_id
+    assert phone
+    return EntryRequest(site_id, citizen_id, phone, bool(accept))
+
+
+def parse_draw(body: Mapping[str, Any]) -> str:
+    """The body of POST .../draw: ``{"public_randomness": "<1-256 printable characters>"}``."""
+    errors = _Errors()
+    value = randomness_text(errors, body, "public_randomness")
+    errors.check()
+    assert value is not None
+    return value
 
 
 @dataclass(frozen=True, slots=True)

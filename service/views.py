@@ -13,12 +13,21 @@ from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
 from service.auth import check_site, require_operator, require_staff
 from service.client import client_address
 from service.openapi import openapi_document
-from service.shapes import batch_body, reservation_body, round_body, site_body, stats_body
+from service.shapes import (
+    batch_body,
+    entry_body,
+    reservation_body,
+    round_body,
+    site_body,
+    stats_body,
+)
 from service.validation import (
     CSV_LIMIT,
     media_type,
     parse_batch_csv,
     parse_batch_json,
+    parse_draw,
+    parse_entry,
     parse_pickup,
     parse_reservation,
     parse_round,
@@ -121,6 +130,84 @@ async def reserve(
     return json_response(body, status=201, headers={"Location": location})
 
 
+@routes.post("/api/v1/rounds/{round_id}/entries")
+async def create_entry(request: web.Request) -> web.Response:
+    """A lottery entry, through the same gate, queue and batches as a reservation."""
+    allocator = request.app[ALLOCATOR]
+    round_id = path_id(request, "round_id")
+    ask = parse_entry(await read_json(request))
+    key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
+    asked = allocator.entry_request(
+        round_id,
+        ask.site_id,
+        ask.citizen_id,
+        ask.phone,
+        ask.accept_district,
+        client_address(request, request.app[TRUSTED_PROXIES]),
+    )
+    entry, created = await request.app[ADMISSION].enter(asked)
+    body = entry_body(entry, await allocator.round(round_id), key)
+    if not created:
+        return json_response(body)
+    return json_response(
+        body, status=201, headers={"Location": f"/api/v1/entries/{entry.entry_id}"}
+    )
+
+
+@routes.get("/api/v1/entries/{entry_id}")
+async def get_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.entry(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.delete("/api/v1/entries/{entry_id}")
+async def withdraw_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.withdraw(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.get("/api/v1/draw-key")
+async def get_draw_key(request: web.Request) -> web.Response:
+    key = await request.app[ALLOCATOR].draw_key()
+    return json_response({"public_key": key.public_key()})
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw")
+async def get_draw(request: web.Request) -> web.Response:
+    """The draw record (API.md, Lottery rounds); public."""
+    record = await request.app[ALLOCATOR].draw_record(path_id(request, "round_id"))
+    return json_response(record)
+
+
+async def _draw_file(request: web.Request, name: str) -> web.Response:
+    data = await request.app[ALLOCATOR].draw_file(path_id(request, "round_id"), name)
+    return web.Response(body=data, content_type="text/csv", charset="utf-8")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/entries.csv")
+async def get_draw_entries(request: web.Request) -> web.Response:
+    return await _draw_file(request, "entries.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/stock.csv")
+async def get_draw_stock(request: web.Request) -> web.Response:
+    return await _draw_file(request, "stock.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/results.csv")
+async def get_draw_results(request: web.Request) -> web.Response:
+    return await _draw_file(request, "results.csv")
+
+
+@routes.get(r"/api/v1/rounds/{round_id}/draw/pass-{n:[0-9]+}.csv")
+async def get_draw_pass(request: web.Request) -> web.Response:
+    return await _draw_file(request, f"pass-{request.match_info['n']}.csv")
+
+
 @routes.get("/api/v1/reservations/{reservation_id}")
 async def get_reservation(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
@@ -153,6 +240,7 @@ async def put_round(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     rnd = parse_round(request.match_info["round_id"], await read_json(request))
     created = await allocator.upsert_round(rnd)
+    rnd = await allocator.round(rnd.round_id)  # as stored: a lottery round's commitment
     body = round_body(rnd, allocator.now(), await allocator.remaining(rnd.round_id))
     return json_response(body, status=201 if created else 200)
 
@@ -175,6 +263,24 @@ async def post_batch(request: web.Request) -> web.Response:
     else:
         result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
     return json_response(batch_body(result), status=201 if result.created else 200)
+
+
+def _draw_answer(record: dict[str, Any]) -> web.Response:
+    return json_response(record, status=202 if record["status"] == "drawing" else 200)
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw")
+async def post_draw(request: web.Request) -> web.Response:
+    await require_operator(request)
+    round_id = path_id(request, "round_id")
+    value = parse_draw(await read_json(request))
+    return _draw_answer(await request.app[ALLOCATOR].draw(round_id, value))
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw/next")
+async def post_draw_next(request: web.Request) -> web.Response:
+    await require_operator(request)
+    return _draw_answer(await request.app[ALLOCATOR].draw_next(path_id(request, "round_id")))
 
 
 @routes.get("/api/v1/admin/rounds/{round_id}/stats")

@@ -65,6 +65,7 @@ ROUND_KEYS = {
     "mode",
     "status",
     "remaining",
+    "draw",
 }
 SITE_KEYS = {"site_id", "name", "address", "district", "remaining"}
 RESERVATIONS = "/api/v1/rounds/r1/reservations"
@@ -1039,7 +1040,8 @@ async def test_put_round_with_bad_fields_is_422_naming_them_and_stores_nothing(
         "per-person-float": (_round_with(per_person=1.5), {"per_person"}),
         "per-person-bool": (_round_with(per_person=True), {"per_person"}),
         "empty-title": (_round_with(title="  "), {"title"}),
-        "lottery": (_round_with(mode="lottery"), {"mode"}),
+        "unknown-mode": (_round_with(mode="raffle"), {"mode"}),
+        "lottery-without-source": (_round_with(mode="lottery"), {"public_randomness_source"}),
         "three-at-once": (
             _round_with(title=None, per_person=0, opens_at="2030-01-01T09:00:00"),
             {"title", "per_person", "opens_at"},

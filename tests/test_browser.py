@@ -830,3 +830,58 @@ async def test_console_shows_the_fairness_report_and_marks_the_groups_left_behin
     await assert_contrast(page)
     assert page_errors(page) == []
     await context.close()
+
+
+# -- lottery rounds -------------------------------------------------------------------------
+
+
+async def test_citizen_registers_for_a_lottery_and_the_console_draws_it(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """A lottery round is a registration (登记): the page shows the entry's receipt and status,
+    the console freezes and draws it, and the page then shows the pickup code and the check."""
+    from tests.test_lottery import seed_lottery, wait_for_status
+
+    await seed_lottery(client, stock={"s1": 1, "s2": 1}, closes_in=8)
+    context, page = await open_page(browser, client)
+    await expect(page.locator("#form-title")).to_have_text("登记抽签")
+    await expect(page.get_by_test_id("countdown")).to_contain_text("登记截止还有")
+    await expect(page.locator("#accept-field")).to_be_visible()
+    await fill_form(page, 1, "s1")
+    await page.locator("#accept_district").check()
+    await page.get_by_role("button", name="登记", exact=True).click()
+    await expect(page.get_by_test_id("entry-status")).to_have_text("已登记，等待开奖")
+    receipt = page.get_by_test_id("entry-receipt")
+    await expect(receipt).to_contain_text(re.compile(r"[0-9a-f]{64}"))
+    await page.screenshot(path=shots / "lottery-registered-phone.png", full_page=True)
+    await assert_contrast(page)
+
+    await wait_for_status(client, "frozen")
+    admin_context, console = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(console)
+    await console.locator("#stats-round").select_option("l1")
+    await expect(console.get_by_test_id("lottery-box")).to_be_visible()
+    await expect(console.get_by_test_id("stat-entries")).to_have_text("1")
+    frozen = "名单已冻结，等待公开随机数开奖"
+    await expect(console.get_by_test_id("draw-status")).to_have_text(frozen)
+    await console.locator("#draw-randomness").fill("drand 9123456: 4c0a")
+    await console.get_by_role("button", name="开奖", exact=True).click()
+    await expect(console.get_by_test_id("draw-result")).to_contain_text("已开奖")
+    await expect(console.get_by_test_id("draw-record")).to_contain_text("drand 9123456: 4c0a")
+    await console.screenshot(path=shots / "lottery-console-desktop.png", full_page=True)
+    assert page_errors(console) == []
+    await admin_context.close()
+
+    await page.reload()
+    await expect(page.get_by_test_id("entry-status")).to_have_text("中签")
+    code = page.get_by_test_id("entry-pickup-code")
+    await expect(code).to_contain_text(re.compile(r"[2-9A-HJ-NP-Z]{8}"))
+    check = page.get_by_test_id("check-draw")
+    record = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    await expect(check).to_contain_text(record["seed"])
+    await expect(check).to_contain_text(record["secret"])
+    await expect(check.locator("a.file")).to_have_count(3)
+    await page.screenshot(path=shots / "lottery-won-phone.png", full_page=True)
+    await assert_contrast(page)
+    assert page_errors(page) == []
+    await context.close()

@@ -182,6 +182,25 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
     "integrity: floor not a number": ("integrity", ["x"]),
     "integrity: floor infinite": ("integrity", ["inf"]),
     "integrity: two floors": ("integrity", ["99", "1"]),
+    "enter: n zero": ("enter", ["0", *GATE, "-1"]),
+    "enter: n does not match": ("enter", ["2", *GATE, "-1", "7 8 s1 c p m e.r1 0"]),
+    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "7 8 s1 c p m e.r1 0"]),
+    "enter: item short": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1"]),
+    "enter: key index into the fixed keys": ("enter", ["1", *GATE, "-1", "2 8 s1 c p m e.r1 0"]),
+    "enter: key index outside KEYS": ("enter", ["1", *GATE, "-1", "7 99 s1 c p m e.r1 0"]),
+    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1 2"]),
+    "enter: bad second item, floor marks lost": (
+        "enter",
+        ["2", *GATE, "99", "7 8 s1 c p m e.r1 0", "7 8 s1"],
+    ),
+    "withdraw: no ARGV": ("withdraw", []),
+    "withdraw: empty entry_id": ("withdraw", ["", "-1"]),
+    "withdraw: floor not a number": ("withdraw", ["e.r1", "x"]),
+    "award: n zero": ("award", ["0", "-1"]),
+    "award: n does not match": ("award", ["2", "-1", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
+    "award: item short": ("award", ["1", "-1", "8 9 e.r1 s1 rid.r1"]),
+    "award: key index into the fixed keys": ("award", ["1", "-1", f"3 9 e.r1 s1 rid.r1 {CODES}"]),
+    "award: floor not a number": ("award", ["1", "x", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
 }
 
 
@@ -201,5 +220,14 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
         "integrity": [rk.round, rk.tally],
         "expire": [rk.round, rk.reservations, rk.tally, rk.ledger, rk.sweep],
         "carry": [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
-    }[name]
+        "enter": [
+            rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.gate_global,
+            rk.gate_client("client"), rk.gate_citizen("c" * 64),
+        ],
+        "withdraw": [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
+        "award": [
+            rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries,
+            rk.codes("s1"), rk.site_holders("s1"),
+        ],
+    }[name]  # fmt: skip
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)

@@ -34,6 +34,18 @@ CONTRACT_OPERATIONS = {
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
+    # Lottery rounds
+    ("post", "/api/v1/rounds/{round_id}/entries"),
+    ("get", "/api/v1/entries/{entry_id}"),
+    ("delete", "/api/v1/entries/{entry_id}"),
+    ("get", "/api/v1/draw-key"),
+    ("get", "/api/v1/rounds/{round_id}/draw"),
+    ("get", "/api/v1/rounds/{round_id}/draw/entries.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/stock.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/results.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/pass-{n}.csv"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw/next"),
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The part of the application the document must describe.

@@ -349,6 +349,74 @@
     );
     drawChart($('chart-rate'), $('legend-rate'), [{ key: 'rate', label: t('stat_rate'), color: '#7c3aed' }], 1);
     renderSiteTable(s.sites || []);
+    var lottery = typeof s.entries === 'number';
+    $('lottery-box').hidden = !lottery;
+    if (lottery) {
+      $('n-entries').textContent = fmt(s.entries);
+      loadDraw(s.round_id);
+    }
+  }
+
+  // -- lottery: freeze status, the draw, passes, the record -------------------------------------
+
+  async function loadDraw(roundId) {
+    if (Date.now() - (state.drawAt || 0) < 1900 && state.drawRound === roundId) return;
+    state.drawAt = Date.now();
+    state.drawRound = roundId;
+    var res = await A.api('GET', '/api/v1/rounds/' + encodeURIComponent(roundId) + '/draw');
+    if (res.status === 200 && res.data) renderDraw(res.data);
+  }
+
+  function renderDraw(rec) {
+    $('draw-status').textContent = t('draw_status_' + rec.status);
+    $('draw-source').textContent = t('draw_source', { source: rec.public_randomness_source });
+    $('draw-submit').disabled = rec.status !== 'frozen' && rec.status !== 'drawing';
+    $('draw-next').disabled = rec.status !== 'drawn';
+    if (rec.public_randomness && !$('draw-randomness').value) $('draw-randomness').value = rec.public_randomness;
+    var rows = [
+      ['commitment', rec.commitment],
+      ['frozen_at', rec.frozen_at],
+      ['entries', rec.entries],
+      ['entries_digest', rec.entries_digest],
+      ['stock_digest', rec.stock_digest],
+      ['secret', rec.secret],
+      ['public_randomness', rec.public_randomness],
+      ['seed', rec.seed],
+      ['drawn_at', rec.drawn_at],
+      ['results_digest', rec.results_digest],
+    ];
+    (rec.passes || []).forEach(function (p) {
+      var units = (p.released || []).map(function (x) {
+        return x.site_id + ' +' + x.units;
+      });
+      rows.push(['pass ' + p.pass, (units.join(', ') || '—') + ' · ' + p.digest]);
+    });
+    var table = A.clear($('draw-table'));
+    var body = el('tbody');
+    rows.forEach(function (r) {
+      body.appendChild(
+        el('tr', {}, [
+          el('th', { scope: 'row' }, [el('code', { text: r[0] })]),
+          el('td', { class: 'mono', text: r[1] === null || r[1] === undefined ? '—' : String(r[1]) }),
+        ])
+      );
+    });
+    table.appendChild(body);
+  }
+
+  async function postDraw(next) {
+    var round = state.statsRound;
+    if (!round) return;
+    var url = '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/draw' + (next ? '/next' : '');
+    var body = next ? null : { public_randomness: $('draw-randomness').value };
+    var res = await adminRetrying('POST', url, body);
+    if (res.status === 200 || res.status === 202) {
+      renderDraw(res.data);
+      showBox('draw-result', 'ok', t(res.status === 200 ? 'draw_done' : 'draw_running'));
+    } else {
+      showBox('draw-result', 'bad', problemText(res), [errorsList(res)]);
+    }
+    state.drawAt = 0;
   }
 
   /** Redis has lost data of this round that the ledger has: say so plainly, and what to do. */
@@ -441,6 +509,9 @@
 
   function renderSiteTable(sites) {
     var table = A.clear($('site-table'));
+    var lottery = sites.some(function (s) {
+      return typeof s.entries === 'number';
+    });
     table.appendChild(
       el('thead', {}, [
         el('tr', {}, [
@@ -452,6 +523,7 @@
           el('th', { scope: 'col', class: 'num', text: t('stat_expired') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_carried_out') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
+          lottery ? el('th', { scope: 'col', class: 'num', text: t('stat_entries') }) : null,
         ]),
       ])
     );
@@ -468,6 +540,7 @@
           el('td', { class: 'num', text: fmt(s.expired) }),
           el('td', { class: 'num', text: fmt(s.carried_out) }),
           el('td', { class: 'num', text: fmt(s.remaining) }),
+          lottery ? el('td', { class: 'num', text: fmt(s.entries || 0) }) : null,
         ])
       );
     });
@@ -1101,6 +1174,13 @@
     });
     $('dt-form').addEventListener('submit', createDeskToken);
     $('batch-form').addEventListener('submit', loadBatch);
+    $('draw-form').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      postDraw(false);
+    });
+    $('draw-next').addEventListener('click', function () {
+      postDraw(true);
+    });
     $('batch-id-new').addEventListener('click', function () {
       $('batch-id').value = newBatchId();
     });
