@@ -74,6 +74,11 @@ RANDOMNESS_SOURCE = (
     "allot loadtest: 16 random bytes (hex) the gate draws after the round has frozen"
 )
 LOCUST_STARTUP = 3.0  # seconds from launching locust to its first user (measured: ~1.5-2.5)
+# Every worker lists a new round at most allocator.catalogue.SNAPSHOT_TTL (1 s) after it was
+# created (each keeps the list of rounds that long): the crowd starts after that, so readers
+# never see a list without it (a lottery round's workers look at their rounds every 2 s, so
+# their list is always warm).
+LISTED_WITHIN = 1.2
 TZ = dt.timezone(dt.timedelta(hours=8))
 DISTRICTS = ("徐汇区", "静安区", "浦东新区")
 
@@ -348,7 +353,9 @@ async def seed(session: aiohttp.ClientSession, target: Target, plan: Plan, stamp
     if status != 200:
         raise SetupError(f"PUT /api/v1/admin/sites answered {status}: {body}")
     spawn = plan.users / plan.spawn_rate
-    plan.opens_at = math.ceil(time.time() + LOCUST_STARTUP + plan.processes * 0.3 + spawn + 1)
+    plan.opens_at = math.ceil(
+        time.time() + LISTED_WITHIN + LOCUST_STARTUP + plan.processes * 0.3 + spawn + 1
+    )
     plan.closes_at = plan.opens_at + plan.duration + 3600
     if plan.mode == "lottery":  # registration closes when locust stops: then freeze and draw
         plan.closes_at = plan.opens_at + math.ceil(plan.duration + plan.grace)
@@ -881,6 +888,7 @@ async def _measure(
     if not await _ready(session, target.url):
         raise SetupError(f"{target.url}/readyz does not answer 200: the service is not ready")
     await seed(session, target, plan, stamp)
+    await asyncio.sleep(LISTED_WITHIN)
     plan.run_time = math.ceil(plan.opens_at - time.time() + plan.duration + opts.grace)
     samples: list[dict[str, Any]] = []
     stop = asyncio.Event()
