@@ -86,6 +86,10 @@ class Run:
     non2xx: int
     socket_errors: int
     requests: int
+    # Redis time in claim scripts per 2xx answer (INFO commandstats, EVALSHA usec before and
+    # after the run), and EVALSHA calls per 2xx answer (how well claims are batched)
+    redis_us_per_claim: float | None = None
+    evalsha_per_claim: float | None = None
 
 
 @dataclass
@@ -175,10 +179,26 @@ async def wait_up(url: str, path: str = "/healthz", within: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
+# --programme: the bench round belongs to a programme with a cooldown, so every claim also
+# reads and writes the programme's entitlement hash (in the same script call)
+PROGRAMME: dict[str, Any] = {}
+PROGRAMME_NOTE = (
+    " The bench round is in a programme with `cooldown_days = 7` (`--programme`): every claim"
+    " also checks and writes the programme's entitlement hash."
+)
+
+
+async def evalsha_usec(redis: Redis) -> tuple[int, int]:
+    """(calls, usec) of EVALSHA so far on this Redis (INFO commandstats)."""
+    stats = (await redis.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 async def seed(url: str, *, sold_out_site: bool = True) -> None:
     admin = {"Authorization": f"Bearer {TOKEN}"}
     now = dt.datetime.now(dt.UTC)
     rnd = {
+        **PROGRAMME,
         "title": "bench",
         "opens_at": (now - dt.timedelta(minutes=1)).isoformat(),
         "closes_at": (now + dt.timedelta(hours=2)).isoformat(),
@@ -328,14 +348,28 @@ async def main(args: argparse.Namespace) -> int:
         for s in scenarios:  # warm-up: imports, connections, JIT-free but caches and pools
             wrk(s.url, s.site, offset, 2, args.connections)
             offset += 300_000
+        stats_redis = Redis.from_url(redis_url)
         for r in range(args.rounds):
             for s in scenarios:
+                calls0, usec0 = await evalsha_usec(stats_redis)
                 run = wrk(s.url, s.site, offset, args.duration, args.connections)
+                calls1, usec1 = await evalsha_usec(stats_redis)
+                answered = max(1, run.requests - run.non2xx)
+                if s.expect_2xx and s.name != scenarios[0].name:
+                    run.redis_us_per_claim = (usec1 - usec0) / answered
+                    run.evalsha_per_claim = (calls1 - calls0) / answered
                 offset += 300_000
                 s.runs.append(run)
+                redis_part = (
+                    f"  redis {run.redis_us_per_claim:5.1f} us/claim"
+                    f" ({run.evalsha_per_claim:.3f} evalsha/claim)"
+                    if run.redis_us_per_claim is not None
+                    else ""
+                )
                 print(f"round {r + 1} {s.name:24} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
                       f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
-                      f"  socket errors {run.socket_errors}", flush=True)  # fmt: skip
+                      f"  socket errors {run.socket_errors}{redis_part}", flush=True)  # fmt: skip
+        await stats_redis.aclose()
         memory = await full_queue_rss(env, procs, tmp)
     finally:
         procs.stop_all()
@@ -371,9 +405,15 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+
+    def redis_us(s: Scenario) -> str:
+        values = [r.redis_us_per_claim for r in s.runs if r.redis_us_per_claim is not None]
+        return f"{statistics.median(values):.1f}" if values else ""
+
     rows = "\n".join(
         f"| {s.name} | {s.median('rps'):,.0f} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f}"
-        f" | {sum(r.non2xx for r in s.runs)} | {sum(r.socket_errors for r in s.runs)}"
+        f" | {redis_us(s)} | {sum(r.non2xx for r in s.runs)}"
+        f" | {sum(r.socket_errors for r in s.runs)}"
         f" | {' / '.join(f'{r.rps:,.0f}' for r in s.runs)} |"
         for s in scenarios
     )
@@ -395,9 +435,13 @@ run side by side and alternating, {args.rounds} rounds of {args.duration} s each
 figures are medians over the rounds. The machine is shared and noisy: read the ratios, not the
 absolute numbers.
 
-| scenario | req/s | p50 ms | p99 ms | non-2xx | socket errors | req/s per round |
-|---|---:|---:|---:|---:|---:|---|
+| scenario | req/s | p50 ms | p99 ms | Redis µs/2xx | non-2xx | socket errors | req/s per round |
+|---|---:|---:|---:|---:|---:|---:|---|
 {rows}
+
+"Redis µs/2xx" is the time Redis spent in EVALSHA during the run (`INFO commandstats`,
+before and after) divided by the 2xx answers: the claim script's cost per reservation, gate
+included.{PROGRAMME_NOTE if PROGRAMME else ""}
 
 | ratio | measured | target |
 |---|---:|---:|
@@ -625,5 +669,12 @@ if __name__ == "__main__":
         default="64,512",
         help="with --redis-persistence: wrk connection counts to compare at, comma-separated",
     )
+    parser.add_argument(
+        "--programme",
+        action="store_true",
+        help="the bench round is in a programme with cooldown_days = 7 (the cooldown check)",
+    )
     parsed = parser.parse_args()
+    if parsed.programme:
+        PROGRAMME.update(programme="bench", cooldown_days=7)
     raise SystemExit(asyncio.run(persistence(parsed) if parsed.redis_persistence else main(parsed)))
