@@ -5,6 +5,7 @@ frame on the hot path):
 
   store.py         the guarded Redis and PostgreSQL access (timeouts, breaker)
   losswatch.py     Redis compared with the ledger's marks; lost rounds refused; readiness
+  tags.py          which hash tag each round's keys use (its programme's, or its own)
   catalogue.py     rounds, sites and stock from short-lived snapshots; alternatives
   gate.py          the token buckets' settings, keys and refusals (spent inside claim.lua)
   claims.py        claims packed into one claim.lua call and decoded; cancel; pickup
@@ -38,6 +39,7 @@ from allocator.soldout import SoldOutBoard
 from allocator.stats import Stats
 from allocator.stock_events import StockEvents
 from allocator.store import Store
+from allocator.tags import RoundTags
 
 
 class Allocator:
@@ -71,8 +73,11 @@ class Allocator:
         self.loop_lag = self.store.loop_lag  # its run() is started by the app
         self.scripts = Scripts.register(redis)
         self.sold_out = SoldOutBoard(clock=monotonic)
-        self.watch = LossWatch(self.store, keys, self.scripts, self.floors, forget=self._forget)
-        self.catalogue = Catalogue(self.store, keys, self.watch, monotonic=monotonic)
+        self.tags = RoundTags(self.store, keys, monotonic=monotonic)
+        self.watch = LossWatch(
+            self.store, keys, self.scripts, self.floors, self.tags, forget=self._forget
+        )
+        self.catalogue = Catalogue(self.store, keys, self.watch, self.tags, monotonic=monotonic)
         self.stock_events = StockEvents(self.store, keys, self.catalogue, self.sold_out)
         self.claims = Claims(
             self.store,
@@ -87,7 +92,14 @@ class Allocator:
             clock=clock,
         )
         self.operators = Operators(
-            self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            self.stock_events,
+            self.tags,
+            clock=clock,
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
 
@@ -103,6 +115,7 @@ class Allocator:
         self.remaining = self.catalogue.remaining
         self.site_list = self.catalogue.site_list
         self.alternatives = self.catalogue.alternatives
+        self.check_eligibility = self.claims.check_eligibility
         self.claim_request = self.claims.claim_request
         self.claim_many = self.claims.claim_many
         self.reservation = self.claims.reservation

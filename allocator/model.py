@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from allocator.entitlement import Eligibility
+
 # The patterns live in allocator/rules.py; these names stay importable from here for the
 # modules that read them from the model (allocator/claims.py, the state-machine test).
 from allocator.rules import PICKUP_ALPHABET as PICKUP_ALPHABET
@@ -67,6 +69,12 @@ class Round:
     pickup_start: dt.datetime
     pickup_end: dt.datetime
     mode: str = "fcfs"
+    # Entitlement (API.md): the programme the round belongs to, the cooldown a reservation in it
+    # sets, who may take part, and loss weighting (read by lottery rounds only)
+    programme: str | None = None
+    cooldown_days: int = 0
+    eligibility: Eligibility | None = None
+    loss_weighting: bool = False
 
     def status(self, now: dt.datetime) -> str:
         if now < self.opens_at:
@@ -88,6 +96,13 @@ class Round:
             "pickup_end_ms": to_ms(self.pickup_end),
             "per_person": self.per_person,
             "mode": self.mode,
+            # read by claim.lua: "" is no programme; a reservation bars for cooldown_days
+            "programme": self.programme or "",
+            "cooldown_days": self.cooldown_days,
+            "eligibility": (
+                orjson.dumps(self.eligibility.to_json()).decode() if self.eligibility else ""
+            ),
+            "loss_weighting": int(self.loss_weighting),
         }
 
     @classmethod
@@ -101,6 +116,13 @@ class Round:
             pickup_start=parse_rfc3339(h[b"pickup_start"].decode()),
             pickup_end=parse_rfc3339(h[b"pickup_end"].decode()),
             mode=h[b"mode"].decode(),
+            # rounds written before programmes existed lack these fields: none, 0, anyone, off
+            programme=h.get(b"programme", b"").decode() or None,
+            cooldown_days=int(h.get(b"cooldown_days", b"0")),
+            eligibility=Eligibility.parse(orjson.loads(h[b"eligibility"]))
+            if h.get(b"eligibility")
+            else None,
+            loss_weighting=h.get(b"loss_weighting", b"0") == b"1",
         )
 
 

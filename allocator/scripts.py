@@ -12,7 +12,15 @@ from importlib import resources
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
-SCRIPT_NAMES = ("claim", "cancel", "pickup", "load_batch", "integrity")
+SCRIPT_NAMES = (
+    "claim",
+    "cancel",
+    "pickup",
+    "load_batch",
+    "integrity",
+    "retire",
+    "restore_cooldowns",
+)
 
 
 def script_source(name: str) -> str:
@@ -26,6 +34,8 @@ class Scripts:
     pickup: AsyncScript
     load_batch: AsyncScript
     integrity: AsyncScript
+    retire: AsyncScript
+    restore_cooldowns: AsyncScript
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -47,7 +47,7 @@ class Stats:
         lost round here rather than a refusal."""
         with contextlib.suppress(RoundLost):
             await self.catalogue.round(round_id)  # NotFound for a round nobody has
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.loaded)
             pipe.hgetall(rk.stock)

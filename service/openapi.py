@@ -139,13 +139,19 @@ ROUTES: tuple[Route, ...] = (
             "round-not-open": None,
             "sold-out": None,
             "already-reserved": None,
+            "not-eligible": None,
+            "in-cooldown": None,
             "rate-limited": None,
             "overloaded": None,
             "unavailable": None,
         },
         description=(
             "A citizen holds at most one live reservation per round, whatever the site. "
-            "A retry after a timeout is safe: it answers 200 with the same reservation."
+            "A retry after a timeout is safe: it answers 200 with the same reservation. "
+            "The round's `eligibility` is checked from the ID first (`not-eligible`, before "
+            "any stock is touched); a live reservation in another round of the same "
+            "`programme` bars the citizen until its `created_at` + that round's "
+            "`cooldown_days` (`in-cooldown`)."
         ),
         request={"application/json": "ReservationRequest"},
         request_description="Who reserves, and where.",
@@ -209,7 +215,11 @@ ROUTES: tuple[Route, ...] = (
             "unavailable": None,
         },
         request={"application/json": "RoundSpec"},
-        request_description="The round's settings.",
+        request_description=(
+            "The round's settings. `mode`, `programme`, `eligibility` and `loss_weighting` "
+            "cannot change once the round has opened; `programme` cannot change either once "
+            "a batch has been loaded (422 naming the field, nothing changed)."
+        ),
     ),
     Route(
         "post",

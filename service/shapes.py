@@ -27,6 +27,10 @@ def round_body(rnd: Round, now: dt.datetime, remaining: int) -> dict[str, Any]:
         "mode": rnd.mode,
         "status": rnd.status(now),
         "remaining": remaining,
+        "programme": rnd.programme,
+        "cooldown_days": rnd.cooldown_days,
+        "eligibility": rnd.eligibility.to_json() if rnd.eligibility else None,
+        "draw": None,  # the draw record of a lottery round; an fcfs round has none
     }
 
 

@@ -63,6 +63,10 @@ ROUND_KEYS = {
     "mode",
     "status",
     "remaining",
+    "programme",
+    "cooldown_days",
+    "eligibility",
+    "draw",
 }
 SITE_KEYS = {"site_id", "name", "address", "district", "remaining"}
 RESERVATIONS = "/api/v1/rounds/r1/reservations"
