@@ -169,6 +169,7 @@ class Claims:
             rk.tally,
             rk.ledger,
             self.gate.round_bucket(rk),
+            rk.entitled,
         ]
         index: dict[str, int] = {}
 
@@ -244,6 +245,8 @@ class Claims:
                     "(at another site or with another phone number)."
                 )
             )
+        if status == "in-cooldown":
+            return ClaimOutcome(refusal=await self._in_cooldown(round_id, int(reply[1])))
         if status == "sold-out":
             return ClaimOutcome(refusal=await self._sold_out(round_id, item.site_id, int(reply[1])))
         if status == "no-code":
@@ -309,6 +312,7 @@ class Claims:
                     rk.reservations,
                     rk.tally,
                     rk.ledger,
+                    rk.entitled,
                 ],
                 args=[reservation_id, floor],
             )

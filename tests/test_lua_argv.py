@@ -34,6 +34,7 @@ def claim_keys(rk: RoundKeys) -> list[str]:
         rk.tally,
         rk.ledger,
         rk.gate_global,
+        rk.entitled,
         rk.codes("s1"),
         rk.site_holders("s1"),
         rk.gate_client("client"),
@@ -41,7 +42,7 @@ def claim_keys(rk: RoundKeys) -> list[str]:
     ]
 
 
-def item(*, indexes: str = "8 9 10 11", n: int = 1) -> str:
+def item(*, indexes: str = "9 10 11 12", n: int = 1) -> str:
     return f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1 {CODES}"
 
 
@@ -57,12 +58,19 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
     "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
     "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
-    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "8 9 10 11 s1"],
-    "second item key index outside KEYS": ["2", *GATE, "-1", GOOD_ITEM, item(indexes="8 9 99 11")],
-    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 9 10 11")],
-    "item key index not a number": ["1", *GATE, "-1", item(indexes="8 x 10 11")],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "9 10 11 12 s1"],
+    "second item key index outside KEYS": [
+        "2",
+        *GATE,
+        "-1",
+        GOOD_ITEM,
+        item(indexes="9 10 99 12"),
+    ],
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 10 11 12")],
+    "item key index at the entitlement hash": ["1", *GATE, "-1", item(indexes="8 10 11 12")],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="9 x 11 12")],
     # a floor above the round's seq would set the lost mark: not before the items are checked
-    "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "8 9 10"],
+    "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "9 10 11"],
 }
 
 
@@ -151,6 +159,20 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
     "integrity: floor not a number": ("integrity", ["x"]),
     "integrity: floor infinite": ("integrity", ["inf"]),
     "integrity: two floors": ("integrity", ["99", "1"]),
+    "retire: no ARGV": ("retire", []),
+    "retire: floor not a number": ("retire", ["x"]),
+    "retire: floor NaN": ("retire", ["nan"]),
+    "retire: two floors": ("retire", ["-1", "-1"]),
+    "restore_cooldowns: no ARGV": ("restore_cooldowns", []),
+    "restore_cooldowns: empty round_id": ("restore_cooldowns", ["", "c", "1", "{rid}"]),
+    "restore_cooldowns: half a triple": ("restore_cooldowns", ["r1", "c", "1"]),
+    "restore_cooldowns: until not whole": ("restore_cooldowns", ["r1", "c", "1.5", "{rid}"]),
+    "restore_cooldowns: until infinite": ("restore_cooldowns", ["r1", "c", "inf", "{rid}"]),
+    "restore_cooldowns: empty citizen": ("restore_cooldowns", ["r1", "", "1", "{rid}"]),
+    "restore_cooldowns: second triple bad": (
+        "restore_cooldowns",
+        ["r1", "c", "99999999999999", "{rid}", "d", "x", "{rid}"],
+    ),
 }
 
 
@@ -164,9 +186,28 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
     args = [a.format(rid=rid, code=code) for a in template]
     rk = keys.round("r1")
     script_keys = {
-        "cancel": [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+        "cancel": [
+            rk.round,
+            rk.stock,
+            rk.holders,
+            rk.reservations,
+            rk.tally,
+            rk.ledger,
+            rk.entitled,
+        ],
         "pickup": [rk.round, rk.reservations, rk.codes("s1"), rk.tally, rk.ledger],
         "load_batch": [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
         "integrity": [rk.round, rk.tally],
+        "retire": [
+            rk.round,
+            rk.stock,
+            rk.loaded,
+            rk.batches,
+            rk.tally,
+            rk.reservations,
+            rk.holders,
+            rk.ledger,
+        ],
+        "restore_cooldowns": [rk.entitled],
     }[name]
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)
