@@ -257,7 +257,8 @@ class Claims:
     async def _in_cooldown(self, round_id: str, until_ms: int) -> Problem:
         """The refusal, with ``until`` in the offset the operator gave the round's times."""
         rnd = await self.catalogue.round(round_id)
-        until = dt.datetime.fromtimestamp(until_ms / 1000, rnd.opens_at.tzinfo)
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        until = (epoch + dt.timedelta(milliseconds=until_ms)).astimezone(rnd.opens_at.tzinfo)
         shown = until.isoformat(timespec="seconds" if until_ms % 1000 == 0 else "milliseconds")
         return InCooldown(
             f"This citizen ID has a reservation in another round of programme "

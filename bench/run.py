@@ -230,8 +230,13 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> dict[str, Any]:
-    """Peak RSS of one worker while 10,000 reservations wait in its queue (Redis paused)."""
+async def full_queue_rss(
+    env: dict[str, str], procs: Processes, tmp: Path, database_url: str
+) -> dict[str, Any]:
+    """Peak RSS of one worker while 10,000 reservations wait in its queue (Redis paused).
+
+    Its own Redis and its own database: the ledger of the scenarios' database knows round
+    `bench`, which this Redis does not, and /readyz rightly refuses such a pair (data lost)."""
     redis_port = free_port()
     redis = procs.start(
         "redis-paused",
@@ -243,6 +248,7 @@ async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> di
     config.write_text(WIDE_OPEN + FULL_QUEUE)
     port, ops_port = free_port(), free_port()
     worker_env = {**env, "ALLOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                  "ALLOT_DATABASE_URL": database_url,
                   "ALLOT_CONFIG": str(config), "ALLOT_OPS_PORT": str(ops_port)}  # fmt: skip
     server = procs.start(
         "allot-full-queue",
@@ -370,10 +376,11 @@ async def main(args: argparse.Namespace) -> int:
                       f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
                       f"  socket errors {run.socket_errors}{redis_part}", flush=True)  # fmt: skip
         await stats_redis.aclose()
-        memory = await full_queue_rss(env, procs, tmp)
+        memory = await full_queue_rss(env, procs, tmp, with_database(base_db, f"{db_name}_fq"))
     finally:
         procs.stop_all()
         await cleanup(redis_url, prefix, base_db, db_name)
+        await cleanup(redis_url, prefix, base_db, f"{db_name}_fq")
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = render(scenarios, memory, args)

@@ -25,6 +25,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
+from pytest_aiohttp import AiohttpClient
 from redis.asyncio import Redis
 
 from allocator import db
@@ -175,7 +176,9 @@ def settings(database_url: str, redis_prefix: str) -> Settings:
 
 
 @pytest.fixture
-async def client(settings: Settings, redis: Redis, aiohttp_client: Any) -> TestClient[Any, Any]:
+async def client(
+    settings: Settings, redis: Redis, aiohttp_client: AiohttpClient
+) -> TestClient[Any, Any]:
     """The real application (ledger writer included) on a real socket.
 
     ``settings`` and ``redis`` come first, so they are torn down after the app has stopped."""
@@ -190,7 +193,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 async def clocked_client(
-    settings: Settings, redis: Redis, aiohttp_client: Any, clock: FakeClock
+    settings: Settings, redis: Redis, aiohttp_client: AiohttpClient, clock: FakeClock
 ) -> TestClient[Any, Any]:
     """As ``client``, with time standing still until the test calls ``clock.advance()``."""
     return await aiohttp_client(create_app(settings, monotonic=clock))
@@ -221,7 +224,7 @@ def checked_client(
 
 @pytest.fixture
 async def ops(
-    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: AiohttpClient
 ) -> TestClient[Any, Any]:
     """The operations listener of the app behind ``client``, on its own port as in
     `allot serve` (its own Redis client and PostgreSQL pool, that app's metrics)."""

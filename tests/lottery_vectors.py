@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 directory.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(data)
-    for path in stale:
-        print(f"differs: {path}", file=sys.stderr)
+    for stale_path in stale:
+        print(f"differs: {stale_path}", file=sys.stderr)
     return 1 if stale else 0
 
 

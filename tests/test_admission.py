@@ -29,7 +29,7 @@ def count_claim_calls(allocator: Allocator) -> list[int]:
         sizes.append(len(items))
         return await original(round_id, items)
 
-    allocator.claim_many = claim_many  # type: ignore[method-assign]
+    allocator.claim_many = claim_many
     return sizes
 
 
@@ -62,7 +62,7 @@ async def test_a_full_queue_answers_429_overloaded_with_retry_after(
         await asyncio.sleep(0.05)  # Redis made slow on purpose, so the line builds up
         return await original(round_id, items)
 
-    allocator.claim_many = slow_claim_many  # type: ignore[method-assign]
+    allocator.claim_many = slow_claim_many
 
     async def timed(n: int) -> tuple[Any, float]:
         started = time.perf_counter()
@@ -102,7 +102,7 @@ async def test_a_claim_already_in_redis_when_its_wait_ends_gets_its_true_answer(
         await asyncio.sleep(0.2)  # ...but the answer comes back after max_wait
         return result
 
-    allocator.claim_many = slower_than_the_wait  # type: ignore[method-assign]
+    allocator.claim_many = slower_than_the_wait
     response = await reserve(client, 1)
     assert response.status == 201
 

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from allocator.config import Settings
+from allocator.redistyping import awaited
 from service.app import create_app
 from tests.helpers import (
     ADMIN,
@@ -37,6 +38,7 @@ from tests.helpers import (
 )
 
 Client = TestClient[Any, Any]
+Cases = dict[str, tuple[str, str, dict[str, Any]]]  # id -> method, path, request kwargs
 
 PROBLEM = "application/problem+json"
 PICKUP_ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZ"
@@ -240,7 +242,9 @@ async def test_body_that_is_not_a_json_object_is_400_malformed_json(client: Clie
         "null": b"null",
     }
     json_type = {"Content-Type": "application/json"}
-    cases = {k: ("POST", RESERVATIONS, {"data": v, "headers": json_type}) for k, v in raws.items()}
+    cases: Cases = {
+        k: ("POST", RESERVATIONS, {"data": v, "headers": json_type}) for k, v in raws.items()
+    }
     cases["sites-array"] = (
         "PUT",
         "/api/v1/admin/sites",
@@ -427,7 +431,7 @@ async def test_unknown_round_is_404(client: Client) -> None:
     await seed(client)
     claim = {"citizen_id": citizen_id(1), "phone": phone(1), "site_id": "s1"}
     batch = {"batch_id": "b1", "items": [{"site_id": "s1", "quantity": 1}]}
-    cases = {
+    cases: Cases = {
         "round": ("GET", "/api/v1/rounds/nosuch", {}),
         "upper-case round": ("GET", "/api/v1/rounds/R1", {}),
         "sites": ("GET", "/api/v1/rounds/nosuch/sites", {}),
@@ -473,7 +477,7 @@ async def test_unknown_or_malformed_reservation_id_is_404(client: Client) -> Non
         "long": "x" * 500 + ".r1",
         "encoded-slash": token + "%2F.r1",
     }
-    cases = {
+    cases: Cases = {
         f"{method} {name}": (method, f"/api/v1/reservations/{rid}", {})
         for name, rid in ids.items()
         for method in ("GET", "DELETE")
@@ -486,7 +490,7 @@ async def test_unknown_or_malformed_reservation_id_is_404(client: Client) -> Non
 async def test_unknown_route_is_404_problem_json(client: Client) -> None:
     """Even the router's own 404 speaks problem+json, so clients need one error parser."""
     await seed(client)
-    cases = {
+    cases: Cases = {
         path: (method, path, {})
         for method, path in [
             ("GET", "/nope"),
@@ -724,7 +728,7 @@ async def test_unknown_body_fields_are_ignored_never_honoured(client: Client) ->
     ids=["before-opens_at", "after-closes_at"],
 )
 async def test_reserving_outside_the_window_is_409_round_not_open(
-    client: Client, window: dict[str, float]
+    client: Client, window: dict[str, Any]
 ) -> None:
     """Nobody may get ahead of the opening time, or in after closing, even by calling the API."""
     await seed(client, **window)
@@ -970,7 +974,7 @@ async def test_put_round_creates_201_then_updates_200(client: Client) -> None:
 
 async def test_round_status_follows_its_window(client: Client) -> None:
     """Pages show 'opens at …' or 'closed' from status, so it must match the clock."""
-    windows = {
+    windows: dict[str, dict[str, Any]] = {
         "upcoming": {"opens_in": 3600, "closes_in": 7200, "pickup_in": 3600},
         "open": {},
         "closed": {"opens_in": -7200, "closes_in": -3600},
@@ -1320,7 +1324,7 @@ async def test_batch_csv_without_batch_id_is_422(client: Client) -> None:
 async def test_batch_into_unknown_round_is_404(client: Client) -> None:
     """Stock loaded into a mistyped round would sit where nobody can reserve it."""
     await _batch_round(client)
-    cases = {
+    cases: Cases = {
         "json": (
             "POST",
             "/api/v1/admin/rounds/nosuch/batches",
@@ -1370,7 +1374,11 @@ async def test_stats_account_for_every_unit_and_the_ledger_catches_up(
             break
         assert asyncio.get_running_loop().time() < deadline, ledger
         await asyncio.sleep(0.1)
-    rows = dict(await pg.fetch("SELECT reservation_id, status FROM reservations"))
+    rows = dict(
+        cast(
+            list[tuple[str, str]], await pg.fetch("SELECT reservation_id, status FROM reservations")
+        )
+    )
     assert rows[r1["reservation_id"]] == "collected"
     assert rows[r2["reservation_id"]] == "cancelled"
     assert sorted(rows.values()) == ["cancelled", "collected", "confirmed"]
@@ -1648,16 +1656,16 @@ async def _redis_texts(redis: Redis, prefix: str) -> list[bytes]:
         out.append(key)
         kind = (await redis.type(key)).decode()
         if kind == "hash":
-            for field, value in (await redis.hgetall(key)).items():
+            for field, value in (await awaited(redis.hgetall(key))).items():
                 out += [field, value]
         elif kind == "string":
             out.append(await redis.get(key))
         elif kind == "set":
-            out += list(await redis.smembers(key))
+            out += list(await awaited(redis.smembers(key)))
         elif kind == "zset":
-            out += [m for m, _ in await redis.zrange(key, 0, -1, withscores=True)]
+            out += [m for m, _ in await awaited(redis.zrange(key, 0, -1, withscores=True))]
         elif kind == "list":
-            out += list(await redis.lrange(key, 0, -1))
+            out += list(await awaited(redis.lrange(key, 0, -1)))
         elif kind == "stream":
             for entry_id, fields in await redis.xrange(key):
                 out.append(entry_id)

@@ -38,6 +38,7 @@ from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
 from tests.test_api_contract import (
     CSV,
     RESERVATIONS,
+    Cases,
     created,
     fields_named,
     problem,
@@ -92,7 +93,7 @@ async def test_bad_or_unsupported_content_encoding_is_415_and_changes_nothing(
         "two-codings": ("gzip, gzip", gzip.compress(good_gzip)),
         "not-ascii": ("gz\u00efp", plain),
     }
-    cases = {
+    cases: Cases = {
         name: ("POST", RESERVATIONS, {"data": body, "headers": {**JSON, "Content-Encoding": enc}})
         for name, (enc, body) in bodies.items()
     }

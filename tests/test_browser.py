@@ -21,12 +21,21 @@ from typing import Any
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
-from playwright.async_api import Browser, BrowserContext, Page, Route, async_playwright, expect
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    Page,
+    Route,
+    ViewportSize,
+    async_playwright,
+    expect,
+)
 from redis.asyncio import Redis
 
 from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import rebuild_round
+from allocator.redistyping import awaited
 from tests.helpers import ADMIN, ADMIN_TOKEN, FakeClock, citizen_id, phone, reserve, seed
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -40,8 +49,8 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-PHONE = {"width": 390, "height": 844}
-DESKTOP = {"width": 1280, "height": 800}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 WAIT_MS = 15_000
 
 expect.set_options(timeout=WAIT_MS)
@@ -77,7 +86,7 @@ async def open_page(
     client: Client,
     path: str = "/",
     *,
-    size: dict[str, int] = PHONE,
+    size: ViewportSize = PHONE,
     locale: str = "zh-CN",
 ) -> tuple[BrowserContext, Page]:
     """A fresh browser context (its own storage) showing ``path``."""
@@ -603,7 +612,8 @@ async def test_console_says_plainly_when_redis_lost_data_of_the_round(
     async with asyncio.timeout(10):
         while await redis.xlen(rk.ledger):  # the ledger has the claim
             await asyncio.sleep(0.05)
-    await redis.hset(rk.tally, "seq", 1)  # as if Redis came back from before the claim
+    # ignore: redis-py's stub types hset's value as str, though it sends an int as its digits
+    await awaited(redis.hset(rk.tally, "seq", 1))  # type: ignore[arg-type]  # as if Redis came back from before the claim
 
     context, page = await open_page(browser, client, "/admin", size=DESKTOP)
     await login(page)

@@ -20,6 +20,7 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.rebuild import needs_rebuild, rebuild_round
 from allocator.reconcile import reconcile
+from allocator.redistyping import awaited
 from service.app import create_app
 from tests.helpers import ADMIN, citizen_id, phone, reserve, round_body, seed
 
@@ -56,6 +57,11 @@ async def drained(redis: Redis, keys: Keys, *round_keys: Any) -> None:
     async with asyncio.timeout(10):
         while any([await redis.xlen(rk.ledger) for rk in round_keys]):
             await asyncio.sleep(0.05)
+
+
+async def hget(redis: Redis, key: str, field: str) -> bytes | None:
+    """HGET as this client returns it (bytes; redis-py types it as str)."""
+    return cast(bytes | None, await awaited(redis.hget(key, field)))
 
 
 def rfc3339(text: str) -> dt.datetime:
@@ -97,7 +103,7 @@ async def test_round_fields_are_stored_shown_and_keep_keys_under_the_programme_t
         None,
     )
 
-    assert await redis.hget(keys.round_tags, "a") == b"p:masks"
+    assert await hget(redis, keys.round_tags, "a") == b"p:masks"
     assert await redis.exists(keys.round("a", "p:masks").round)
     assert not await redis.exists(keys.round("a").round)
     assert keys.round("a", "p:masks").round == f"{keys.prefix}:{{p:masks}}:r:a:round"
@@ -111,6 +117,7 @@ async def test_round_fields_are_stored_shown_and_keep_keys_under_the_programme_t
         )
     finally:
         await con.close()
+    assert row is not None
     assert dict(row) == {"programme": "masks", "cooldown_days": 7, "key_tag": "p:masks"}
 
 
@@ -202,14 +209,14 @@ async def test_the_programme_of_an_empty_upcoming_round_moves_and_its_keys_follo
     assert (await r.json())["programme"] == "masks"
     assert not await redis.exists(keys.round("a").round)
     assert await redis.exists(keys.round("a", "p:masks").round)
-    assert await redis.hget(keys.round_tags, "a") == b"p:masks"
+    assert await hget(redis, keys.round_tags, "a") == b"p:masks"
 
     sites = {"sites": [{"site_id": "s1", "name": "S", "address": "A", "district": "d"}]}
     assert (await client.put("/api/v1/admin/sites", json=sites, headers=ADMIN)).status == 200
     batch = {"batch_id": "b1", "items": [{"site_id": "s1", "quantity": 4}]}
     r = await client.post("/api/v1/admin/rounds/a/batches", json=batch, headers=ADMIN)
     assert r.status == 201, await r.text()
-    assert await redis.hget(keys.round("a", "p:masks").stock, "s1") == b"4"
+    assert await hget(redis, keys.round("a", "p:masks").stock, "s1") == b"4"
     stats = await (await client.get("/api/v1/admin/rounds/a/stats", headers=ADMIN)).json()
     assert stats["loaded"] == 4
 
@@ -284,7 +291,7 @@ async def test_cancelling_lifts_the_cooldown(client: Client, redis: Redis, keys:
     made = await reserve(client, 1, round_id="a")
     await problem(await reserve(client, 1, round_id="b"), 409, "in-cooldown")
     assert (await client.delete(made.headers["Location"])).status == 200
-    assert await redis.hlen(keys.round("a", "p:masks").entitled) == 0
+    assert await awaited(redis.hlen(keys.round("a", "p:masks").entitled)) == 0
     moved = await reserve(client, 1, round_id="b")
     assert moved.status == 201, await moved.text()
     # the cancelled round is barred now by the reservation in b
@@ -322,16 +329,20 @@ async def test_a_bar_whose_until_has_passed_bars_nobody(
     await problem(await reserve(client, 1, round_id="c"), 409, "in-cooldown")
 
     entitled = keys.round("b", "p:masks").entitled
-    [(citizen, value)] = (await redis.hgetall(entitled)).items()
+    [(citizen, value)] = (await awaited(redis.hgetall(entitled))).items()
     held = value.split(b" ", 1)[1]
     now_ms = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
     future = now_ms + 3_600_000
-    await redis.hset(entitled, citizen, b"%d %s" % (future, held))  # test-only: another end
+    await awaited(
+        redis.hset(entitled, citizen, f"{future} {held.decode()}")
+    )  # test-only: another end
     body = await problem(await reserve(client, 1, round_id="c"), 409, "in-cooldown")
     assert rfc3339(body["until"]) == dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(
         milliseconds=future
     )
-    await redis.hset(entitled, citizen, b"%d %s" % (now_ms - 1000, held))  # ended a second ago
+    await awaited(
+        redis.hset(entitled, citizen, f"{now_ms - 1000} {held.decode()}")
+    )  # ended a second ago
     assert (await reserve(client, 1, round_id="c")).status == 201
 
 
@@ -398,18 +409,18 @@ async def test_rebuild_brings_the_cooldowns_back_and_reconcile_checks_them(
         assert report["rounds"][0]["cooldowns"]["bars_of_round"] == 2
 
         # reconcile sees a bar that went missing, and one of a cancelled reservation
-        bars = await redis.hgetall(rk_a.entitled)
+        bars = await awaited(redis.hgetall(rk_a.entitled))
         [victim, *_] = sorted(bars)
-        await redis.hdel(rk_a.entitled, victim)
+        await awaited(redis.hdel(rk_a.entitled, victim))
         cancelled = (await made[3].json())["reservation_id"]
-        await redis.hset(rk_a.entitled, "f" * 64, f"99999999999999 {cancelled}")
+        await awaited(redis.hset(rk_a.entitled, "f" * 64, f"99999999999999 {cancelled}"))
         report = await reconcile(redis, con, keys, ["a"], wait=5)
         assert not report["ok"]
         cooldowns = report["rounds"][0]["cooldowns"]
         assert (cooldowns["missing"]["count"], cooldowns["stale"]["count"]) == (1, 1)
         assert any("cooldown" in p for p in report["rounds"][0]["problems"])
-        await redis.hset(rk_a.entitled, victim, bars[victim])
-        await redis.hdel(rk_a.entitled, "f" * 64)
+        await awaited(redis.hset(rk_a.entitled, victim, bars[victim]))
+        await awaited(redis.hdel(rk_a.entitled, "f" * 64))
 
         lost = [k async for k in redis.scan_iter(match=f"{keys.prefix}:*")]
         await redis.delete(*lost)  # Redis lost its data

@@ -551,8 +551,8 @@ def another_valid_publication(spec: dict[str, Any], files: dict[str, bytes]) -> 
         return False
     if not isinstance(rec["passes"], list):
         return False
-    releases = [released_units(p.get("released")) if isinstance(p, dict) else None
-                for p in rec["passes"]]  # fmt: skip
+    releases: list[Any] = [released_units(p.get("released")) if isinstance(p, dict) else None
+                           for p in rec["passes"]]  # fmt: skip
     if not all(isinstance(r, dict) for r in releases):
         return False
     try:

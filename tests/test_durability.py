@@ -39,6 +39,7 @@ from allocator.ledger import LedgerWriter
 from allocator.model import Round, Site
 from allocator.rebuild import RebuildRefused, rebuild_round
 from allocator.reconcile import reconcile
+from allocator.redistyping import awaited
 from loadtest.servers import PrivateRedis
 from service.app import create_app
 from service.problems import problem_headers, status_of
@@ -331,7 +332,7 @@ async def test_appendfsync_always_and_kill_9_lose_no_answered_reservation(
     check = Redis.from_url(always.url)
     try:
         rk = keys.round("r1")
-        records = await check.hmget(rk.reservations, list(answered.values()))  # type: ignore[arg-type]
+        records = await awaited(check.hmget(rk.reservations, list(answered.values())))
         assert all(r is not None for r in records), "an answered 201 is missing from Redis"
     finally:
         await check.aclose()
@@ -412,7 +413,7 @@ async def test_every_change_carries_a_sequence_and_the_ledger_keeps_its_high_wat
         assert await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = 'r1'") == 3
     assert allocator.floors.get("r1") == 3  # the worker learns its own commits at once
     for _, fields in entries[:2]:  # an old entry delivered again must not lower the mark
-        await redis.xadd(rk.ledger, fields)  # type: ignore[arg-type]
+        await redis.xadd(rk.ledger, fields)
     await write_ledger(redis, pool, keys, allocator)
     async with pool.acquire() as con:
         assert await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = 'r1'") == 3
@@ -427,11 +428,12 @@ async def test_a_redis_behind_the_ledger_refuses_every_change_and_stays_refused(
     rk = keys.round("r1")
     made, _ = await claim_once(allocator, "r1", "s1", citizen_id(1), phone(1))
     await write_ledger(redis, pool, keys, allocator)
-    await redis.hset(rk.tally, "seq", 1)  # as if Redis came back without the claim's write
+    # ignore: redis-py's stub types hset's value as str, though it sends an int as its digits
+    await awaited(redis.hset(rk.tally, "seq", 1))  # type: ignore[arg-type]  # as if Redis came back without the claim's write
     before = await state_of(redis, keys)
     gate_keys = rk.gate_global.removesuffix("global") + "*"
     gates = sorted([k async for k in redis.scan_iter(match=gate_keys)])
-    gate_state = [await redis.hgetall(k) for k in gates]  # type: ignore[misc]
+    gate_state = [await awaited(redis.hgetall(k)) for k in gates]
 
     with pytest.raises(RoundLost) as refused:
         await claim_once(allocator, "r1", "s1", citizen_id(2), phone(2))
@@ -452,7 +454,7 @@ async def test_a_redis_behind_the_ledger_refuses_every_change_and_stays_refused(
     assert orjson.loads(mark)["ledger"] == 2
     assert orjson.loads(mark)["redis"] == 1
     assert sorted([k async for k in redis.scan_iter(match=gate_keys)]) == gates
-    assert [await redis.hgetall(k) for k in gates] == gate_state  # type: ignore[misc]
+    assert [await awaited(redis.hgetall(k)) for k in gates] == gate_state
 
     blind = Allocator(redis, None, keys, Hasher(b"pepper"), timeout=2)  # no ledger: floor -1
     with pytest.raises(RoundLost):
@@ -474,13 +476,13 @@ async def test_rebuild_of_a_lost_round_needs_no_force_and_clears_the_mark(
     with pytest.raises(RebuildRefused, match="has lost nothing"):
         await rebuild_round(redis, pg, keys, "r1")
 
-    await redis.hdel(rk.reservations, made.reservation_id)  # Redis lost the claim's write
-    await redis.hdel(rk.holders, made.citizen_hash)
-    await redis.hset(rk.tally, "seq", 1)
+    await awaited(redis.hdel(rk.reservations, made.reservation_id))  # Redis lost the claim's write
+    await awaited(redis.hdel(rk.holders, made.citizen_hash))
+    await awaited(redis.hset(rk.tally, "seq", 1))  # type: ignore[arg-type]  # stub: str; int is sent as digits
     summary = await rebuild_round(redis, pg, keys, "r1")
     assert summary["was_lost"]["ledger_seq"] == 2
     assert summary["seq"] == 2
-    assert not await redis.hexists(rk.tally, "lost")  # type: ignore[misc]
+    assert not await awaited(redis.hexists(rk.tally, "lost"))
     assert int(await redis.hget(rk.tally, "seq")) == 2  # type: ignore[misc]
     again, created = await claim_once(allocator, "r1", "s1", citizen_id(1), phone(1))
     assert (again.reservation_id, created) == (made.reservation_id, False)
@@ -502,7 +504,7 @@ async def test_reconcile_names_reservations_missing_on_either_side_beyond_the_st
     await pg.execute(
         "DELETE FROM reservations WHERE reservation_id = $1", only_in_redis.reservation_id
     )
-    await redis.hdel(rk.reservations, lost_in_redis.reservation_id)
+    await awaited(redis.hdel(rk.reservations, lost_in_redis.reservation_id))
     waiting, _ = await claim_once(allocator, "r1", "s1", citizen_id(4), phone(4))  # still in stream
 
     report = await reconcile(redis, pg, keys, ["r1"], wait=0)

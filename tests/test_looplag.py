@@ -13,6 +13,7 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.looplag import LoopLag
+from allocator.redistyping import awaited
 from tests.helpers import FakeClock
 
 
@@ -47,7 +48,7 @@ async def test_a_timeout_while_saturated_is_overload_and_keeps_the_breaker_close
     allocator.loop_lag._late_at = asyncio.get_running_loop().time()  # saturated just now
     with pytest.raises(Overloaded):
         await allocator.store.redis_call(slow())
-    assert await allocator.store.redis_call(redis.ping())  # no breaker opened
+    assert await allocator.store.redis_call(awaited(redis.ping()))  # no breaker opened
 
 
 async def test_a_timeout_on_a_healthy_loop_is_unavailable_and_opens_the_breaker(
@@ -61,9 +62,9 @@ async def test_a_timeout_on_a_healthy_loop_is_unavailable_and_opens_the_breaker(
     with pytest.raises(Unavailable):
         await allocator.store.redis_call(slow())
     with pytest.raises(Unavailable):
-        await allocator.store.redis_call(redis.ping())  # the breaker answers without trying
+        await allocator.store.redis_call(awaited(redis.ping()))  # breaker answers without trying
     clock.advance(0.15)
     with pytest.raises(Unavailable):
-        await allocator.store.redis_call(redis.ping())  # still open within its 0.2 s
+        await allocator.store.redis_call(awaited(redis.ping()))  # still open within its 0.2 s
     clock.advance(0.1)
-    assert await allocator.store.redis_call(redis.ping())
+    assert await allocator.store.redis_call(awaited(redis.ping()))

@@ -19,6 +19,7 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys, RoundKeys
 from allocator.model import Round, Site
+from allocator.redistyping import awaited
 from tests.helpers import citizen_id, claim_once, phone
 
 GATE = ["1000", "1000", "1000", "1000", "1000", "1000"]
@@ -182,7 +183,7 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
 ) -> None:
     allocator, code = await seeded(redis, keys)
     name, template = BAD_OTHERS[case]
-    rid = (await redis.hkeys(keys.round("r1").reservations))[0].decode()
+    rid = (await awaited(redis.hkeys(keys.round("r1").reservations)))[0].decode()
     args = [a.format(rid=rid, code=code) for a in template]
     rk = keys.round("r1")
     script_keys = {

@@ -40,6 +40,7 @@ DOCUMENTED_PREFIXES = ("/api/v1/", "/healthz", "/readyz", "/metrics")
 DOCUMENTED_EXTENSIONS = {
     ("get", "/api/v1/reservations/{reservation_id}/qr.svg"),  # the pickup code as a QR image
     ("get", "/api/v1/rounds/{round_id}/sites.csv"),  # the open stock feed, CSV
+    ("get", "/api/v1/admin/queue"),  # the console's queue depth (it no longer reads /metrics)
 }
 README = Path(__file__).resolve().parent.parent / "README.md"
 

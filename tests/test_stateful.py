@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import orjson
@@ -704,7 +704,11 @@ class AllocatorMachine(RuleBasedStateMachine):
             }
             # both rounds, their cooldowns in the programme's hash included
             report = await reconcile(
-                self.redis, con, self.keys, [self.round_id, self.other_id], wait=0
+                self.redis,
+                cast(asyncpg.Connection, con),
+                self.keys,
+                [self.round_id, self.other_id],
+                wait=0,
             )
         assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"
         assert report["ok"], report
@@ -732,7 +736,7 @@ def test_allocator_agrees_with_a_plain_model_under_any_sequence_of_operations(
         return AllocatorMachine(database_url, own_redis)
 
     run_state_machine_as_test(
-        machine,
+        machine,  # type: ignore[arg-type]  # typed as a class; its docs take any factory
         settings=settings(
             max_examples=75,
             stateful_step_count=40,
