@@ -56,12 +56,26 @@ class Catalogue:
         return found
 
     async def _round_as_stored(self, round_id: str) -> Round | None:
-        async def load() -> Round | None:
-            rk = await self.tags.round_keys(round_id)
-            h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)))
-            return Round.from_redis(round_id, h) if h else None
+        return await self.rounds_cache.get(round_id, lambda: self._load_round(round_id))
 
-        return await self.rounds_cache.get(round_id, load)
+    async def _load_round(self, round_id: str) -> Round | None:
+        rk = await self.tags.round_keys(round_id)
+        h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)))
+        return Round.from_redis(round_id, h) if h else None
+
+    async def round_before_claim(self, round_id: str) -> Round:
+        """The round for what is checked before a claim is queued (eligibility): the worker's
+        last snapshot of it however old, while a fresh one loads in the background; awaited
+        only when the worker has none. So a slow or hung Redis holds claims in the admission
+        queue (bounded, answered) rather than in front of it. A stale snapshot is safe here:
+        eligibility cannot change once the round has opened, and the claim script decides the
+        round window itself."""
+        self.watch.refuse_if_lost(round_id)
+        last = self.rounds_cache.last(round_id)
+        if last is None:
+            return await self.round(round_id)
+        self.rounds_cache.refresh(round_id, lambda: self._load_round(round_id))
+        return last
 
     async def round_keys(self, round_id: str) -> RoundKeys:
         """The round's keys under its hash tag (from the worker's snapshot of the tags)."""

@@ -108,6 +108,7 @@ class Allocator:
         self.now = self.claims.now
         self.find_round = self.catalogue.find_round
         self.round = self.catalogue.round
+        self.round_before_claim = self.catalogue.round_before_claim
         self.rounds = self.catalogue.rounds
         self.round_ids = self.catalogue.round_ids
         self.sites = self.catalogue.sites

@@ -41,8 +41,6 @@ from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.integrity import RAISE_LEDGER_SEQ, Floors
 from allocator.keys import Keys, RoundKeys
-from allocator.redistyping import awaited
-from allocator.tags import load_tags
 
 log = logging.getLogger("allot.ledger")
 
@@ -244,8 +242,12 @@ class LedgerWriter:
 
     async def _streams(self) -> dict[str, str]:
         """stream key -> round_id for every round, with its consumer group in place."""
-        round_ids = sorted(m.decode() for m in await awaited(self.redis.smembers(self.keys.rounds)))
-        tags = await load_tags(self.redis, self.keys)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.keys.rounds)
+            pipe.hgetall(self.keys.round_tags)  # each round's hash tag (allocator/tags.py)
+            members, tags_raw = await pipe.execute()
+        round_ids = sorted(m.decode() for m in members)
+        tags = {k.decode(): v.decode() for k, v in tags_raw.items()}
         self._round_keys = {r: self.keys.round(r, tags.get(r)) for r in round_ids}
         streams = {rk.ledger: r for r, rk in self._round_keys.items()}
         for stream in streams:

@@ -4,7 +4,8 @@ a programme (allocator/keys.py says why).
 The ``round-tags`` hash holds round_id -> tag. It is written when a round is created or moved
 (allocator/operators.py) and by ``allot rebuild``; PostgreSQL keeps the same in
 ``rounds.key_tag``. A round missing from the hash uses ``r:<round_id>`` (rounds created before
-programmes existed, and rounds that do not exist). A round's tag changes only while the round has
+programmes existed, until their next ``PUT`` or ``allot rebuild`` writes their entry, and rounds
+that do not exist). A round's tag changes only while the round has
 not opened and holds nothing in Redis but its definition (no batch, no reservation), so a worker
 may serve a snapshot of the hash up to ``ttl`` old: in the one second after such a move its
 requests for the round find no round under the old tag (404, or 503 when the ledger has it) and
@@ -48,6 +49,9 @@ async def ledger_tag(con: Any, round_id: str) -> str | None:
     return str(row["key_tag"] or Keys.tag_for(round_id, row["programme"]))
 
 
+MISS_EVERY = 0.1  # seconds between fresh loads for rounds missing from a worker's snapshot
+
+
 class RoundTags:
     """A worker's snapshot of the ``round-tags`` hash, loaded once per ``ttl`` (single flight)."""
 
@@ -61,7 +65,9 @@ class RoundTags:
     ) -> None:
         self.store = store
         self.keys = keys
+        self.monotonic = monotonic
         self._cache: TtlCache[None, dict[str, str]] = TtlCache(ttl, monotonic)
+        self._last_miss = -MISS_EVERY
 
     async def all(self, *, fresh: bool = False) -> dict[str, str]:
         async def load() -> dict[str, str]:
@@ -75,7 +81,16 @@ class RoundTags:
         return await self._cache.get(None, load)
 
     async def round_keys(self, round_id: str, *, fresh: bool = False) -> RoundKeys:
-        return self.keys.round(round_id, (await self.all(fresh=fresh)).get(round_id))
+        """The round's keys. A round missing from the snapshot (created a moment ago on another
+        worker, or unknown) is looked up afresh, at most once per MISS_EVERY seconds, so that
+        requests for made-up round ids cannot make every request reload the hash."""
+        tags = await self.all(fresh=fresh)
+        if round_id not in tags and not fresh:
+            now = self.monotonic()
+            if now - self._last_miss >= MISS_EVERY:
+                self._last_miss = now
+                tags = await self.all(fresh=True)
+        return self.keys.round(round_id, tags.get(round_id))
 
     def forget(self) -> None:
         self._cache.invalidate()

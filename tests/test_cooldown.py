@@ -22,7 +22,7 @@ from allocator.rebuild import needs_rebuild, rebuild_round
 from allocator.reconcile import reconcile
 from allocator.redistyping import awaited
 from service.app import create_app
-from tests.helpers import ADMIN, citizen_id, phone, reserve, round_body, seed
+from tests.helpers import ADMIN, FakeClock, citizen_id, phone, reserve, round_body, seed
 
 Client = TestClient[Any, Any]
 DAY = dt.timedelta(days=1)
@@ -231,6 +231,21 @@ async def test_the_programme_of_an_empty_upcoming_round_moves_and_its_keys_follo
         assert "batch" in body["errors"][0]["message"]
         assert await snapshot(redis, keys.prefix) == before
     assert (await (await client.get("/api/v1/rounds/a")).json())["programme"] == "masks"
+
+
+async def test_a_programme_round_made_on_another_worker_is_found_within_a_tenth_of_a_second(
+    client: Client, settings: Settings, aiohttp_client: Any
+) -> None:
+    """A worker whose snapshot of the round -> tag mapping predates a round looks it up afresh
+    (at most every 0.1 s on its own clock), not only when the 1 s snapshot expires."""
+    clock = FakeClock()
+    other: Client = await aiohttp_client(create_app(settings, monotonic=clock))
+    await problem(await other.get("/api/v1/rounds/nothing"), 404, "not-found")  # snapshot taken
+    await seed(client, "a", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    clock.advance(0.1)  # still far inside the snapshot's 1 s, past the 0.1 s between look-ups
+    made = await reserve(other, 1, round_id="a")
+    assert made.status == 201, await made.text()
+    assert (await reserve(client, 1, round_id="a")).status == 200  # the same one, worker A
 
 
 # -- the cooldown ----------------------------------------------------------------------------
