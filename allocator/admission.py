@@ -1,8 +1,9 @@
 """The admission queue: each worker's bounded line in front of the Redis claim.
 
 Requests wait here at most ``max_wait_ms``; a dispatcher takes whatever is waiting (up to
-MAX_BATCH) and decides it in one EVALSHA of claim.lua, gate checks included, one result per
-item. There is no timer: the next batch leaves as soon as the previous one returns, so a lone
+MAX_BATCH) and decides it in one EVALSHA per round and kind: claim.lua for reservations,
+enter.lua for lottery entries, gate checks included, one result per item. There is no timer:
+the next batch leaves as soon as the previous one returns, so a lone
 request is not delayed, and under a crowd each Redis round trip carries many claims.
 
 A request that is already in Redis when its wait runs out is answered with its true outcome
@@ -19,12 +20,17 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeAlias
 
 from allocator.claims import ClaimOutcome, ClaimRequest
 from allocator.config import QueueSettings
+from allocator.entries import EntryOutcome, EntryRequest
 from allocator.errors import Overloaded, Problem, Unavailable
 from allocator.facade import Allocator
-from allocator.model import Reservation
+from allocator.model import Entry, Reservation
+
+Request: TypeAlias = ClaimRequest | EntryRequest
+Outcome: TypeAlias = ClaimOutcome | EntryOutcome
 
 log = logging.getLogger("allot.admission")
 
@@ -34,9 +40,7 @@ MAX_BATCH = 256  # items in one script call: about 5 ms of Redis time at most
 class _Ticket:
     __slots__ = ("abandoned", "deadline", "future", "request", "taken")
 
-    def __init__(
-        self, request: ClaimRequest, future: asyncio.Future[ClaimOutcome], deadline: float
-    ) -> None:
+    def __init__(self, request: Request, future: asyncio.Future[Outcome], deadline: float) -> None:
         self.request = request
         self.future = future
         self.deadline = deadline  # loop time after which, still in line, it is turned away
@@ -74,14 +78,33 @@ class AdmissionQueue:
             request.round_id, request.site_id, request.citizen_hash
         )
         if refusal is not None:
+            # answered from memory: still an ask, for the fairness report
+            self.allocator.asks.note(
+                request.round_id,
+                request.site_id,
+                request.age_band,
+                request.channel,
+                request.citizen_hash,
+            )
             raise refusal
         outcome = await self.submit(request)
+        assert isinstance(outcome, ClaimOutcome)
         if outcome.refusal is not None:
             raise outcome.refusal
         assert outcome.reservation is not None
         return outcome.reservation, outcome.created
 
-    async def submit(self, request: ClaimRequest) -> ClaimOutcome:
+    async def enter(self, request: EntryRequest) -> tuple[Entry, bool]:
+        """A lottery entry and whether it is new, or the refusal raised as a Problem; through
+        the same line, batches and gate as reservations."""
+        outcome = await self.submit(request)
+        assert isinstance(outcome, EntryOutcome)
+        if outcome.refusal is not None:
+            raise outcome.refusal
+        assert outcome.entry is not None
+        return outcome.entry, outcome.created
+
+    async def submit(self, request: Request) -> Outcome:
         if self._depth >= self.max_depth:
             raise Overloaded("The line is full right now.", retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
@@ -166,10 +189,11 @@ class AdmissionQueue:
                 continue
             self._set_depth(self._depth - len(batch))
             started = time.perf_counter()
-            by_round: dict[str, list[_Ticket]] = {}
+            by_round: dict[tuple[bool, str], list[_Ticket]] = {}
             for ticket in batch:
-                by_round.setdefault(ticket.request.round_id, []).append(ticket)
-            await asyncio.gather(*(self._decide(r, ts) for r, ts in by_round.items()))
+                entry = isinstance(ticket.request, EntryRequest)
+                by_round.setdefault((entry, ticket.request.round_id), []).append(ticket)
+            await asyncio.gather(*(self._decide(k[1], ts) for k, ts in by_round.items()))
             elapsed = max(time.perf_counter() - started, 1e-4)
             self._rate = (
                 0.8 * self._rate + 0.2 * (len(batch) / elapsed)
@@ -178,8 +202,15 @@ class AdmissionQueue:
             )
 
     async def _decide(self, round_id: str, tickets: list[_Ticket]) -> None:
+        """One script call for these tickets (all claims, or all entries, of one round)."""
         try:
-            outcomes = await self.allocator.claim_many(round_id, [t.request for t in tickets])
+            outcomes: list[Outcome] = []
+            claims = [t.request for t in tickets if isinstance(t.request, ClaimRequest)]
+            if claims:
+                outcomes.extend(await self.allocator.claim_many(round_id, claims))
+            else:
+                entries = [t.request for t in tickets if isinstance(t.request, EntryRequest)]
+                outcomes.extend(await self.allocator.enter_many(round_id, entries))
         except Problem as problem:
             for t in tickets:
                 _settle(t, exception=copy.copy(problem))
@@ -194,7 +225,7 @@ class AdmissionQueue:
 
 
 def _settle(
-    ticket: _Ticket, result: ClaimOutcome | None = None, exception: BaseException | None = None
+    ticket: _Ticket, result: Outcome | None = None, exception: BaseException | None = None
 ) -> None:
     if ticket.future.done():
         return

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from allocator.catalogue import Catalogue
-from allocator.entitlement import Rule
+from allocator.entitlement import Rule, age_band, region
 from allocator.errors import (
     AlreadyReserved,
     InCooldown,
@@ -29,6 +29,7 @@ from allocator.errors import (
     RoundNotOpen,
     SoldOut,
     Unavailable,
+    WrongMode,
 )
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
@@ -52,6 +53,10 @@ from allocator.store import Store
 log = logging.getLogger("allot.allocator")
 
 CODE_CANDIDATES = 3
+DESK = "desk"
+# Every reservation's channel: `desk` for the desk's route, else the X-Allot-Channel header if
+# it is one of the last two, else `api` (service/views.py).
+CHANNELS = (DESK, "web", "mini-program", "api")
 
 # byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
 _TO_LETTER = bytes(ord(PICKUP_ALPHABET[b % 32]) for b in range(256))
@@ -72,6 +77,13 @@ def fresh_identifiers(round_id: str, count: int) -> list[tuple[str, list[str]]]:
     return fresh
 
 
+def wrong_mode_for_reservation(round_id: str) -> WrongMode:
+    return WrongMode(
+        f"Round {round_id!r} is a lottery: register an entry"
+        f" (POST /api/v1/rounds/{round_id}/entries) instead of reserving."
+    )
+
+
 def new_reservation_id(round_id: str) -> str:
     return fresh_identifiers(round_id, 1)[0][0]
 
@@ -87,6 +99,9 @@ class ClaimRequest:
     masked_id: str
     phone: str  # validated; hashed by claim_many, never stored in clear
     client: str  # the client address; hashed by claim_many for its token bucket
+    channel: str = "api"  # desk | web | mini-program | api; a desk skips the client bucket
+    age_band: str = "18-39"  # at the round's opening date, from the clear ID (claim_request)
+    region: str = "000000"  # the ID's six-digit issuing prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,9 +159,19 @@ class Claims:
             raise NotEligible(_not_eligible(rnd, rule), rule=rule)
 
     def claim_request(
-        self, round_id: str, site_id: str, citizen_id: str, phone: str, client: str = ""
+        self,
+        round_id: str,
+        site_id: str,
+        citizen_id: str,
+        phone: str,
+        client: str = "",
+        *,
+        channel: str = "api",
+        opens_on: dt.date | None = None,
     ) -> ClaimRequest:
-        """Hash and mask the ID once; it goes no further in clear."""
+        """Hash and mask the canonical ID once; it goes no further in clear. Only its age band
+        at ``opens_on`` (the round's opening date; today when not given) and its six-digit
+        issuing region are kept, for the fairness report."""
         return ClaimRequest(
             round_id=round_id,
             site_id=site_id,
@@ -154,6 +179,9 @@ class Claims:
             masked_id=mask_citizen_id(citizen_id),
             phone=phone,
             client=client,
+            channel=channel if channel in CHANNELS else "api",
+            age_band=age_band(citizen_id, opens_on or self.now().date()),
+            region=region(citizen_id),
         )
 
     # -- claim.lua: packing and decoding ------------------------------------------------------
@@ -185,24 +213,34 @@ class Claims:
             *self.gate.args,
             await self.watch.floor(round_id),
         ]
+        sites = await self.catalogue.sites()
         for item, (reservation_id, codes) in zip(
             items, fresh_identifiers(round_id, len(items)), strict=True
         ):
             client_bucket, citizen_bucket = self.gate.item_buckets(
                 rk, self.hasher.client(item.client), item.citizen_hash
             )
+            site = sites.get(item.site_id)
             args.append(  # one space-separated argument per item: see lua/claim.lua
                 " ".join(
                     (
                         str(key(rk.codes(item.site_id))),
                         str(key(rk.site_holders(item.site_id))),
-                        str(key(client_bucket)),
+                        # a desk's claim: the per-address bucket is not applied (0: none)
+                        "0" if item.channel == DESK else str(key(client_bucket)),
                         str(key(citizen_bucket)),
+                        # the fairness report's askers; an unknown site is nobody's district
+                        str(key(rk.fair_asked("district", site.district))) if site else "0",
+                        str(key(rk.fair_asked("age_band", item.age_band))),
+                        str(key(rk.fair_asked("channel", item.channel))),
                         item.site_id,
                         item.citizen_hash,
                         self.hasher.phone(item.phone),
                         item.masked_id,
                         reservation_id,
+                        item.channel,
+                        item.age_band,
+                        item.region,
                         *codes,
                     )
                 )
@@ -228,6 +266,8 @@ class Claims:
             if self.watch.knows(round_id):  # the ledger has it, Redis not: lost, or a moment early
                 return ClaimOutcome(refusal=round_refusal())
             return ClaimOutcome(refusal=NotFound(f"There is no round {round_id!r}."))
+        if status == "wrong-mode":
+            return ClaimOutcome(refusal=wrong_mode_for_reservation(round_id))
         if status == "not-open":
             opens, closes = (ms_to_rfc3339(int(x)) for x in reply[1:3])
             when = "has not opened yet" if self.now_ms() < int(reply[1]) else "has closed"

@@ -108,6 +108,24 @@ def redis_prefix(value: str) -> str | None:
     return None
 
 
+def consumer_name(value: str) -> str | None:
+    """A name in the ledger's consumer group (empty: the host's name + ``-ledger``)."""
+    if len(value) > 200 or re.search(r"\s", value):
+        return "empty, or a name of at most 200 characters without spaces"
+    return None
+
+
+def draw_key_text(value: str) -> str | None:
+    """ALLOT_DRAW_KEY: base64url of a raw 32-byte Ed25519 private key (allocator/receipts.py)."""
+    from allocator.receipts import DrawKey, DrawKeyError
+
+    try:
+        DrawKey.from_text(value)
+    except DrawKeyError:
+        return "base64url of a raw 32-byte Ed25519 private key (see allocator/receipts.py)"
+    return None
+
+
 # -- the settings --------------------------------------------------------------------------
 
 
@@ -136,6 +154,9 @@ class LedgerSettings:
     batch_size: int = key(500, at_least=1)
     claim_idle_ms: int = key(10000, at_least=1)
     max_attempts: int = key(5, at_least=1)
+    linger_ms: int = key(50, at_least=0, at_most=1000)
+    # the writer's stable name in the consumer group; "" = "<hostname>-ledger" (docs/operations.md)
+    consumer: str = key("", env="ALLOT_LEDGER_CONSUMER", check=consumer_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +174,8 @@ class ServiceSettings:
     body_timeout_ms: int = key(10000, at_least=1)
     connections_per_address: int = key(64, at_least=1)
     auth_failures_per_minute: int = key(10, at_least=1)
+    # the expiry sweep (allocator/expiry.py): at most 50 s, so expiry lands within 60 s
+    expiry_sweep_ms: int = key(10000, at_least=100, at_most=50000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +195,8 @@ class Settings:
     admin_token: str | None = key(None, env="ALLOT_ADMIN_TOKEN", secret=True)
     id_pepper: str | None = key(None, env="ALLOT_ID_PEPPER", secret=True)
     dev_mode: bool = key(False, env="ALLOT_DEV")
+    # the lottery's Ed25519 draw key; unset: generated once and kept in PostgreSQL (draw_key)
+    draw_key: str | None = key(None, env="ALLOT_DRAW_KEY", check=draw_key_text, secret=True)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     gate: GateSettings = field(default_factory=GateSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)

@@ -63,6 +63,31 @@ class InCooldown(Problem):
     code = "in-cooldown"
 
 
+class CarryNotReady(Problem):
+    """A carry-over from a round whose pickup window has not ended; the detail says when it
+    ends."""
+
+    code = "carry-not-ready"
+
+
+class WrongMode(Problem):
+    """A reservation on a lottery round, or an entry on an fcfs round."""
+
+    code = "wrong-mode"
+
+
+class AlreadyEntered(Problem):
+    code = "already-entered"
+
+
+class DrawNotReady(Problem):
+    code = "draw-not-ready"
+
+
+class DrawConflict(Problem):
+    code = "draw-conflict"
+
+
 class InvalidRequest(Problem):
     code = "invalid-request"
 

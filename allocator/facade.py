@@ -9,9 +9,14 @@ frame on the hot path):
   catalogue.py     rounds, sites and stock from short-lived snapshots; alternatives
   gate.py          the token buckets' settings, keys and refusals (spent inside claim.lua)
   claims.py        claims packed into one claim.lua call and decoded; cancel; pickup
+  entries.py       lottery entries packed into one enter.lua call; withdrawal; look-up
   stock_events.py  returned units announced to every worker (sold-out marks cleared)
   operators.py     sites, rounds and batches written by operators
   stats.py         a round's figures
+  fairness.py      who asked and who got a share, by district, age band and channel
+  expiry.py        the sweep that records expiry after pickup_end (run by every worker)
+  carryover.py     a batch carried over from an earlier round's leftovers
+  lottery.py       lottery rounds: freeze, draw, passes, winners' reservations, the record
 
 Every method returns a domain value or raises a refusal from allocator/errors.py; store
 failures become ``Unavailable`` within the configured timeout, never a hang.
@@ -25,14 +30,20 @@ from collections.abc import Callable
 import asyncpg
 from redis.asyncio import Redis
 
+from allocator.carryover import CarryOver
 from allocator.catalogue import Catalogue
 from allocator.claims import Claims
 from allocator.config import GateSettings
+from allocator.drawkeys import DrawKeys
+from allocator.entries import Entries
+from allocator.expiry import Expiry
+from allocator.fairness import Asks, Fairness
 from allocator.gate import Gate
 from allocator.identity import Hasher
 from allocator.integrity import Floors
 from allocator.keys import Keys
 from allocator.losswatch import LossWatch
+from allocator.lottery import Lottery
 from allocator.operators import Operators
 from allocator.scripts import Scripts
 from allocator.soldout import SoldOutBoard
@@ -55,6 +66,8 @@ class Allocator:
         breaker: float = 0.5,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        draw_key: str | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -91,6 +104,20 @@ class Allocator:
             self.stock_events,
             clock=clock,
         )
+        self.entries = Entries(
+            self.store,
+            keys,
+            hasher,
+            self.scripts,
+            self.claims.gate,
+            self.catalogue,
+            self.watch,
+            now_ms=self.claims.now_ms,
+        )
+        self.draw_keys = DrawKeys(self.store, draw_key)
+        self.lottery = Lottery(
+            self.store, keys, self.scripts, self.catalogue, self.watch, database_url
+        )
         self.operators = Operators(
             self.store,
             keys,
@@ -102,6 +129,20 @@ class Allocator:
             clock=clock,
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
+        self.asks = Asks(self.store, keys, self.catalogue)  # its run() is started by the app
+        self.fairness = Fairness(self.store, keys, self.catalogue, self.asks)
+        self.expiry = Expiry(
+            self.store, keys, self.scripts, self.catalogue, self.watch, clock=clock
+        )
+        self.carryover = CarryOver(
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            self.operators,
+            self.expiry,
+        )
 
         # -- the calls handlers, the queue and the CLI make -------------------------------------
         self.now_ms = self.claims.now_ms
@@ -122,12 +163,26 @@ class Allocator:
         self.reservation = self.claims.reservation
         self.cancel = self.claims.cancel
         self.pickup = self.claims.pickup
+        self.entry_request = self.entries.entry_request
+        self.enter_many = self.entries.enter_many
+        self.entry = self.entries.entry
+        self.withdraw = self.entries.withdraw
+        self.draw_key = self.draw_keys.get
+        self.draw_record = self.lottery.record
+        self.draw_file = self.lottery.file
+        self.draw = self.lottery.draw
+        self.draw_next = self.lottery.next_pass
+        self.watch_lottery = self.lottery.watch_rounds
         self.upsert_sites = self.operators.upsert_sites
         self.mirror_sites = self.operators.mirror_sites
         self.upsert_round = self.operators.upsert_round
         self.mirror_round = self.operators.mirror_round
         self.load_batch = self.operators.load_batch
+        self.carry_batch = self.carryover.carry
+        self.sweep_expiry = self.expiry.sweep
+        self.run_expiry = self.expiry.run
         self.stats = self.figures.round_stats
+        self.fairness_report = self.fairness.report
         self.units_returned = self.stock_events.units_returned
         self.follow_stock_events = self.stock_events.follow
         self.ping = self.watch.ping

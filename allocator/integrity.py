@@ -8,8 +8,8 @@ out twice.
 
 The guard is a sequence number per round:
 
-* every script that changes a round (claim, cancel, pickup, load_batch) bumps the round's ``seq``
-  (tally field) and writes it into the ledger entry, in the same atomic step;
+* every script that changes a round (claim, cancel, pickup, load_batch, expire, carry) bumps the
+  round's ``seq`` (tally field) and writes it into the ledger entry, in the same atomic step;
 * the ledger writer raises ``rounds.ledger_seq`` to the highest committed ``seq``, in the same
   transaction as the rows (``GREATEST``, so redelivery or reordering never lowers it);
 * every worker keeps a copy of ``ledger_seq`` per round (:class:`Floors`, a lower bound of the
@@ -41,6 +41,13 @@ LEDGER_MARKS = "SELECT round_id, ledger_seq FROM rounds"
 RAISE_LEDGER_SEQ = (
     "UPDATE rounds SET ledger_seq = GREATEST(ledger_seq, $2) WHERE round_id = $1"
     " AND ledger_seq < $2"
+)
+
+# The same for several rounds in one statement: one (round_id, seq) per round.
+RAISE_LEDGER_SEQS = (
+    "UPDATE rounds r SET ledger_seq = GREATEST(r.ledger_seq, m.seq)"
+    " FROM unnest($1::text[], $2::bigint[]) AS m(round_id, seq)"
+    " WHERE r.round_id = m.round_id AND r.ledger_seq < m.seq"
 )
 
 

@@ -21,7 +21,8 @@ class RoundKeys:
     round: str  # hash: title, times (ISO and *_ms), per_person, mode
     stock: str  # hash: site_id -> units left
     loaded: str  # hash: site_id -> units ever loaded
-    tally: str  # hash: reserved:<site>, collected:<site>, created, seq, lost (integrity.py)
+    tally: str  # hash: reserved:<site>, collected:<site>, expired:<site>, carried_out:<site>,
+    # carried_expired:<site>, created, seq, lost (integrity.py)
     holders: str  # hash: citizen hash -> reservation_id (live: confirmed or collected)
     reservations: str  # hash: reservation_id -> record JSON
     batches: str  # hash: batch_id -> digest
@@ -32,6 +33,10 @@ class RoundKeys:
     # the programme's rounds. A round in no programme gets <p>:{r:<round>}:entitled, which no
     # script ever writes (they read the round's `programme` first).
     entitled: str
+    sweep: str  # hash: the expiry sweep's lock (owner, until) and its `done` mark (expire.lua)
+    carries: str  # hash: "<to_round>/<batch_id>" -> carry-over record JSON (carry.lua)
+    entries: str  # hash: entry_id -> entry record JSON (lottery rounds)
+    entrants: str  # hash: citizen hash -> entry_id, for live (not withdrawn) entries
     _tag: str  # "<prefix>:{r:<round_id>}:" or "<prefix>:{p:<programme>}:r:<round_id>:"
 
     def codes(self, site_id: str) -> str:
@@ -41,6 +46,11 @@ class RoundKeys:
     def site_holders(self, site_id: str) -> str:
         """Set of citizen hashes that reserved at this site (never shrinks: a safe superset)."""
         return f"{self._tag}siteholders:{site_id}"
+
+    def fair_asked(self, dimension: str, group: str) -> str:
+        """Set of citizen hashes that reserved or were refused sold-out, in one group of the
+        fairness report (``district``, ``age_band`` or ``channel``)."""
+        return f"{self._tag}fair:asked:{dimension}:{group}"
 
     @property
     def gate_global(self) -> str:
@@ -62,6 +72,10 @@ class RoundKeys:
             self.holders,
             self.reservations,
             self.batches,
+            self.sweep,
+            self.carries,
+            self.entries,
+            self.entrants,
         )
 
 
@@ -113,6 +127,10 @@ class Keys:
             ledger=tag + "ledger",
             dead=tag + "ledger:dead",
             entitled=entitled,
+            sweep=tag + "sweep",
+            carries=tag + "carries",
+            entries=tag + "entries",
+            entrants=tag + "entrants",
             _tag=tag,
         )
 
@@ -120,6 +138,11 @@ class Keys:
         """Counter of failed authentications of one client address (its HMAC) in one scope,
         expiring with its window (allocator/throttle.py)."""
         return f"{self.prefix}:authfail:{scope}:{client_hash}"
+
+    @property
+    def desk_events(self) -> str:
+        """Pub/sub channel: a desk token was revoked; every worker drops its desk-token cache."""
+        return f"{self.prefix}:desk-events"
 
     @property
     def stock_events(self) -> str:

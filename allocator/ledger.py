@@ -5,9 +5,15 @@ stream. This writer reads the stream through a consumer group and commits entrie
 
 * rows are written with ``INSERT … ON CONFLICT`` keyed by reservation_id, and a status only ever
   moves forward (confirmed -> collected | cancelled | expired), so a replayed or reordered entry
-  changes nothing;
+  changes nothing; batches and carry-overs (``kind=carry``, lua/carry.lua) once per key; a
+  batch's reservations go in as one ``INSERT … SELECT … FROM unnest(…)``
+  (one statement, one round trip), after folding the batch's entries of one reservation into
+  the one that statement would have kept, applied one after the other;
 * an entry is acknowledged (``XACK``, then ``XDEL``) only after its transaction committed, so a
   writer killed in between leaves it pending, and it is delivered again;
+* after a batch smaller than ``batch_size`` the writer waits ``linger_ms`` before reading
+  again, so that under a steady flow its batches grow (one commit's cost is shared by more
+  entries) instead of committing every few entries as they trickle in;
 * on start a consumer first re-reads its own pending entries, and entries a dead consumer left
   pending longer than ``claim_idle_ms`` are taken over with ``XAUTOCLAIM``;
 * while PostgreSQL is down, nothing is acknowledged and the writer backs off; reservations go on
@@ -39,12 +45,14 @@ from redis.exceptions import RedisError, ResponseError
 
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
-from allocator.integrity import RAISE_LEDGER_SEQ, Floors
+from allocator.draw import entry_receipt
+from allocator.integrity import RAISE_LEDGER_SEQ, RAISE_LEDGER_SEQS, Floors
 from allocator.keys import Keys, RoundKeys
 
 log = logging.getLogger("allot.ledger")
 
 GROUP = "ledger"
+LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
 
 
 async def create_group(redis: Redis, stream: str) -> None:
@@ -60,8 +68,23 @@ async def create_group(redis: Redis, stream: str) -> None:
 
 UPSERT_RESERVATION = """
 INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
-                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at,
+                          channel, age_band, region)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+ON CONFLICT (reservation_id) DO UPDATE
+   SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
+"""
+
+# The whole batch at once, one array per column. Each reservation_id appears once (``_fold``):
+# ON CONFLICT DO UPDATE may not touch the same row twice in one statement.
+UPSERT_RESERVATIONS = """
+INSERT INTO reservations (reservation_id, round_id, site_id, quantity, status, pickup_code,
+                          citizen_hash, phone_hash, citizen_id_masked, created_at, updated_at,
+                          channel, age_band, region)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[],
+                     $12::text[], $13::text[], $14::text[])
 ON CONFLICT (reservation_id) DO UPDATE
    SET status = EXCLUDED.status, updated_at = EXCLUDED.updated_at, recorded_at = now()
  WHERE reservations.status = 'confirmed' AND EXCLUDED.status <> 'confirmed'
@@ -71,6 +94,28 @@ INSERT_BATCH = """
 INSERT INTO batches (round_id, batch_id, digest, items, units, loaded_at)
 VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (round_id, batch_id) DO NOTHING
+"""
+
+
+INSERT_CARRY = """
+INSERT INTO carries (from_round, to_round, batch_id, items, parts, units, carried_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (from_round, to_round, batch_id) DO NOTHING
+"""
+
+# A lottery entry (lua/enter.lua, withdraw.lua, award.lua). The row keeps the state of the
+# highest change number `seq` it has seen: a redelivered or reordered older entry changes
+# nothing. `not-drawn` is set by the draw itself (allocator/lottery.py), never by the stream.
+UPSERT_ENTRY = """
+INSERT INTO entries (entry_id, round_id, receipt, site_id, accept_district, status,
+                     citizen_hash, phone_hash, citizen_id_masked, reservation_id, seq,
+                     created_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+ON CONFLICT (entry_id) DO UPDATE
+   SET site_id = EXCLUDED.site_id, accept_district = EXCLUDED.accept_district,
+       status = EXCLUDED.status, reservation_id = EXCLUDED.reservation_id, seq = EXCLUDED.seq,
+       updated_at = EXCLUDED.updated_at, recorded_at = now()
+ WHERE entries.seq < EXCLUDED.seq
 """
 
 
@@ -108,6 +153,26 @@ class Entry:
                 r["mask"],
                 _ts(int(r["created"])),
                 _ts(int(r["updated"])),
+                r.get("ch") or "api",  # records made before channels: api
+                r.get("age"),
+                r.get("reg"),
+            )
+        if kind == "entry":
+            e = orjson.loads(self.fields[b"record"])
+            return UPSERT_ENTRY, (
+                e["id"],
+                self.round_id,
+                entry_receipt(self.round_id, e["id"]),
+                e["site"],
+                bool(int(e["acc"])),
+                e["status"],
+                e["cit"],
+                e["ph"],
+                e["mask"],
+                e.get("res") or None,
+                self.seq or 0,
+                _ts(int(e["created"])),
+                _ts(int(e["updated"])),
             )
         if kind == "batch":
             items = orjson.loads(self.fields[b"items"])
@@ -119,12 +184,27 @@ class Entry:
                 sum(int(q) for _, q in items),
                 _ts(int(self.fields[b"at"])),
             )
+        if kind == "carry":  # lua/carry.lua: an empty Lua list arrives encoded as {}
+            c = orjson.loads(self.fields[b"record"])
+            items = [[str(s), int(q)] for s, q in (c.get("items") or [])]
+            parts = [[str(s), int(r), int(e)] for s, r, e in (c.get("parts") or [])]
+            return INSERT_CARRY, (
+                self.round_id,
+                c["to"],
+                c["batch_id"],
+                orjson.dumps(items).decode(),
+                orjson.dumps(parts).decode(),
+                sum(q for _, q in items),
+                _ts(int(c["at"])),
+            )
         raise ValueError(f"unknown ledger entry kind {kind!r}")
 
 
-def consumer_name(worker: int = 0) -> str:
-    """Stable across restarts of the same worker slot, so a restarted writer finds its pending."""
-    return f"{socket.gethostname()}-w{worker}"
+def consumer_name(configured: str = "") -> str:
+    """The writer's name in the consumer group: ``[ledger] consumer`` when set, else
+    ``<hostname>-ledger``. Stable across restarts, so that a restarted writer re-reads its own
+    pending entries first; two writers running at once need two names."""
+    return configured or f"{socket.gethostname()}-ledger"
 
 
 class LedgerWriter:
@@ -144,11 +224,12 @@ class LedgerWriter:
         self.pool = pool
         self.keys = keys
         self.settings = settings
-        self.consumer = consumer or consumer_name()
+        self.consumer = consumer or consumer_name(settings.consumer)
         self.block_ms = block_ms
         self.on_lag = on_lag
         self.floors = floors  # this worker's copy of the ledger's marks, raised after each commit
         self.committed = 0  # entries committed by this writer, for tests and logs
+        self.last_batch = 0  # entries in the last batch read
         self._groups: set[str] = set()
         # round_id -> its keys under its hash tag (allocator/tags.py), refreshed with the streams
         self._round_keys: dict[str, RoundKeys] = {}
@@ -161,19 +242,24 @@ class LedgerWriter:
     async def run(self) -> None:
         """Drain until stop() is called; every failure is logged and retried, never raised."""
         log.info("ledger writer %s started (pid %d)", self.consumer, os.getpid())
-        next_claim = 0.0
+        loop = asyncio.get_running_loop()
+        next_claim = next_lag = 0.0
         while not self._stopping.is_set():
             try:
-                loop = asyncio.get_running_loop()
                 streams = await self._streams()
                 if loop.time() >= next_claim:
                     await self._autoclaim(streams)
                     next_claim = loop.time() + self.settings.claim_idle_ms / 2000
+                if loop.time() >= next_lag:  # also while PostgreSQL is down: the backlog grows
                     await self._report_lag(streams)
+                    next_lag = loop.time() + LAG_INTERVAL
                 progressed = await self.step(streams)
                 self._backoff = 0.0
                 if not progressed and not streams:
                     await self._sleep(self.block_ms / 1000)
+                elif progressed and self.last_batch < self.settings.batch_size:
+                    # a trickle: let entries gather, a bigger batch costs less per entry
+                    await self._sleep(self.settings.linger_ms / 1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -218,6 +304,7 @@ class LedgerWriter:
             )
         if not entries:
             return False
+        self.last_batch = len(entries)
         await self._commit(entries, streams)
         return True
 
@@ -277,11 +364,15 @@ class LedgerWriter:
     async def _commit(self, entries: Sequence[Entry], streams: dict[str, str]) -> None:
         marks = _marks(entries)
         try:
+            reservations, others = _split(entries)
             async with self.pool.acquire() as con, con.transaction():
-                for sql, rows in _grouped(entries):
+                if reservations:
+                    await con.execute(UPSERT_RESERVATIONS, *_columns(_fold(reservations)))
+                for sql, rows in others.items():  # batches, carries
                     await con.executemany(sql, rows)
                 if marks:
-                    await con.executemany(RAISE_LEDGER_SEQ, sorted(marks.items()))
+                    rounds, seqs = zip(*sorted(marks.items()), strict=True)
+                    await con.execute(RAISE_LEDGER_SEQS, list(rounds), list(seqs))
         except TRANSIENT_PG_ERRORS:
             raise
         except (asyncpg.PostgresError, ValueError, KeyError) as exc:
@@ -393,16 +484,41 @@ def _marks(entries: Sequence[Entry]) -> dict[str, int]:
     return marks
 
 
-def _grouped(entries: Sequence[Entry]) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """Consecutive entries of the same kind as one executemany, keeping stream order."""
-    groups: list[tuple[str, list[tuple[Any, ...]]]] = []
+def _split(
+    entries: Sequence[Entry],
+) -> tuple[list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]:
+    """The batch's reservation rows (in stream order), and the other rows (batches, carries) by
+    their statement. The tables do not refer to each other, so their order between them does
+    not matter; each kind keeps its stream order."""
+    reservations: list[tuple[Any, ...]] = []
+    others: dict[str, list[tuple[Any, ...]]] = {}
     for entry in entries:
         sql, row = entry.statement()
-        if groups and groups[-1][0] == sql:
-            groups[-1][1].append(row)
+        if sql == UPSERT_RESERVATION:
+            reservations.append(row)
         else:
-            groups.append((sql, [row]))
-    return groups
+            others.setdefault(sql, []).append(row)
+    return reservations, others
+
+
+def _fold(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """One row per reservation_id: the one that decides the outcome when the rows are upserted
+    one after the other in stream order. The forward-only rule keeps a row's first insert,
+    moves its status once, off 'confirmed', and never again: so the first row that is not
+    'confirmed' decides (its record is the reservation's full record with that status), else
+    the first row."""
+    chosen: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        rid, status = row[0], row[4]
+        held = chosen.get(rid)
+        if held is None or (held[4] == "confirmed" and status != "confirmed"):
+            chosen[rid] = row
+    return list(chosen.values())
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows as one list per column, for unnest()."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _transient(exc: BaseException) -> bool:

@@ -75,6 +75,17 @@ class Round:
     cooldown_days: int = 0
     eligibility: Eligibility | None = None
     loss_weighting: bool = False
+    # lottery rounds (API.md, Lottery rounds): the named source of the public randomness, the
+    # commitment to the round's secret (allocator/draw.py), and the draw's status as last
+    # published to Redis (the round hash's `draw` field: registering, frozen, drawing, drawn)
+    public_randomness_source: str | None = None
+    commitment: str | None = None
+    draw_status: str | None = None
+    drawn: bool = False  # the draw's results exist (a later pass may be running)
+
+    @property
+    def lottery(self) -> bool:
+        return self.mode == "lottery"
 
     def status(self, now: dt.datetime) -> str:
         if now < self.opens_at:
@@ -103,6 +114,8 @@ class Round:
                 orjson.dumps(self.eligibility.to_json()).decode() if self.eligibility else ""
             ),
             "loss_weighting": int(self.loss_weighting),
+            **({"prs": self.public_randomness_source} if self.public_randomness_source else {}),
+            **({"commitment": self.commitment} if self.commitment else {}),
         }
 
     @classmethod
@@ -123,7 +136,15 @@ class Round:
             if h.get(b"eligibility")
             else None,
             loss_weighting=h.get(b"loss_weighting", b"0") == b"1",
+            public_randomness_source=_text(h.get(b"prs")),
+            commitment=_text(h.get(b"commitment")),
+            draw_status=_text(h.get(b"draw")),
+            drawn=h.get(b"drawn") == b"1",
         )
+
+
+def _text(raw: bytes | None) -> str | None:
+    return raw.decode() if raw is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +162,10 @@ class Reservation:
     citizen_id_masked: str
     created_ms: int
     updated_ms: int
+    # the fairness report's groups, fixed at claim time; never the ID itself
+    channel: str = "api"  # desk | web | mini-program | api
+    age_band: str | None = None  # 0-17 | 18-39 | 40-64 | 65+ at the round's opening date
+    region: str | None = None  # the ID's six-digit issuing prefix
 
     @classmethod
     def from_record(cls, round_id: str, record: bytes | str) -> Reservation:
@@ -157,6 +182,9 @@ class Reservation:
             citizen_id_masked=r["mask"],
             created_ms=int(r["created"]),
             updated_ms=int(r["updated"]),
+            channel=r.get("ch") or "api",
+            age_band=r.get("age"),
+            region=r.get("reg"),
         )
 
     def effective_status(self, now_ms: int, pickup_end_ms: int) -> str:
@@ -164,3 +192,40 @@ class Reservation:
         if self.status == "confirmed" and now_ms >= pickup_end_ms:
             return "expired"
         return self.status
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One citizen's entry in a lottery round, as recorded by lua/enter.lua.
+
+    ``status`` is as stored: registered | withdrawn | won (with ``reservation_id``); what a
+    citizen is shown (not-drawn, weight) also depends on the draw: service/shapes.py."""
+
+    entry_id: str
+    round_id: str
+    site_id: str
+    accept_district: bool
+    status: str
+    citizen_hash: str
+    phone_hash: str
+    citizen_id_masked: str
+    created_ms: int
+    updated_ms: int
+    reservation_id: str | None = None
+
+    @classmethod
+    def from_record(cls, round_id: str, record: bytes | str) -> Entry:
+        r = orjson.loads(record)
+        return cls(
+            entry_id=r["id"],
+            round_id=round_id,
+            site_id=r["site"],
+            accept_district=bool(int(r["acc"])),
+            status=r["status"],
+            citizen_hash=r["cit"],
+            phone_hash=r["ph"],
+            citizen_id_masked=r["mask"],
+            created_ms=int(r["created"]),
+            updated_ms=int(r["updated"]),
+            reservation_id=r.get("res") or None,
+        )

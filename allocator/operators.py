@@ -4,12 +4,13 @@ PostgreSQL holds what an operator wrote (sites, rounds); Redis holds the mirror 
 read. A batch is loaded in Redis all or nothing by load_batch.lua, once per ``batch_id``, and
 reaches the ledger through the round's stream like every other change.
 
-A round's ``mode``, ``programme``, ``eligibility`` and ``loss_weighting`` cannot change once it
-has opened (422 naming the field). Its ``programme`` decides the hash tag of its Redis keys
-(allocator/keys.py), so a change of programme moves the round to another tag: allowed only while
-the round holds nothing in Redis or the ledger but its definition (no batch, no reservation),
-else 422 naming ``programme``. Writes of one round are serialised by a PostgreSQL advisory lock
-held until Redis has the new definition.
+A round's ``mode``, ``programme``, ``eligibility``, ``loss_weighting`` and
+``public_randomness_source`` cannot change once it has opened (422 naming the field). Its
+``programme`` decides the hash tag of its Redis keys (allocator/keys.py), so a change of
+programme moves the round to another tag: allowed only while the round holds nothing in Redis
+or the ledger but its definition (no batch, no reservation), else 422 naming ``programme``.
+Writes of one round are serialised by a PostgreSQL advisory lock held until Redis has the new
+definition.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
+from allocator import draw
 from allocator.catalogue import Catalogue
 from allocator.entitlement import Eligibility
 from allocator.errors import BatchConflict, InvalidRequest, NotFound
@@ -36,9 +38,8 @@ from allocator.stock_events import StockEvents
 from allocator.store import Store
 from allocator.tags import RoundTags
 
-#: Round fields that cannot change once the round has opened (lottery rounds add
-#: ``public_randomness_source``).
-FIXED_ONCE_OPEN = ("mode", "programme", "eligibility", "loss_weighting")
+#: Round fields that cannot change once the round has opened (API.md).
+FIXED_ONCE_OPEN = ("mode", "programme", "eligibility", "loss_weighting", "public_randomness_source")
 
 
 def batch_digest(items: Sequence[tuple[str, int]]) -> str:
@@ -52,6 +53,7 @@ class BatchResult:
     units_added: int  # the batch's units (also on a replay, which adds nothing again)
     sites: int
     created: bool  # False: the same batch was loaded before; nothing changed
+    carried_from: str | None = None  # a carry-over's earlier round (allocator/carryover.py)
 
 
 class Operators:
@@ -104,15 +106,19 @@ class Operators:
     # -- rounds -------------------------------------------------------------------------------
 
     async def upsert_round(self, rnd: Round) -> bool:
-        """Write the round to PostgreSQL, then to Redis; True when it is new.
+        """Write the round to PostgreSQL, then to Redis; True when it is new (read it back for
+        a lottery round's commitment).
 
         Refused (422 naming the field, nothing changed) when a field of FIXED_ONCE_OPEN differs
         from the stored round and that has opened, or when the programme changes while the
-        round holds anything but its definition.
+        round holds anything but its definition. A lottery round's secret is drawn when the
+        round first becomes a lottery and kept in ``draws`` (only PostgreSQL holds it until the
+        freeze publishes it).
         """
-        spec = orjson.dumps(rnd.to_redis()).decode()
         tag = Keys.tag_for(rnd.round_id, rnd.programme)
         async with self.store.pg() as con:
+            # one writer of this round at a time, until Redis has what PostgreSQL has: the
+            # secret is drawn exactly once, and a move of tag is never raced
             await con.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", _lock(rnd))
             try:
                 async with con.transaction():
@@ -125,6 +131,16 @@ class Operators:
                         old_tag = before["key_tag"] or Keys.tag_for(rnd.round_id, None)
                         if old_tag != tag:
                             await self._move(con, rnd.round_id, old_tag)
+                    secret: bytes | None = None
+                    if rnd.lottery:
+                        commitment = await con.fetchval(
+                            "SELECT commitment FROM draws WHERE round_id = $1", rnd.round_id
+                        )
+                        if commitment is None:
+                            secret = draw.new_secret()
+                            commitment = draw.commitment(secret)
+                        rnd = replace(rnd, commitment=commitment)
+                    spec = orjson.dumps(rnd.to_redis()).decode()
                     created = await con.fetchval(
                         "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person,"
                         " pickup_start, pickup_end, mode, spec, programme, cooldown_days,"
@@ -150,6 +166,13 @@ class Operators:
                         rnd.cooldown_days,
                         tag,
                     )
+                    if secret is not None:
+                        await con.execute(
+                            "INSERT INTO draws (round_id, secret, commitment) VALUES ($1, $2, $3)",
+                            rnd.round_id,
+                            secret,
+                            commitment,
+                        )
                 await self.mirror_round(rnd)
             finally:
                 await con.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", _lock(rnd))

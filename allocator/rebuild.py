@@ -1,10 +1,15 @@
 """``allot rebuild``: restore a round's Redis state from the ledger after Redis lost its data.
 
-The ledger holds every batch and every reservation that reached it, so stock is recomputed as
-loaded minus the units of live and collected reservations, and for a round of a programme the
-cooldowns its live reservations set come back into the programme's entitlement hash (only this
-round's: the hash is shared with the programme's other rounds, which may be serving), computed
-with the round's ``cooldown_days`` as the ledger has it now. The round -> hash tag mapping
+The ledger holds every batch, reservation and carry-over that reached it, so stock is
+recomputed as loaded minus the units of confirmed, collected and expired reservations and of what
+carry-overs took (less the expired units among them, which the expired reservations already
+count): loaded = remaining + reserved + collected + expired + carried_out again. Expired
+reservations come back expired (their holders kept), carry records come back (so a replayed
+carry answers as before), and the expiry sweep's marks are dropped (a new sweep finds whatever
+the ledger still has as confirmed past pickup_end). For a round of a programme the cooldowns its
+live reservations set come back into the programme's entitlement hash (only this round's: the
+hash is shared with the programme's other rounds, which may be serving), computed with the
+round's ``cooldown_days`` as the ledger has it now; the round -> hash tag mapping
 (allocator/tags.py) is restored from ``rounds.key_tag``. What was in the Redis stream and not
 yet written is gone with Redis; that is why a rebuild refuses to overwrite a round whose stream
 still has entries (``--force`` overrides, and says what it discards).
@@ -177,24 +182,36 @@ async def _rewrite_from(
     # the round's cooldown_days as the ledger has it now
     cooldown_days = int(row["cooldown_days"]) if row["programme"] else 0
     bars: list[str] = []
+    districts = {
+        s["site_id"]: s["district"] for s in await con.fetch("SELECT site_id, district FROM sites")
+    }
+    askers: dict[str, set[str]] = defaultdict(set)  # the fairness report's, from the ledger
     for r in await con.fetch(
         "SELECT * FROM reservations WHERE round_id = $1 ORDER BY created_at", round_id
     ):
-        status = "confirmed" if r["status"] == "expired" else r["status"]  # expiry is derived
-        records[r["reservation_id"]] = orjson.dumps(
-            {
-                "id": r["reservation_id"],
-                "site": r["site_id"],
-                "qty": r["quantity"],
-                "status": status,
-                "code": r["pickup_code"],
-                "cit": r["citizen_hash"],
-                "ph": r["phone_hash"],
-                "mask": r["citizen_id_masked"],
-                "created": _ms(r["created_at"]),
-                "updated": _ms(r["updated_at"]),
-            }
-        )
+        status = r["status"]  # expiry is recorded (the sweep), not derived
+        record: dict[str, Any] = {
+            "id": r["reservation_id"],
+            "site": r["site_id"],
+            "qty": r["quantity"],
+            "status": status,
+            "code": r["pickup_code"],
+            "cit": r["citizen_hash"],
+            "ph": r["phone_hash"],
+            "mask": r["citizen_id_masked"],
+            "created": _ms(r["created_at"]),
+            "updated": _ms(r["updated_at"]),
+            "ch": r["channel"],
+        }
+        if r["age_band"] is not None:
+            record["age"] = r["age_band"]
+            askers[rk.fair_asked("age_band", r["age_band"])].add(r["citizen_hash"])
+        if r["region"] is not None:
+            record["reg"] = r["region"]
+        records[r["reservation_id"]] = orjson.dumps(record)
+        askers[rk.fair_asked("channel", r["channel"])].add(r["citizen_hash"])
+        if r["site_id"] in districts:
+            askers[rk.fair_asked("district", districts[r["site_id"]])].add(r["citizen_hash"])
         codes[r["site_id"]][r["pickup_code"]] = r["reservation_id"]
         site_holders[r["site_id"]].add(r["citizen_hash"])
         tally["created"] += 1
@@ -203,10 +220,64 @@ async def _rewrite_from(
                 until = cooldown_until_ms(_ms(r["created_at"]), cooldown_days)
                 bars += (r["citizen_hash"], str(until), r["reservation_id"])
             holders[r["citizen_hash"]] = r["reservation_id"]
-            field = "reserved" if status == "confirmed" else "collected"
-            tally[f"{field}:{r['site_id']}"] += r["quantity"]
+            field = {"confirmed": "reserved", "collected": "collected", "expired": "expired"}
+            tally[f"{field[status]}:{r['site_id']}"] += r["quantity"]
             held[r["site_id"]] += r["quantity"]
-    stock = {site: loaded[site] - held.get(site, 0) for site in loaded}
+    # carry-overs out of this round (lua/carry.lua): their units left the stock, and the expired
+    # units among them left the `expired` tally
+    carries: dict[str, bytes] = {}
+    carried: dict[str, int] = defaultdict(int)
+    for c in await con.fetch(
+        "SELECT to_round, batch_id, items, parts, carried_at FROM carries WHERE from_round = $1",
+        round_id,
+    ):
+        parts = orjson.loads(c["parts"])
+        carries[f"{c['to_round']}/{c['batch_id']}"] = orjson.dumps(
+            {
+                "to": c["to_round"],
+                "batch_id": c["batch_id"],
+                "items": orjson.loads(c["items"]),
+                "parts": parts,
+                "at": _ms(c["carried_at"]),
+            }
+        )
+        for site_id, from_remaining, from_expired in parts:
+            carried[site_id] += int(from_remaining)
+            tally[f"carried_out:{site_id}"] += int(from_remaining) + int(from_expired)
+            if int(from_expired):
+                tally[f"expired:{site_id}"] -= int(from_expired)
+                tally[f"carried_expired:{site_id}"] += int(from_expired)
+    stock = {site: loaded[site] - held.get(site, 0) - carried.get(site, 0) for site in loaded}
+    # a lottery round's entries (the ledger's kind=entry rows) and its draw's status
+    entries: dict[str, bytes] = {}
+    entrants: dict[str, str] = {}
+    for e in await con.fetch(
+        "SELECT * FROM entries WHERE round_id = $1 ORDER BY created_at", round_id
+    ):
+        status = "registered" if e["status"] in ("not-drawn", "excluded") else e["status"]
+        record = {
+            "id": e["entry_id"],
+            "site": e["site_id"],
+            "acc": int(e["accept_district"]),
+            "status": status,  # not-drawn is derived from the draw, as enter.lua stores it
+            "cit": e["citizen_hash"],
+            "ph": e["phone_hash"],
+            "mask": e["citizen_id_masked"],
+            "created": _ms(e["created_at"]),
+            "updated": _ms(e["updated_at"]),
+        }
+        if e["reservation_id"]:
+            record["res"] = e["reservation_id"]
+        entries[e["entry_id"]] = orjson.dumps(record)
+        if status != "withdrawn":
+            entrants[e["citizen_hash"]] = e["entry_id"]
+            tally[f"entries:{e['site_id']}"] += 1
+    draw_row = await con.fetchrow(
+        "SELECT status, drawn_at IS NOT NULL AS drawn FROM draws WHERE round_id = $1", round_id
+    )
+    if draw_row is not None:
+        round_hash["draw"] = draw_row["status"]
+        round_hash["drawn"] = "1" if draw_row["drawn"] else "0"
     # changes go on from the ledger's mark (or Redis's own, if that is higher): never backwards
     seq = max(int(row["ledger_seq"]), redis_seq)
     tally["seq"] = seq
@@ -233,11 +304,21 @@ async def _rewrite_from(
         pipe.hset(rk.reservations, mapping=records)
     if holders:
         pipe.hset(rk.holders, mapping=holders)
+    if carries:
+        pipe.hset(rk.carries, mapping=carries)
+    if entries:
+        pipe.hset(rk.entries, mapping=entries)
+    if entrants:
+        pipe.hset(rk.entrants, mapping=entrants)
     pipe.hset(rk.tally, mapping=dict(tally))
     for site_id, mapping in codes.items():
         pipe.hset(rk.codes(site_id), mapping=mapping)
     for site_id, members in site_holders.items():
         pipe.sadd(rk.site_holders(site_id), *members)
+    # Askers only grow: the ledger's reservers are added back; citizens only ever refused
+    # sold-out are not in the ledger, and are lost with the Redis that lost them.
+    for key, members in askers.items():
+        pipe.sadd(key, *members)
     if row["programme"]:
         # the programme's hash is shared with its other rounds: only this round's bars change
         restore = redis.register_script(script_source("restore_cooldowns"))
@@ -265,6 +346,8 @@ async def _rewrite_from(
         "reservations": len(records),
         "live": len(holders),
         "batches": len(digests),
+        "carries": len(carries),
+        "entries": len(entries),
         "seq": seq,
         "cooldowns": int(cooldowns),
     }

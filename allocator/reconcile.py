@@ -1,8 +1,12 @@
 """``allot reconcile``: prove, per round and site, that Redis and the ledger tell the same story.
 
-Checks, per site: Redis balances (loaded = remaining + reserved + collected, remaining >= 0);
-and, once the stream backlog is drained, Redis agrees with PostgreSQL (units loaded by recorded
-batches, units held by live reservations, units collected, number of reservations). Per round:
+Checks, per site: Redis balances (loaded = remaining + reserved + collected + expired +
+carried_out, remaining >= 0); and, once the stream backlog is drained, Redis agrees with
+PostgreSQL (units loaded by recorded batches, units of confirmed reservations, units collected,
+units of expired reservations not carried over, units carried out by recorded carry-overs,
+number of reservations). Per round: every carry-over recorded on it (lua/carry.lua, step (a))
+was loaded into its later round under its batch_id with the same contents (step (b)); a carry
+interrupted between the two is named with the request that heals it. Per round:
 Redis is not behind the ledger (its change sequence ``seq`` against ``rounds.ledger_seq``, see
 allocator/integrity.py); reservation by reservation, every one the ledger has is in Redis with
 the same status, and every one Redis has is in the ledger, leaving out those whose entries still
@@ -24,8 +28,10 @@ import asyncpg
 import orjson
 from redis.asyncio import Redis
 
+from allocator.carryover import carry_items
 from allocator.integrity import check_round, tally_counts
 from allocator.keys import Keys, RoundKeys
+from allocator.operators import batch_digest
 from allocator.redistyping import awaited
 from allocator.tags import ledger_tag, load_tags
 
@@ -81,7 +87,17 @@ async def _round(
         pipe.xlen(rk.ledger)
         pipe.xlen(rk.dead)
         pipe.exists(rk.round)
-        loaded_raw, stock_raw, tally_raw, n_res, backlog, dead, exists = await pipe.execute()
+        pipe.hgetall(rk.carries)
+        (
+            loaded_raw,
+            stock_raw,
+            tally_raw,
+            n_res,
+            backlog,
+            dead,
+            exists,
+            carries_raw,
+        ) = await pipe.execute()
     loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
     stock = {k.decode(): int(v) for k, v in stock_raw.items()}
     tally = tally_counts(tally_raw)
@@ -105,6 +121,13 @@ async def _round(
         round_id,
     ):
         by_status[(row["site_id"], row["status"])] = int(row["units"])
+    ledger_carried: dict[str, int] = defaultdict(int)
+    ledger_carried_expired: dict[str, int] = defaultdict(int)
+    for row in await con.fetch("SELECT parts FROM carries WHERE from_round = $1", round_id):
+        for site_id, from_remaining, from_expired in orjson.loads(row["parts"]):
+            ledger_carried[site_id] += int(from_remaining) + int(from_expired)
+            ledger_carried_expired[site_id] += int(from_expired)
+    carries = await _carries(redis, con, keys, carries_raw)
     recorded = await con.fetchval("SELECT count(*) FROM reservations WHERE round_id = $1", round_id)
     doubles = await con.fetchval(
         "SELECT count(*) FROM (SELECT citizen_hash FROM reservations"
@@ -145,23 +168,38 @@ async def _round(
                 problems.append(f"{cooldowns[kind]['count']} {text}")
     if not backlog and recorded != n_res:
         problems.append(f"Redis has {n_res} reservations, the ledger {recorded}")
+    for carry in carries:
+        if carry["loaded_into_later_round"] is not True:
+            problems.append(
+                f"carry-over {carry['batch_id']!r} into round {carry['to_round']!r}:"
+                f" {carry['units']} unit(s) carried out of this round, but that round"
+                f" {carry['loaded_into_later_round']}; replay the same request (POST"
+                f" /api/v1/admin/rounds/{carry['to_round']}/batches with batch_id"
+                f" {carry['batch_id']!r} and carry_from {round_id!r}) to load them"
+            )
 
     sites = []
     for site_id in sorted(set(loaded) | set(stock) | set(ledger_loaded)):
         reserved = tally.get(f"reserved:{site_id}", 0)
         collected = tally.get(f"collected:{site_id}", 0)
+        expired = tally.get(f"expired:{site_id}", 0)
+        carried_out = tally.get(f"carried_out:{site_id}", 0)
         remaining = stock.get(site_id, 0)
         ledger = {
             "loaded": ledger_loaded.get(site_id, 0),
-            "live": by_status.get((site_id, "confirmed"), 0)
-            + by_status.get((site_id, "expired"), 0),
+            "live": by_status.get((site_id, "confirmed"), 0),  # units of confirmed ones
             "collected": by_status.get((site_id, "collected"), 0),
+            # units of expired reservations, less those a carry-over took away
+            "expired": by_status.get((site_id, "expired"), 0)
+            - ledger_carried_expired.get(site_id, 0),
+            "carried_out": ledger_carried.get(site_id, 0),
         }
         site_problems = []
-        if loaded.get(site_id, 0) != remaining + reserved + collected:
+        if loaded.get(site_id, 0) != remaining + reserved + collected + expired + carried_out:
             site_problems.append(
                 f"loaded {loaded.get(site_id, 0)} != remaining {remaining}"
-                f" + reserved {reserved} + collected {collected}"
+                f" + reserved {reserved} + collected {collected} + expired {expired}"
+                f" + carried_out {carried_out}"
             )
         if remaining < 0:
             site_problems.append(f"remaining is negative ({remaining})")
@@ -170,6 +208,8 @@ async def _round(
                 ("loaded", loaded.get(site_id, 0)),
                 ("live", reserved),
                 ("collected", collected),
+                ("expired", expired),
+                ("carried_out", carried_out),
             ):
                 if ledger[name] != redis_value:
                     site_problems.append(f"{name}: Redis {redis_value}, ledger {ledger[name]}")
@@ -180,6 +220,8 @@ async def _round(
                 "remaining": remaining,
                 "reserved": reserved,
                 "collected": collected,
+                "expired": expired,
+                "carried_out": carried_out,
                 "ledger": ledger,
                 "ok": not site_problems,
                 "problems": site_problems,
@@ -196,6 +238,7 @@ async def _round(
         "cooldowns": cooldowns,
         "seq": {"redis": tally.get("seq", 0), "ledger": ledger_seq},
         "lost": lost.public() if lost is not None else None,
+        "carries": carries,
         "problems": problems,
         "sites": sites,
     }
@@ -250,6 +293,35 @@ async def _cooldowns(
     }
 
 
+async def _carries(
+    redis: Redis, con: asyncpg.Connection, keys: Keys, raw: dict[bytes, bytes]
+) -> list[dict[str, Any]]:
+    """Every carry-over recorded on a round (step (a)), and whether its later round loaded it
+    (step (b): the batch_id there, with the same contents); a carry of 0 units needs no load."""
+    found = []
+    for name in sorted(raw):
+        record = orjson.loads(raw[name])
+        items = carry_items(raw[name])
+        to_round, batch_id = str(record["to"]), str(record["batch_id"])
+        status: bool | str = True
+        if items:
+            later = keys.round(to_round, await ledger_tag(con, to_round))
+            digest = await awaited(redis.hget(later.batches, batch_id))
+            if digest is None:
+                status = "never loaded them (interrupted between the two steps?)"
+            elif _text(digest) != batch_digest(items):
+                status = "holds that batch_id with other contents"
+        found.append(
+            {
+                "to_round": to_round,
+                "batch_id": batch_id,
+                "units": sum(q for _, q in items),
+                "loaded_into_later_round": status,
+            }
+        )
+    return found
+
+
 async def _differences(
     redis: Redis, con: asyncpg.Connection, rk: RoundKeys, round_id: str
 ) -> dict[str, Any]:
@@ -290,13 +362,6 @@ async def _differences(
             "citizen_id_masked": r.get("mask"),
         }
 
-    def same(redis_status: str, ledger_status: str) -> bool:
-        # expiry is derived from the clock: a confirmed reservation may be 'expired' in the ledger
-        return redis_status == ledger_status or (redis_status, ledger_status) == (
-            "confirmed",
-            "expired",
-        )
-
     lacking = [rid for rid in in_ledger if rid not in in_redis and rid not in pending]
     unrecorded = sorted(rid for rid in in_redis if rid not in in_ledger and rid not in pending)
     differing = [
@@ -304,7 +369,7 @@ async def _differences(
         for rid in in_ledger
         if rid in in_redis
         and rid not in pending
-        and not same(str(in_redis[rid].get("status")), in_ledger[rid]["status"])
+        and str(in_redis[rid].get("status")) != in_ledger[rid]["status"]
     ]
     return {
         "in_ledger_not_redis": {
@@ -324,6 +389,11 @@ async def _differences(
         },
         "in_stream": len(pending),
     }
+
+
+def _text(value: bytes | str) -> str:
+    """redis-py's typing says str; this client (no decode_responses) answers bytes."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _ref(reservation_id: str) -> str:

@@ -28,6 +28,9 @@ ID_RULE: Final = f"1-{ID_MAX_LENGTH} characters of a-z, 0-9, '_' and '-'"
 RESERVATION_SECRET_LENGTH: Final = 22
 RESERVATION_ID_REGEX: Final = rf"([A-Za-z0-9_-]{{{RESERVATION_SECRET_LENGTH}}})\.({ID_REGEX})"
 RESERVATION_ID: Final = re.compile(RESERVATION_ID_REGEX, re.ASCII)
+# entry_id (a lottery round's entry) has the same form: 128 random bits, a dot, the round_id.
+ENTRY_ID_REGEX: Final = RESERVATION_ID_REGEX
+ENTRY_ID: Final = re.compile(ENTRY_ID_REGEX, re.ASCII)
 
 # -- pickup codes -----------------------------------------------------------------------------
 
@@ -57,10 +60,17 @@ MAX_ALTERNATIVES: Final = 5  # sites offered with a sold-out answer
 # the millisecond arithmetic and PostgreSQL's timestamptz can hold in any UTC offset.
 FIRST_YEAR: Final = 2000
 LAST_YEAR: Final = 2999
-MODES: Final = ("fcfs",)  # a "lottery" mode will come (API.md, Lottery rounds)
+MODES: Final = ("fcfs", "lottery")  # API.md: first come first served, or Lottery rounds
 ROUND_STATUSES: Final = ("upcoming", "open", "closed")
-# A reservation's status as shown; "expired" is derived (confirmed past pickup_end), not stored.
+# A reservation's status: "expired" is recorded by the sweep (allocator/expiry.py) within ~10 s
+# after pickup_end, and shown for a confirmed one past pickup_end until then.
 RESERVATION_STATUSES: Final = ("confirmed", "collected", "cancelled", "expired")
+# Lottery rounds (API.md, Lottery rounds): an entry's status as shown, the draw's status, and
+# public_randomness_source / public_randomness: 1-256 printable characters.
+ENTRY_STATUSES: Final = ("registered", "withdrawn", "excluded", "won", "not-drawn")
+DRAW_STATUSES: Final = ("registering", "frozen", "drawing", "drawn")
+MAX_RANDOMNESS_TEXT: Final = 256
+HEX64_REGEX: Final = "[0-9a-f]{64}"
 # Why a reservation cannot be collected or cancelled (the `reason` of not-collectable);
 # "citizen": the ID given at the desk is not the holder's.
 NOT_COLLECTABLE_REASONS: Final = ("collected", "cancelled", "expired", "citizen")

@@ -20,6 +20,11 @@ SCRIPT_NAMES = (
     "integrity",
     "retire",
     "restore_cooldowns",
+    "expire",
+    "carry",
+    "enter",
+    "withdraw",
+    "award",
 )
 
 
@@ -36,6 +41,11 @@ class Scripts:
     integrity: AsyncScript
     retire: AsyncScript
     restore_cooldowns: AsyncScript
+    expire: AsyncScript
+    carry: AsyncScript
+    enter: AsyncScript  # lottery entries (allocator/entries.py)
+    withdraw: AsyncScript
+    award: AsyncScript  # lottery winners' reservations (allocator/lottery.py)
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

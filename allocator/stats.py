@@ -15,10 +15,17 @@ from allocator.store import Store
 
 @dataclass(frozen=True, slots=True)
 class SiteFigures:
+    """One site's units; always loaded = remaining + reserved + collected + expired +
+    carried_out (expired: units of expired reservations not yet carried over)."""
+
     site_id: str
     loaded: int
     reserved: int
+    collected: int
+    expired: int
+    carried_out: int
     remaining: int
+    entries: int | None = None  # lottery rounds: live entries choosing the site
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,12 +34,15 @@ class RoundStats:
     loaded: int
     reserved: int
     collected: int
+    expired: int
+    carried_out: int
     remaining: int
     reservations: int  # live holders
     sites: list[SiteFigures]
     recorded: int | None  # reservations in the ledger; None when PostgreSQL does not answer
     lag: int  # entries in the round's stream (the ledger writer trims what it has recorded)
     lost: Lost | None  # what Redis has lost of the round, or None when it is whole
+    entries: int | None = None  # lottery rounds: live (not withdrawn) entries
 
 
 class Stats:
@@ -45,8 +55,10 @@ class Stats:
     async def round_stats(self, round_id: str) -> RoundStats:
         """The round's figures from Redis, the ledger's count, and ``lost``: an operator sees a
         lost round here rather than a refusal."""
+        rnd = None
         with contextlib.suppress(RoundLost):
-            await self.catalogue.round(round_id)  # NotFound for a round nobody has
+            rnd = await self.catalogue.round(round_id)  # NotFound for a round nobody has
+        lottery = rnd is not None and rnd.lottery
         rk = await self.catalogue.round_keys(round_id)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.loaded)
@@ -54,7 +66,8 @@ class Stats:
             pipe.hgetall(rk.tally)
             pipe.hlen(rk.holders)
             pipe.xlen(rk.ledger)
-            loaded_raw, stock_raw, tally_raw, live, backlog = await self.store.redis_call(
+            pipe.hlen(rk.entrants)
+            loaded_raw, stock_raw, tally_raw, live, backlog, entrants = await self.store.redis_call(
                 pipe.execute()
             )
         loaded = {k.decode(): int(v) for k, v in loaded_raw.items()}
@@ -75,23 +88,36 @@ class Stats:
         except Unavailable:
             recorded = None
         lost = await self.watch.check(round_id)
+        sites = [
+            SiteFigures(
+                site_id=s,
+                loaded=loaded.get(s, 0),
+                reserved=tally.get(f"reserved:{s}", 0),
+                collected=tally.get(f"collected:{s}", 0),
+                expired=tally.get(f"expired:{s}", 0),
+                carried_out=tally.get(f"carried_out:{s}", 0),
+                remaining=stock.get(s, 0),
+                entries=tally.get(f"entries:{s}", 0) if lottery else None,
+            )
+            for s in sorted(set(loaded) | set(stock) | _entry_sites(tally))
+        ]
         return RoundStats(
             round_id=round_id,
             loaded=sum(loaded.values()),
             reserved=sum(v for k, v in tally.items() if k.startswith("reserved:")),
             collected=sum(v for k, v in tally.items() if k.startswith("collected:")),
+            expired=sum(v for k, v in tally.items() if k.startswith("expired:")),
+            carried_out=sum(v for k, v in tally.items() if k.startswith("carried_out:")),
             remaining=sum(stock.values()),
             reservations=live,
-            sites=[
-                SiteFigures(
-                    site_id=s,
-                    loaded=loaded.get(s, 0),
-                    reserved=tally.get(f"reserved:{s}", 0),
-                    remaining=stock.get(s, 0),
-                )
-                for s in sorted(set(loaded) | set(stock))
-            ],
+            sites=sites,
             recorded=recorded,
             lag=backlog,
             lost=lost,
+            entries=int(entrants) if lottery else None,
         )
+
+
+def _entry_sites(tally: dict[str, int]) -> set[str]:
+    """Sites that entries chose (a lottery site may have no stock loaded yet)."""
+    return {k.removeprefix("entries:") for k, v in tally.items() if k.startswith("entries:") and v}

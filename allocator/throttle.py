@@ -3,9 +3,10 @@
 At most ``limit`` failures per address in a fixed window of ``window`` seconds (from the first
 failure); then every attempt from that address, right or wrong, is refused (``RateLimited``,
 its ``retry_after`` the rest of the window) until the window ends, so a guess that happens to
-be right teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the operator
-token now, ``desk`` for desk tokens when they exist (call ``check`` before looking at the
-token and ``failed`` when it is wrong).
+be right teaches the guesser nothing. Each scope keeps its own count: ``operator`` for the
+operator token, ``desk`` for desk tokens (``service/auth.py`` calls ``check`` before looking at
+the token and ``failed`` when it is wrong; a bearer value with the desk tokens' prefix counts as
+a desk attempt, any other as an operator one).
 
 Redis: one key per scope and address hash (``Keys.auth_failures``), a counter that expires with
 its window; one round trip per check and per failure. Each worker also remembers the blocks it
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("allot.auth")
 
 OPERATOR = "operator"
+DESK = "desk"
 _MEMO_MAX = 10_000
 
 

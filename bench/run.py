@@ -13,11 +13,23 @@ Everything runs on this machine, side by side and alternating, under the same lo
 RSS of one worker holding a full admission queue of 10,000 requests (Redis paused on purpose).
 Results go to stdout and docs/performance.md; nothing here is a test, and nothing asserts time.
 
+Every run also records the CPU time each process spent (utime + stime from /proc/<pid>/stat
+before and after, per request): the server's workers, its ledger writer, Redis (a private
+redis-server of the bench's own, so nobody else's work is in it), the PostgreSQL backends
+connected to the scenario's database, and wrk (its rusage); and the ledger backlog: the
+entries left in the round's stream the moment wrk stops (XLEN, what ``allot_ledger_lag``
+counts) and how long the writer then takes to drain them. The "after" reading is taken once the
+backlog is drained, so the writer's catching up is counted in the run that caused it. (c2) has
+a database and key prefix of its own; (b) writes into (c)'s stream, which (c)'s writer drains.
+
+docs/performance.md is shared: the full run rewrites only the part between its markers
+(``<!-- bench: main -->``), the persistence run only its own; other sections are kept.
+
 ``--redis-persistence`` measures instead what durability costs: the same claim load as (c)
 against three private Redis servers, side by side and alternating, with ``appendfsync always``
 (the default everywhere allot configures Redis), ``appendfsync everysec`` and no persistence,
 each behind its own ``allot serve --workers 1`` and ledger database. It rewrites only that
-section of docs/performance.md (a full run keeps it).
+section of docs/performance.md (a full run keeps it, and every other section).
 
 usage: python bench/run.py [--duration 8] [--rounds 3] [--connections 64] [--out FILE]
        python bench/run.py --redis-persistence [--persistence-connections 64,512] [--rounds 3] ...
@@ -27,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import platform
@@ -49,6 +62,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from allocator.db import with_database
+from allocator.keys import Keys
 from loadtest.servers import PrivateRedis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,6 +100,10 @@ class Run:
     non2xx: int
     socket_errors: int
     requests: int
+    cpu_us: dict[str, float] = field(default_factory=dict)  # role -> CPU µs per request
+    busy: float = 0.0  # the machine's busy share (all cores) during the run, 0..1
+    backlog: int | None = None  # ledger entries in the stream when wrk stopped
+    drain_s: float | None = None  # seconds from then until the stream was empty
     # Redis time in claim scripts per 2xx answer (INFO commandstats, EVALSHA usec before and
     # after the run), and EVALSHA calls per 2xx answer (how well claims are batched)
     redis_us_per_claim: float | None = None
@@ -98,10 +116,118 @@ class Scenario:
     url: str
     site: str
     expect_2xx: bool
+    service: Service | None = None  # whose processes, database and stream it loads
     runs: list[Run] = field(default_factory=list)
 
     def median(self, attr: str) -> float:
         return statistics.median(getattr(r, attr) for r in self.runs)
+
+    def median_cpu(self, role: str) -> float | None:
+        values = [r.cpu_us[role] for r in self.runs if role in r.cpu_us]
+        return statistics.median(values) if values else None
+
+
+ROLES = ("workers", "writer", "redis", "postgres", "wrk")
+
+
+@dataclass
+class Service:
+    """One server under test: its processes (``pids`` -> role -> pids), database and stream."""
+
+    proc: subprocess.Popen[bytes]
+    database: str | None = None  # PostgreSQL database name, for its backends
+    stream: str | None = None  # the bench round's ledger stream
+    writer_of: Service | None = None  # (b): whose writer drains its entries
+
+    def pids(self) -> dict[str, list[int]]:
+        named = children(self.proc.pid)
+        workers = [p for p, name in named.items() if name.startswith("allot-w")]
+        if not named:  # bare, naive: one process, no supervisor
+            workers = [self.proc.pid]
+        roles = {"workers": workers}
+        writers = [p for p, name in named.items() if name == "allot-ledger"]
+        if self.writer_of is not None:
+            writers = self.writer_of.pids().get("writer", [])
+        if writers:
+            roles["writer"] = writers
+        return roles
+
+
+def children(pid: int) -> dict[int, str]:
+    """pid -> process name of each child (the supervisor names allot-w<N> and allot-ledger)."""
+    found = {}
+    try:
+        listed = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return {}
+    for child in listed:
+        try:
+            found[int(child)] = Path(f"/proc/{child}/comm").read_text().strip()
+        except OSError:
+            continue
+    return found
+
+
+def worker_pid(proc: subprocess.Popen[bytes], within: float = 30) -> int:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        for pid, name in children(proc.pid).items():
+            if name == "allot-w0":
+                return pid
+        time.sleep(0.1)
+    raise RuntimeError("no worker process found")
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (0 once it is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    total = sum(values[:8])  # user nice system idle iowait irq softirq steal
+    return total - idle, total
+
+
+class Meter:
+    """CPU seconds per role, read before a run and after it."""
+
+    def __init__(self, service: Service | None, redis_pid: int, pg: asyncpg.Connection) -> None:
+        self.service, self.redis_pid, self.pg = service, redis_pid, pg
+
+    async def read(self) -> tuple[dict[str, dict[int, float]], tuple[int, int]]:
+        found: dict[str, dict[int, float]] = {}
+        if self.service is not None:
+            for role, pids in self.service.pids().items():
+                found[role] = {p: cpu_seconds(p) for p in pids}
+            if self.service.database is not None:
+                rows = await self.pg.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1", self.service.database
+                )
+                found["postgres"] = {r["pid"]: cpu_seconds(r["pid"]) for r in rows}
+        found["redis"] = {self.redis_pid: cpu_seconds(self.redis_pid)}
+        return found, machine_ticks()
+
+    @staticmethod
+    def spent(
+        before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+    ) -> dict[str, float]:
+        """role -> CPU seconds between the readings (a process started meanwhile counts in
+        full; one that ended meanwhile is lost: none should, in a run)."""
+        return {
+            role: sum(t - before.get(role, {}).get(pid, 0.0) for pid, t in pids.items())
+            for role, pids in after.items()
+        }
 
 
 def _ms(text: str) -> float:
@@ -114,15 +240,52 @@ def _ms(text: str) -> float:
 
 
 def wrk(url: str, site: str, offset: int, duration: float, connections: int) -> Run:
+    """One wrk run; its own CPU time (rusage of the waited-for child) is ``cpu_us["wrk"]``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", "--timeout", "5s",
          "-s", str(ROOT / "bench" / "reserve.lua"), url, "--", "bench", site, str(offset)],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     try:
-        return _parse_wrk(out)
+        run = _parse_wrk(out)
     except (AttributeError, ValueError) as exc:
         raise RuntimeError(f"could not read wrk's output ({exc}):\n{out}") from exc
+    spent = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    run.cpu_us["wrk"] = spent * 1e6 / max(run.requests, 1)
+    return run
+
+
+async def measured(
+    scenario: Scenario, meter: Meter, redis: Redis, offset: int, args: argparse.Namespace
+) -> Run:
+    """wrk against the scenario, with every process's CPU, the machine's busy share and the
+    ledger backlog (read the moment wrk stops, then drained before the "after" reading)."""
+    before, ticks = await meter.read()
+    calls0, usec0 = await evalsha_usec(redis)
+    run = await asyncio.to_thread(
+        wrk, scenario.url, scenario.site, offset, args.duration, args.connections
+    )
+    calls1, usec1 = await evalsha_usec(redis)
+    if scenario.expect_2xx and calls1 > calls0:  # the claim script ran: (b), (c), (c2)
+        answered = max(1, run.requests - run.non2xx)
+        run.redis_us_per_claim = (usec1 - usec0) / answered
+        run.evalsha_per_claim = (calls1 - calls0) / answered
+    stream = scenario.service.stream if scenario.service is not None else None
+    if stream is not None:
+        stopped = time.monotonic()
+        run.backlog = int(await redis.xlen(stream))
+        async with asyncio.timeout(120):
+            while await redis.xlen(stream):  # noqa: ASYNC110 - polling another process's work
+                await asyncio.sleep(0.02)
+        run.drain_s = time.monotonic() - stopped if run.backlog else 0.0
+    after, ticks_after = await meter.read()
+    for role, seconds in Meter.spent(before, after).items():
+        run.cpu_us[role] = seconds * 1e6 / max(run.requests, 1)
+    busy, total = (a - b for a, b in zip(ticks_after, ticks, strict=True))
+    run.busy = busy / max(total, 1)
+    return run
 
 
 def _parse_wrk(out: str) -> Run:
@@ -230,13 +393,10 @@ def rss_kib(pid: int) -> tuple[int, int]:
     return rss, hwm
 
 
-async def full_queue_rss(
-    env: dict[str, str], procs: Processes, tmp: Path, database_url: str
-) -> dict[str, Any]:
+async def full_queue_rss(env: dict[str, str], procs: Processes, tmp: Path) -> dict[str, Any]:
     """Peak RSS of one worker while 10,000 reservations wait in its queue (Redis paused).
-
-    Its own Redis and its own database: the ledger of the scenarios' database knows round
-    `bench`, which this Redis does not, and /readyz rightly refuses such a pair (data lost)."""
+    ``env`` names a database of its own: one whose rounds this new Redis lacks would make the
+    service refuse them (Redis behind the ledger)."""
     redis_port = free_port()
     redis = procs.start(
         "redis-paused",
@@ -248,7 +408,6 @@ async def full_queue_rss(
     config.write_text(WIDE_OPEN + FULL_QUEUE)
     port, ops_port = free_port(), free_port()
     worker_env = {**env, "ALLOT_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-                  "ALLOT_DATABASE_URL": database_url,
                   "ALLOT_CONFIG": str(config), "ALLOT_OPS_PORT": str(ops_port)}  # fmt: skip
     server = procs.start(
         "allot-full-queue",
@@ -258,7 +417,8 @@ async def full_queue_rss(
     url = f"http://127.0.0.1:{port}"
     await wait_up(url, "/readyz")
     await seed(url, sold_out_site=False)
-    idle = rss_kib(server.pid)[0]
+    worker = worker_pid(server)  # the supervisor's one worker
+    idle = rss_kib(worker)[0]
     os.kill(redis.pid, signal.SIGSTOP)
     n = 10_000
     depth = 0.0
@@ -272,16 +432,19 @@ async def full_queue_rss(
                     return r.status
 
             tasks = [asyncio.create_task(one(i)) for i in range(n)]
-            async with asyncio.timeout(50):
-                while depth < n * 0.99:
-                    await asyncio.sleep(0.5)
-                    async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
-                        text = await r.text()
-                    found = re.search(r"^allot_queue_depth ([\d.e+]+)$", text, re.M)
-                    depth = float(found.group(1)) if found else 0.0
-            held_rss, peak = rss_kib(server.pid)
+            # at most 50 s; short of 99 % the RSS is read anyway, and "queued" says how many
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(50):
+                    while depth < n * 0.99:
+                        await asyncio.sleep(0.5)
+                        async with s.get(f"http://127.0.0.1:{ops_port}/metrics") as r:
+                            text = await r.text()
+                        found = re.search(r"^allot_queue_depth ([\d.e+]+)$", text, re.M)
+                        depth = float(found.group(1)) if found else 0.0
+            held_rss, peak = rss_kib(worker)
             os.kill(redis.pid, signal.SIGCONT)
-            statuses = await asyncio.gather(*tasks)
+            answers = await asyncio.gather(*tasks, return_exceptions=True)
+            statuses = [a if isinstance(a, int) else type(a).__name__ for a in answers]
     finally:
         os.kill(redis.pid, signal.SIGCONT)
     return {
@@ -289,7 +452,7 @@ async def full_queue_rss(
         "idle_rss_mib": round(idle / 1024, 1),
         "held_rss_mib": round(held_rss / 1024, 1),
         "peak_rss_mib": round(peak / 1024, 1),
-        "answers": {str(k): statuses.count(k) for k in sorted(set(statuses))},
+        "answers": {str(k): statuses.count(k) for k in sorted(set(statuses), key=str)},
     }
 
 
@@ -308,99 +471,145 @@ async def main(args: argparse.Namespace) -> int:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     stamp = time.strftime("%Y%m%d%H%M%S")
-    prefix = f"allot-bench-{stamp}"
+    prefixes = {k: f"allot-bench-{stamp}-{k}" for k in ("allot", "allot2")}
     base_db = os.environ.get("ALLOT_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/allot")
-    db_name = f"allot_bench_{stamp}"
-    database_url = with_database(base_db, db_name)
-    redis_url = os.environ.get("ALLOT_REDIS_URL", "redis://127.0.0.1:6379/0")
+    databases = {k: f"allot_bench_{stamp}_{k}" for k in ("allot", "allot2", "full")}
     tmp = Path(tempfile.mkdtemp(prefix="allot-bench-"))
+    # The bench's own Redis, without persistence like the system one here (the cost of
+    # appendfsync always is its own section): its CPU is then the bench's alone.
+    private = PrivateRedis(tmp / "redis")
+    await asyncio.to_thread(private.start)
+    redis_url = private.url
     config = tmp / "bench.toml"
     config.write_text(WIDE_OPEN)
     env = {
         **os.environ,
         "ALLOT_REDIS_URL": redis_url,
-        "ALLOT_DATABASE_URL": database_url,
-        "ALLOT_REDIS_PREFIX": prefix,
+        "ALLOT_DATABASE_URL": with_database(base_db, databases["allot"]),
+        "ALLOT_REDIS_PREFIX": prefixes["allot"],
         "ALLOT_ADMIN_TOKEN": TOKEN,
         "ALLOT_ID_PEPPER": "bench-pepper",
         "ALLOT_CONFIG": str(config),
     }
+    env2 = {
+        **env,
+        "ALLOT_DATABASE_URL": with_database(base_db, databases["allot2"]),
+        "ALLOT_REDIS_PREFIX": prefixes["allot2"],
+    }
     procs = Processes(tmp)
     ports = {k: free_port() for k in ("bare", "naive", "allot", "allot2")}
+    redis = Redis.from_url(redis_url)
+    pg = await asyncpg.connect(with_database(base_db, "postgres"))
     try:
-        subprocess.run([str(BIN / "allot"), "migrate"], env=env, check=True, capture_output=True)
+        full = {**env, "ALLOT_DATABASE_URL": with_database(base_db, databases["full"])}
+        for e in (env, env2):
+            subprocess.run([str(BIN / "allot"), "migrate"], env=e, check=True, capture_output=True)
         py = str(BIN / "python")
-        procs.start("bare", [py, "bench/apps.py", "bare", str(ports["bare"])], env)
-        procs.start("naive", [py, "bench/apps.py", "naive", str(ports["naive"])], env)
+        bare = procs.start("bare", [py, "bench/apps.py", "bare", str(ports["bare"])], env)
+        naive = procs.start("naive", [py, "bench/apps.py", "naive", str(ports["naive"])], env)
         allot = [str(BIN / "allot"), "serve", "--port"]
-        procs.start("allot", [*allot, str(ports["allot"]), "--workers", "1"],
-                    {**env, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
-        procs.start("allot2", [*allot, str(ports["allot2"]), "--workers", "2"],
-                    {**env, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
+        one = procs.start("allot", [*allot, str(ports["allot"]), "--workers", "1"],
+                          {**env, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
+        two = procs.start("allot2", [*allot, str(ports["allot2"]), "--workers", "2"],
+                          {**env2, "ALLOT_OPS_PORT": str(free_port())})  # fmt: skip
         urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
         for url in urls.values():
             await wait_up(url)
-        await wait_up(urls["allot"], "/readyz")
-        await seed(urls["allot"])
+        for k in ("allot", "allot2"):
+            await wait_up(urls[k], "/readyz")
+            await seed(urls[k])
+        stream = {k: Keys(p).round("bench").ledger for k, p in prefixes.items()}
+        c = Service(one, databases["allot"], stream["allot"])
+        services = {
+            "bare": Service(bare),
+            "naive": Service(naive, databases["allot"], stream["allot"], writer_of=c),
+            "allot": c,
+            "allot2": Service(two, databases["allot2"], stream["allot2"]),
+        }
 
         scenarios = [
-            Scenario("(a) bare aiohttp", urls["bare"], "s1", True),
-            Scenario("(b) naive EVALSHA", urls["naive"], "s1", True),
-            Scenario("(c) allot, 1 worker", urls["allot"], "s1", True),
-            Scenario("(d) sold-out herd", urls["allot"], "s0", False),
-            Scenario("(c2) allot, 2 workers", urls["allot2"], "s1", True),
+            Scenario("(a) bare aiohttp", urls["bare"], "s1", True, services["bare"]),
+            Scenario("(b) naive EVALSHA", urls["naive"], "s1", True, services["naive"]),
+            Scenario("(c) allot, 1 worker", urls["allot"], "s1", True, services["allot"]),
+            Scenario("(d) sold-out herd", urls["allot"], "s0", False, services["allot"]),
+            Scenario("(c2) allot, 2 workers", urls["allot2"], "s1", True, services["allot2"]),
         ]
         offset = 0
-        for s in scenarios:  # warm-up: imports, connections, JIT-free but caches and pools
-            wrk(s.url, s.site, offset, 2, args.connections)
+        for sc in scenarios:  # warm-up: imports, connections, JIT-free but caches and pools
+            wrk(sc.url, sc.site, offset, 2, args.connections)
             offset += 300_000
-        stats_redis = Redis.from_url(redis_url)
+        assert private.pid is not None
         for r in range(args.rounds):
-            for s in scenarios:
-                calls0, usec0 = await evalsha_usec(stats_redis)
-                run = wrk(s.url, s.site, offset, args.duration, args.connections)
-                calls1, usec1 = await evalsha_usec(stats_redis)
-                answered = max(1, run.requests - run.non2xx)
-                if s.expect_2xx and s.name != scenarios[0].name:
-                    run.redis_us_per_claim = (usec1 - usec0) / answered
-                    run.evalsha_per_claim = (calls1 - calls0) / answered
+            for sc in scenarios:
+                meter = Meter(sc.service, private.pid, pg)
+                run = await measured(sc, meter, redis, offset, args)
                 offset += 300_000
-                s.runs.append(run)
+                sc.runs.append(run)
+                cpu = "  ".join(f"{k} {v:.0f}" for k, v in run.cpu_us.items())
+                backlog = (
+                    ""
+                    if run.backlog is None
+                    else (f"  backlog {run.backlog} drained in {run.drain_s:.2f} s")
+                )
                 redis_part = (
-                    f"  redis {run.redis_us_per_claim:5.1f} us/claim"
-                    f" ({run.evalsha_per_claim:.3f} evalsha/claim)"
-                    if run.redis_us_per_claim is not None
+                    f"  Redis {run.redis_us_per_claim:.1f} µs/2xx in EVALSHA"
+                    f" ({run.evalsha_per_claim:.3f} EVALSHA/2xx)"
+                    if run.redis_us_per_claim is not None and run.evalsha_per_claim is not None
                     else ""
                 )
-                print(f"round {r + 1} {s.name:24} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
+                print(f"round {r + 1} {sc.name:24} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
                       f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
-                      f"  socket errors {run.socket_errors}{redis_part}", flush=True)  # fmt: skip
-        await stats_redis.aclose()
-        memory = await full_queue_rss(env, procs, tmp, with_database(base_db, f"{db_name}_fq"))
+                      f"  socket errors {run.socket_errors}  CPU µs/req: {cpu}"
+                      f"  busy {run.busy:.0%}{backlog}{redis_part}", flush=True)  # fmt: skip
+        memory = await full_queue_rss(full, procs, tmp)
     finally:
         procs.stop_all()
-        await cleanup(redis_url, prefix, base_db, db_name)
-        await cleanup(redis_url, prefix, base_db, f"{db_name}_fq")
+        await redis.aclose()
+        await asyncio.to_thread(private.close)
+        for name in databases.values():
+            await pg.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     report = render(scenarios, memory, args)
     print(report)
     out = Path(args.out)
-    kept = _section(out.read_text()) if out.exists() else None
-    out.write_text(report + (f"\n{kept}\n" if kept else ""))
+    text = out.read_text() if out.exists() else "# Performance\n"
+    out.write_text(replace_section(text, MAIN, report))
     print(f"written to {args.out}")
     return 0
 
 
-async def cleanup(redis_url: str, prefix: str, base_db: str, db_name: str) -> None:
-    redis = Redis.from_url(redis_url)
-    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=5000)]
-    for i in range(0, len(keys), 5000):
-        await redis.delete(*keys[i : i + 5000])
-    await redis.aclose()
-    con = await asyncpg.connect(base_db)
-    await con.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-    await con.close()
+def _cpu_and_backlog(scenarios: list[Scenario]) -> tuple[str, str, float]:
+    """The per-process CPU table's rows, the backlog table's rows, and the worst backlog in
+    seconds of traffic."""
+
+    def us(value: float | None) -> str:
+        return "–" if value is None else f"{value:.0f}"
+
+    cpu_rows = []
+    for sc in scenarios:
+        values = [sc.median_cpu(role) for role in ROLES]
+        total = statistics.median(sum(r.cpu_us.values()) for r in sc.runs)
+        cpu_rows.append(
+            f"| {sc.name} | {' | '.join(us(v) for v in values)} | {total:.0f}"
+            f" | {sc.median('busy'):.0%} |"
+        )
+    backlog_rows, worst = [], 0.0
+    for sc in scenarios:
+        runs = [r for r in sc.runs if r.backlog is not None]
+        if not runs:
+            continue
+        backlogs = [r.backlog or 0 for r in runs]
+        seconds = [(r.backlog or 0) / max(r.rps, 1) for r in runs]
+        drains = [r.drain_s or 0.0 for r in runs]
+        worst = max(worst, *seconds)
+        backlog_rows.append(
+            f"| {sc.name} | {statistics.median(backlogs):,.0f} (max {max(backlogs):,})"
+            f" | {statistics.median(seconds):.2f} (max {max(seconds):.2f})"
+            f" | {statistics.median(drains):.2f} (max {max(drains):.2f}) |"
+        )
+    return "\n".join(cpu_rows), "\n".join(backlog_rows), worst
 
 
 def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Namespace) -> str:
@@ -431,7 +640,12 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
         f"- {name} = {value:.2f}: target ≥ {goal}, {'met' if value >= goal else 'NOT met'}."
         for name, value, goal in targets
     )
-    return f"""# Performance
+    cpu_rows, backlog_rows, worst = _cpu_and_backlog(scenarios)
+    backlog_verdict = (
+        f"- ledger backlog when wrk stopped ≤ {worst:.2f} s of traffic: target < 1 s,"
+        f" {'met' if worst < 1 else 'NOT met'}."
+    )
+    return f"""## The front door: allot against a bare handler and the naive design
 
 Measured by `make bench` (`python bench/run.py --duration {args.duration} --rounds {args.rounds}
 --connections {args.connections}`) on {dt.date.today()}, on this project's machine: {os.cpu_count()}
@@ -459,7 +673,31 @@ included.{PROGRAMME_NOTE if PROGRAMME else ""}
 
 (d) answers 409 `sold-out` by design; (a), (b), (c) and (c2) should have no non-2xx answer.
 
-## Memory: one worker holding a full queue
+### CPU per request, process by process
+
+CPU time (utime + stime from `/proc/<pid>/stat`, before and after each run) divided by the
+requests wrk made, in µs, medians over the rounds. "workers" is the one server process of (a)
+and (b), the worker processes of allot; "writer" is allot's ledger writer process (in (b) the one
+of (c), which drains (b)'s entries too); Redis is the bench's own redis-server; PostgreSQL is
+every backend connected to the scenario's database (the shared WAL writer and checkpointer
+are not counted); wrk is its own rusage. "busy" is the share of both cores in use during the
+run, whoever used them. The reading after a run is taken once the ledger has drained.
+
+| scenario | workers | writer | Redis | PostgreSQL | wrk | all | busy |
+|---|---:|---:|---:|---:|---:|---:|---:|
+{cpu_rows}
+
+### The ledger backlog when the load stops
+
+Entries still in the round's stream (not yet committed to PostgreSQL; what `allot_ledger_lag`
+counts) the moment wrk stopped, that backlog in seconds of the run's own traffic, and how long
+the writer then took to empty the stream; medians (and the largest) over the rounds.
+
+| scenario | backlog (entries) | seconds of traffic | drained in (s) |
+|---|---:|---:|---:|
+{backlog_rows}
+
+### Memory: one worker holding a full queue
 
 {memory["queued"]:,} reservations waiting in one worker's admission queue (Redis paused on
 purpose, `max_depth = 10000`): RSS {memory["idle_rss_mib"]} MiB idle, {memory["held_rss_mib"]} MiB
@@ -467,18 +705,19 @@ holding the queue, peak (VmHWM) {memory["peak_rss_mib"]} MiB = {peak_mb:.0f} MB 
 {"met" if peak_mb < 200 else "NOT met"}). Once Redis was resumed the answers were:
 {memory["answers"]}.
 
-## Targets
+### Targets
 
 {verdicts}
+{backlog_verdict}
 
 Where the time goes (cProfile of one worker in scenario (c)): about half of a request's CPU is
 aiohttp's own (parsing, routing, writing), the same work the bare handler does; the rest is
 allot's: reading and checking the JSON body and the citizen ID (check character, birth date),
 three HMACs, queueing, building the batched script call and reading its reply, the response
-body, two metrics, and the ledger writer draining the stream in the same process (about a tenth
-of the worker's time when every request creates a reservation). Redis runs the gate and the
-claim for every item. On 2 cores shared with wrk and Redis one worker is CPU-bound, which is
-also why a second worker adds little here (c2/c).
+body and two metrics. The ledger writer drains the stream in a process of its own (the
+"writer" column above), off the worker's loop. Redis runs the gate and the claim for every
+item. On 2 cores shared with wrk and Redis one worker is CPU-bound, which is also why a second
+worker adds little here (c2/c).
 
 The memory of a waiting request is mostly aiohttp's (the parsed request, its headers and the
 connection's protocol objects, about 12 KB of 14 KB); importing aiohttp alone costs 36 MiB of
@@ -493,16 +732,27 @@ PERSISTENCE = (
     ("everysec", "`appendonly yes`, `appendfsync everysec`", True, "everysec"),
     ("none", "no persistence (`appendonly no`)", False, "always"),
 )
-SECTION_START = "<!-- bench: redis-persistence -->"
-SECTION_END = "<!-- /bench: redis-persistence -->"
+MAIN = "main"
+PERSISTENCE_SECTION = "redis-persistence"
 
 
-def _section(text: str) -> str | None:
-    """The persistence section of an existing report, markers included."""
-    start, end = text.find(SECTION_START), text.find(SECTION_END)
-    if start < 0 or end < start:
-        return None
-    return text[start : end + len(SECTION_END)]
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- bench: {name} -->", f"<!-- /bench: {name} -->"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    """``text`` with the section ``name`` (between its markers) replaced by ``body``; every
+    other part of the file is kept as it is. A section not there yet goes first (the main
+    one, right under the title) or last."""
+    start_mark, end_mark = _markers(name)
+    section = f"{start_mark}\n{body.strip()}\n{end_mark}"
+    start, end = text.find(start_mark), text.find(end_mark)
+    if 0 <= start < end:
+        return text[:start] + section + text[end + len(end_mark) :]
+    if name == MAIN:
+        title, _, rest = text.partition("\n")
+        return f"{title}\n\n{section}\n\n{rest.lstrip()}"
+    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def _filesystem(path: Path) -> str:
@@ -586,10 +836,7 @@ async def persistence(args: argparse.Namespace) -> int:
     print(section)
     out = Path(args.out)
     text = out.read_text() if out.exists() else "# Performance\n"
-    old = _section(text)
-    out.write_text(
-        text.replace(old, section) if old else text.rstrip("\n") + "\n\n" + section + "\n"
-    )
+    out.write_text(replace_section(text, PERSISTENCE_SECTION, section))
     print(f"written to {args.out}")
     return 0
 
@@ -632,8 +879,7 @@ def render_persistence(
 {rows}"""
         )
     tables_text = "\n\n".join(parts)
-    return f"""{SECTION_START}
-## Redis persistence: what `appendfsync always` costs
+    return f"""## Redis persistence: what `appendfsync always` costs
 
 Measured by `make bench BENCH_ARGS='--redis-persistence'` (`python bench/run.py
 --redis-persistence --duration {args.duration:g} --rounds {args.rounds}
@@ -654,8 +900,7 @@ covers a whole batch: the cost is one fsync per batch (and per ledger-writer ste
 reservation. It shows most when few connections keep the batches small: each round trip then
 waits for an fsync. What each setting promises on a power loss is in
 [`architecture.md`](architecture.md) (failure modes). The machine is shared and noisy:
-differences within the spread of the per-round figures are noise.
-{SECTION_END}"""
+differences within the spread of the per-round figures are noise."""
 
 
 if __name__ == "__main__":

@@ -164,7 +164,8 @@ class ServiceProcess:
             )
 
     def workers(self) -> list[int]:
-        """Worker pids: children of the supervisor, less multiprocessing's resource tracker."""
+        """Worker pids: the supervisor's children named allot-w<N> (not its ledger writer,
+        allot-ledger, nor multiprocessing's resource tracker)."""
         if self.proc is None or self.proc.poll() is not None:
             return []
         pid = self.proc.pid
@@ -175,7 +176,7 @@ class ServiceProcess:
         pids = []
         for child in children:
             with contextlib.suppress(OSError):
-                if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                if Path(f"/proc/{child}/comm").read_text().startswith("allot-w"):
                     pids.append(int(child))
         return pids
 
@@ -491,7 +492,10 @@ async def run_locust(plan: Plan, target: Target, out: Path, p99_budget_ms: float
         "--loglevel", "WARNING",
     ]  # fmt: skip
     if plan.processes > 1:  # one process: locust's local runner, no master to feed
+        # a free port for master and workers: the default 5557 may be held by another crowd
+        master = str(free_port())
         cmd += ["--processes", str(plan.processes)]
+        cmd += ["--master-bind-port", master, "--master-port", master]
     env = {
         **os.environ,
         crowd.ENV_ROUND: plan.round_id,

@@ -2,8 +2,9 @@
 --
 -- Each item is checked in order: the token buckets (whole round, client address, citizen), the
 -- round window, then the citizen (a duplicate never touches stock), then the citizen's cooldown
--- in the round's programme, then stock, and only then is anything changed. One item's refusal never affects another; items are decided in order, so
--- the same citizen twice in one call behaves exactly as two calls would.
+-- in the round's programme, then stock, and only then is anything changed. One item's refusal
+-- never affects another; items are decided in order, so the same citizen twice in one call
+-- behaves exactly as two calls would.
 --
 -- Before any item, the round's integrity: every change to a round bumps its sequence number
 -- (tally field `seq`, carried in each ledger entry), and the caller passes the highest `seq` the
@@ -11,7 +12,8 @@
 -- changes the ledger has (restored from an old AOF, or emptied): the round is marked lost (tally
 -- field `lost`, sticky until `allot rebuild`), every item answers `lost`, and nothing else changes.
 --
--- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person
+-- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person,
+--                                                               mode, programme, cooldown_days
 -- KEYS[2]   stock hash             <p>:{r:<round>}:stock        site_id -> units left
 -- KEYS[3]   holders hash           <p>:{r:<round>}:holders      citizen hash -> reservation_id
 -- KEYS[4]   reservations hash      <p>:{r:<round>}:reservations reservation_id -> record (JSON)
@@ -27,27 +29,35 @@
 --           holders of a site      <p>:{r:<round>}:siteholders:<site> set of citizen hashes
 --           client token bucket    <p>:{r:<round>}:gate:client:<hmac of address>
 --           citizen token bucket   <p>:{r:<round>}:gate:citizen:<citizen hash>
+--           askers of a group      <p>:{r:<round>}:fair:asked:<dimension>:<group>  set of
+--                                  citizen hashes (district, age_band, channel): who reserved
+--                                  or was refused sold-out (the fairness report's `asked`)
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens):
 --           global rate, global burst, client rate, client burst, citizen rate, citizen burst
 -- ARGV[8]   floor: the ledger's high-water `seq` for the round, or -1 when the caller does not
 --           know it (then only a `lost` mark already set refuses)
--- ARGV[9..] n items, one string each of 12 space-separated fields (one argument per item keeps
+-- ARGV[9..] n items, one string each of 18 space-separated fields (one argument per item keeps
 --           the client's packing cheap; no field can contain a space):
---           codes key index, site-holders key index, client bucket key index, citizen bucket
---           key index (all into KEYS), site_id, citizen hash (hex), phone hash (hex),
---           masked citizen id, new reservation_id, three candidate pickup codes
+--           codes key index, site-holders key index, client bucket key index (0: none, a desk's
+--           claim skips the per-address bucket), citizen bucket key index, askers key indexes
+--           for the district, age band and channel (0: not counted), all into KEYS; site_id,
+--           citizen hash (hex), phone hash (hex), masked citizen id, new reservation_id,
+--           channel (desk | web | mini-program | api), age band (0-17 | 18-39 | 40-64 | 65+),
+--           region (the ID's six-digit issuing prefix), three candidate pickup codes
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
 --           {'in-cooldown', until_ms} (a live reservation in another round of the programme
 --           bars the citizen until then) |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
+--           {'wrong-mode'} (a lottery round: citizens enter it, lua/enter.lua) |
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
 --           {'no-code'} (every candidate pickup code was taken; retry with new ones) |
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
 -- errors    redis.error_reply 'ERR claim: ...' when ARGV is not a whole n >= 1, six bucket
---           settings (numbers > 0), a whole floor and n items, or an item has not 12 fields or
---           a key index outside KEYS[9..]; all checked before anything is written
+--           settings (numbers > 0), a whole floor and n items, or an item has not 18 fields or
+--           a key index outside KEYS[9..] (0 allowed where said); all checked before anything
+--           is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9 -- first item in ARGV
@@ -94,12 +104,13 @@ for i = 1, n do
   for field in string.gmatch(ARGV[HEAD + i - 1], '%S+') do
     f[#f + 1] = field
   end
-  if #f ~= 12 then
-    return refuse('item ' .. i .. ' must have 12 fields')
+  if #f ~= 18 then
+    return refuse('item ' .. i .. ' must have 18 fields')
   end
-  for k = 1, 4 do
+  for k = 1, 7 do
     local at = whole(f[k])
-    if not at or at < ITEM_KEYS or at > #KEYS then
+    local optional = k == 3 or k >= 5 -- the client bucket and the askers sets may be 0: none
+    if not at or (at < ITEM_KEYS and not (optional and at == 0)) or at > #KEYS then
       return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[9..]')
     end
     f[k] = at
@@ -126,21 +137,24 @@ if lost then
 end
 local first_seq = seq
 
-local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person', 'programme',
-  'cooldown_days')
+local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person', 'mode',
+  'programme', 'cooldown_days')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
+-- a lottery round takes entries, not reservations: refused with the round check, before the
+-- round window (the order gate, round, window, citizen, stock is unchanged)
+local lottery = round[4] == 'lottery'
 
 -- Cooldown (allocator/entitlement.py): a live reservation in one round of a programme bars its
 -- citizen from every other round of it until created + that round's cooldown_days. The bars of
 -- this call's citizens are read with one HMGET, kept here while the items are decided (a claim
 -- made by an earlier item bars a later one at once), and written as claims are made.
-local programme = round[4] and round[4] ~= ''
-local cooldown_ms = (tonumber(round[5]) or 0) * DAY_MS
+local programme = round[5] and round[5] ~= ''
+local cooldown_ms = (tonumber(round[6]) or 0) * DAY_MS
 local bars = {}
 if programme then
   local citizens = {}
   for i = 1, n do
-    citizens[i] = items[i][6]
+    citizens[i] = items[i][9]
   end
   local found = redis.call('HMGET', KEYS[8], unpack(citizens))
   for i = 1, n do
@@ -185,16 +199,25 @@ for i = 0, n - 1 do
   local f = items[i + 1]
   local codes_key = KEYS[f[1]]
   local site_holders_key = KEYS[f[2]]
-  local gates = {
-    bucket(KEYS[7], 'global'),
-    bucket(KEYS[f[3]], 'client'),
-    bucket(KEYS[f[4]], 'citizen'),
-  }
-  local site_id = f[5]
-  local citizen = f[6]
-  local phone = f[7]
-  local masked = f[8]
-  local reservation_id = f[9]
+  local gates = {bucket(KEYS[7], 'global')}
+  if f[3] > 0 then
+    gates[#gates + 1] = bucket(KEYS[f[3]], 'client')
+  end
+  gates[#gates + 1] = bucket(KEYS[f[4]], 'citizen')
+  local askers = {f[5], f[6], f[7]}
+  local site_id = f[8]
+  local citizen = f[9]
+  local phone = f[10]
+  local masked = f[11]
+  local reservation_id = f[12]
+  local channel, age, reg = f[13], f[14], f[15]
+  local function asked()
+    for _, at in ipairs(askers) do
+      if at > 0 then
+        redis.call('SADD', KEYS[at], citizen)
+      end
+    end
+  end
 
   local wait, refused_by = 0, nil
   for _, b in ipairs(gates) do
@@ -216,6 +239,8 @@ for i = 0, n - 1 do
     end
     if not opens then
       reply = {'no-round'}
+    elseif lottery then
+      reply = {'wrong-mode'}
     elseif now < opens or now >= closes then
       reply = {'not-open', tostring(opens), tostring(closes)}
     else
@@ -237,10 +262,11 @@ for i = 0, n - 1 do
         if barred then
           reply = {'in-cooldown', tostring(bar.until_ms)}
         elseif left < per_person then
+          asked()
           reply = {'sold-out', tostring(left)}
         else
           local code = nil
-          for c = 10, 12 do
+          for c = 16, 18 do
             if redis.call('HEXISTS', codes_key, f[c]) == 0 then
               code = f[c]
               break
@@ -252,8 +278,9 @@ for i = 0, n - 1 do
             local record = cjson.encode({
               id = reservation_id, site = site_id, qty = per_person, status = 'confirmed',
               code = code, cit = citizen, ph = phone, mask = masked,
-              created = now, updated = now,
+              created = now, updated = now, ch = channel, age = age, reg = reg,
             })
+            asked()
             redis.call('HINCRBY', KEYS[2], site_id, -per_person)
             redis.call('HSET', codes_key, code, reservation_id)
             redis.call('SADD', site_holders_key, citizen)

@@ -16,6 +16,7 @@ from redis.retry import Retry
 from allocator import db
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
+from allocator.desk import DeskTokens
 from allocator.errors import NotFound, Problem, Unavailable
 from allocator.facade import Allocator
 from allocator.identity import Hasher
@@ -28,6 +29,7 @@ from service.appkeys import (
     ADMISSION,
     ALLOCATOR,
     AUTH_THROTTLE,
+    DESK_TOKENS,
     LEDGER,
     METRICS,
     PG_POOL,
@@ -36,8 +38,9 @@ from service.appkeys import (
     SITE_FEEDS,
     TRUSTED_PROXIES,
 )
+from service.desk_views import routes as desk_routes
 from service.feeds import feed_cache
-from service.metrics import Metrics
+from service.metrics import LedgerMetrics, Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
 from service.views import routes
@@ -133,7 +136,11 @@ def create_app(
     run_ledger: bool = True,
     monotonic: Callable[[], float] = time.monotonic,
 ) -> web.Application:
-    """The application; ``monotonic`` is the clock of its caches, sold-out board and breaker."""
+    """The application; ``monotonic`` is the clock of its caches, sold-out board and breaker.
+
+    ``run_ledger`` runs a ledger writer inside the application, for tests and for embedding it
+    alone. ``allot serve`` passes False: its writer is a process of its own (service/writer.py),
+    which keeps the drain off the workers' loops."""
     app = web.Application(
         middlewares=[front],
         client_max_size=CSV_LIMIT + 1,
@@ -177,11 +184,21 @@ def create_app(
             timeout=settings.service.redis_timeout_ms / 1000,
             gate=settings.gate,
             monotonic=monotonic,
+            draw_key=settings.draw_key,
+            database_url=settings.database_url,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(
             allocator, limit=settings.service.auth_failures_per_minute, window=60.0
         )
+        desks = DeskTokens(
+            app[REDIS],
+            allocator.keys,
+            redis_call=allocator.store.redis_call,
+            pg=allocator.store.pg,
+            monotonic=monotonic,
+        )
+        app[DESK_TOKENS] = desks
         queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
         app[ADMISSION] = queue
         stop = asyncio.Event()
@@ -190,9 +207,17 @@ def create_app(
             asyncio.create_task(allocator.follow_stock_events(stop), name="stock-events"),
             asyncio.create_task(allocator.loop_lag.run(), name="loop-lag"),
             asyncio.create_task(allocator.watch_integrity(stop), name="integrity"),
+            asyncio.create_task(desks.follow(stop), name="desk-events"),
+            asyncio.create_task(allocator.asks.run(stop), name="fairness-asks"),
+            asyncio.create_task(
+                allocator.run_expiry(stop, settings.service.expiry_sweep_ms / 1000),
+                name="expiry-sweep",
+            ),
+            asyncio.create_task(allocator.watch_lottery(stop), name="lottery"),
         ]
         yield
         stop.set()
+        allocator.lottery.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -203,8 +228,8 @@ def create_app(
             app[PG_POOL],
             Keys(settings.service.redis_prefix),
             settings.ledger,
-            consumer=consumer_name(worker),
-            on_lag=app[METRICS].ledger_lag.set,
+            consumer=f"{consumer_name(settings.ledger.consumer)}-w{worker}",
+            on_lag=LedgerMetrics(app[METRICS].registry).ledger_lag.set,
             floors=app[ALLOCATOR].floors,
         )
         app[LEDGER] = writer
@@ -220,5 +245,6 @@ def create_app(
     if run_ledger:
         app.cleanup_ctx.append(ledger_ctx)
     app.add_routes(routes)
+    app.add_routes(desk_routes)
     app.add_routes(pages.routes)
     return app

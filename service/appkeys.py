@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from allocator.admission import AdmissionQueue
 from allocator.cache import TtlCache
 from allocator.config import Settings
+from allocator.desk import DeskTokens
 from allocator.facade import Allocator
 from allocator.ledger import LedgerWriter
 from allocator.throttle import FailureThrottle
@@ -23,6 +24,7 @@ PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
 ALLOCATOR = web.AppKey("allocator", Allocator)
 LEDGER = web.AppKey("ledger", LedgerWriter)
 ADMISSION = web.AppKey("admission", AdmissionQueue)
-AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)  # failed operator tokens
+AUTH_THROTTLE = web.AppKey("auth_throttle", FailureThrottle)  # failed operator and desk tokens
+DESK_TOKENS = web.AppKey("desk_tokens", DeskTokens)
 TRUSTED_PROXIES = web.AppKey("trusted_proxies", tuple[Network, ...])
 SITE_FEEDS = web.AppKey("site_feeds", TtlCache[str, Feed])  # rendered sites.csv per round

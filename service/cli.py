@@ -1,10 +1,13 @@
-"""The ``allot`` command: serve, migrate, demo, reconcile, rebuild, verify-draw."""
+"""The ``allot`` command: serve, ledger, migrate, demo, reconcile, rebuild, draw, verify-draw."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ctypes
 import datetime as dt
+import gc
 import logging
 import multiprocessing
 import os
@@ -12,7 +15,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
 
@@ -23,6 +27,9 @@ from allocator.config import ConfigError, Settings, load_settings
 from allocator.keys import Keys
 
 log = logging.getLogger("allot.cli")
+
+GC_GEN0 = 50_000  # allocations between two collections of the youngest generation (default 700)
+PR_SET_NAME = 15  # prctl(2): the calling thread's name, which for the main thread is the comm
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -36,94 +43,168 @@ def setup_logging(level: str = "INFO") -> None:
     logsafe.install()  # aiohttp's own lines: never what a client sent, never a flood
 
 
-# -- serve ------------------------------------------------------------------------------------
+# -- serve ----------------------------------------------------------------------------------
 
 
-def run_worker(
-    settings: Settings, host: str, port: int, worker: int, reuse_port: bool, ops: bool = False
-) -> None:
-    """One worker process: its own uvloop event loop, pools and ledger writer. With ``ops``
-    (a single worker, no supervisor) it also runs the operations listener, in a thread."""
+def name_process(name: str) -> None:
+    """Show ``name`` (at most 15 bytes) as this process's name in ps, top and /proc/<pid>/comm,
+    so that on-call can tell the workers and the ledger writer apart. Linux only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+
+
+def tune_gc() -> None:
+    """Once the worker has started: everything it holds from then on (modules, the app, its
+    caches) moves to a permanent generation the collector no longer walks, and the youngest
+    generation is collected after GC_GEN0 allocations instead of 700. A request allocates a few
+    hundred tracked objects and frees nearly all of them by reference counting, so at 700 the
+    collector ran every few requests and walked the young survivors each time. The threshold
+    bounds what cyclic garbage can pile up between collections; the 10,000-request queue check
+    of bench/run.py measures the memory. Measured (docs/performance.md): worker CPU per
+    reservation -4 to -7 %, RSS unchanged."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0, gen1, gen2)
+
+
+def run_worker(settings: Settings, host: str, port: int, worker: int, reuse_port: bool) -> None:
+    """One worker process: its own uvloop event loop and pools, no ledger writer (that is a
+    process of its own, service/writer.py). The supervisor serves its metrics."""
     import uvloop
 
     from allocator.identity import Hasher
     from service import http
     from service.app import create_app
-    from service.appkeys import METRICS
-    from service.ops import OpsListener
 
     setup_logging()
-    app = create_app(settings, worker=worker)
-    listener = OpsListener(settings, app[METRICS].render) if ops else None
-    if listener is not None:
-        listener.start()
+    name_process(f"allot-w{worker}")
+    app = create_app(settings, worker=worker, run_ledger=False)
+
+    async def started(_app: object) -> None:
+        tune_gc()
+        log.info("worker %d ready (pid %d)", worker, os.getpid())
+
+    app.on_startup.append(started)
     hasher = Hasher(settings.pepper_bytes)
     guard = http.ConnectionGuard(http.Limits.from_settings(settings), hasher.client)
-    try:
-        http.serve(
-            app,
-            guard,
-            host=host,
-            port=port,
-            reuse_port=reuse_port,
-            loop=uvloop.new_event_loop(),
-            shutdown_timeout=5,
-            backlog=4096,  # a flash crowd connects at once; 128 overflows, clients retry in 1-3 s
-        )
-    finally:
-        if listener is not None:
-            listener.stop()
+    http.serve(
+        app,
+        guard,
+        host=host,
+        port=port,
+        reuse_port=reuse_port,
+        loop=uvloop.new_event_loop(),
+        shutdown_timeout=5,
+        backlog=4096,  # a flash crowd connects at once; 128 overflows, clients retry in 1-3 s
+    )
 
 
-def supervise(settings: Settings, host: str, port: int, workers: int) -> int:
-    """Run N workers on one port (SO_REUSEPORT) and restart any that dies. The supervisor
-    serves the operations listener (aggregated /metrics, /healthz, /readyz) in a thread."""
+def run_ledger_writer(settings: Settings, consumer: str) -> None:
+    """The supervised ledger writer (service/writer.py)."""
+    from service import writer
+
+    writer.run(settings, consumer, child=True)
+
+
+@dataclass
+class _Child:
+    """One supervised process slot: a worker, or the ledger writer."""
+
+    label: str  # for the log: "worker 0", "ledger writer"
+    name: str  # the process's name: allot-w0, allot-ledger
+    target: Callable[..., None]
+    args: tuple[Any, ...]
+    process: Any = None
+    started: float = float("-inf")
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.is_alive()
+
+
+def supervise(settings: Settings, host: str, port: int, workers: int, *, ledger: bool) -> int:
+    """Run N workers on one port (SO_REUSEPORT) and, with ``ledger``, the ledger writer; restart
+    any of them that dies. The supervisor serves the operations listener (aggregated /metrics,
+    /healthz, /readyz) in a thread. On SIGTERM or SIGINT the workers stop first, then the
+    writer, which commits what they wrote last."""
+    from allocator.ledger import consumer_name
     from service.metrics import render_multiprocess
     from service.ops import OpsListener
 
     ctx = multiprocessing.get_context("spawn")
     metrics_dir = tempfile.mkdtemp(prefix="allot-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned workers
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir  # inherited by the spawned processes
     listener = OpsListener(settings, lambda: render_multiprocess(metrics_dir))
     listener.start()  # before any worker: a port in use stops the start here
     stopping = False
+    slots = [
+        _Child(f"worker {i}", f"allot-w{i}", run_worker, (settings, host, port, i, workers > 1))
+        for i in range(workers)
+    ]
+    writer: _Child | None = None
+    if ledger:
+        consumer = consumer_name(settings.ledger.consumer)
+        writer = _Child("ledger writer", "allot-ledger", run_ledger_writer, (settings, consumer))
+        slots.append(writer)
+    writer_stopped = False
 
-    def start(index: int) -> Any:
-        p = ctx.Process(
-            target=run_worker, args=(settings, host, port, index, True), name=f"allot-w{index}"
-        )
-        p.start()
-        log.info("worker %d started (pid %s)", index, p.pid)
-        return p
+    def start(child: _Child) -> None:
+        if time.monotonic() - child.started < 1.0:
+            time.sleep(1.0)  # a process that dies at once must not spin the CPU
+        child.started = time.monotonic()
+        child.process = ctx.Process(target=child.target, args=child.args, name=child.name)
+        child.process.start()
+        log.info("%s started (pid %s)", child.label, child.process.pid)
+
+    def interrupt(child: _Child) -> None:
+        if child.alive:
+            os.kill(child.process.pid, signal.SIGINT)
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+        for child in slots:
+            if child is not writer:
+                interrupt(child)
 
-    procs = [start(i) for i in range(workers)]
+    for child in slots:
+        start(child)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    last_restart = [0.0] * workers
-    log.info("serving on http://%s:%d with %d workers", host, port, workers)
-    while not stopping or any(p.is_alive() for p in procs):
-        wait_for_sentinels([p.sentinel for p in procs], timeout=1.0)
-        for i, p in enumerate(procs):
-            if p.is_alive() or stopping:
+    log.info(
+        "serving on http://%s:%d with %d worker%s%s",
+        host,
+        port,
+        workers,
+        "s" if workers > 1 else "",
+        " and the ledger writer" if writer is not None else " (no ledger writer: --no-ledger)",
+    )
+    while not stopping or any(child.alive for child in slots):
+        wait_for_sentinels([c.process.sentinel for c in slots if c.alive], timeout=1.0)
+        if stopping:
+            workers_gone = not any(c.alive for c in slots if c is not writer)
+            if writer is not None and workers_gone and not writer_stopped:
+                log.info("workers stopped; stopping the ledger writer (pid %s)", writer.process.pid)
+                interrupt(writer)  # it commits what they wrote last
+                writer_stopped = True
+            continue
+        for child in slots:
+            if child.alive:
                 continue
             from prometheus_client import multiprocess
 
-            multiprocess.mark_process_dead(p.pid)  # type: ignore[no-untyped-call]
-            log.error("worker %d (pid %s) exited with %s; restarting", i, p.pid, p.exitcode)
-            p.close()
-            if time.monotonic() - last_restart[i] < 1.0:
-                time.sleep(1.0)  # a worker that dies at once must not spin the CPU
-            last_restart[i] = time.monotonic()
-            procs[i] = start(i)
-    for p in procs:
-        p.join()
+            multiprocess.mark_process_dead(child.process.pid)  # type: ignore[no-untyped-call]
+            log.error(
+                "%s (pid %s) exited with %s; restarting",
+                child.label,
+                child.process.pid,
+                child.process.exitcode,
+            )
+            child.process.close()
+            start(child)
+    for child in slots:
+        child.process.join()
     listener.stop()
     return 0
 
@@ -138,11 +219,20 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     workers = args.workers or settings.service.workers
     host = args.host or settings.service.host
     port = args.port or settings.service.port
-    if workers == 1:
-        log.info("serving on http://%s:%d", host, port)
-        run_worker(settings, host, port, 0, reuse_port=False, ops=True)
-        return 0
-    return supervise(settings, host, port, workers)
+    return supervise(settings, host, port, workers, ledger=args.ledger)
+
+
+def cmd_ledger(args: argparse.Namespace, settings: Settings) -> int:
+    """The ledger writer alone, for a deployment that runs it apart from `allot serve`."""
+    from allocator.ledger import consumer_name
+    from service import writer
+
+    applied = asyncio.run(db.migrate(settings.database_url, attempts=15))
+    if applied:
+        log.info("migrations applied: %s", ", ".join(applied))
+    consumer = args.consumer or consumer_name(settings.ledger.consumer)
+    writer.run(settings, consumer, ops=args.ops)
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
@@ -213,10 +303,19 @@ class _stores:
             if (self.settings.id_pepper or self.settings.dev_mode)
             else b"-"
         )
-        self.allocator = Allocator(self.redis, self.pool, keys, Hasher(pepper), timeout=5)
+        self.allocator = Allocator(
+            self.redis,
+            self.pool,
+            keys,
+            Hasher(pepper),
+            timeout=5,
+            draw_key=self.settings.draw_key,
+            database_url=self.settings.database_url,
+        )
         return self.allocator, self.redis, self.con
 
     async def __aexit__(self, *exc: object) -> None:
+        self.allocator.lottery.close()
         await self.pool.release(self.con)
         await self.pool.close()
         await self.redis.aclose()
@@ -306,6 +405,35 @@ def cmd_loadtest(args: argparse.Namespace, settings: Settings) -> int:
     return loadtest_main(args, settings)
 
 
+async def _draw(settings: Settings, round_id: str, value: str, wait: float) -> dict[str, Any]:
+    """What POST /api/v1/admin/rounds/{round_id}/draw does, waiting until it is drawn."""
+    async with _stores(settings) as (allocator, _redis, _con):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            record: dict[str, Any] = await allocator.draw(round_id, value)
+            if record["status"] == "drawn" or loop.time() >= deadline:
+                return record
+
+
+def cmd_draw(args: argparse.Namespace, settings: Settings) -> int:
+    from allocator.draw import DrawInputError, check_public_randomness
+    from allocator.errors import Problem
+
+    try:
+        value = check_public_randomness(args.public_randomness)
+    except DrawInputError as exc:
+        print(f"allot draw: {exc}", file=sys.stderr)
+        return 2
+    try:
+        record = asyncio.run(_draw(settings, args.round, value, args.wait))
+    except Problem as exc:
+        print(f"allot draw: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    print(orjson.dumps(record, option=orjson.OPT_INDENT_2).decode())
+    return 0 if record["status"] == "drawn" else 1
+
+
 def cmd_verify_draw(args: argparse.Namespace, settings: Settings) -> int:
     from allocator.verify_draw import run
 
@@ -333,7 +461,27 @@ def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default from config: 127.0.0.1)")
     serve.add_argument("--port", type=_port, help="port (default $ALLOT_PORT, else 8080)")
     serve.add_argument("--workers", type=_count, help="worker processes sharing the port")
+    serve.add_argument(
+        "--no-ledger",
+        dest="ledger",
+        action="store_false",
+        help="run no ledger writer (one runs apart, as `allot ledger`)",
+    )
     serve.set_defaults(func=cmd_serve)
+    led = sub.add_parser(
+        "ledger", help="the ledger writer alone (stream -> PostgreSQL), apart from `allot serve`"
+    )
+    led.add_argument(
+        "--consumer", help="its name in the consumer group (default [ledger] consumer, else"
+        " <hostname>-ledger); every writer running at once needs its own"
+    )  # fmt: skip
+    led.add_argument(
+        "--no-ops",
+        dest="ops",
+        action="store_false",
+        help="no operations listener (/metrics with allot_ledger_lag, /healthz, /readyz)",
+    )
+    led.set_defaults(func=cmd_ledger)
     sub.add_parser("migrate", help="apply pending SQL migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("demo", help="create a demo round open now, with sites and stock").set_defaults(
         func=cmd_demo
@@ -364,6 +512,17 @@ def build_parser(*, loadtest_options: bool = True) -> argparse.ArgumentParser:
 
         add_loadtest_arguments(lt)
     lt.set_defaults(func=cmd_loadtest)
+    dr = sub.add_parser(
+        "draw", help="draw a frozen lottery round with its public randomness (as POST …/draw)"
+    )
+    dr.add_argument("--round", required=True, help="the lottery round")
+    dr.add_argument(
+        "--public-randomness", required=True, help="the value the named source published"
+    )
+    dr.add_argument(
+        "--wait", type=float, default=600.0, help="seconds to wait for the winners' reservations"
+    )
+    dr.set_defaults(func=cmd_draw)
     from allocator.verify_draw import add_arguments as add_verify_draw_arguments
 
     vd = sub.add_parser(

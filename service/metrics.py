@@ -1,8 +1,11 @@
 """Prometheus metrics, one registry per application (no module-level singletons).
 
-With several worker processes, ``allot serve`` sets PROMETHEUS_MULTIPROC_DIR before the workers
-start; the supervisor's operations listener (service/ops.py) then aggregates every worker's
-values with the client's multiprocess collector. No worker ever renders /metrics.
+``allot serve`` sets PROMETHEUS_MULTIPROC_DIR before its workers and its ledger writer start;
+the supervisor's operations listener (service/ops.py) then aggregates every process's values
+with the client's multiprocess collector. No worker ever renders /metrics.
+
+The ledger's gauge belongs to the process that runs the writer (:class:`LedgerMetrics`), not to
+the workers: while no writer runs, ``allot_ledger_lag`` is absent, never a reassuring 0.
 """
 
 from __future__ import annotations
@@ -46,15 +49,24 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
-        self.ledger_lag = Gauge(
-            "allot_ledger_lag",
-            "Ledger entries in Redis not yet committed to PostgreSQL",
+
+        self.asks = Counter(
+            "allot_asks_total",
+            "Reservation requests that asked for a share by channel: answered with a new "
+            "reservation or refused sold-out (not distinct citizens: see the fairness report)",
+            ["channel"],
             registry=self.registry,
-            multiprocess_mode="livemax",
+        )
+        self.grants = Counter(
+            "allot_grants_total",
+            "New reservations by channel",
+            ["channel"],
+            registry=self.registry,
         )
 
         # label children resolved once: labels() takes a lock and builds a key on every call
         self._outcomes: dict[str, Any] = {}
+        self._asks: dict[str, tuple[Any, Any]] = {}
         self._durations: dict[tuple[str, int], Any] = {}
         self._depth_total: tuple[float, float] = (float("-inf"), 0.0)  # (read at, value)
 
@@ -63,6 +75,15 @@ class Metrics:
         if child is None:
             child = self._outcomes[outcome] = self.reservations.labels(outcome)
         child.inc()
+
+    def count_ask(self, channel: str, *, granted: bool) -> None:
+        """One ask on ``channel`` (a new reservation, or refused sold-out)."""
+        child = self._asks.get(channel)
+        if child is None:
+            child = self._asks[channel] = (self.asks.labels(channel), self.grants.labels(channel))
+        child[0].inc()
+        if granted:
+            child[1].inc()
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         child = self._durations.get((route, status))
@@ -99,8 +120,30 @@ class Metrics:
         return value
 
 
+class LedgerMetrics:
+    """The ledger writer's metrics, in a registry of their own or added to a worker's."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        # "live": the series of a writer that died leaves with it (the supervisor marks the
+        # process dead), and its replacement reports at once. "max": two writers (serve's and
+        # a standby `allot ledger` sharing the directory) each read the same total backlog.
+        self.ledger_lag = Gauge(
+            "allot_ledger_lag",
+            "Ledger entries in Redis not yet committed to PostgreSQL",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+
+    def render(self) -> bytes:
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if path:
+            return render_multiprocess(path)
+        return generate_latest(self.registry)
+
+
 def render_multiprocess(path: str) -> bytes:
-    """Every worker's metrics from the files in ``path`` (the multiprocess collector)."""
+    """Every process's metrics from the files in ``path`` (the multiprocess collector)."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=path)  # type: ignore[no-untyped-call]
     return generate_latest(registry)

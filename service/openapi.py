@@ -29,19 +29,34 @@ from service.schemas import CSV_LIMIT, JSON_LIMIT, SCHEMAS, Schema, ref
 CITIZENS = "citizens"
 OPERATORS = "operators"
 OPERATIONS = "operations"
+DESKS = "desks"
 ADMIN_PREFIX = "/api/v1/admin/"
 ADMIN_SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 RETRY_LATER = "`Retry-After` says when to try again."
+DESK_PREFIX = "/api/v1/desk/"
 AUTH_THROTTLED = (
-    "too many wrong operator tokens from this client address within a minute"
-    " (`[service] auth_failures_per_minute`); every attempt from it waits out `Retry-After`."
+    "too many wrong operator (or desk) tokens from this client address within a minute"
+    " (`[service] auth_failures_per_minute`, counted apart for each kind); every attempt from"
+    " it waits out `Retry-After`."
 )
+# The answers of an operator-only endpoint to a token that is not the operator's.
+OPERATOR_ONLY: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token: this endpoint is the operator's only.",
+    "rate-limited": AUTH_THROTTLED,
+}
 
 JSON_SIZE = f"{JSON_LIMIT // 1024} KiB"
 CSV_SIZE = f"{CSV_LIMIT // (1024 * 1024)} MiB"
 
 # Path parameters by name: #/components/parameters/<value>
-PATH_PARAMETERS = {"round_id": "RoundId", "reservation_id": "ReservationId"}
+PATH_PARAMETERS = {
+    "round_id": "RoundId",
+    "reservation_id": "ReservationId",
+    "token_id": "DeskTokenId",
+    "entry_id": "EntryId",
+    "n": "PassNumber",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +101,34 @@ def _body_problems(
 
 
 CITIZEN_ERRORS: dict[str, str | None] = {"rate-limited": None, "unavailable": None}
+
+# The answers of an endpoint a desk may use, to a token that may not act there.
+DESK_ALLOWED: dict[str, str | None] = {
+    "unauthorized": None,
+    "forbidden": "a desk token of another site.",
+    "rate-limited": AUTH_THROTTLED,
+}
+
+_ENTRIES_CSV = "The frozen entry list, from the freeze on."
+_STOCK_CSV = "The stock at the freeze, from the freeze on."
+
+
+def _draw_file(name: str, operation_id: str, what: str) -> Route:
+    """One of the draw's published files (text/csv, byte-exact)."""
+    return Route(
+        "get",
+        f"/api/v1/rounds/{{round_id}}/draw/{name}",
+        operation_id,
+        CITIZENS,
+        f"A published file of the draw: {name}",
+        {200: Answer(what, "DrawFile", media="text/csv")},
+        {
+            "not-found": "unknown round, or the file is not published yet.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+    )
+
 
 # -- the routes -------------------------------------------------------------------------------
 
@@ -137,6 +180,7 @@ ROUTES: tuple[Route, ...] = (
             **_body_problems(),
             "not-found": "unknown round or site.",
             "round-not-open": None,
+            "wrong-mode": "the round is a `lottery` round: citizens register entries instead.",
             "sold-out": None,
             "already-reserved": None,
             "not-eligible": None,
@@ -181,6 +225,92 @@ ROUTES: tuple[Route, ...] = (
         },
         description="Its units go back to the site at once. Cancelling again answers the same.",
     ),
+    # lottery: entries
+    Route(
+        "post",
+        "/api/v1/rounds/{round_id}/entries",
+        "createEntry",
+        CITIZENS,
+        "Register an entry in a lottery round",
+        {
+            201: Answer("A new entry.", "Entry", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds an entry in this round: "
+                "that entry, now with this request's `site_id` and `accept_district` (the last "
+                "choice before close counts; the receipt is unchanged, the signature covers the "
+                "new choice).",
+                "Entry",
+            ),
+        },
+        {
+            **_body_problems(),
+            "not-found": "unknown round or site.",
+            "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
+            "wrong-mode": "the round is an `fcfs` round: citizens reserve instead.",
+            "already-entered": None,
+            "rate-limited": None,
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "Through the same token buckets, admission queue and batched script call as "
+            "reservations. Speed and retries change nothing in a lottery."
+        ),
+        request={"application/json": "EntryRequest"},
+        request_description="Who enters, where, and whether another site of the district will do.",
+    ),
+    Route(
+        "get",
+        "/api/v1/entries/{entry_id}",
+        "getEntry",
+        CITIZENS,
+        "Get an entry",
+        {200: Answer("The entry.", "Entry")},
+        {"not-found": "unknown entry.", **CITIZEN_ERRORS},
+    ),
+    Route(
+        "delete",
+        "/api/v1/entries/{entry_id}",
+        "withdrawEntry",
+        CITIZENS,
+        "Withdraw an entry",
+        {200: Answer("The entry, now `withdrawn` (withdrawing again answers the same).", "Entry")},
+        {
+            "not-found": "unknown entry.",
+            "round-not-open": "the registration window has closed.",
+            **CITIZEN_ERRORS,
+        },
+    ),
+    Route(
+        "get",
+        "/api/v1/draw-key",
+        "getDrawKey",
+        CITIZENS,
+        "The service's draw key",
+        {200: Answer("The Ed25519 public key that signs entries.", "DrawKey")},
+        {"unavailable": None},
+    ),
+    Route(
+        "get",
+        "/api/v1/rounds/{round_id}/draw",
+        "getDraw",
+        CITIZENS,
+        "A lottery round's draw record",
+        {200: Answer("The draw record; members not yet known are `null`.", "DrawRecord")},
+        {
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "unavailable": None,
+        },
+        description=(
+            "Public. From the freeze on it carries the secret and the digests of the files; "
+            "`allot verify-draw --url BASE --round R` replays the draw from it and the files."
+        ),
+    ),
+    _draw_file("entries.csv", "getDrawEntries", _ENTRIES_CSV),
+    _draw_file("stock.csv", "getDrawStock", _STOCK_CSV),
+    _draw_file("results.csv", "getDrawResults", "The draw's results, once drawn."),
+    _draw_file("pass-{n}.csv", "getDrawPass", "The entries pass `n` drew, in rank order."),
     # operators
     Route(
         "put",
@@ -191,8 +321,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("How many sites were written.", "SitesUpserted")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
         request={"application/json": "SitesUpsert"},
@@ -210,10 +339,14 @@ ROUTES: tuple[Route, ...] = (
         },
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "unavailable": None,
         },
+        description=(
+            "`mode` and `public_randomness_source` cannot change once the round has opened "
+            "(422 naming the field). A new `lottery` round draws its secret here and publishes "
+            "`draw.commitment`."
+        ),
         request={"application/json": "RoundSpec"},
         request_description=(
             "The round's settings. `mode`, `programme`, `eligibility` and `loss_weighting` "
@@ -240,21 +373,25 @@ ROUTES: tuple[Route, ...] = (
                 too_large=f"the body is larger than {JSON_SIZE} (JSON) or {CSV_SIZE} (CSV).",
                 media="the body is neither JSON nor CSV.",
             ),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
-            "not-found": "unknown round.",
+            **OPERATOR_ONLY,
+            "not-found": "unknown round, or unknown `carry_from` round.",
             "batch-conflict": None,
+            "carry-not-ready": None,
             "unavailable": None,
         },
         description=(
             "All or nothing: one bad row is answered 422 naming it, and nothing is loaded. The "
             "same `batch_id` with the same contents again answers 200 with the first answer and "
-            "leaves the stock unchanged."
+            "leaves the stock unchanged. With `carry_from` (a carry-over), each site of that "
+            "earlier round gives its unclaimed units (remaining + expired) to the same site of "
+            "this round, once: the earlier round counts them as `carried_out`, a second carry "
+            "adds 0, and the same `batch_id` again answers 200 with the first answer; only "
+            "after the earlier round's `pickup_end`."
         ),
         request={"application/json": "Batch", "text/csv": "BatchCsv"},
         request_description=(
-            "JSON with `batch_id` and `items`, or CSV (`site_id,quantity` header) with "
-            "`?batch_id=` in the query."
+            "JSON with `batch_id` and `items` (or `carry_from`), or CSV (`site_id,quantity` "
+            "header) with `?batch_id=` in the query."
         ),
         query=("BatchId",),
     ),
@@ -266,11 +403,28 @@ ROUTES: tuple[Route, ...] = (
         "A round's figures",
         {200: Answer("The round's figures.", "Stats")},
         {
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **OPERATOR_ONLY,
             "not-found": "unknown round.",
             "unavailable": None,
         },
+    ),
+    Route(
+        "get",
+        "/api/v1/admin/rounds/{round_id}/fairness",
+        "getRoundFairness",
+        OPERATORS,
+        "Who asked and who got a share, by group",
+        {200: Answer("The round's fairness report.", "FairnessReport")},
+        {
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "unavailable": "Redis or PostgreSQL (the ledger counts `granted`) does not answer.",
+        },
+        description=(
+            "`asked` counts distinct citizens who reserved or were refused sold-out, from "
+            "Redis at once; `granted` distinct citizens holding a reservation not cancelled, "
+            "from the ledger (a few seconds behind at most)."
+        ),
     ),
     Route(
         "post",
@@ -281,8 +435,7 @@ ROUTES: tuple[Route, ...] = (
         {200: Answer("The reservation, now `collected`.", "Reservation")},
         {
             **_body_problems(),
-            "unauthorized": None,
-            "rate-limited": AUTH_THROTTLED,
+            **DESK_ALLOWED,
             "not-found": "unknown pickup code at that site.",
             "not-collectable": (
                 "the reservation is collected, cancelled or expired; or `citizen_id` was given "
@@ -291,11 +444,129 @@ ROUTES: tuple[Route, ...] = (
             "unavailable": None,
         },
         description=(
-            "Extension beyond the contract: the body may name the `round_id`; when it does not, "
-            "the server finds the round holding that pickup code at that site."
+            "The operator token, or a desk token of that site. Extension beyond the contract: "
+            "the body may name the `round_id`; when it does not, the server finds the round "
+            "holding that pickup code at that site."
         ),
         request={"application/json": "PickupRequest"},
         request_description="The site and the pickup code.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/desk-tokens",
+        "createDeskToken",
+        OPERATORS,
+        "Create a desk token for one site",
+        {201: Answer("The new token, shown this once.", "DeskTokenCreated")},
+        {
+            **_body_problems(),
+            **OPERATOR_ONLY,
+            "invalid-request": (
+                "a field is missing or wrong, or `site_id` names no site; `errors` names each."
+            ),
+            "unavailable": None,
+        },
+        description=(
+            "The token may collect at its site (`POST /api/v1/admin/pickups`) and reserve on "
+            "behalf of a citizen there (`POST /api/v1/desk/rounds/{round_id}/reservations`), "
+            "nothing else. Only its SHA-256 is stored: keep the answer, it is not shown again."
+        ),
+        request={"application/json": "DeskTokenRequest"},
+        request_description="The site, and a label saying who holds the token.",
+    ),
+    Route(
+        "delete",
+        "/api/v1/admin/desk-tokens/{token_id}",
+        "revokeDeskToken",
+        OPERATORS,
+        "Revoke a desk token",
+        {200: Answer("The token, now revoked (again: the same answer).", "DeskToken")},
+        {**OPERATOR_ONLY, "not-found": "unknown `token_id`.", "unavailable": None},
+        description=("At once: every worker and node refuses the token within a second (401)."),
+    ),
+    Route(
+        "post",
+        "/api/v1/desk/rounds/{round_id}/reservations",
+        "createDeskReservation",
+        DESKS,
+        "Reserve on behalf of a walk-in citizen at the desk's site",
+        {
+            201: Answer("A new reservation.", "Reservation", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds a live reservation at this "
+                "same site in this round: that reservation, unchanged.",
+                "Reservation",
+            ),
+        },
+        {
+            **_body_problems(),
+            **DESK_ALLOWED,
+            "not-found": "unknown round or site.",
+            "round-not-open": None,
+            "sold-out": None,
+            "already-reserved": None,
+            "rate-limited": (
+                "a token bucket (whole round or citizen) refused the request; or " + AUTH_THROTTLED
+            ),
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "The same body and answers as `POST /api/v1/rounds/{round_id}/reservations`, with "
+            "a desk token of the `site_id` asked for (or the operator token)."
+        ),
+        request={"application/json": "ReservationRequest"},
+        request_description="Who reserves, and where (the desk's own site).",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw",
+        "drawRound",
+        OPERATORS,
+        "Draw a frozen lottery round",
+        {
+            200: Answer("The draw record, `drawn` (also for the same value again).", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the winners' reservations are still being made; "
+                "ask again (or read `GET /api/v1/rounds/{round_id}/draw`).",
+                "DrawRecord",
+            ),
+        },
+        {
+            **_body_problems(),
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": None,
+            "draw-conflict": None,
+            "unavailable": None,
+        },
+        request={"application/json": "DrawRequest"},
+        request_description="The public random value.",
+    ),
+    Route(
+        "post",
+        "/api/v1/admin/rounds/{round_id}/draw/next",
+        "drawNextPass",
+        OPERATORS,
+        "One more pass of a drawn lottery round",
+        {
+            200: Answer("The draw record with one more pass.", "DrawRecord"),
+            202: Answer(
+                "The draw record, `drawing`: the pass's awards are being made.", "DrawRecord"
+            ),
+        },
+        {
+            **OPERATOR_ONLY,
+            "not-found": "unknown round.",
+            "wrong-mode": "an `fcfs` round has no draw.",
+            "draw-not-ready": "the round has not been drawn yet.",
+            "unavailable": None,
+        },
+        description=(
+            "The units that came back since the last pass (cancelled won reservations, later "
+            "batches, as recorded in the ledger) go to the not-drawn entries in rank order."
+        ),
     ),
     # operations
     Route(
@@ -413,9 +684,9 @@ def _operation(route: Route) -> dict[str, Any]:
     }
     if route.description:
         operation["description"] = route.description
-    if route.path.startswith(ADMIN_PREFIX):
+    if route.path.startswith((ADMIN_PREFIX, DESK_PREFIX)):
         if "unauthorized" not in route.problems:
-            raise ValueError(f"{route.path}: an operator endpoint answers 401 unauthorized")
+            raise ValueError(f"{route.path}: an operator or desk endpoint answers 401")
         operation["security"] = ADMIN_SECURITY
     if route.query:
         operation["parameters"] = [
@@ -468,6 +739,24 @@ def _components() -> dict[str, Any]:
                 "required": True,
                 "schema": ref("ReservationId"),
             },
+            "DeskTokenId": {
+                "name": "token_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("DeskTokenId"),
+            },
+            "EntryId": {
+                "name": "entry_id",
+                "in": "path",
+                "required": True,
+                "schema": ref("EntryId"),
+            },
+            "PassNumber": {
+                "name": "n",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            },
             "BatchId": {
                 "name": "batch_id",
                 "in": "query",
@@ -482,7 +771,10 @@ def _components() -> dict[str, Any]:
                 "schema": {"type": "integer", "minimum": 1},
             },
             "Location": {
-                "description": "`/api/v1/reservations/{reservation_id}` of the new reservation.",
+                "description": (
+                    "`/api/v1/reservations/{reservation_id}` of the new reservation, or "
+                    "`/api/v1/entries/{entry_id}` of the new entry."
+                ),
                 "schema": {"type": "string", "format": "uri-reference"},
             },
         },
@@ -501,7 +793,10 @@ def _components() -> dict[str, Any]:
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+                "description": (
+                    "`Authorization: Bearer <ALLOT_ADMIN_TOKEN>`, or a desk token where a desk "
+                    "may act (pickups and assisted reservations at its own site)."
+                ),
             },
         },
     }
@@ -533,6 +828,13 @@ def openapi_document() -> dict[str, Any]:
             {
                 "name": OPERATORS,
                 "description": "Operators' tools; `Authorization: Bearer <ALLOT_ADMIN_TOKEN>`.",
+            },
+            {
+                "name": DESKS,
+                "description": (
+                    "Desk staff of one site (a pharmacy counter, a community desk) with a desk "
+                    "token; the operator token may do the same."
+                ),
             },
             {"name": OPERATIONS, "description": "Health, readiness, metrics, this document."},
         ],

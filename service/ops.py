@@ -4,11 +4,10 @@ and ``ops_port`` (127.0.0.1:9180 by default; ``ALLOT_OPS_PORT``, ``ALLOT_OPS_HOS
 It never runs on a citizens' event loop. It is its own small aiohttp application on its own
 event loop, in a thread of
 
-* the **supervisor** with ``allot serve --workers N`` (N ≥ 2): ``/metrics`` aggregates every
-  worker's files (the multiprocess collector, ~47 ms and 60 KB a render) in the supervisor,
-  so a scrape costs the workers nothing at all;
-* the **worker** itself with ``--workers 1``: it renders that process's registry in its own
-  thread.
+* the **supervisor** of ``allot serve``: ``/metrics`` aggregates the files of every worker and
+  of the ledger writer (the multiprocess collector, ~47 ms and 60 KB a render) in the
+  supervisor, so a scrape costs the workers nothing at all;
+* ``allot ledger`` run alone: it renders that process's registry (``allot_ledger_lag``).
 
 Either way ``/metrics`` is rendered at most once a second: concurrent or repeated scrapes within
 that second get the same bytes. ``/readyz`` uses the very handler of the citizens' port on its
@@ -42,6 +41,9 @@ log = logging.getLogger("allot.ops")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The listener hashes no ID or phone (it answers only /metrics, /healthz and /readyz), so it
+# needs no pepper: `allot ledger` serves it without ALLOT_ID_PEPPER.
+OPS_PEPPER = b"the operations listener hashes nothing"
 
 
 class MetricsCache:
@@ -107,7 +109,7 @@ def create_ops_app(settings: Settings, render: Callable[[], bytes]) -> web.Appli
             redis,
             pool,
             Keys(settings.service.redis_prefix),
-            Hasher(settings.pepper_bytes),
+            Hasher(OPS_PEPPER),
             timeout=settings.service.redis_timeout_ms / 1000,
             gate=settings.gate,
         )

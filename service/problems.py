@@ -9,7 +9,7 @@ same table: a refusal's ``code`` gives its status and title, its ``retry_after``
 only HTTP can give (a body that is not JSON, a wrong method, a missing token) are declared here
 too, not in the domain.
 
-The codes of the lottery, entitlement, expiry and desk parts of the contract are listed too,
+The codes of the lottery, entitlement and expiry parts of the contract are listed too,
 marked ``served=False``: no endpoint answers them yet. They are kept here so that the work that
 adds those endpoints finds its codes, statuses and titles already agreed, and flips one flag;
 they are left out of the document, which describes the answers this service gives today (a
@@ -62,15 +62,15 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "unauthorized",
         401,
         "Operator token missing or wrong",
-        "the `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` header is missing or wrong (every "
-        "operator endpoint answers 401 while `ALLOT_ADMIN_TOKEN` is unset).",
+        "the `Authorization: Bearer <ALLOT_ADMIN_TOKEN>` header (or, where a desk may act, a "
+        "desk token) is missing, wrong, malformed or revoked (every operator-only endpoint "
+        "answers 401 while `ALLOT_ADMIN_TOKEN` is unset).",
     ),
     ProblemCode(
         "forbidden",
         403,
         "Not allowed with this token",
         "a desk token used outside its own site or for an operator-only endpoint.",
-        served=False,
     ),
     ProblemCode("not-found", 404, "Not found", "unknown round, site, reservation or pickup code."),
     ProblemCode(
@@ -120,14 +120,12 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "Not taken by this kind of round",
         "a reservation on a `lottery` round, or an entry on an `fcfs` round.",
-        served=False,
     ),
     ProblemCode(
         "already-entered",
         409,
         "Already entered in this round",
         "the citizen holds an entry in this lottery round with another phone.",
-        served=False,
     ),
     ProblemCode(
         "not-eligible",
@@ -149,21 +147,18 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "The entry list is not frozen yet",
         "a draw asked for before the entry list is frozen.",
-        served=False,
     ),
     ProblemCode(
         "draw-conflict",
         409,
         "Already drawn with other randomness",
         "a draw asked for again with a different `public_randomness`.",
-        served=False,
     ),
     ProblemCode(
         "carry-not-ready",
         409,
         "The earlier round's pickup has not ended",
         "a carry-over from a round whose pickup window has not ended.",
-        served=False,
     ),
     ProblemCode(
         "request-timeout",
@@ -246,6 +241,12 @@ class RequestTimeout(Problem):
 
 class Unauthorized(Problem):
     code = "unauthorized"
+
+
+class Forbidden(Problem):
+    """A desk token on an operator-only endpoint, or acting for another site (service/auth.py)."""
+
+    code = "forbidden"
 
 
 class MethodNotAllowed(Problem):

@@ -69,6 +69,15 @@ def _count(description: str | None = None) -> Schema:
     return schema
 
 
+def _randomness_text() -> Schema:
+    """public_randomness_source, public_randomness: 1-256 printable characters."""
+    return {"type": "string", "minLength": 1, "maxLength": rules.MAX_RANDOMNESS_TEXT}
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
 def _with(name: str, description: str) -> Schema:
     """A reference with a description of its own (allowed beside $ref in OpenAPI 3.1)."""
     return {**ref(name), "description": description}
@@ -76,17 +85,17 @@ def _with(name: str, description: str) -> Schema:
 
 # -- values -----------------------------------------------------------------------------------
 
-
-def _nullable(schema: Schema) -> Schema:
-    return {"oneOf": [{"type": "null"}, schema]}
-
-
 _VALUES: dict[str, Schema] = {
     "Id": {
         "type": "string",
         "pattern": anchored(rules.ID_REGEX),
         "description": f"A `round_id`, `site_id` or `batch_id`: {rules.ID_RULE}.",
         "examples": ["spring-2026"],
+    },
+    "DeskTokenId": {
+        "type": "string",
+        "pattern": "^desk-[0-9a-f]{16}$",
+        "description": "A desk token's public name.",
     },
     "ReservationId": {
         "type": "string",
@@ -97,6 +106,15 @@ _VALUES: dict[str, Schema] = {
             "reservation."
         ),
         "examples": ["Qm9vdHN0cmFwcGluZ0lEeA.spring-2026"],
+    },
+    "EntryId": {
+        "type": "string",
+        "pattern": anchored(rules.ENTRY_ID_REGEX),
+        "description": (
+            f"Unguessable (128 random bits as {rules.RESERVATION_SECRET_LENGTH} URL-safe base64 "
+            "characters), a dot, then the `round_id`. It is the citizen's only key to the entry."
+        ),
+        "examples": ["RW50cnlJZEV4YW1wbGUwMQ.lottery-2026"],
     },
     "CitizenId": {
         "type": "string",
@@ -188,6 +206,11 @@ _VALUES: dict[str, Schema] = {
             "naming it, before any stock is touched)."
         ),
     ),
+    "Hex64": {
+        "type": "string",
+        "pattern": anchored(rules.HEX64_REGEX),
+        "description": "A SHA-256 hash (or a 32-byte secret) in lowercase hex.",
+    },
     "Timestamp": {
         "type": "string",
         "format": "date-time",
@@ -218,7 +241,10 @@ _CITIZENS: dict[str, Schema] = {
             "mode": {
                 "type": "string",
                 "enum": list(rules.MODES),
-                "description": "First come, first served. A `lottery` mode will come.",
+                "description": (
+                    "`fcfs`: first come, first served. `lottery`: a registration window, then a "
+                    "draw anyone can replay (entries, not reservations)."
+                ),
             },
             "status": {"type": "string", "enum": list(rules.ROUND_STATUSES)},
             "remaining": _count("Units left over all sites."),
@@ -232,11 +258,27 @@ _CITIZENS: dict[str, Schema] = {
                 "description": "Who may take part; `null`: anyone.",
             },
             "draw": {
-                "type": "null",
-                "description": "The draw record of a `lottery` round; `null` for an `fcfs` round.",
+                "oneOf": [{"type": "null"}, ref("RoundDraw")],
+                "description": "`null` for an `fcfs` round.",
             },
         },
         description="One distribution campaign.",
+    ),
+    "RoundDraw": _closed(
+        {
+            "commitment": _with(
+                "Hex64", "Hex SHA-256 of the round's 32-byte secret, published from creation."
+            ),
+            "public_randomness_source": {
+                "type": "string",
+                "description": "The public random value that will decide the draw.",
+            },
+            "status": {"type": "string", "enum": list(rules.DRAW_STATUSES)},
+        },
+        description=(
+            "A lottery round's draw as far as the Round shows it; the whole record is "
+            "`GET /api/v1/rounds/{round_id}/draw`."
+        ),
     ),
     "RoundList": _closed({"rounds": {"type": "array", "items": ref("Round")}}),
     "SiteStock": _closed(
@@ -276,6 +318,128 @@ _CITIZENS: dict[str, Schema] = {
     ),
 }
 
+_LOTTERY: dict[str, Schema] = {
+    "EntryRequest": {
+        "type": "object",
+        "required": ["citizen_id", "phone", "site_id"],
+        "properties": {
+            "citizen_id": ref("CitizenId"),
+            "phone": ref("Phone"),
+            "site_id": ref("Id"),
+            "accept_district": {
+                "type": "boolean",
+                "default": False,
+                "description": "Also take a share at another site of the same district.",
+            },
+        },
+    },
+    "Entry": _closed(
+        {
+            "entry_id": ref("EntryId"),
+            "round_id": ref("Id"),
+            "site_id": ref("Id"),
+            "accept_district": {"type": "boolean"},
+            "status": {"type": "string", "enum": list(rules.ENTRY_STATUSES)},
+            "receipt": _with(
+                "Hex64",
+                'SHA-256 of `"allot-receipt-1\n" + round_id + "\n" + entry_id`: the '
+                "entry's public name in the draw's files.",
+            ),
+            "signature": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{86}$",
+                "description": (
+                    "base64url Ed25519 signature by the draw key (`GET /api/v1/draw-key`) over "
+                    '`"allot-entry-1\n{round_id}\n{receipt}\n{site_id}\n{0|1}\n"`.'
+                ),
+            },
+            "weight": {
+                "type": ["integer", "null"],
+                "minimum": 1,
+                "maximum": 4,
+                "description": "`null` until the freeze.",
+            },
+            "created_at": ref("Timestamp"),
+            "citizen_id_masked": ref("CitizenIdMasked"),
+            "reservation_id": {
+                "oneOf": [{"type": "null"}, ref("ReservationId")],
+                "description": "The winner's reservation, once won.",
+            },
+        },
+        description="One citizen's entry in a lottery round.",
+    ),
+    "DrawRequest": {
+        "type": "object",
+        "required": ["public_randomness"],
+        "properties": {
+            "public_randomness": {
+                **_randomness_text(),
+                "description": (
+                    "The value the round's `public_randomness_source` published, as text: 1-256 "
+                    "printable characters (NFC)."
+                ),
+            },
+        },
+    },
+    "DrawRecord": _closed(
+        {
+            "round_id": ref("Id"),
+            "algorithm": {"const": "allot-draw-1"},
+            "status": {"type": "string", "enum": list(rules.DRAW_STATUSES)},
+            "commitment": ref("Hex64"),
+            "public_randomness_source": {"type": "string"},
+            "frozen_at": _nullable(ref("Timestamp")),
+            "entries": _nullable(_count("Lines of entries.csv.")),
+            "entries_digest": _nullable(ref("Hex64")),
+            "stock_digest": _nullable(ref("Hex64")),
+            "public_randomness": _nullable({"type": "string"}),
+            "secret": _nullable(_with("Hex64", "Published at the freeze.")),
+            "seed": _nullable(ref("Hex64")),
+            "drawn_at": _nullable(ref("Timestamp")),
+            "results_digest": _nullable(ref("Hex64")),
+            "passes": {"type": "array", "items": ref("DrawPass")},
+            "sites": _nullable({"type": "array", "items": ref("DrawSite")}),
+        },
+        description=(
+            'A lottery round\'s draw (`allot-draw-1`, API.md "The draw, step by step"); '
+            "members not yet known are `null`."
+        ),
+    ),
+    "DrawPass": _closed(
+        {
+            "pass": {"type": "integer", "minimum": 1},
+            "at": ref("Timestamp"),
+            "released": {
+                "type": "array",
+                "items": _closed({"site_id": ref("Id"), "units": _count()}),
+            },
+            "digest": ref("Hex64"),
+        }
+    ),
+    "DrawSite": _closed(
+        {
+            "site_id": ref("Id"),
+            "district": {"type": "string"},
+            "stock": _count("Units at the freeze."),
+            "entries": _count("Entries choosing the site."),
+            "winners": _nullable(_count("Winners the draw placed here; `null` until drawn.")),
+        }
+    ),
+    "DrawFile": {
+        "type": "string",
+        "description": "A published file of the draw, byte-exact (UTF-8, LF line ends).",
+    },
+    "DrawKey": _closed(
+        {
+            "public_key": {
+                "type": "string",
+                "pattern": "^[A-Za-z0-9_-]{43}$",
+                "description": "base64url of the raw 32-byte Ed25519 public key.",
+            }
+        }
+    ),
+}
+
 # -- operators' bodies and answers ------------------------------------------------------------
 
 _OPERATORS: dict[str, Schema] = {
@@ -301,7 +465,15 @@ _OPERATORS: dict[str, Schema] = {
                 "type": "string",
                 "enum": list(rules.MODES),
                 "default": rules.MODES[0],
-                "description": "Optional; only `fcfs` is taken for now.",
+                "description": "Optional; cannot change once the round has opened.",
+            },
+            "public_randomness_source": {
+                **_randomness_text(),
+                "description": (
+                    "Required for a `lottery` round: names a public random value that will "
+                    "exist only after `closes_at` (a drand round, a state lottery's numbers). "
+                    "Cannot change once the round has opened."
+                ),
             },
             "programme": {
                 **_nullable(ref("Programme")),
@@ -369,8 +541,13 @@ _OPERATORS: dict[str, Schema] = {
     },
     "Batch": {
         "type": "object",
-        "description": "Inventory loaded into a round, once per `batch_id`.",
-        "required": ["batch_id", "items"],
+        "description": (
+            "Inventory loaded into a round, once per `batch_id`: either `items`, or "
+            "`carry_from` (a carry-over: each site of that earlier round gives its unclaimed "
+            "units, remaining + expired, to the same site of this round)."
+        ),
+        "required": ["batch_id"],
+        "oneOf": [{"required": ["items"]}, {"required": ["carry_from"]}],
         "properties": {
             "batch_id": ref("Id"),
             "items": {
@@ -379,6 +556,11 @@ _OPERATORS: dict[str, Schema] = {
                 "items": ref("BatchItem"),
                 "description": "Each `site_id` at most once; every site must exist.",
             },
+            "carry_from": _with(
+                "Id",
+                "The earlier round whose leftovers this batch takes, after its `pickup_end`; "
+                "not this round. Not together with `items`.",
+            ),
         },
     },
     "BatchCsv": {
@@ -394,16 +576,34 @@ _OPERATORS: dict[str, Schema] = {
             "batch_id": ref("Id"),
             "units_added": _count(),
             "sites": _count("How many sites the batch names."),
-        }
+            "carried_from": _with(
+                "Id", "Only in the answer to a carry-over: the round the units came from."
+            ),
+        },
+        optional=("carried_from",),
     ),
     "SiteStats": _closed(
         {
             "site_id": ref("Id"),
             "loaded": _count(),
             "reserved": _count(),
+            "collected": _count(),
+            "expired": _count(
+                "Units of expired reservations (not collected by `pickup_end`) not yet carried "
+                "over."
+            ),
+            "carried_out": _count("Units carried over to later rounds."),
             "remaining": _count(),
+            "entries": _count(
+                "Lottery rounds only. Extension beyond the contract: live entries choosing the "
+                "site."
+            ),
         },
-        description="One site's units in the round.",
+        optional=("entries",),
+        description=(
+            "One site's units in the round: `loaded` = `remaining` + `reserved` + `collected` "
+            "+ `expired` + `carried_out`."
+        ),
     ),
     "Stats": _closed(
         {
@@ -411,8 +611,11 @@ _OPERATORS: dict[str, Schema] = {
             "loaded": _count(),
             "reserved": _count(),
             "collected": _count(),
+            "expired": _count(),
+            "carried_out": _count(),
             "remaining": _count(),
             "reservations": _count("Live reservations."),
+            "entries": _count("Lottery rounds only: live (not withdrawn) entries."),
             "sites": {"type": "array", "items": ref("SiteStats")},
             "ledger": _closed(
                 {
@@ -447,9 +650,10 @@ _OPERATORS: dict[str, Schema] = {
                 ),
             },
         },
+        optional=("entries",),
         description=(
-            "A round's figures in units, except `reservations` (live reservations) and "
-            "`ledger` (reservations)."
+            "A round's figures in units, except `reservations` (live reservations), `entries` "
+            "and `ledger` (reservations)."
         ),
     ),
     "PickupRequest": {
@@ -468,6 +672,68 @@ _OPERATORS: dict[str, Schema] = {
             ),
         },
     },
+}
+
+_FAIRNESS: dict[str, Schema] = {
+    "FairnessGroup": _closed(
+        {
+            "dimension": {"enum": ["district", "age_band", "channel"]},
+            "group": {
+                "type": "string",
+                "description": (
+                    "A district (of the site asked for); an age band `0-17`, `18-39`, `40-64`, "
+                    "`65+` at `opens_at`; or a channel `desk`, `web`, `mini-program`, `api`."
+                ),
+            },
+            "asked": _count("Distinct citizens who reserved or were refused sold-out."),
+            "granted": _count("Distinct citizens holding a reservation not cancelled."),
+            "share_of_asked": {"type": "number", "minimum": 0, "maximum": 1},
+            "share_of_granted": {"type": "number", "minimum": 0, "maximum": 1},
+        }
+    ),
+    "FairnessReport": _closed(
+        {"round_id": ref("Id"), "groups": {"type": "array", "items": ref("FairnessGroup")}},
+        description=(
+            "Granted share against asked share per group; kept without clear IDs. A group "
+            "nobody asked in and nobody was granted in is left out."
+        ),
+    ),
+}
+
+_DESK: dict[str, Schema] = {
+    "DeskTokenRequest": {
+        "type": "object",
+        "required": ["site_id", "label"],
+        "properties": {
+            "site_id": _with("Id", "The site the token is bound to; it must exist."),
+            "label": {**_text(), "description": "Who holds it, e.g. the counter's name."},
+        },
+    },
+    "DeskTokenCreated": _closed(
+        {
+            "token": {
+                "type": "string",
+                "pattern": "^allot-desk-[A-Za-z0-9_-]{43}$",
+                "description": "The token (256 random bits), shown this once; stored hashed.",
+            },
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+        }
+    ),
+    "DeskToken": _closed(
+        {
+            "token_id": ref("DeskTokenId"),
+            "site_id": ref("Id"),
+            "label": _text(),
+            "created_at": ref("Timestamp"),
+            "revoked_at": {
+                "oneOf": [{"type": "null"}, ref("Timestamp")],
+                "description": "When it was revoked; `null` while it is valid.",
+            },
+        },
+        description="A desk token's public fields: never the token itself.",
+    ),
 }
 
 # -- operations -------------------------------------------------------------------------------
@@ -610,7 +876,10 @@ def schemas() -> dict[str, Schema]:
     return {
         **_VALUES,
         **_CITIZENS,
+        **_LOTTERY,
         **_OPERATORS,
+        **_DESK,
+        **_FAIRNESS,
         **_OPERATIONS,
         **_PROBLEM_PARTS,
         "Problem": problem_schema(served),

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from allocator.model import Reservation, Round, SiteStock, ms_to_rfc3339, to_ms
+from allocator.draw import entry_receipt
+from allocator.model import Entry, Reservation, Round, SiteStock, ms_to_rfc3339, to_ms
 from allocator.operators import BatchResult
+from allocator.receipts import DrawKey
 from allocator.stats import RoundStats
 
 
@@ -30,7 +32,20 @@ def round_body(rnd: Round, now: dt.datetime, remaining: int) -> dict[str, Any]:
         "programme": rnd.programme,
         "cooldown_days": rnd.cooldown_days,
         "eligibility": rnd.eligibility.to_json() if rnd.eligibility else None,
-        "draw": None,  # the draw record of a lottery round; an fcfs round has none
+        "draw": round_draw(rnd),
+    }
+
+
+def round_draw(rnd: Round) -> dict[str, Any] | None:
+    """Round's ``draw`` member: null for fcfs; for a lottery round what is public from its
+    creation (the commitment, the named randomness source) and the draw's status. The full
+    record is GET /api/v1/rounds/{round_id}/draw."""
+    if not rnd.lottery:
+        return None
+    return {
+        "commitment": rnd.commitment,
+        "public_randomness_source": rnd.public_randomness_source,
+        "status": rnd.draw_status or "registering",
     }
 
 
@@ -60,16 +75,57 @@ def reservation_body(reservation: Reservation, rnd: Round, now_ms: int) -> dict[
     }
 
 
+def entry_status(entry: Entry, rnd: Round) -> str:
+    """What the citizen is shown: the stored status (registered, withdrawn, won), except that a
+    registered entry the draw did not place is ``not-drawn`` once the results exist."""
+    if entry.status == "registered" and rnd.drawn:
+        return "not-drawn"
+    return entry.status
+
+
+def entry_weight(entry: Entry, rnd: Round) -> int | None:
+    """``weight``: null until the freeze; then 1 for every entry in the frozen list (rounds are
+    frozen without loss weighting for now: docs/lottery.md, "In the service")."""
+    frozen = rnd.draw_status in ("frozen", "drawing", "drawn")
+    return 1 if frozen and entry.status != "withdrawn" else None
+
+
+def entry_body(entry: Entry, rnd: Round, key: DrawKey) -> dict[str, Any]:
+    receipt = entry_receipt(entry.round_id, entry.entry_id)
+    return {
+        "entry_id": entry.entry_id,
+        "round_id": entry.round_id,
+        "site_id": entry.site_id,
+        "accept_district": entry.accept_district,
+        "status": entry_status(entry, rnd),
+        "receipt": receipt,
+        "signature": key.sign_entry(entry.round_id, receipt, entry.site_id, entry.accept_district),
+        "weight": entry_weight(entry, rnd),
+        "created_at": ms_to_rfc3339(entry.created_ms),
+        "citizen_id_masked": entry.citizen_id_masked,
+        "reservation_id": entry.reservation_id,
+    }
+
+
 def batch_body(result: BatchResult) -> dict[str, Any]:
-    return {"batch_id": result.batch_id, "units_added": result.units_added, "sites": result.sites}
+    body: dict[str, Any] = {
+        "batch_id": result.batch_id,
+        "units_added": result.units_added,
+        "sites": result.sites,
+    }
+    if result.carried_from is not None:
+        body["carried_from"] = result.carried_from
+    return body
 
 
 def stats_body(stats: RoundStats) -> dict[str, Any]:
-    return {
+    body = {
         "round_id": stats.round_id,
         "loaded": stats.loaded,
         "reserved": stats.reserved,
         "collected": stats.collected,
+        "expired": stats.expired,
+        "carried_out": stats.carried_out,
         "remaining": stats.remaining,
         "reservations": stats.reservations,
         "sites": [
@@ -77,10 +133,17 @@ def stats_body(stats: RoundStats) -> dict[str, Any]:
                 "site_id": s.site_id,
                 "loaded": s.loaded,
                 "reserved": s.reserved,
+                "collected": s.collected,
+                "expired": s.expired,
+                "carried_out": s.carried_out,
                 "remaining": s.remaining,
+                **({"entries": s.entries} if s.entries is not None else {}),
             }
             for s in stats.sites
         ],
         "ledger": {"recorded": stats.recorded, "lag": stats.lag},
         "lost": stats.lost.public() if stats.lost is not None else None,
     }
+    if stats.entries is not None:
+        body["entries"] = stats.entries
+    return body

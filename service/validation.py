@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from allocator.draw import DrawInputError, check_public_randomness
 from allocator.entitlement import Eligibility, parse_cooldown_days, parse_programme
 from allocator.errors import InvalidRequest, NotFound
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
@@ -337,7 +338,10 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
     per_person = errors.integer(body, "per_person", 1, MAX_PER_PERSON)
     mode = body.get("mode", MODES[0])
     if mode not in MODES:
-        errors.add("mode", f"only {', '.join(map(repr, MODES))} is supported")
+        errors.add("mode", f"must be one of {', '.join(map(repr, MODES))}")
+    source = randomness_text(errors, body, "public_randomness_source", optional=True)
+    if mode == "lottery" and body.get("public_randomness_source") is None:
+        errors.add("public_randomness_source", "is required for a lottery round")
     if opens_at and closes_at and not opens_at < closes_at:
         errors.add("closes_at", "must be after opens_at")
     if pickup_start and pickup_end and not pickup_start < pickup_end:
@@ -364,18 +368,69 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
         per_person,
         pickup_start,
         pickup_end,
-        mode,
+        mode=mode,
         programme=programme,
         cooldown_days=cooldown_days,
         eligibility=eligibility,
         loss_weighting=loss_weighting,
+        public_randomness_source=source,
     )
+
+
+def randomness_text(
+    errors: _Errors, body: Mapping[str, Any], name: str, *, optional: bool = False
+) -> str | None:
+    """``public_randomness_source`` or ``public_randomness``: 1-256 printable characters (in
+    NFC; allocator/draw.py's rule), kept exactly as given otherwise."""
+    value = errors.string(body, name, optional=optional)
+    if value is None:
+        return None
+    try:
+        return check_public_randomness(value)
+    except DrawInputError as exc:
+        errors.add(name, str(exc).removeprefix("public_randomness "))
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRequest:
+    site_id: str
+    citizen_id: str
+    phone: str
+    accept_district: bool
+
+
+def parse_entry(body: Mapping[str, Any]) -> EntryRequest:
+    errors = _Errors()
+    citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id)
+    phone = errors.checked(body, "phone", validate_phone)
+    site_id = errors.ident(body, "site_id")
+    accept = body.get("accept_district", False)
+    if accept is None:
+        accept = False
+    if not isinstance(accept, bool):
+        errors.add("accept_district", "must be true or false")
+    errors.check()
+    assert site_id
+    assert citizen_id
+    assert phone
+    return EntryRequest(site_id, citizen_id, phone, bool(accept))
+
+
+def parse_draw(body: Mapping[str, Any]) -> str:
+    """The body of POST .../draw: ``{"public_randomness": "<1-256 printable characters>"}``."""
+    errors = _Errors()
+    value = randomness_text(errors, body, "public_randomness")
+    errors.check()
+    assert value is not None
+    return value
 
 
 @dataclass(frozen=True, slots=True)
 class Batch:
     batch_id: str
-    items: list[tuple[str, int]]
+    items: list[tuple[str, int]]  # empty for a carry-over
+    carry_from: str | None = None  # a carry-over: the earlier round (no items)
 
 
 def _check_items(
@@ -415,9 +470,21 @@ def _check_items(
     return items
 
 
-def parse_batch_json(body: Mapping[str, Any], known_sites: Container[str]) -> Batch:
+def parse_batch_json(
+    body: Mapping[str, Any], known_sites: Container[str], round_id: str = ""
+) -> Batch:
     errors = _Errors()
     batch_id = errors.ident(body, "batch_id")
+    if body.get("carry_from") is not None:
+        carry_from = errors.ident(body, "carry_from")
+        if "items" in body:
+            errors.add("items", "must not be given with carry_from (a carry-over takes no items)")
+        if carry_from is not None and carry_from == round_id:
+            errors.add("carry_from", "must name another round than this one")
+        errors.check()
+        assert batch_id
+        assert carry_from
+        return Batch(batch_id, [], carry_from)
     raw = body.get("items")
     if not isinstance(raw, list):
         errors.add("items", "must be a list of {site_id, quantity}")
@@ -508,3 +575,20 @@ def parse_pickup(body: Mapping[str, Any]) -> PickupRequest:
     assert site_id
     assert code
     return PickupRequest(site_id, code, citizen_id, round_id)
+
+
+@dataclass(frozen=True, slots=True)
+class DeskTokenRequest:
+    site_id: str
+    label: str
+
+
+def parse_desk_token(body: Mapping[str, Any]) -> DeskTokenRequest:
+    """``{"site_id", "label"}``: label 1-200 characters (trimmed), no control characters."""
+    errors = _Errors()
+    site_id = errors.ident(body, "site_id")
+    label = errors.text(body, "label")
+    errors.check()
+    assert site_id
+    assert label
+    return DeskTokenRequest(site_id, label)

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from allocator.errors import Problem
-from allocator.throttle import OPERATOR
-from service.appkeys import (
-    ADMISSION,
-    ALLOCATOR,
-    AUTH_THROTTLE,
-    METRICS,
-    SETTINGS,
-    TRUSTED_PROXIES,
-)
+from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
+from service.auth import check_site, require_operator, require_staff
 from service.client import client_address
 from service.openapi import openapi_document
-from service.problems import Unauthorized
-from service.shapes import batch_body, reservation_body, round_body, site_body, stats_body
+from service.shapes import (
+    batch_body,
+    entry_body,
+    reservation_body,
+    round_body,
+    site_body,
+    stats_body,
+)
 from service.validation import (
     CSV_LIMIT,
     media_type,
     parse_batch_csv,
     parse_batch_json,
+    parse_draw,
+    parse_entry,
     parse_pickup,
     parse_reservation,
     parse_round,
@@ -37,6 +38,7 @@ from service.validation import (
 )
 
 routes = web.RouteTableDef()
+CITIZEN_CHANNELS = ("web", "mini-program")  # X-Allot-Channel values taken as given
 
 
 def json_response(
@@ -45,28 +47,6 @@ def json_response(
     return web.Response(
         body=orjson.dumps(body), status=status, content_type="application/json", headers=headers
     )
-
-
-async def require_operator(request: web.Request) -> None:
-    """The operator token, or 401; after too many wrong ones from an address, 429 for it
-    (allocator/throttle.py; desk tokens will go through the same throttle).
-
-    Header bytes that are not UTF-8 reach us as surrogates: compared as the bytes they were,
-    they are simply a wrong token (401), not a server error.
-    """
-    token = request.app[SETTINGS].admin_token
-    if not token:
-        raise Unauthorized("Operator endpoints are disabled: ALLOT_ADMIN_TOKEN is not set.")
-    throttle = request.app[AUTH_THROTTLE]
-    client = client_address(request, request.app[TRUSTED_PROXIES])
-    await throttle.check(OPERATOR, client)
-    header = request.headers.get("Authorization")
-    scheme, _, value = (header or "").partition(" ")
-    given = value.strip().encode("utf-8", "surrogateescape")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given, token.encode()):
-        if header is not None:  # no header at all guesses nothing: refused, not counted
-            await throttle.failed(OPERATOR, client)
-        raise Unauthorized("Operator endpoints need 'Authorization: Bearer <ALLOT_ADMIN_TOKEN>'.")
 
 
 # -- citizens ---------------------------------------------------------------------------------
@@ -102,31 +82,134 @@ async def list_sites(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/rounds/{round_id}/reservations")
 async def create_reservation(request: web.Request) -> web.Response:
+    return await reserve(request)
+
+
+async def reserve(
+    request: web.Request,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+    channel: str | None = None,
+) -> web.Response:
+    """A reservation, for the citizen's own endpoint and the desk's (``allowed`` is then
+    called with the site asked for before anything is claimed, and ``channel`` is ``desk``).
+    A citizen's channel is its ``X-Allot-Channel`` header when that is ``web`` or
+    ``mini-program``, else ``api``."""
     allocator = request.app[ALLOCATOR]
     metrics = request.app[METRICS]
+    if channel is None:
+        channel = request.headers.get("X-Allot-Channel", "api")
+        if channel not in CITIZEN_CHANNELS:
+            channel = "api"
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
-        # from the worker's last snapshot of the round: no Redis call, no wait
-        allocator.check_eligibility(await allocator.round_before_claim(round_id), ask.citizen_id)
+        if allowed is not None:
+            await allowed(ask.site_id)
+        # the worker's last snapshot of the round, never waiting for Redis before the queue:
+        # its eligibility is checked on the ID here (before any token or unit is touched), and
+        # its opening date gives the age band
+        rnd = await allocator.round_before_claim(round_id)
+        allocator.check_eligibility(rnd, ask.citizen_id)
         claim = allocator.claim_request(
             round_id,
             ask.site_id,
             ask.citizen_id,
             ask.phone,
             client_address(request, request.app[TRUSTED_PROXIES]),
+            channel=channel,
+            opens_on=rnd.opens_at.date(),
         )
         reservation, created = await request.app[ADMISSION].reserve(claim)
-        rnd = await allocator.round(round_id)
     except Problem as problem:
         metrics.count_reservation(problem.code)
+        if problem.code == "sold-out":
+            metrics.count_ask(channel, granted=False)
         raise
     metrics.count_reservation("created" if created else "existing")
     body = reservation_body(reservation, rnd, allocator.now_ms())
     if not created:
         return json_response(body)
+    metrics.count_ask(channel, granted=True)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
     return json_response(body, status=201, headers={"Location": location})
+
+
+@routes.post("/api/v1/rounds/{round_id}/entries")
+async def create_entry(request: web.Request) -> web.Response:
+    """A lottery entry, through the same gate, queue and batches as a reservation."""
+    allocator = request.app[ALLOCATOR]
+    round_id = path_id(request, "round_id")
+    ask = parse_entry(await read_json(request))
+    key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
+    asked = allocator.entry_request(
+        round_id,
+        ask.site_id,
+        ask.citizen_id,
+        ask.phone,
+        ask.accept_district,
+        client_address(request, request.app[TRUSTED_PROXIES]),
+    )
+    entry, created = await request.app[ADMISSION].enter(asked)
+    body = entry_body(entry, await allocator.round(round_id), key)
+    if not created:
+        return json_response(body)
+    return json_response(
+        body, status=201, headers={"Location": f"/api/v1/entries/{entry.entry_id}"}
+    )
+
+
+@routes.get("/api/v1/entries/{entry_id}")
+async def get_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.entry(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.delete("/api/v1/entries/{entry_id}")
+async def withdraw_entry(request: web.Request) -> web.Response:
+    allocator = request.app[ALLOCATOR]
+    entry = await allocator.withdraw(request.match_info["entry_id"])
+    rnd = await allocator.round(entry.round_id)
+    return json_response(entry_body(entry, rnd, await allocator.draw_key()))
+
+
+@routes.get("/api/v1/draw-key")
+async def get_draw_key(request: web.Request) -> web.Response:
+    key = await request.app[ALLOCATOR].draw_key()
+    return json_response({"public_key": key.public_key()})
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw")
+async def get_draw(request: web.Request) -> web.Response:
+    """The draw record (API.md, Lottery rounds); public."""
+    record = await request.app[ALLOCATOR].draw_record(path_id(request, "round_id"))
+    return json_response(record)
+
+
+async def _draw_file(request: web.Request, name: str) -> web.Response:
+    data = await request.app[ALLOCATOR].draw_file(path_id(request, "round_id"), name)
+    return web.Response(body=data, content_type="text/csv", charset="utf-8")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/entries.csv")
+async def get_draw_entries(request: web.Request) -> web.Response:
+    return await _draw_file(request, "entries.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/stock.csv")
+async def get_draw_stock(request: web.Request) -> web.Response:
+    return await _draw_file(request, "stock.csv")
+
+
+@routes.get("/api/v1/rounds/{round_id}/draw/results.csv")
+async def get_draw_results(request: web.Request) -> web.Response:
+    return await _draw_file(request, "results.csv")
+
+
+@routes.get(r"/api/v1/rounds/{round_id}/draw/pass-{n:[0-9]+}.csv")
+async def get_draw_pass(request: web.Request) -> web.Response:
+    return await _draw_file(request, f"pass-{request.match_info['n']}.csv")
 
 
 @routes.get("/api/v1/reservations/{reservation_id}")
@@ -161,6 +244,7 @@ async def put_round(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     rnd = parse_round(request.match_info["round_id"], await read_json(request))
     created = await allocator.upsert_round(rnd)
+    rnd = await allocator.round(rnd.round_id)  # as stored: a lottery round's commitment
     body = round_body(rnd, allocator.now(), await allocator.remaining(rnd.round_id))
     return json_response(body, status=201 if created else 200)
 
@@ -177,9 +261,30 @@ async def post_batch(request: web.Request) -> web.Response:
         batch = parse_batch_csv(raw, request.query.get("batch_id"), known)
     else:
         body = await read_json(request)
-        batch = parse_batch_json(body, await allocator.sites(fresh=True))
-    result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
+        batch = parse_batch_json(body, await allocator.sites(fresh=True), round_id)
+    if batch.carry_from is not None:
+        result = await allocator.carry_batch(round_id, batch.batch_id, batch.carry_from)
+    else:
+        result = await allocator.load_batch(round_id, batch.batch_id, batch.items)
     return json_response(batch_body(result), status=201 if result.created else 200)
+
+
+def _draw_answer(record: dict[str, Any]) -> web.Response:
+    return json_response(record, status=202 if record["status"] == "drawing" else 200)
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw")
+async def post_draw(request: web.Request) -> web.Response:
+    await require_operator(request)
+    round_id = path_id(request, "round_id")
+    value = parse_draw(await read_json(request))
+    return _draw_answer(await request.app[ALLOCATOR].draw(round_id, value))
+
+
+@routes.post("/api/v1/admin/rounds/{round_id}/draw/next")
+async def post_draw_next(request: web.Request) -> web.Response:
+    await require_operator(request)
+    return _draw_answer(await request.app[ALLOCATOR].draw_next(path_id(request, "round_id")))
 
 
 @routes.get("/api/v1/admin/rounds/{round_id}/stats")
@@ -189,11 +294,19 @@ async def get_stats(request: web.Request) -> web.Response:
     return json_response(stats_body(stats))
 
 
+@routes.get("/api/v1/admin/rounds/{round_id}/fairness")
+async def get_fairness(request: web.Request) -> web.Response:
+    await require_operator(request)
+    report = await request.app[ALLOCATOR].fairness_report(path_id(request, "round_id"))
+    return json_response(report)
+
+
 @routes.post("/api/v1/admin/pickups")
 async def post_pickup(request: web.Request) -> web.Response:
-    await require_operator(request)
+    principal = await require_staff(request)  # the operator, or a desk of that site
     allocator = request.app[ALLOCATOR]
     ask = parse_pickup(await read_json(request))
+    check_site(principal, ask.site_id)
     reservation = await allocator.pickup(ask.site_id, ask.pickup_code, ask.citizen_id, ask.round_id)
     rnd = await allocator.round(reservation.round_id)
     return json_response(reservation_body(reservation, rnd, allocator.now_ms()))

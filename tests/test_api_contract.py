@@ -1043,7 +1043,8 @@ async def test_put_round_with_bad_fields_is_422_naming_them_and_stores_nothing(
         "per-person-float": (_round_with(per_person=1.5), {"per_person"}),
         "per-person-bool": (_round_with(per_person=True), {"per_person"}),
         "empty-title": (_round_with(title="  "), {"title"}),
-        "lottery": (_round_with(mode="lottery"), {"mode"}),
+        "unknown-mode": (_round_with(mode="raffle"), {"mode"}),
+        "lottery-without-source": (_round_with(mode="lottery"), {"public_randomness_source"}),
         "three-at-once": (
             _round_with(title=None, per_person=0, opens_at="2030-01-01T09:00:00"),
             {"title", "per_person", "opens_at"},
@@ -1363,9 +1364,26 @@ async def test_stats_account_for_every_unit_and_the_ledger_catches_up(
     assert s["reservations"] == 2  # r1 collected + r3 confirmed; r2 cancelled
     assert s["loaded"] == s["remaining"] + s["reserved"] + s["collected"]
     assert s["sites"] == [
-        {"site_id": "s1", "loaded": 5, "reserved": 0, "remaining": 3},
-        {"site_id": "s2", "loaded": 5, "reserved": 2, "remaining": 3},
+        {
+            "site_id": "s1",
+            "loaded": 5,
+            "reserved": 0,
+            "collected": 2,
+            "expired": 0,
+            "carried_out": 0,
+            "remaining": 3,
+        },
+        {
+            "site_id": "s2",
+            "loaded": 5,
+            "reserved": 2,
+            "collected": 0,
+            "expired": 0,
+            "carried_out": 0,
+            "remaining": 3,
+        },
     ]
+    assert (s["expired"], s["carried_out"]) == (0, 0)
     assert set(s["ledger"]) == {"recorded", "lag"}
     deadline = asyncio.get_running_loop().time() + 5
     while True:

@@ -44,6 +44,7 @@ from tests.helpers import (
     identity,
     phone,
     reserve,
+    round_body,
     seed,
 )
 
@@ -224,6 +225,12 @@ async def test_citizen_reserves_on_a_phone_and_sees_the_pickup_code_and_qr(
     await expect(code).to_have_text(body["pickup_code"])
     assert body["site_id"] == "s1"
     assert body["quantity"] == 2
+    # the page reserves as the web channel
+    r = await client.get("/api/v1/admin/rounds/r1/fairness", headers=ADMIN)
+    channels = {
+        g["group"]: g["asked"] for g in (await r.json())["groups"] if g["dimension"] == "channel"
+    }
+    assert channels == {"web": 1}
     result = page.locator("#result")
     await expect(result).to_contain_text("Site s1")
     await expect(result).to_contain_text("s1 road 1")
@@ -569,6 +576,44 @@ async def test_console_loads_a_csv_batch_and_the_stats_move(
     await context.close()
 
 
+async def test_console_carries_over_the_leftovers_of_an_earlier_round(
+    client: Client, browser: Browser
+) -> None:
+    """After a round's pickup window, its uncollected units go to the next round from the
+    console; before it, the console says plainly that it is too early."""
+    await seed(client, stock={"s1": 10}, per_person=2)
+    assert (await reserve(client, 1, site="s1")).status == 201
+    past = round_body(opens_in=-7200, closes_in=-120, pickup_in=-7200, pickup_for=7140)
+    past["per_person"] = 2
+    r = await client.put("/api/v1/admin/rounds/r1", json=past, headers=ADMIN)
+    assert r.status == 200
+    await seed(client, "r2", stock={"s1": 0}, title="Next")
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    await page.locator("#batch-round").select_option("r1")
+    await page.locator("input[name=batch_mode][value=carry]").check()
+    await expect(page.locator("#batch-carry-from")).to_be_visible()
+    await page.locator("#batch-carry-from").select_option("r2")
+    await page.locator("#batch-id").fill("too-early")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    result = page.get_by_test_id("batch-result")
+    await expect(result).to_contain_text("还在领取时间内")
+
+    await page.locator("#batch-round").select_option("r2")
+    await page.locator("#batch-carry-from").select_option("r1")
+    await page.locator("#batch-id").fill("leftovers")
+    await page.get_by_role("button", name="入库", exact=True).click()
+    await expect(result).to_contain_text("已入库")
+    await expect(result).to_contain_text("共 10 件，1 个站点")  # 8 remaining + 2 expired
+    await expect(result).to_contain_text("转自轮次 r1")
+    await page.locator("#stats-round").select_option("r1")
+    await expect(page.get_by_test_id("stat-carried-out")).to_have_text("10", timeout=3000)
+    await expect(page.get_by_test_id("stat-expired")).to_have_text("0")
+    await expect(page.get_by_test_id("stat-remaining")).to_have_text("0")
+    assert page_errors(page) == []
+    await context.close()
+
+
 async def test_pickup_desk_collects_a_code_once(client: Client, browser: Browser) -> None:
     """The counter must hand out once and say plainly why not otherwise."""
     await seed(client, stock={"s1": 10, "s2": 10})
@@ -682,5 +727,206 @@ async def test_console_says_plainly_when_redis_lost_data_of_the_round(
     finally:
         await con.close()
     await expect(notice).to_be_hidden(timeout=3000)
+    assert page_errors(page) == []
+    await context.close()
+
+
+# -- desk mode and desk tokens ---------------------------------------------------------------
+
+
+async def new_desk_token(client: Client, site: str, label: str = "Counter 1") -> dict[str, Any]:
+    r = await client.post(
+        "/api/v1/admin/desk-tokens", json={"site_id": site, "label": label}, headers=ADMIN
+    )
+    assert r.status == 201, await r.text()
+    body: dict[str, Any] = await r.json()
+    return body
+
+
+async def test_desk_mode_reserves_for_a_walk_in_and_collects_with_the_keyboard_alone(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """A pharmacy counter without the admin token: its own site only, large, scanner-friendly."""
+    await seed(client, stock={"s1": 10, "s2": 10}, districts={"s1": "徐汇区", "s2": "静安区"})
+    desk = await new_desk_token(client, "s1", "Counter 2")
+    elsewhere = await (await reserve(client, 50, site="s2")).json()
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await page.locator("input[name=token]").fill(desk["token"])
+    await page.locator("input[name=token]").press("Enter")
+    await expect(page.get_by_test_id("desk-banner")).to_be_visible()
+    await expect(page.get_by_test_id("dm-site")).to_have_text("Site s1")
+    for hidden in ("#stats", "#batches", "#rounds", "#sites", "#desk-tokens", "#desk-site-field"):
+        await expect(page.locator(hidden)).to_be_hidden()
+    await expect(page.locator("#console .tabs")).to_be_hidden()
+    cid = page.locator("#assist-cid")
+    await expect(cid).to_be_focused()
+
+    # an ID-card reader types the number and presses Enter; the phone is typed; Enter sends
+    await page.keyboard.type(citizen_id(1))
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#assist-phone")).to_be_focused()
+    await page.keyboard.type(phone(1))
+    await page.keyboard.press("Enter")
+    verdict = page.get_by_test_id("assist-verdict")
+    await expect(verdict).to_contain_text("已预约")
+    code = (await page.get_by_test_id("assist-code").inner_text()).strip()
+    await expect(page.locator("#assist-result img.assist-qr")).to_be_visible()
+    await expect(cid).to_be_focused()
+    await expect(cid).to_have_value("")
+    r = await client.get("/api/v1/admin/rounds/r1/stats", headers=ADMIN)
+    assert (await r.json())["sites"][0]["reserved"] == 1
+    await page.screenshot(path=shots / "desk-desktop.png", full_page=True)
+    await assert_contrast(page)
+
+    # a scanner at the counter reads the code into the pickup field and presses Enter
+    await page.locator("#desk-code").focus()
+    await page.keyboard.type(code.lower())
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_test_id("desk-verdict")).to_contain_text("可以发放：1 件")
+    # a code reserved at another site is not this counter's to hand over
+    await page.keyboard.type(elsewhere["pickup_code"])
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_test_id("desk-verdict")).to_contain_text("本站点没有这个取件码")
+
+    # the next walk-in, reserved and handed over in one go
+    await cid.focus()
+    await page.keyboard.type(citizen_id(2))
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(phone(2))
+    await page.keyboard.press("Enter")
+    await expect(verdict).to_contain_text("已预约")
+    await expect(page.get_by_test_id("assist-code")).not_to_have_text(code)  # the new one's
+    await page.get_by_test_id("assist-hand-over").press("Enter")
+    await expect(page.get_by_test_id("desk-verdict")).to_contain_text("可以发放：1 件")
+    await expect(cid).to_be_focused()
+    r = await client.get("/api/v1/admin/rounds/r1/stats", headers=ADMIN)
+    figures = await r.json()
+    assert figures["collected"] == 2  # both walk-ins, at s1
+    assert [(s["site_id"], s["remaining"]) for s in figures["sites"]] == [("s1", 8), ("s2", 9)]
+    got = await (await client.get(f"/api/v1/reservations/{elsewhere['reservation_id']}")).json()
+    assert got["status"] == "confirmed"
+    await page.set_viewport_size(PHONE)
+    await page.evaluate("window.scrollTo(0, 0)")
+    assert await page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]
+    await page.screenshot(path=shots / "desk-phone.png")
+
+    # the token is revoked: the very next action signs the counter out
+    r = await client.delete(f"/api/v1/admin/desk-tokens/{desk['token_id']}", headers=ADMIN)
+    assert r.status == 200
+    await cid.focus()
+    await page.keyboard.type(citizen_id(3))
+    await page.keyboard.press("Tab")
+    await page.keyboard.type(phone(3))
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#login")).to_be_visible()
+    await expect(page.locator("#token-error")).to_contain_text("令牌")
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_console_issues_a_desk_token_once_and_revokes_it(
+    client: Client, browser: Browser
+) -> None:
+    """The operator hands a counter its token from the console, and takes it back there."""
+    await seed(client, stock={"s1": 10})
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    await page.locator("#dt-site").fill("s1")
+    await page.locator("#dt-label").fill("Counter 3")
+    await page.get_by_role("button", name="生成令牌").click()
+    await expect(page.get_by_test_id("dt-result")).to_contain_text("只显示这一次")
+    token = (await page.get_by_test_id("dt-token").inner_text()).strip()
+    assert re.fullmatch(r"allot-desk-[A-Za-z0-9_-]{43}", token)
+    me = await client.get("/api/v1/desk/me", headers={"Authorization": f"Bearer {token}"})
+    assert (await me.json())["site_id"] == "s1"
+    row = page.locator("#dt-table tbody tr")
+    await expect(row).to_have_count(1)
+    await expect(row).to_contain_text("有效")
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await row.get_by_role("button", name="撤销").click()
+    await expect(row).to_contain_text("已撤销")
+    me = await client.get("/api/v1/desk/me", headers={"Authorization": f"Bearer {token}"})
+    assert me.status == 401
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_console_shows_the_fairness_report_and_marks_the_groups_left_behind(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """During the round, not after: a district getting far less than the best one stands out."""
+    await seed(client, stock={"s1": 3, "s2": 1}, districts={"s1": "East", "s2": "West"})
+    for n in (1, 2, 3):
+        assert (await reserve(client, n, site="s1")).status == 201
+    assert (await reserve(client, 4, site="s2")).status == 201
+    for n in (5, 6, 7):
+        assert (await reserve(client, n, site="s2")).status == 409  # sold out in West
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+    west = page.locator('#fair-table tr[data-group="district:West"]')
+    await expect(west).to_contain_text("25.0%")  # 1 of 4 askers got a share
+    await expect(west).to_have_class(re.compile(r"\bunder\b"))
+    await expect(west).to_contain_text("偏低")
+    east = page.locator('#fair-table tr[data-group="district:East"]')
+    await expect(east).to_contain_text("100.0%")
+    await expect(east).not_to_have_class(re.compile(r"\bunder\b"))
+    await page.locator("#fair-table").scroll_into_view_if_needed()
+    await page.screenshot(path=shots / "admin-fairness.png")
+    await assert_contrast(page)
+    assert page_errors(page) == []
+    await context.close()
+
+
+# -- lottery rounds -------------------------------------------------------------------------
+
+
+async def test_citizen_registers_for_a_lottery_and_the_console_draws_it(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """A lottery round is a registration (登记): the page shows the entry's receipt and status,
+    the console freezes and draws it, and the page then shows the pickup code and the check."""
+    from tests.test_lottery import seed_lottery, wait_for_status
+
+    await seed_lottery(client, stock={"s1": 1, "s2": 1}, closes_in=8)
+    context, page = await open_page(browser, client)
+    await expect(page.locator("#form-title")).to_have_text("登记抽签")
+    await expect(page.get_by_test_id("countdown")).to_contain_text("登记截止还有")
+    await expect(page.locator("#accept-field")).to_be_visible()
+    await fill_form(page, 1, "s1")
+    await page.locator("#accept_district").check()
+    await page.get_by_role("button", name="登记", exact=True).click()
+    await expect(page.get_by_test_id("entry-status")).to_have_text("已登记，等待开奖")
+    receipt = page.get_by_test_id("entry-receipt")
+    await expect(receipt).to_contain_text(re.compile(r"[0-9a-f]{64}"))
+    await page.screenshot(path=shots / "lottery-registered-phone.png", full_page=True)
+    await assert_contrast(page)
+
+    await wait_for_status(client, "frozen")
+    admin_context, console = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(console)
+    await console.locator("#stats-round").select_option("l1")
+    await expect(console.get_by_test_id("lottery-box")).to_be_visible()
+    await expect(console.get_by_test_id("stat-entries")).to_have_text("1")
+    frozen = "名单已冻结，等待公开随机数开奖"
+    await expect(console.get_by_test_id("draw-status")).to_have_text(frozen)
+    await console.locator("#draw-randomness").fill("drand 9123456: 4c0a")
+    await console.get_by_role("button", name="开奖", exact=True).click()
+    await expect(console.get_by_test_id("draw-result")).to_contain_text("已开奖")
+    await expect(console.get_by_test_id("draw-record")).to_contain_text("drand 9123456: 4c0a")
+    await console.screenshot(path=shots / "lottery-console-desktop.png", full_page=True)
+    assert page_errors(console) == []
+    await admin_context.close()
+
+    await page.reload()
+    await expect(page.get_by_test_id("entry-status")).to_have_text("中签")
+    code = page.get_by_test_id("entry-pickup-code")
+    await expect(code).to_contain_text(re.compile(r"[2-9A-HJ-NP-Z]{8}"))
+    check = page.get_by_test_id("check-draw")
+    record = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    await expect(check).to_contain_text(record["seed"])
+    await expect(check).to_contain_text(record["secret"])
+    await expect(check.locator("a.file")).to_have_count(3)
+    await page.screenshot(path=shots / "lottery-won-phone.png", full_page=True)
+    await assert_contrast(page)
     assert page_errors(page) == []
     await context.close()

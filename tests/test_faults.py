@@ -19,6 +19,7 @@ from allocator.config import Settings
 from loadtest.servers import PrivatePostgres, PrivateRedis
 from service.app import create_app
 from tests.helpers import ADMIN, reserve, seed
+from tests.processes import Writer
 
 pytestmark = pytest.mark.slow
 
@@ -113,13 +114,23 @@ async def test_redis_hung_answers_503_within_one_second(
 
 
 async def test_postgres_outage_mid_load_loses_nothing_and_the_ledger_catches_up(
-    aiohttp_client: Any, settings: Settings, redis: Redis, private_pg: PrivatePostgres
+    aiohttp_client: Any,
+    settings: Settings,
+    redis: Redis,
+    private_pg: PrivatePostgres,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """Reservations go on while PostgreSQL is down; within 30 s of its return all are recorded."""
+    """Reservations go on while PostgreSQL is down; within 30 s of its return all are recorded
+    by the ledger writer's own process (`allot ledger`), which backs off meanwhile."""
     database_url = private_pg.url_for("allot")
     await db.migrate(database_url)
     settings = replace(settings, database_url=database_url)
-    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, run_ledger=False))
+    writer = Writer(settings, tmp_path / "ledger.log")
+    writer.start()
+    request.addfinalizer(writer.stop)
+    await writer.wait_started()
     await seed(client, stock={"s1": 200})
     created: set[str] = set()
 

@@ -1,9 +1,12 @@
-"""The ledger writer: at-least-once delivery from the stream, exactly one row per reservation."""
+"""The ledger writer: at-least-once delivery from the stream, exactly one row per reservation.
+
+(The writer as the process `allot serve` and `allot ledger` run: tests/test_writer_process.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -14,11 +17,20 @@ import pytest
 from redis.asyncio import Redis
 
 from allocator import db
-from allocator.config import LedgerSettings, Settings
+from allocator.config import LedgerSettings
 from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
-from allocator.ledger import GROUP, Entry, LedgerWriter, create_group
+from allocator.ledger import (
+    GROUP,
+    UPSERT_RESERVATION,
+    UPSERT_RESERVATIONS,
+    Entry,
+    LedgerWriter,
+    _columns,
+    _fold,
+    create_group,
+)
 from allocator.model import Round, Site
 from tests.helpers import citizen_id, claim_once, phone
 
@@ -189,26 +201,98 @@ def test_entry_statement_rejects_an_unknown_kind() -> None:
         Entry("r1", b"1-0", {b"kind": b"mystery"}).statement()
 
 
-async def test_service_ledger_writer_records_within_five_seconds(
-    aiohttp_client: Any, settings: Settings, redis: Redis
+# -- one statement per batch --------------------------------------------------------------------
+
+
+async def test_a_batch_with_redeliveries_and_a_cancel_commits_as_one_bulk_insert(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys, caplog: Any
 ) -> None:
-    """Inside `allot serve`, a reservation answered 201 is in PostgreSQL within 5 s."""
-    from service.app import create_app
-    from tests.helpers import seed
+    """A reservation, its cancel and a second delivery of everything in one batch: one
+    ``INSERT … SELECT FROM unnest`` may touch each row once only, so the batch is folded first;
+    it commits in one go (no one-by-one fallback) with the outcome of the entries in order."""
+    ids = await reserve_many(allocator, 3)
+    await allocator.cancel(ids[1])
+    rk = keys.round("r1")
+    for _, fields in await redis.xrange(rk.ledger):
+        await redis.xadd(rk.ledger, fields)
+    w = writer(redis, pool, keys, "c1")
+    async with asyncio.timeout(10):
+        await w.drain()
+    assert await rows(pool) == {ids[0]: "confirmed", ids[1]: "cancelled", ids[2]: "confirmed"}
+    assert w.committed == 2 * 5  # the batch entry, three reservations and a cancel, twice
+    assert "one by one" not in caplog.text
+    async with pool.acquire() as con:
+        assert await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = 'r1'") == 5
 
-    client = await aiohttp_client(create_app(settings))
-    await seed(client, stock={"s1": 5})
-    from tests.helpers import reserve
 
-    r = await reserve(client, 1)
-    assert r.status == 201
-    rid = (await r.json())["reservation_id"]
-    con = await asyncpg.connect(settings.database_url)
+STATUSES = ("confirmed", "confirmed", "confirmed", "cancelled", "collected", "expired")
+
+
+async def test_the_bulk_upsert_ends_as_the_same_upserts_one_after_the_other_would(
+    pg: asyncpg.Connection,
+) -> None:
+    """Differential: for random batches (several entries of one reservation, any order, rows
+    already there in any state), the folded bulk statement leaves exactly the rows that the
+    single-row statement applied entry by entry leaves, in every column."""
+    now = dt.datetime.now(dt.UTC)
+    await pg.execute(
+        "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person, pickup_start,"
+        " pickup_end, spec) VALUES ('r1', 't', $1, $2, 1, $1, $2, '{}')",
+        now,
+        now + dt.timedelta(hours=1),
+    )
+    await pg.execute("CREATE TABLE one_by_one (LIKE reservations INCLUDING ALL)")
+    one_by_one = UPSERT_RESERVATION.replace("reservations", "one_by_one")
+    columns = "reservation_id, round_id, site_id, quantity, status, pickup_code, citizen_hash,"
+    columns += " phone_hash, citizen_id_masked, created_at, updated_at, channel, age_band, region"
+    rng = random.Random(13)
+
+    def row(rid: int, status: str) -> tuple[Any, ...]:
+        updated = now + dt.timedelta(seconds=rng.randrange(3600))
+        return (f"id{rid}", "r1", "s1", 1 + rid % 3, status, f"CODE{rid}", f"c{rid}", f"p{rid}",
+                "m", now, updated, ("api", "web", "desk")[rid % 3],  # fixed per reservation
+                ("18-39", None)[rid % 2], ("110101", None)[rid % 2])  # fmt: skip
+
+    for _ in range(300):
+        await pg.execute("TRUNCATE reservations, one_by_one")
+        ids = range(rng.randrange(1, 5))
+        for rid in ids:
+            if rng.random() < 0.5:
+                there = row(rid, rng.choice(STATUSES))
+                for table in ("reservations", "one_by_one"):
+                    values = ", ".join(f"${i}" for i in range(1, 15))
+                    insert = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608
+                    await pg.execute(insert, *there)
+        batch = [row(rng.choice(ids), rng.choice(STATUSES)) for _ in range(rng.randrange(1, 9))]
+        async with pg.transaction():
+            await pg.execute(UPSERT_RESERVATIONS, *_columns(_fold(batch)))
+        for entry in batch:
+            await pg.execute(one_by_one, *entry)
+        query = f"SELECT {columns} FROM {{}} ORDER BY reservation_id"  # noqa: S608 - constants
+        bulk = [tuple(r) for r in await pg.fetch(query.format("reservations"))]
+        assert bulk == [tuple(r) for r in await pg.fetch(query.format("one_by_one"))], batch
+
+
+async def test_a_trickle_of_entries_is_gathered_into_one_batch_by_the_linger(
+    allocator: Allocator, redis: Redis, pool: asyncpg.Pool, keys: Keys
+) -> None:
+    """After a batch smaller than batch_size the writer waits linger_ms before reading again:
+    entries that trickle in meanwhile are committed together, not one commit each."""
+    w = writer(redis, pool, keys, "c1", linger_ms=1000)
+    task = asyncio.create_task(w.run())
     try:
-        async with asyncio.timeout(5):
-            while not await con.fetchval(
-                "SELECT 1 FROM reservations WHERE reservation_id = $1", rid
-            ):
-                await asyncio.sleep(0.05)
+        async with asyncio.timeout(10):
+            while w.committed < 1:  # the seed batch's entry: the linger starts now
+                await asyncio.sleep(0.005)
+        assert w.last_batch == 1
+        for n in range(8):  # one at a time, each one would wake a writer blocked in its read
+            await reserve_many(allocator, 1, start=n)
+            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while w.committed < 9:
+                await asyncio.sleep(0.01)
     finally:
-        await con.close()
+        w.stop()
+        await task
+    assert w.last_batch == 8
+    assert len(await rows(pool)) == 8

@@ -104,6 +104,7 @@ class StandIn:
         return rnd | {
             "round_id": rid,
             "mode": "fcfs",
+            "draw": None,  # an fcfs round has no draw (API.md, Round)
             "status": "upcoming" if now < opens else "open",
             "remaining": max(0, sum(self.stock.values())),
         }

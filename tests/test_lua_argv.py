@@ -43,8 +43,11 @@ def claim_keys(rk: RoundKeys) -> list[str]:
     ]
 
 
-def item(*, indexes: str = "9 10 11 12", n: int = 1) -> str:
-    return f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1 {CODES}"
+def item(*, indexes: str = "9 10 11 12 0 0 0", n: int = 1) -> str:
+    return (
+        f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1"
+        f" web 18-39 110101 {CODES}"
+    )
 
 
 GOOD_ITEM = item()
@@ -59,17 +62,23 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
     "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
     "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
-    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "9 10 11 12 s1"],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "9 10 11 12 0 0 0 s1"],
     "second item key index outside KEYS": [
-        "2",
-        *GATE,
-        "-1",
-        GOOD_ITEM,
-        item(indexes="9 10 99 12"),
+        *("2", *GATE, "-1", GOOD_ITEM),
+        item(indexes="9 10 99 12 0 0 0"),
     ],
-    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 10 11 12")],
-    "item key index at the entitlement hash": ["1", *GATE, "-1", item(indexes="8 10 11 12")],
-    "item key index not a number": ["1", *GATE, "-1", item(indexes="9 x 11 12")],
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 10 11 12 0 0 0")],
+    "item key index at the entitlement hash": [
+        *("1", *GATE, "-1"),
+        item(indexes="8 10 11 12 0 0 0"),
+    ],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="9 x 11 12 0 0 0")],
+    "item codes key index 0 (only the client bucket and askers may be 0)": [
+        *("1", *GATE, "-1"),
+        item(indexes="0 10 11 12 0 0 0"),
+    ],
+    "item citizen bucket index 0": ["1", *GATE, "-1", item(indexes="9 10 11 0 0 0 0")],
+    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="9 10 11 12 0 13 0")],
     # a floor above the round's seq would set the lost mark: not before the items are checked
     "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "9 10 11"],
 }
@@ -156,6 +165,24 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
         "load_batch",
         ["b2", "d", "[]", "99", "s1", "1", "s1", "nan"],
     ),
+    # a floor of 99 is above the round's seq: a script that wrote before checking its ARGV
+    # would set the round's lost mark, which the snapshot sees
+    "expire: no ARGV": ("expire", []),
+    "expire: cursor not digits": ("expire", ["0x10", "10", "me", "1000", "99"]),
+    "expire: cursor negative": ("expire", ["-1", "10", "me", "1000", "99"]),
+    "expire: count zero": ("expire", ["0", "0", "me", "1000", "99"]),
+    "expire: count over 1000": ("expire", ["0", "1001", "me", "1000", "99"]),
+    "expire: count not whole": ("expire", ["0", "1.5", "me", "1000", "99"]),
+    "expire: lock time zero": ("expire", ["0", "10", "me", "0", "99"]),
+    "expire: floor not a number": ("expire", ["0", "10", "me", "1000", "x"]),
+    "expire: one argument too many": ("expire", ["0", "10", "me", "1000", "99", "more"]),
+    "expire: bad count, floor marks lost": ("expire", ["0", "nan", "me", "1000", "99"]),
+    "carry: no ARGV": ("carry", []),
+    "carry: empty to_round": ("carry", ["", "b9", "99"]),
+    "carry: empty batch_id": ("carry", ["r2", "", "99"]),
+    "carry: floor not a number": ("carry", ["r2", "b9", "x"]),
+    "carry: floor missing": ("carry", ["r2", "b9"]),
+    "carry: one argument too many": ("carry", ["r2", "b9", "99", "more"]),
     "integrity: no ARGV": ("integrity", []),
     "integrity: floor not a number": ("integrity", ["x"]),
     "integrity: floor infinite": ("integrity", ["inf"]),
@@ -174,6 +201,25 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
         "restore_cooldowns",
         ["r1", "c", "99999999999999", "{rid}", "d", "x", "{rid}"],
     ),
+    "enter: n zero": ("enter", ["0", *GATE, "-1"]),
+    "enter: n does not match": ("enter", ["2", *GATE, "-1", "7 8 s1 c p m e.r1 0"]),
+    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "7 8 s1 c p m e.r1 0"]),
+    "enter: item short": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1"]),
+    "enter: key index into the fixed keys": ("enter", ["1", *GATE, "-1", "2 8 s1 c p m e.r1 0"]),
+    "enter: key index outside KEYS": ("enter", ["1", *GATE, "-1", "7 99 s1 c p m e.r1 0"]),
+    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1 2"]),
+    "enter: bad second item, floor marks lost": (
+        "enter",
+        ["2", *GATE, "99", "7 8 s1 c p m e.r1 0", "7 8 s1"],
+    ),
+    "withdraw: no ARGV": ("withdraw", []),
+    "withdraw: empty entry_id": ("withdraw", ["", "-1"]),
+    "withdraw: floor not a number": ("withdraw", ["e.r1", "x"]),
+    "award: n zero": ("award", ["0", "-1"]),
+    "award: n does not match": ("award", ["2", "-1", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
+    "award: item short": ("award", ["1", "-1", "8 9 e.r1 s1 rid.r1"]),
+    "award: key index into the fixed keys": ("award", ["1", "-1", f"3 9 e.r1 s1 rid.r1 {CODES}"]),
+    "award: floor not a number": ("award", ["1", "x", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
 }
 
 
@@ -188,27 +234,26 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
     rk = keys.round("r1")
     script_keys = {
         "cancel": [
-            rk.round,
-            rk.stock,
-            rk.holders,
-            rk.reservations,
-            rk.tally,
-            rk.ledger,
-            rk.entitled,
+            rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entitled,
         ],
         "pickup": [rk.round, rk.reservations, rk.codes("s1"), rk.tally, rk.ledger],
         "load_batch": [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
         "integrity": [rk.round, rk.tally],
+        "expire": [rk.round, rk.reservations, rk.tally, rk.ledger, rk.sweep],
+        "carry": [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
+        "enter": [
+            rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.gate_global,
+            rk.gate_client("client"), rk.gate_citizen("c" * 64),
+        ],
+        "withdraw": [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
+        "award": [
+            rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries,
+            rk.codes("s1"), rk.site_holders("s1"),
+        ],
         "retire": [
-            rk.round,
-            rk.stock,
-            rk.loaded,
-            rk.batches,
-            rk.tally,
-            rk.reservations,
-            rk.holders,
+            rk.round, rk.stock, rk.loaded, rk.batches, rk.tally, rk.reservations, rk.holders,
             rk.ledger,
         ],
         "restore_cooldowns": [rk.entitled],
-    }[name]
+    }[name]  # fmt: skip
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)

@@ -25,22 +25,40 @@ CONTRACT_OPERATIONS = {
     ("put", "/api/v1/admin/rounds/{round_id}"),
     ("post", "/api/v1/admin/rounds/{round_id}/batches"),
     ("get", "/api/v1/admin/rounds/{round_id}/stats"),
+    ("get", "/api/v1/admin/rounds/{round_id}/fairness"),
     ("post", "/api/v1/admin/pickups"),
+    ("post", "/api/v1/admin/desk-tokens"),
+    ("delete", "/api/v1/admin/desk-tokens/{token_id}"),
+    ("post", "/api/v1/desk/rounds/{round_id}/reservations"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
     ("get", "/api/v1/openapi.json"),
+    # Lottery rounds
+    ("post", "/api/v1/rounds/{round_id}/entries"),
+    ("get", "/api/v1/entries/{entry_id}"),
+    ("delete", "/api/v1/entries/{entry_id}"),
+    ("get", "/api/v1/draw-key"),
+    ("get", "/api/v1/rounds/{round_id}/draw"),
+    ("get", "/api/v1/rounds/{round_id}/draw/entries.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/stock.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/results.csv"),
+    ("get", "/api/v1/rounds/{round_id}/draw/pass-{n}.csv"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw"),
+    ("post", "/api/v1/admin/rounds/{round_id}/draw/next"),
 }
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 # The part of the application the document must describe.
 DOCUMENTED_PREFIXES = ("/api/v1/", "/healthz", "/readyz", "/metrics")
 # Routes there that are deliberately not in the document: extensions beyond the contract (the
 # document describes the contract only), each described in README.md under "Beyond the
-# contract". Neither answers JSON; their errors are problem+json like every other.
+# contract". Their errors are problem+json like every other.
 DOCUMENTED_EXTENSIONS = {
     ("get", "/api/v1/reservations/{reservation_id}/qr.svg"),  # the pickup code as a QR image
     ("get", "/api/v1/rounds/{round_id}/sites.csv"),  # the open stock feed, CSV
     ("get", "/api/v1/admin/queue"),  # the console's queue depth (it no longer reads /metrics)
+    ("get", "/api/v1/admin/desk-tokens"),  # the console's list of desk tokens
+    ("get", "/api/v1/desk/me"),  # the console's sign-in: the operator, or a desk of which site
 }
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -72,11 +90,12 @@ def test_no_operation_is_documented_beyond_the_contract() -> None:
 
 
 def test_operator_operations_require_the_bearer_token() -> None:
-    """Readers must see that /api/v1/admin/* needs the token, and citizen endpoints do not."""
+    """Readers must see that /api/v1/admin/* and /api/v1/desk/* need a token, and citizen
+    endpoints do not."""
     paths = openapi_document()["paths"]
     for method, path in sorted(CONTRACT_OPERATIONS):
         operation = paths[path][method]
-        if path.startswith("/api/v1/admin/"):
+        if path.startswith(("/api/v1/admin/", "/api/v1/desk/")):
             assert operation["security"] == [{"bearerAuth": []}], (method, path)
             assert "401" in operation["responses"], (method, path)
         else:

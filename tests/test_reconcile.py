@@ -61,7 +61,13 @@ async def test_reconcile_is_clean_after_real_activity(
     assert rnd["reservations"] == {"redis": 6, "ledger": 6}
     by_site = {s["site_id"]: s for s in rnd["sites"]}
     assert by_site["s1"]["collected"] == 2
-    assert by_site["s1"]["ledger"] == {"loaded": 10, "live": 2 * 2, "collected": 2}
+    assert by_site["s1"]["ledger"] == {
+        "loaded": 10,
+        "live": 2 * 2,
+        "collected": 2,
+        "expired": 0,
+        "carried_out": 0,
+    }
 
 
 @pytest.mark.parametrize(

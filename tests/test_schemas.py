@@ -196,8 +196,14 @@ def test_round_limits_in_the_document_are_the_ones_applied() -> None:
     longest = spec["title"]["maxLength"]
     assert not _refused(parse_round, "r1", round_body(title="t" * longest))
     assert _refused(parse_round, "r1", round_body(title="t" * (longest + 1))) == {"title"}
-    assert _refused(parse_round, "r1", {**round_body(), "mode": "lottery"}) == {"mode"}
-    assert spec["mode"]["enum"] == ["fcfs"]
+    assert _refused(parse_round, "r1", {**round_body(), "mode": "raffle"}) == {"mode"}
+    assert spec["mode"]["enum"] == ["fcfs", "lottery"]
+    lottery = {**round_body(), "mode": "lottery"}
+    assert _refused(parse_round, "r1", lottery) == {"public_randomness_source"}
+    longest = spec["public_randomness_source"]["maxLength"]
+    for size, refused in ((longest, set()), (longest + 1, {"public_randomness_source"})):
+        body = {**lottery, "public_randomness_source": "x" * size}
+        assert _refused(parse_round, "r1", body) == refused
 
 
 def test_site_and_batch_limits_in_the_document_are_the_ones_applied() -> None:

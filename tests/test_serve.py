@@ -1,4 +1,6 @@
-"""`allot serve` as a real process tree: workers share the port, and kill -9 loses nothing."""
+"""`allot serve` as a real process tree: workers share the port, and kill -9 loses nothing.
+
+(The ledger writer's own process, under this supervisor and alone: tests/test_writer_process.py.)"""
 
 from __future__ import annotations
 
@@ -8,8 +10,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,78 +20,10 @@ import pytest
 from redis.asyncio import Redis
 
 from allocator.config import Settings
-from loadtest.servers import free_port
-from tests.helpers import ADMIN, ADMIN_TOKEN, REDIS_URL, citizen_id, phone, round_body
+from tests.helpers import ADMIN
+from tests.processes import Server, post, seed_http
 
 pytestmark = pytest.mark.slow
-
-ALLOT = str(Path(sys.executable).with_name("allot"))
-
-
-class Server:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ops_port = free_port()
-        self.ops_url = f"http://127.0.0.1:{self.ops_port}"
-        self.log = log
-        self.env = {
-            **os.environ,
-            "ALLOT_REDIS_URL": REDIS_URL,
-            "ALLOT_REDIS_PREFIX": settings.service.redis_prefix,
-            "ALLOT_DATABASE_URL": settings.database_url,
-            "ALLOT_ADMIN_TOKEN": ADMIN_TOKEN,
-            "ALLOT_ID_PEPPER": "test-pepper",
-            "ALLOT_OPS_PORT": str(self.ops_port),
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, workers: int = 2) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [ALLOT, "serve", "--port", str(self.port), "--workers", str(workers)],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def workers(self) -> list[int]:
-        """Worker pids (multiprocessing also starts a resource tracker, which is not one)."""
-        assert self.proc is not None
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        pids = []
-        for pid in path.read_text().split():
-            with contextlib.suppress(FileNotFoundError):
-                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    pids.append(int(pid))
-        return pids
-
-    def kill_all(self) -> None:
-        """kill -9 of the whole service: supervisor and workers at once."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    async def wait_ready(self, session: aiohttp.ClientSession, within: float = 30) -> None:
-        async with asyncio.timeout(within):
-            while True:
-                try:
-                    async with session.get(f"{self.url}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -99,33 +31,6 @@ def server(settings: Settings, tmp_path: Path, redis: Redis) -> Iterator[Server]
     s = Server(settings, tmp_path / "serve.log")
     yield s
     s.stop()
-
-
-async def seed_http(session: aiohttp.ClientSession, url: str, units: int) -> None:
-    sites = {"sites": [{"site_id": "s1", "name": "One", "address": "Road 1", "district": "d"}]}
-    async with session.put(f"{url}/api/v1/admin/sites", json=sites, headers=ADMIN) as r:
-        assert r.status == 200
-    async with session.put(f"{url}/api/v1/admin/rounds/r1", json=round_body(), headers=ADMIN) as r:
-        assert r.status == 201
-    batch = {"batch_id": "b1", "items": [{"site_id": "s1", "quantity": units}]}
-    async with session.post(
-        f"{url}/api/v1/admin/rounds/r1/batches", json=batch, headers=ADMIN
-    ) as r:
-        assert r.status == 201
-
-
-async def post(session: aiohttp.ClientSession, url: str, n: int) -> tuple[int, Any]:
-    body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": "s1"}
-    # Each citizen from their own address (documentation prefix), as seen by a trusted proxy:
-    # the real per-address token bucket of the default config then treats them as a crowd.
-    headers = {"X-Forwarded-For": f"2001:db8::{n:x}"}
-    try:
-        async with session.post(
-            f"{url}/api/v1/rounds/r1/reservations", json=body, headers=headers
-        ) as r:
-            return r.status, await r.json()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        return 0, repr(exc)  # the connection died with the service: no answer was given
 
 
 async def test_kill_9_of_the_service_under_load_loses_nothing_answered_201(
@@ -203,14 +108,17 @@ async def test_a_killed_worker_is_replaced_and_the_port_keeps_serving(server: Se
 
 
 async def test_a_started_service_imports_nothing_of_the_load_test(server: Server) -> None:
-    """The image's own command, started for real (supervisor and two workers): no locust, no
-    gevent patching, no matplotlib in any process, whatever is installed next to it."""
+    """The image's own command, started for real (supervisor, two workers and the ledger
+    writer): no locust, no gevent patching, no matplotlib in any process, whatever is installed
+    next to it."""
     server.env["PYTHONPROFILEIMPORTTIME"] = "1"  # every process lists each module it imports
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         server.start(workers=2)
         await server.wait_ready(session)
-        async with asyncio.timeout(30):  # both workers' apps have started (each logs its writer)
-            while len(re.findall(r"ledger writer \S+ started", server.log.read_text())) < 2:
+        async with asyncio.timeout(30):  # both workers' apps and the writer have started
+            while len(re.findall(r"worker \d ready", server.log.read_text())) < 2 or not re.search(
+                r"ledger writer \S+ started", server.log.read_text()
+            ):
                 await asyncio.sleep(0.1)
         for path in ("/api/v1/rounds", "/api/v1/rounds/r1/sites", "/", "/api/v1/openapi.json"):
             async with session.get(f"{server.url}{path}") as r:
@@ -309,8 +217,8 @@ async def test_metrics_are_served_by_the_supervisor_and_scrapes_never_reach_a_wo
 
 
 async def test_a_single_worker_serves_operations_on_their_own_port(server: Server) -> None:
-    """`--workers 1` has no supervisor: the worker runs the listener in a thread of its own,
-    off its citizens' loop, with the same answers."""
+    """`--workers 1` is supervised too (one worker and the ledger writer): the listener runs
+    in the supervisor, off the citizens' loop, with the same answers as with N workers."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
         server.start(workers=1)
         await server.wait_ready(session)
@@ -422,3 +330,21 @@ async def test_nothing_a_client_sends_reaches_the_log_and_slow_clients_are_cut_o
     assert log.count("malformed HTTP request") <= 6, log  # ...once per 10 s and worker
     for secret in (ID, PHONE, GUESS, "Traceback", JSON_BODY.decode()[:12]):
         assert secret not in log, secret
+
+
+def test_a_started_worker_freezes_what_it_holds_and_collects_the_young_less_often() -> None:
+    """tune_gc (run by each worker once its app has started): what exists then is out of the
+    collector's sight, and generation 0 is collected every GC_GEN0 allocations, not 700."""
+    import gc
+
+    from service.cli import GC_GEN0, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (GC_GEN0, before[1], before[2])
+        assert before[0] < GC_GEN0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

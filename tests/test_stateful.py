@@ -6,7 +6,11 @@ PostgreSQL ledger, and compares every answer and every figure with a plain Pytho
 round belongs to a programme with a second round open at the same time (claims and cancels
 there too), each with a cooldown of 0 or 7 days: the model's cooldown rule is that a citizen
 holding a live reservation in one round is barred from the other while that round's
-cooldown_days is above 0 (409 in-cooldown with until = its created_at + cooldown_days).
+cooldown_days is above 0 (409 in-cooldown with until = its created_at + cooldown_days). An
+operator may end the round's pickup window at any point (its times moved into the past, so the
+scripts see it by Redis TIME); from then on expiry sweeps (any chunk size, with or without the
+lock) and carry-overs into a third round join in, and the model keeps `expired` and
+`carried_out` in its balance.
 
 Hypothesis's stateful machinery is synchronous and the allocator is async, so each example owns
 a private event loop (one ``run_until_complete`` per step) with its own Redis client, asyncpg
@@ -23,7 +27,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -74,6 +78,7 @@ OPEN_GATE = GateSettings(
 SITES = ("s1", "s2", "s3")  # the round upserts the first 2 or 3; "s3" may be unknown
 CITIZENS = 6  # citizen numbers 0..5, each with phones 0 and 1
 BATCH_IDS = ("b1", "b2", "b3")  # few, so replays and conflicts happen
+CARRY_IDS = ("c1", "c2")  # carry-overs into the second round; a repeat is a replay
 
 site_ids = st.sampled_from(("s1", "s2", "s1", "s2", "s3"))  # "s3" less often
 claim_items = st.tuples(st.integers(0, CITIZENS - 1), st.integers(0, 1), site_ids)
@@ -113,6 +118,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.loop.set_exception_handler(lambda _loop, context: self.loop_errors.append(context))
         self.keys = Keys(f"allot-test-{uuid.uuid4().hex[:12]}")
         self.round_id = f"r{uuid.uuid4().hex[:10]}"
+        self.later_id = f"{self.round_id}-later"  # receives carry-overs
         self.hasher = Hasher(PEPPER)
         self.redis = Redis.from_url(redis_url)
         self.pool: asyncpg.Pool = self.run(db.create_pool(database_url))
@@ -133,6 +139,14 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.other_remaining: dict[str, int] = {}
         self.other_model: dict[str, ModelReservation] = {}
         self.other_holders: dict[int, str] = {}
+        self.pickup_over = False  # the operator has moved the pickup window into the past
+        self.expired: dict[str, int] = {}  # site -> units of expired reservations not carried
+        self.carried_out: dict[str, int] = {}  # site -> units carried to the later round
+        self.carries: dict[str, dict[str, Any]] = {}  # carry batch_id -> its first answer
+        # carry batch_id -> [(site, from_remaining, from_expired)], as the ledger keeps it
+        self.carry_parts: dict[str, list[tuple[str, int, int]]] = {}
+        self.later_loaded: dict[str, int] = {}  # the later round's units, per site
+        self.later_changes = 0  # the later round's seq
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -211,6 +225,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert shown == dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=until)
 
     def expected_claim(self, n: int, ph: str, site_id: str) -> str:
+        if self.pickup_over:  # the round closed before its pickup window ended
+            return "round-not-open"
         held = self.holders.get(n)
         if held is not None:
             r = self.model[held]
@@ -232,6 +248,17 @@ class AllocatorMachine(RuleBasedStateMachine):
         this site's holders).
         """
         expected = self.expected_claim(n, ph, site_id)
+        if (
+            board
+            and expected == "round-not-open"
+            and self.remaining.get(site_id, 0) < self.per_person
+            and outcome.refusal is not None
+            and outcome.refusal.code == "sold-out"
+        ):
+            # the board's mark (at most 1 s old) answers before Redis sees the closed window
+            mine = self.holders.get(n)
+            assert mine is None or self.model[mine].site_id != site_id
+            return None
         if (
             board
             and expected in ("already-reserved", "in-cooldown")
@@ -332,6 +359,16 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert self.run(self.allocator.upsert_sites(sites)) == n_sites
         assert self.run(self.allocator.upsert_round(rnd)) is True
         assert self.run(self.allocator.upsert_round(other)) is True
+        later = Round(
+            round_id=self.later_id,
+            title="Masks, later",
+            opens_at=now + dt.timedelta(hours=3),
+            closes_at=now + dt.timedelta(hours=4),
+            per_person=per_person,
+            pickup_start=now + dt.timedelta(hours=3),
+            pickup_end=now + dt.timedelta(hours=5),
+        )
+        assert self.run(self.allocator.upsert_round(later)) is True
         self.ready = True
         items = [(s, units) for s, units in zip(self.site_ids, seed, strict=False) if units]
         if items:
@@ -394,6 +431,88 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.run(self._stop())
         self.allocator, self.door, self.dispatcher = self._start()
 
+    # -- the end of the pickup window: expiry and carry-over ---------------------------------
+
+    @precondition(lambda self: not self.pickup_over)
+    @rule()
+    def end_pickup(self) -> None:
+        """The operator moves the round's windows into the past: it closed two minutes ago and
+        its pickup window ended a minute ago (by Redis TIME, which the scripts read)."""
+        rnd = self.run(self.allocator.round(self.round_id))
+        now = dt.datetime.now(dt.UTC)
+        moved = replace(  # its programme and cooldown as they were (fixed once open)
+            rnd,
+            opens_at=now - dt.timedelta(hours=2),
+            closes_at=now - dt.timedelta(minutes=2),
+            pickup_start=now - dt.timedelta(hours=2),
+            pickup_end=now - dt.timedelta(minutes=1),
+        )
+        assert self.run(self.allocator.upsert_round(moved)) is False
+        self.pickup_over = True
+
+    def expire_all(self) -> int:
+        """The model's expiry: every confirmed reservation; how many moved."""
+        moved = 0
+        for r in self.model.values():
+            if r.status == "confirmed":
+                r.status = "expired"
+                self.expired[r.site_id] = self.expired.get(r.site_id, 0) + r.quantity
+                self.changes += 1
+                moved += 1
+        return moved
+
+    @precondition(lambda self: self.pickup_over)
+    @rule(chunk=st.integers(1, 4), locked=st.booleans())
+    def sweep(self, chunk: int, locked: bool) -> None:
+        """A worker's sweep, in chunks of any size, with the lock or (as the carry-over runs
+        it) without: every confirmed reservation expires once."""
+        self.allocator.expiry.chunk = chunk
+        result = self.run(self.allocator.expiry.sweep_round(self.round_id, locked=locked))
+        moved = self.expire_all()
+        assert result.expired == moved, (result, moved)
+        assert result.status in ("swept", "done"), result
+        if result.status == "done":
+            assert moved == 0
+
+    @precondition(lambda self: self.pickup_over)
+    @rule(batch_id=st.sampled_from(CARRY_IDS))
+    def carry(self, batch_id: str) -> None:
+        """The round's unclaimed units (remaining + expired) go to the later round, once; the
+        same batch_id again is a replay with the first answer."""
+        answer, problem = self.attempt(
+            self.allocator.carry_batch(self.later_id, batch_id, self.round_id)
+        )
+        assert problem is None, problem
+        assert answer is not None
+        if batch_id in self.carries:
+            assert answer.created is False
+            assert batch_body(answer) == self.carries[batch_id]
+            return
+        self.expire_all()  # still-confirmed reservations are expired first
+        parts = [
+            (s, self.remaining.get(s, 0), self.expired.get(s, 0))
+            for s in sorted(self.loaded)
+            if self.remaining.get(s, 0) + self.expired.get(s, 0) > 0
+        ]
+        for s, from_remaining, from_expired in parts:
+            self.carried_out[s] = self.carried_out.get(s, 0) + from_remaining + from_expired
+            self.remaining[s] = 0
+            self.expired[s] = 0
+            self.later_loaded[s] = self.later_loaded.get(s, 0) + from_remaining + from_expired
+        self.changes += 1
+        if parts:
+            self.later_changes += 1
+        body = {
+            "batch_id": batch_id,
+            "units_added": sum(r + e for _, r, e in parts),
+            "sites": len(parts),
+            "carried_from": self.round_id,
+        }
+        assert answer.created is True
+        assert batch_body(answer) == body
+        self.carries[batch_id] = body
+        self.carry_parts[batch_id] = parts
+
     # -- citizens ----------------------------------------------------------------------------
 
     @rule(target=reservations, item=claim_items, at_the_door=st.booleans())
@@ -443,7 +562,7 @@ class AllocatorMachine(RuleBasedStateMachine):
     def cancel(self, rid: str) -> None:
         r = self.model[rid]
         got, problem = self.attempt(self.allocator.cancel(rid))
-        if r.status == "collected":
+        if r.status in ("collected", "expired") or (r.status == "confirmed" and self.pickup_over):
             assert problem is not None
             assert problem.code == "not-collectable", problem
             return
@@ -540,7 +659,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         )
         if at == "other-site":
             expected = "not-found"
-        elif r.status != "confirmed" or who == "someone-else":
+        elif r.status != "confirmed" or who == "someone-else" or self.pickup_over:
             expected = "not-collectable"
         else:
             assert problem is None, problem
@@ -586,6 +705,11 @@ class AllocatorMachine(RuleBasedStateMachine):
                 pipe.smembers(rk.site_holders(site_id))
             tally_raw, records_raw, holders_raw, *site_holders = await pipe.execute()
         self.check_stock(stats, {k.decode(): int(v) for k, v in tally_raw.items()})
+        later = stats_body(await self.allocator.stats(self.later_id))
+        assert [(x["site_id"], x["loaded"], x["remaining"]) for x in later["sites"]] == [
+            (s, units, units) for s, units in sorted(self.later_loaded.items())
+        ]
+        assert (later["reserved"], later["expired"], later["carried_out"]) == (0, 0, 0)
         self.check_reservations(
             {k.decode(): orjson.loads(v) for k, v in records_raw.items()},
             {k.decode(): v.decode() for k, v in holders_raw.items()},
@@ -600,7 +724,13 @@ class AllocatorMachine(RuleBasedStateMachine):
         for site in stats["sites"]:
             s = site["site_id"]
             site_collected = tally.get(f"collected:{s}", 0)
-            assert site["loaded"] == site["remaining"] + site["reserved"] + site_collected, site
+            assert site["loaded"] == (
+                site["remaining"]
+                + site["reserved"]
+                + site_collected
+                + site["expired"]
+                + site["carried_out"]
+            ), site
             assert site["remaining"] >= 0, site
             assert site_collected == collected[s], (s, site_collected, collected[s])
         assert stats["sites"] == [
@@ -608,6 +738,9 @@ class AllocatorMachine(RuleBasedStateMachine):
                 "site_id": s,
                 "loaded": self.loaded[s],
                 "reserved": reserved[s],
+                "collected": collected[s],
+                "expired": self.expired.get(s, 0),
+                "carried_out": self.carried_out.get(s, 0),
                 "remaining": self.remaining[s],
             }
             for s in sorted(self.loaded)
@@ -616,7 +749,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert stats["remaining"] == sum(self.remaining.values())
         assert stats["reserved"] == sum(reserved.values())
         assert stats["collected"] == sum(collected.values())
-        live = [r for r in self.model.values() if r.status in ("confirmed", "collected")]
+        assert stats["expired"] == sum(self.expired.values())
+        assert stats["carried_out"] == sum(self.carried_out.values())
+        # an expired reservation is still its citizen's share of the round
+        live = [r for r in self.model.values() if r.status in ("confirmed", "collected", "expired")]
         assert len(live) == len(self.holders)
         assert stats["reservations"] == len(live), "live reservations (holders) differ"
         assert tally.get("seq", 0) == self.changes, "every change, and only a change, bumps seq"
@@ -632,7 +768,9 @@ class AllocatorMachine(RuleBasedStateMachine):
             rid: r.status for rid, r in self.model.items()
         }
         live_per_citizen = Counter(
-            r["cit"] for r in records.values() if r["status"] in ("confirmed", "collected")
+            r["cit"]
+            for r in records.values()
+            if r["status"] in ("confirmed", "collected", "expired")
         )
         assert all(n == 1 for n in live_per_citizen.values()), live_per_citizen
         assert holders == {
@@ -692,6 +830,29 @@ class AllocatorMachine(RuleBasedStateMachine):
                 batch_id: (items, sum(q for _, q in items))
                 for batch_id, items in self.batches.items()
             }
+            carries = await con.fetch(
+                "SELECT batch_id, to_round, items, parts, units FROM carries WHERE from_round = $1",
+                self.round_id,
+            )
+            assert {
+                c["batch_id"]: (c["to_round"], orjson.loads(c["parts"]), c["units"])
+                for c in carries
+            } == {
+                batch_id: (
+                    self.later_id,
+                    [list(p) for p in parts],
+                    self.carries[batch_id]["units_added"],
+                )
+                for batch_id, parts in self.carry_parts.items()
+            }
+            later_batches = await con.fetch(
+                "SELECT batch_id, items FROM batches WHERE round_id = $1", self.later_id
+            )
+            assert {b["batch_id"]: orjson.loads(b["items"]) for b in later_batches} == {
+                batch_id: [[s, r + e] for s, r, e in parts]
+                for batch_id, parts in self.carry_parts.items()
+                if parts
+            }
             ledger_seq = await con.fetchval(
                 "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.round_id
             )
@@ -703,14 +864,18 @@ class AllocatorMachine(RuleBasedStateMachine):
                 rid: r.status for rid, r in self.other_model.items()
             }
             # both rounds, their cooldowns in the programme's hash included
+            later_seq = await con.fetchval(
+                "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.later_id
+            )
             report = await reconcile(
                 self.redis,
                 cast(asyncpg.Connection, con),
                 self.keys,
-                [self.round_id, self.other_id],
+                [self.round_id, self.other_id, self.later_id],
                 wait=0,
             )
         assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"
+        assert later_seq == self.later_changes
         assert report["ok"], report
         stats = stats_body(await self.allocator.stats(self.round_id))
         assert stats["ledger"] == {"recorded": len(self.model), "lag": 0}

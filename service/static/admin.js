@@ -1,5 +1,7 @@
-/* allot: the operator console (/admin). Sites, rounds, batches, live stats with a chart, and the
- * pickup desk. The admin token is asked once and kept in sessionStorage (this tab's session only).
+/* allot: the operator console (/admin). Sites, rounds, batches, live stats with a chart, the
+ * pickup desk and desk tokens. The token is asked once and kept in sessionStorage (this tab's
+ * session only). Signed in with a desk token, the console is in desk mode: only that site's
+ * pickup desk and the assisted reservation form, in large type, for keyboard and scanner.
  */
 (function () {
   'use strict';
@@ -11,6 +13,7 @@
   var TOKEN_KEY = 'allot.admin.token';
   var DESK_SITE_KEY = 'allot.desk.site';
   var STATS_EVERY_MS = 1000;
+  var FAIR_EVERY_MS = 3000; // the report reads the ledger: every few seconds is live enough
   var WINDOW_MS = 120000; // the charts show the last two minutes, now at the right edge
   var HISTORY = 150; // samples kept (one a second, a little more than the window)
   var SVG = 'http://www.w3.org/2000/svg';
@@ -25,7 +28,13 @@
     metricsAt: 0,
     queue: null,
     busyUntil: 0,
+    role: null, // 'operator' or 'desk', from GET /api/v1/desk/me
+    desk: null, // {token_id, site_id, label} in desk mode
+    assisting: false,
+    fairAt: 0,
   };
+  // What desk mode hides: everything but the pickup desk and the assisted reservation form.
+  var OPERATOR_ONLY = ['stats', 'batches', 'rounds', 'sites', 'desk-tokens'];
 
   function token() {
     try {
@@ -101,6 +110,7 @@
   function logout(message) {
     setToken(null);
     clearTimeout(state.statsTimer);
+    setMode(null, null);
     $('console').hidden = true;
     $('logout').hidden = true;
     $('login').hidden = false;
@@ -112,14 +122,47 @@
 
   async function login(value) {
     setToken(value);
-    // An unknown round answers 404 to a right token and 401 to a wrong one.
-    var res = await adminRetrying('GET', '/api/v1/admin/rounds/-/stats');
-    if (res.status === 401) return;
+    // The operator token or a desk token answers 200 with what it is; a wrong one 401.
+    var res = await adminRetrying('GET', '/api/v1/desk/me');
+    if (res.status !== 200 || !res.data) {
+      if (res.status !== 401) logout(problemText(res));
+      return;
+    }
+    setMode(res.data.role, res.data.role === 'desk' ? res.data : null);
     $('login').hidden = true;
     $('console').hidden = false;
     $('logout').hidden = false;
     await loadRounds();
-    pollStats();
+    if (state.role === 'desk') {
+      showDeskSite();
+      $('assist-cid').focus();
+    } else {
+      pollStats();
+      loadDeskTokens();
+    }
+  }
+
+  /** Operator mode shows every section; desk mode only the desk's two, in large type. */
+  function setMode(role, desk) {
+    state.role = role;
+    state.desk = desk;
+    var deskMode = role === 'desk';
+    document.body.classList.toggle('desk-mode', deskMode);
+    OPERATOR_ONLY.forEach(function (id) {
+      $(id).hidden = deskMode;
+    });
+    document.querySelector('#console .tabs').hidden = deskMode;
+    $('desk-banner').hidden = !deskMode;
+    $('assist').hidden = !deskMode;
+    $('desk-site-field').hidden = deskMode;
+    $('desk-site').readOnly = deskMode;
+    if (deskMode) $('desk-site').value = desk.site_id;
+  }
+  function showDeskSite() {
+    var known = state.sites[state.desk.site_id];
+    $('dm-site-name').textContent = known ? known.name : state.desk.site_id;
+    $('dm-site-id').textContent = known ? state.desk.site_id : '';
+    $('dm-label').textContent = state.desk.label;
   }
 
   // -- rounds and sites known to the console ----------------------------------------------------
@@ -157,7 +200,7 @@
     return (open[0] || state.rounds[state.rounds.length - 1] || {}).round_id || null;
   }
   function renderRoundSelects() {
-    ['stats-round', 'batch-round'].forEach(function (id) {
+    ['stats-round', 'batch-round', 'assist-round', 'batch-carry-from'].forEach(function (id) {
       var select = $(id);
       var current = select.value || (id === 'stats-round' ? state.statsRound : null) || pickRound();
       A.clear(select);
@@ -178,7 +221,7 @@
 
   async function pollStats() {
     clearTimeout(state.statsTimer);
-    if (!token()) return;
+    if (!token() || state.role !== 'operator') return;
     var next = document.hidden ? STATS_EVERY_MS * 5 : STATS_EVERY_MS;
     var round = state.statsRound;
     if (round) {
@@ -189,6 +232,7 @@
         // the operator switched rounds while this one was in flight
       } else if (res.status === 200 && res.data) {
         await maybeQueue();
+        await maybeFairness(round);
         addSample(res.data);
         $('stats-updated').textContent = t('stats_updated', { time: A.fmtClock(new Date()) });
       } else if (A.isBusy(res.status)) {
@@ -199,6 +243,60 @@
       }
     }
     if (token()) state.statsTimer = setTimeout(pollStats, next);
+  }
+
+  /** The fairness report, every few seconds: granted against asked per group, and the
+   *  groups whose rate (granted / asked) is under 0.8 x the best group's of their dimension. */
+  async function maybeFairness(round) {
+    if (Date.now() - state.fairAt < FAIR_EVERY_MS) return;
+    state.fairAt = Date.now();
+    var res = await admin('GET', '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/fairness', null, {
+      timeout: 5000,
+    });
+    if (res.status === 200 && res.data && round === state.statsRound) renderFairness(res.data.groups || []);
+  }
+  function pct(x) {
+    return (x * 100).toFixed(1) + '%';
+  }
+  function renderFairness(groups) {
+    var best = {};
+    groups.forEach(function (g) {
+      if (g.asked > 0) best[g.dimension] = Math.max(best[g.dimension] || 0, g.granted / g.asked);
+    });
+    var table = A.clear($('fair-table'));
+    table.appendChild(
+      el('thead', {}, [
+        el('tr', {}, [
+          el('th', { scope: 'col', text: t('fair_dimension') }),
+          el('th', { scope: 'col', text: t('fair_group') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_asked') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_granted') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_rate') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_share_asked') }),
+          el('th', { scope: 'col', class: 'num', text: t('fair_share_granted') }),
+          el('th', { scope: 'col' }),
+        ]),
+      ])
+    );
+    var body = el('tbody');
+    groups.forEach(function (g) {
+      var rate = g.asked > 0 ? g.granted / g.asked : null;
+      var under = rate !== null && best[g.dimension] > 0 && rate < 0.8 * best[g.dimension];
+      body.appendChild(
+        el('tr', { class: under ? 'under' : null, 'data-group': g.dimension + ':' + g.group }, [
+          el('td', { text: t('fair_dim_' + g.dimension) }),
+          el('td', { text: g.dimension === 'channel' ? t('fair_ch_' + g.group.replace('-', '_')) : g.group }),
+          el('td', { class: 'num', text: fmt(g.asked) }),
+          el('td', { class: 'num', text: fmt(g.granted) }),
+          el('td', { class: 'num', text: rate === null ? '—' : pct(rate) }),
+          el('td', { class: 'num', text: pct(g.share_of_asked) }),
+          el('td', { class: 'num', text: pct(g.share_of_granted) }),
+          el('td', { class: 'flag', text: under ? t('fair_under') : '' }),
+        ])
+      );
+    });
+    if (!groups.length) body.appendChild(el('tr', {}, [el('td', { colspan: 8, text: t('fair_none') })]));
+    table.appendChild(body);
   }
 
   /** The admission queue's depth (all workers summed), every other second. /metrics is on the
@@ -231,6 +329,8 @@
     $('n-reserved').textContent = fmt(s.reserved);
     $('n-collected').textContent = fmt(s.collected);
     $('n-remaining').textContent = fmt(s.remaining);
+    $('n-expired').textContent = fmt(s.expired);
+    $('n-carried-out').textContent = fmt(s.carried_out);
     $('n-live').textContent = fmt(s.reservations);
     $('n-rate').textContent = rate === null ? '—' : rate >= 10 ? fmt(Math.round(rate)) : rate.toFixed(1);
     var lag = s.ledger || {};
@@ -249,6 +349,74 @@
     );
     drawChart($('chart-rate'), $('legend-rate'), [{ key: 'rate', label: t('stat_rate'), color: '#7c3aed' }], 1);
     renderSiteTable(s.sites || []);
+    var lottery = typeof s.entries === 'number';
+    $('lottery-box').hidden = !lottery;
+    if (lottery) {
+      $('n-entries').textContent = fmt(s.entries);
+      loadDraw(s.round_id);
+    }
+  }
+
+  // -- lottery: freeze status, the draw, passes, the record -------------------------------------
+
+  async function loadDraw(roundId) {
+    if (Date.now() - (state.drawAt || 0) < 1900 && state.drawRound === roundId) return;
+    state.drawAt = Date.now();
+    state.drawRound = roundId;
+    var res = await A.api('GET', '/api/v1/rounds/' + encodeURIComponent(roundId) + '/draw');
+    if (res.status === 200 && res.data) renderDraw(res.data);
+  }
+
+  function renderDraw(rec) {
+    $('draw-status').textContent = t('draw_status_' + rec.status);
+    $('draw-source').textContent = t('draw_source', { source: rec.public_randomness_source });
+    $('draw-submit').disabled = rec.status !== 'frozen' && rec.status !== 'drawing';
+    $('draw-next').disabled = rec.status !== 'drawn';
+    if (rec.public_randomness && !$('draw-randomness').value) $('draw-randomness').value = rec.public_randomness;
+    var rows = [
+      ['commitment', rec.commitment],
+      ['frozen_at', rec.frozen_at],
+      ['entries', rec.entries],
+      ['entries_digest', rec.entries_digest],
+      ['stock_digest', rec.stock_digest],
+      ['secret', rec.secret],
+      ['public_randomness', rec.public_randomness],
+      ['seed', rec.seed],
+      ['drawn_at', rec.drawn_at],
+      ['results_digest', rec.results_digest],
+    ];
+    (rec.passes || []).forEach(function (p) {
+      var units = (p.released || []).map(function (x) {
+        return x.site_id + ' +' + x.units;
+      });
+      rows.push(['pass ' + p.pass, (units.join(', ') || '—') + ' · ' + p.digest]);
+    });
+    var table = A.clear($('draw-table'));
+    var body = el('tbody');
+    rows.forEach(function (r) {
+      body.appendChild(
+        el('tr', {}, [
+          el('th', { scope: 'row' }, [el('code', { text: r[0] })]),
+          el('td', { class: 'mono', text: r[1] === null || r[1] === undefined ? '—' : String(r[1]) }),
+        ])
+      );
+    });
+    table.appendChild(body);
+  }
+
+  async function postDraw(next) {
+    var round = state.statsRound;
+    if (!round) return;
+    var url = '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/draw' + (next ? '/next' : '');
+    var body = next ? null : { public_randomness: $('draw-randomness').value };
+    var res = await adminRetrying('POST', url, body);
+    if (res.status === 200 || res.status === 202) {
+      renderDraw(res.data);
+      showBox('draw-result', 'ok', t(res.status === 200 ? 'draw_done' : 'draw_running'));
+    } else {
+      showBox('draw-result', 'bad', problemText(res), [errorsList(res)]);
+    }
+    state.drawAt = 0;
   }
 
   /** Redis has lost data of this round that the ledger has: say so plainly, and what to do. */
@@ -341,6 +509,9 @@
 
   function renderSiteTable(sites) {
     var table = A.clear($('site-table'));
+    var lottery = sites.some(function (s) {
+      return typeof s.entries === 'number';
+    });
     table.appendChild(
       el('thead', {}, [
         el('tr', {}, [
@@ -348,7 +519,11 @@
           el('th', { scope: 'col', text: t('site_name_col') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_loaded') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_reserved') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_collected') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_expired') }),
+          el('th', { scope: 'col', class: 'num', text: t('stat_carried_out') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
+          lottery ? el('th', { scope: 'col', class: 'num', text: t('stat_entries') }) : null,
         ]),
       ])
     );
@@ -361,7 +536,11 @@
           el('td', { text: known ? known.name : '' }),
           el('td', { class: 'num', text: fmt(s.loaded) }),
           el('td', { class: 'num', text: fmt(s.reserved) }),
+          el('td', { class: 'num', text: fmt(s.collected) }),
+          el('td', { class: 'num', text: fmt(s.expired) }),
+          el('td', { class: 'num', text: fmt(s.carried_out) }),
           el('td', { class: 'num', text: fmt(s.remaining) }),
+          lottery ? el('td', { class: 'num', text: fmt(s.entries || 0) }) : null,
         ])
       );
     });
@@ -427,6 +606,8 @@
       deskAnswer('bad', t('desk_expired'), [t('desk_expired_hint')], code);
     } else if (res.status === 422) {
       deskAnswer('bad', t('desk_bad_input'), [errorsList(res)], code);
+    } else if (res.status === 403) {
+      deskAnswer('bad', t('desk_forbidden'), [], code);
     } else if (res.status !== 401) {
       deskAnswer('bad', t('generic_title'), [problemText(res)], code);
     }
@@ -451,6 +632,200 @@
       );
       while (log.children.length > 10) log.removeChild(log.lastChild);
     }
+  }
+
+  // -- assisted reservation (desk mode) ---------------------------------------------------------
+
+  function assistFieldError(id, key) {
+    var box = $(id + '-error');
+    box.hidden = !key;
+    box.textContent = key ? t(key) : '';
+    $(id).setAttribute('aria-invalid', key ? 'true' : 'false');
+  }
+  function assistReady() {
+    $('assist-cid').value = '';
+    $('assist-phone').value = '';
+    $('assist-cid').focus();
+  }
+
+  async function assist(ev) {
+    ev.preventDefault();
+    if (state.assisting || !state.desk) return;
+    var cid = A.normaliseCitizenId($('assist-cid').value);
+    var ph = A.normalisePhone($('assist-phone').value);
+    var cidBad = A.citizenIdProblem(cid);
+    var phoneBad = A.phoneProblem(ph);
+    assistFieldError('assist-cid', cidBad);
+    assistFieldError('assist-phone', phoneBad);
+    if (cidBad || phoneBad) {
+      $(cidBad ? 'assist-cid' : 'assist-phone').focus();
+      return;
+    }
+    var round = $('assist-round').value;
+    if (!round) {
+      assistAnswer('bad', t('need_round'));
+      return;
+    }
+    var url = '/api/v1/desk/rounds/' + encodeURIComponent(round) + '/reservations';
+    state.assisting = true;
+    $('assist-submit').disabled = true;
+    A.clear($('assist-result')).hidden = true; // never the last citizen's code by this form
+    var res = await adminRetrying('POST', url, { citizen_id: cid, phone: ph, site_id: state.desk.site_id });
+    state.assisting = false;
+    $('assist-submit').disabled = false;
+    var d = res.data || {};
+    if (res.status === 201 || res.status === 200) {
+      showAssisted(d, res.status === 200);
+    } else if (res.status === 409 && d.code === 'sold-out') {
+      var alts = (d.alternatives || []).map(function (a) {
+        return a.name + ' (' + a.district + ', ' + fmt(a.remaining) + ')';
+      });
+      assistAnswer('bad', t('assist_sold_out'), alts.length ? [t('assist_sold_out_alts', { sites: alts.join(' · ') })] : []);
+    } else if (res.status === 409 && d.code === 'already-reserved') {
+      assistAnswer('bad', t('assist_already'), [t('assist_already_hint')]);
+    } else if (res.status === 409 && d.code === 'round-not-open') {
+      assistAnswer('bad', t('assist_not_open'));
+      loadRounds();
+    } else if (res.status === 404) {
+      assistAnswer('bad', t('assist_gone'));
+      loadRounds();
+    } else if (res.status === 422) {
+      var fields = (d.errors || []).map(function (e) {
+        return e.field;
+      });
+      if (fields.indexOf('citizen_id') >= 0) assistFieldError('assist-cid', 'cid_err_server');
+      if (fields.indexOf('phone') >= 0) assistFieldError('assist-phone', 'phone_err_format');
+      assistAnswer('bad', t('desk_bad_input'), [errorsList(res)]);
+      $(fields.indexOf('citizen_id') >= 0 || fields.indexOf('phone') < 0 ? 'assist-cid' : 'assist-phone').focus();
+      return;
+    } else if (res.status === 403) {
+      assistAnswer('bad', t('desk_forbidden'));
+    } else if (res.status !== 401) {
+      assistAnswer('bad', t('generic_title'), [problemText(res)]);
+    }
+    assistReady();
+  }
+
+  function assistAnswer(kind, title, lines) {
+    var box = A.clear($('assist-result'));
+    box.className = 'desk-result ' + kind;
+    box.appendChild(el('p', { class: 'desk-big', 'data-testid': 'assist-verdict', text: (kind === 'ok' ? '✓ ' : '✗ ') + title }));
+    (lines || []).forEach(function (l) {
+      if (l) box.appendChild(typeof l === 'string' ? el('p', { text: l }) : l);
+    });
+    box.hidden = false;
+  }
+
+  /** The code and its QR, big enough to read across the counter, and one key to hand over. */
+  function showAssisted(r, existing) {
+    var box = A.clear($('assist-result'));
+    box.className = 'desk-result ok';
+    box.appendChild(el('p', { class: 'desk-big', 'data-testid': 'assist-verdict', text: '✓ ' + t(existing ? 'assist_existing' : 'assist_ok') }));
+    box.appendChild(
+      el('div', { class: 'assist-code' }, [
+        el('p', { class: 'pickup-code-big', 'data-testid': 'assist-code', text: r.pickup_code }),
+        el('img', {
+          class: 'assist-qr',
+          src: '/api/v1/reservations/' + encodeURIComponent(r.reservation_id) + '/qr.svg',
+          alt: t('assist_qr_alt', { code: r.pickup_code }),
+          width: 180,
+          height: 180,
+        }),
+      ])
+    );
+    box.appendChild(el('p', { text: t('assist_ok_detail', { masked: r.citizen_id_masked, n: r.quantity, window: A.fmtRange(r.pickup_start, r.pickup_end) }) }));
+    if (r.status === 'confirmed') {
+      box.appendChild(
+        el('button', {
+          type: 'button',
+          class: 'secondary big',
+          'data-testid': 'assist-hand-over',
+          text: t('assist_hand_over'),
+          onclick: function () {
+            handOver(r.pickup_code);
+          },
+        })
+      );
+    }
+    box.hidden = false;
+  }
+
+  async function handOver(code) {
+    $('desk-code').value = code;
+    $('desk-cid').value = '';
+    await collect({ preventDefault: function () {} });
+    assistReady();
+  }
+
+  // -- desk tokens (operator) -------------------------------------------------------------------
+
+  async function loadDeskTokens() {
+    var res = await admin('GET', '/api/v1/admin/desk-tokens');
+    if (res.status !== 200 || !res.data) return;
+    var table = A.clear($('dt-table'));
+    table.appendChild(
+      el('thead', {}, [
+        el('tr', {}, [
+          el('th', { scope: 'col', text: 'site_id' }),
+          el('th', { scope: 'col', text: t('dt_label') }),
+          el('th', { scope: 'col', text: t('round_status_col') }),
+          el('th', { scope: 'col' }),
+        ]),
+      ])
+    );
+    var body = el('tbody');
+    res.data.desk_tokens.forEach(function (d) {
+      body.appendChild(
+        el('tr', { 'data-token-id': d.token_id }, [
+          el('td', {}, [el('code', { text: d.site_id })]),
+          el('td', { text: d.label }),
+          el('td', { text: d.revoked_at ? t('dt_revoked_at', { time: A.fmtTime(d.revoked_at) }) : t('dt_active') }),
+          el('td', {}, [
+            d.revoked_at
+              ? null
+              : el('button', {
+                  type: 'button',
+                  class: 'link',
+                  'aria-label': t('dt_revoke_one', { label: d.label, site: d.site_id }),
+                  text: t('dt_revoke'),
+                  onclick: function () {
+                    revokeDeskToken(d);
+                  },
+                }),
+          ]),
+        ])
+      );
+    });
+    if (!res.data.desk_tokens.length) body.appendChild(el('tr', {}, [el('td', { colspan: 4, text: t('dt_none') })]));
+    table.appendChild(body);
+  }
+
+  async function createDeskToken(ev) {
+    ev.preventDefault();
+    var body = { site_id: $('dt-site').value.trim(), label: $('dt-label').value.trim() };
+    $('dt-submit').disabled = true;
+    var res = await adminRetrying('POST', '/api/v1/admin/desk-tokens', body);
+    $('dt-submit').disabled = false;
+    if (res.status === 201 && res.data) {
+      showBox('dt-result', 'ok', t('dt_created', { label: res.data.label, site: res.data.site_id }), [
+        el('p', {}, [el('code', { class: 'token-once', 'data-testid': 'dt-token', text: res.data.token })]),
+        t('dt_created_hint'),
+      ]);
+      $('dt-label').value = '';
+      loadDeskTokens();
+    } else if (res.status === 422) {
+      showBox('dt-result', 'bad', t('dt_invalid'), [errorsList(res)]);
+    } else if (res.status !== 401) {
+      showBox('dt-result', 'bad', t('generic_title'), [problemText(res)]);
+    }
+  }
+
+  async function revokeDeskToken(d) {
+    if (!window.confirm(t('dt_revoke_confirm', { label: d.label, site: d.site_id }))) return;
+    var res = await adminRetrying('DELETE', '/api/v1/admin/desk-tokens/' + encodeURIComponent(d.token_id));
+    if (res.status === 200) showBox('dt-result', 'info', t('dt_revoked', { label: d.label, site: d.site_id }));
+    else if (res.status !== 401) showBox('dt-result', 'bad', t('generic_title'), [problemText(res)]);
+    loadDeskTokens();
   }
 
   // -- batches ----------------------------------------------------------------------------------
@@ -501,7 +876,15 @@
     var url = '/api/v1/admin/rounds/' + encodeURIComponent(round) + '/batches';
     var res;
     $('batch-submit').disabled = true;
-    if (batchMode() === 'csv') {
+    if (batchMode() === 'carry') {
+      // a carry-over: the earlier round's leftovers (remaining + expired) go to this round
+      var from = $('batch-carry-from').value;
+      if (!from || from === round) {
+        $('batch-submit').disabled = false;
+        return showBox('batch-result', 'bad', t('batch_carry_same'));
+      }
+      res = await adminRetrying('POST', url, { batch_id: batchId, carry_from: from });
+    } else if (batchMode() === 'csv') {
       var text = $('batch-csv').value.trim();
       if (!text) {
         $('batch-submit').disabled = false;
@@ -524,19 +907,20 @@
     $('batch-submit').disabled = false;
     var d = res.data || {};
     var idLine = el('p', {}, [t('batch_id_label') + ': ', el('code', { 'data-testid': 'batch-id', text: d.batch_id || batchId })]);
+    var carried = d.carried_from ? [t('batch_carried', { round: d.carried_from })] : [];
     if (res.status === 201) {
       showBox('batch-result', 'ok', t('batch_loaded'), [
         idLine,
         t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
-        t('batch_next_hint'),
-      ]);
+      ].concat(carried, [t('batch_next_hint')]));
       pollStats();
     } else if (res.status === 200) {
       showBox('batch-result', 'info', t('batch_replayed'), [
         idLine,
         t('batch_counts', { units: fmt(d.units_added), sites: fmt(d.sites) }),
-        t('batch_replayed_hint'),
-      ]);
+      ].concat(carried, [t('batch_replayed_hint')]));
+    } else if (res.status === 409 && d.code === 'carry-not-ready') {
+      showBox('batch-result', 'bad', t('batch_carry_not_ready'), [problemText(res)]);
     } else if (res.status === 409) {
       showBox('batch-result', 'bad', t('batch_conflict'), [idLine, t('batch_conflict_hint')]);
     } else if (res.status === 422) {
@@ -772,11 +1156,31 @@
     $('stats-round').addEventListener('change', function () {
       state.statsRound = $('stats-round').value;
       state.history = [];
+      state.fairAt = 0;
+      A.clear($('fair-table'));
       $('feed-link').href = '/api/v1/rounds/' + encodeURIComponent(state.statsRound) + '/sites.csv';
       pollStats();
     });
     $('desk-form').addEventListener('submit', collect);
+    $('assist-form').addEventListener('submit', assist);
+    // A scanner or ID-card reader types the number and presses Enter: with the phone still
+    // empty, Enter moves there instead of sending half a form.
+    $('assist-form').addEventListener('keydown', function (ev) {
+      if (ev.key !== 'Enter' || ev.target !== $('assist-cid')) return;
+      if (!$('assist-phone').value.trim()) {
+        ev.preventDefault();
+        $('assist-phone').focus();
+      }
+    });
+    $('dt-form').addEventListener('submit', createDeskToken);
     $('batch-form').addEventListener('submit', loadBatch);
+    $('draw-form').addEventListener('submit', function (ev) {
+      ev.preventDefault();
+      postDraw(false);
+    });
+    $('draw-next').addEventListener('click', function () {
+      postDraw(true);
+    });
     $('batch-id-new').addEventListener('click', function () {
       $('batch-id').value = newBatchId();
     });
@@ -787,6 +1191,7 @@
       radio.addEventListener('change', function () {
         $('batch-csv-box').hidden = batchMode() !== 'csv';
         $('batch-form-box').hidden = batchMode() !== 'form';
+        $('batch-carry-box').hidden = batchMode() !== 'carry';
       });
     });
     $('round-form').addEventListener('submit', saveRound);

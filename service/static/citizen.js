@@ -21,6 +21,7 @@
     roundsTimer: null,
     waitingSince: null,
     roundsPending: false,
+    lotteryTimer: null,
   };
 
   function jitter(seconds) {
@@ -31,6 +32,9 @@
     if (n < Date.parse(r.opens_at)) return 'upcoming';
     if (n < Date.parse(r.closes_at)) return 'open';
     return 'closed';
+  }
+  function isLottery(r) {
+    return !!r && r.mode === 'lottery';
   }
   function perPerson() {
     return state.round ? state.round.per_person : 1;
@@ -52,6 +56,8 @@
       return;
     }
     state.rounds = res.data.rounds.filter(function (r) {
+      // a lottery round stays after its close: the draw, the result and the check come then
+      if (isLottery(r)) return A.now() < Date.parse(r.pickup_end);
       return roundStatus(r) !== 'closed';
     });
     var keep = state.round
@@ -67,7 +73,10 @@
     renderRounds();
     renderMine();
     var has = !!state.round;
-    $('reserve').hidden = !has || !$('result').hidden;
+    var registering = has && (!isLottery(state.round) || roundStatus(state.round) !== 'closed');
+    $('reserve').hidden = !has || !registering || !$('result').hidden;
+    renderForm();
+    renderLottery();
     $('sites').hidden = !has;
     if (has && state.round.round_id !== previous) {
       state.sites = [];
@@ -126,7 +135,10 @@
       var lines = [
         el('div', { class: 'round-head' }, [
           el('h2', { class: 'round-title', text: r.title }),
-          el('span', { class: 'badge badge-' + status, text: t('round_' + status) }),
+          el('span', {
+            class: 'badge badge-' + status,
+            text: isLottery(r) && status === 'open' ? t('lottery_badge_open') : t('round_' + status),
+          }),
         ]),
         el('p', {
           class: 'countdown',
@@ -142,6 +154,11 @@
         }),
         el('p', { class: 'round-meta', text: t('round_pickup', { range: A.fmtRange(r.pickup_start, r.pickup_end) }) }),
       ];
+      if (isLottery(r) && r.draw) {
+        lines.push(
+          el('p', { class: 'round-meta', text: t('lottery_draw_after', { source: r.draw.public_randomness_source }) })
+        );
+      }
       var who = eligibilityText(r);
       if (who) lines.push(el('p', { class: 'round-meta eligibility', 'data-testid': 'eligibility', text: who }));
       if (r.programme && r.cooldown_days > 0) {
@@ -187,6 +204,11 @@
       var text;
       if (status === 'upcoming') {
         text = t('opens_in', { d: A.fmtDuration(Date.parse(r.opens_at) - A.now()) });
+      } else if (isLottery(r)) {
+        text =
+          status === 'open'
+            ? t('lottery_closes_in', { d: A.fmtDuration(Date.parse(r.closes_at) - A.now()) })
+            : t('draw_status_' + ((r.draw && r.draw.status) || 'registering'));
       } else if (status === 'open') {
         text = r.remaining > 0 ? t('round_left', { n: r.remaining }) : t('round_sold_out');
       } else {
@@ -244,9 +266,10 @@
   }
 
   function available(s) {
-    return s.remaining >= perPerson();
+    return isLottery(state.round) || s.remaining >= perPerson();  // entries take no stock
   }
   function stockText(s) {
+    if (isLottery(state.round)) return t('lottery_site_units', { n: s.remaining });
     return available(s) ? t('site_left', { n: s.remaining }) : t('site_sold_out');
   }
 
@@ -389,9 +412,17 @@
       text = t('round_closed');
     } else {
       button.disabled = false;
-      text = t('submit');
+      text = isLottery(r) ? t('lottery_submit') : t('submit');
     }
     if (button.textContent !== text) button.textContent = text;
+  }
+
+  /** The form as a reservation, or as a lottery registration (登记) with its extra choice. */
+  function renderForm() {
+    var lottery = isLottery(state.round);
+    $('accept-field').hidden = !lottery;
+    var title = lottery ? t('lottery_form_title') : t('form_title');
+    if ($('form-title').textContent !== title) $('form-title').textContent = title;
   }
 
   function waitView(kind, seconds) {
@@ -443,7 +474,9 @@
       phone: A.normalisePhone($('phone').value),
       site_id: siteId,
     };
-    var url = '/api/v1/rounds/' + encodeURIComponent(r.round_id) + '/reservations';
+    var kind = isLottery(r) ? 'entries' : 'reservations';
+    if (isLottery(r)) body.accept_district = $('accept_district').checked;
+    var url = '/api/v1/rounds/' + encodeURIComponent(r.round_id) + '/' + kind;
     var button = $('submit');
     button.disabled = true;
     button.textContent = t('submit_sending');
@@ -467,9 +500,22 @@
 
   function handleAnswer(res, body, r) {
     var code = res.data && res.data.code;
+    if ((res.status === 200 || res.status === 201) && res.data && res.data.entry_id) {
+      rememberEntry(res.data);
+      showOutcome('info', t('entry_title'), t('entry_saved'));
+      renderLottery();
+      return;
+    }
     if (res.status === 200 || res.status === 201) {
       showResult(res.data);
       return;
+    }
+    if (res.status === 409 && code === 'already-entered') {
+      showOutcome('warn', t('already_entered_title'), t('already_entered'));
+      return;
+    }
+    if (res.status === 409 && code === 'wrong-mode') {
+      loadRounds();
     }
     if (res.status === 409 && code === 'sold-out') {
       showAlternatives((res.data && res.data.alternatives) || [], body.site_id);
@@ -627,6 +673,119 @@
       );
     });
     box.appendChild(list);
+  }
+
+  // -- lottery: the citizen's entries, the result, and checking the draw -----------------------
+
+  var ENTRIES_KEY = 'allot.entries';
+  function entries() {
+    try {
+      var list = JSON.parse(localStorage.getItem(ENTRIES_KEY) || '[]');
+      return Array.isArray(list) ? list : [];
+    } catch (e) {
+      return [];
+    }
+  }
+  function rememberEntry(entry) {
+    var list = entries().filter(function (x) {
+      return x.id !== entry.entry_id && x.round_id !== entry.round_id;
+    });
+    list.unshift({ id: entry.entry_id, round_id: entry.round_id });
+    try {
+      localStorage.setItem(ENTRIES_KEY, JSON.stringify(list.slice(0, 10)));
+    } catch (e) {
+      /* private mode: the entry is on screen this once */
+    }
+  }
+
+  function statusText(status) {
+    return t('entry_status_' + status.replace('-', '_'));
+  }
+
+  /** The lottery card: my entry's status and receipt, my pickup code once won, and the draw's
+   * commitment, secret, seed and files for anyone who wants to check it. */
+  async function renderLottery() {
+    clearTimeout(state.lotteryTimer);
+    var r = state.round;
+    var box = $('lottery');
+    if (!isLottery(r)) {
+      box.hidden = true;
+      return;
+    }
+    var nodes = [];
+    var mineHere = entries().filter(function (x) {
+      return x.round_id === r.round_id;
+    })[0];
+    if (mineHere) {
+      var res = await A.api('GET', '/api/v1/entries/' + encodeURIComponent(mineHere.id));
+      if (res.status === 200 && res.data) {
+        var e = res.data;
+        var site = state.byId[e.site_id];
+        nodes.push(el('h2', { text: t('entry_title') }));
+        nodes.push(el('p', { class: 'status-badge entry-' + e.status, 'data-testid': 'entry-status', text: statusText(e.status) }));
+        nodes.push(el('p', { text: t('entry_site', { site: site ? site.name : e.site_id }) }));
+        nodes.push(el('p', { class: 'receipt', 'data-testid': 'entry-receipt', text: t('entry_receipt', { receipt: e.receipt }) }));
+        if (e.status === 'registered' && roundStatus(r) === 'open') {
+          nodes.push(el('p', { class: 'hint', text: t('entry_change') }));
+          nodes.push(
+            el('button', {
+              type: 'button',
+              class: 'secondary small',
+              text: t('entry_withdraw'),
+              onclick: async function () {
+                await A.api('DELETE', '/api/v1/entries/' + encodeURIComponent(e.entry_id));
+                renderLottery();
+              },
+            })
+          );
+        }
+        if (e.status === 'won' && e.reservation_id) {
+          var won = await A.api('GET', '/api/v1/reservations/' + encodeURIComponent(e.reservation_id));
+          if (won.status === 200 && won.data) {
+            A.remember(won.data, site ? site.name : null);
+            nodes.push(el('p', { class: 'code', 'data-testid': 'entry-pickup-code', text: t('entry_won_code', { code: won.data.pickup_code }) }));
+            nodes.push(el('p', {}, [el('a', { href: '/r/' + encodeURIComponent(e.reservation_id), text: t('entry_won_link') })]));
+          }
+        }
+      }
+    }
+    if (roundStatus(r) !== 'upcoming') {
+      var d = await A.api('GET', '/api/v1/rounds/' + encodeURIComponent(r.round_id) + '/draw');
+      if (d.status === 200 && d.data) {
+        var rec = d.data;
+        var root = '/api/v1/rounds/' + encodeURIComponent(r.round_id) + '/draw';
+        var pending = t('check_pending');
+        var check = el('details', { class: 'check', 'data-testid': 'check-draw', open: rec.status !== 'registering' }, [
+          el('summary', { text: t('check_title') + ' · ' + t('draw_status_' + rec.status) }),
+          el('p', { class: 'hint', text: t('check_intro') }),
+          el('p', { class: 'mono', text: t('check_commitment', { v: rec.commitment }) }),
+          el('p', { class: 'mono', text: t('check_secret', { v: rec.secret || pending }) }),
+          el('p', { class: 'mono', text: t('check_randomness', { v: rec.public_randomness || pending }) }),
+          el('p', { class: 'mono', text: t('check_seed', { v: rec.seed || pending }) }),
+        ]);
+        var files = ['entries.csv', 'stock.csv'];
+        if (rec.results_digest) files.push('results.csv');
+        (rec.passes || []).forEach(function (p) {
+          files.push('pass-' + p.pass + '.csv');
+        });
+        if (rec.status !== 'registering') {
+          check.appendChild(
+            el('p', {}, [t('check_files')].concat(
+              files.map(function (f) {
+                return el('a', { href: root + '/' + f, class: 'file', text: f });
+              })
+            ))
+          );
+        }
+        nodes.push(check);
+      }
+    }
+    A.clear(box);
+    nodes.forEach(function (n) {
+      box.appendChild(n);
+    });
+    box.hidden = !nodes.length;
+    state.lotteryTimer = setTimeout(renderLottery, roundStatus(r) === 'open' ? 30000 : 5000);
   }
 
   // -- wiring ------------------------------------------------------------------------------------

@@ -94,7 +94,8 @@
    */
   async function api(method, url, body, opts) {
     opts = opts || {};
-    var headers = { Accept: 'application/json' };
+    // The pages are the `web` channel (the fairness report's, and allot_asks_total's).
+    var headers = { Accept: 'application/json', 'X-Allot-Channel': 'web' };
     if (opts.token) headers.Authorization = 'Bearer ' + opts.token;
     var payload;
     if (body !== undefined && body !== null) {

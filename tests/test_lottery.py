@@ -1,0 +1,563 @@
+"""Lottery rounds through the service: the commitment, entries through the front door, the
+freeze, the draw, passes and winners' reservations (API.md, "Lottery rounds")."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+
+from allocator.config import Settings
+from allocator.draw import entry_receipt
+from allocator.keys import Keys
+from allocator.receipts import verify_entry
+from allocator.redistyping import awaited
+from allocator.scripts import script_source
+from service.app import create_app
+from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
+
+SOURCE = "drand quicknet round 9123456"
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis, checked_client: Any) -> TestClient[Any, Any]:
+    """The real application; every answer must also match the served OpenAPI document."""
+    return cast(TestClient[Any, Any], await checked_client(create_app(settings)))
+
+
+def lottery_body(**kwargs: Any) -> dict[str, Any]:
+    return {**round_body(**kwargs), "mode": "lottery", "public_randomness_source": SOURCE}
+
+
+async def seed_lottery(
+    client: TestClient[Any, Any],
+    round_id: str = "l1",
+    stock: dict[str, int] | None = None,
+    districts: dict[str, str] | None = None,
+    **round_kwargs: Any,
+) -> dict[str, Any]:
+    """Sites, a lottery round open now and one batch; the Round as answered."""
+    stock = {"s1": 10} if stock is None else stock
+    districts = districts or {}
+    sites = [
+        {"site_id": s, "name": f"Site {s}", "address": "road 1", "district": districts.get(s, "d1")}
+        for s in stock
+    ]
+    r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
+    assert r.status == 200, await r.text()
+    r = await client.put(
+        f"/api/v1/admin/rounds/{round_id}", json=lottery_body(**round_kwargs), headers=ADMIN
+    )
+    assert r.status == 201, await r.text()
+    answered: dict[str, Any] = await r.json()
+    items = [{"site_id": s, "quantity": q} for s, q in stock.items() if q > 0]
+    if items:
+        r = await client.post(
+            f"/api/v1/admin/rounds/{round_id}/batches",
+            json={"batch_id": f"seed-{round_id}", "items": items},
+            headers=ADMIN,
+        )
+        assert r.status == 201, await r.text()
+    return answered
+
+
+async def enter(
+    client: TestClient[Any, Any],
+    n: int,
+    site: str = "s1",
+    round_id: str = "l1",
+    *,
+    ph: str | None = None,
+    accept: bool | None = None,
+) -> Any:
+    body: dict[str, Any] = {"citizen_id": citizen_id(n), "phone": ph or phone(n), "site_id": site}
+    if accept is not None:
+        body["accept_district"] = accept
+    return await client.post(f"/api/v1/rounds/{round_id}/entries", json=body)
+
+
+async def problem(response: Any, status: int, code: str) -> dict[str, Any]:
+    body = await response.json()
+    assert (response.status, body["code"]) == (status, code), body
+    return body  # type: ignore[no-any-return]
+
+
+async def ledger_entries(database_url: str, round_id: str = "l1") -> list[asyncpg.Record]:
+    con = await asyncpg.connect(database_url)
+    try:
+        return await con.fetch(
+            "SELECT * FROM entries WHERE round_id = $1 ORDER BY entry_id", round_id
+        )
+    finally:
+        await con.close()
+
+
+async def wait_for_entries(
+    database_url: str, want: int, round_id: str = "l1", within: float = 10.0
+) -> list[asyncpg.Record]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        rows = await ledger_entries(database_url, round_id)
+        if len(rows) >= want:
+            return rows
+        assert loop.time() < deadline, f"ledger has {len(rows)} of {want} entries"
+        await asyncio.sleep(0.05)
+
+
+# -- rounds -------------------------------------------------------------------------------------
+
+
+async def test_a_lottery_round_publishes_its_commitment_and_keeps_the_secret_in_postgres(
+    client: TestClient[Any, Any], pg: asyncpg.Connection, redis: Redis, redis_prefix: str
+) -> None:
+    """The commitment is public from creation; the secret behind it is only in PostgreSQL."""
+    body = await seed_lottery(client)
+    draw = body["draw"]
+    assert draw["public_randomness_source"] == SOURCE
+    assert draw["status"] == "registering"
+    assert re.fullmatch(r"[0-9a-f]{64}", draw["commitment"])
+    secret = await pg.fetchval("SELECT secret FROM draws WHERE round_id = 'l1'")
+    assert hashlib.sha256(secret).hexdigest() == draw["commitment"]
+    got = await (await client.get("/api/v1/rounds/l1")).json()
+    assert got["draw"] == draw
+    assert got["mode"] == "lottery"
+    for key in [k async for k in redis.scan_iter(match=f"{redis_prefix}:*")]:
+        if await redis.type(key) == b"hash":
+            dumped = repr(await awaited(redis.hgetall(key)))
+            assert secret.hex() not in dumped
+            assert repr(secret)[2:-1] not in dumped
+    # an update before opening keeps the same commitment; an fcfs round has no draw
+    r = await client.put(
+        "/api/v1/admin/rounds/l1", json=lottery_body(opens_in=600, pickup_in=600), headers=ADMIN
+    )
+    assert r.status == 200
+    assert (await r.json())["draw"]["commitment"] == draw["commitment"]
+    await seed(client, "f1")
+    assert (await (await client.get("/api/v1/rounds/f1")).json())["draw"] is None
+
+
+async def test_mode_and_source_cannot_change_once_the_round_has_opened(
+    client: TestClient[Any, Any],
+) -> None:
+    """A source changed after the opening could be chosen to suit the operator."""
+    await seed_lottery(client)
+    other = {**lottery_body(), "public_randomness_source": "the operator's own dice"}
+    r = await client.put("/api/v1/admin/rounds/l1", json=other, headers=ADMIN)
+    body = await problem(r, 422, "invalid-request")
+    assert [e["field"] for e in body["errors"]] == ["public_randomness_source"]
+    r = await client.put("/api/v1/admin/rounds/l1", json=round_body(), headers=ADMIN)
+    body = await problem(r, 422, "invalid-request")
+    assert {e["field"] for e in body["errors"]} == {"mode", "public_randomness_source"}
+    got = await (await client.get("/api/v1/rounds/l1")).json()
+    assert (got["mode"], got["draw"]["public_randomness_source"]) == ("lottery", SOURCE)
+    # before the opening both may change
+    upcoming = lottery_body(opens_in=600, pickup_in=600)
+    r = await client.put("/api/v1/admin/rounds/l2", json=upcoming, headers=ADMIN)
+    assert r.status == 201
+    r = await client.put(
+        "/api/v1/admin/rounds/l2",
+        json={**upcoming, "public_randomness_source": "福彩3D 2020037"},
+        headers=ADMIN,
+    )
+    assert r.status == 200
+    assert (await r.json())["draw"]["public_randomness_source"] == "福彩3D 2020037"
+
+
+async def test_a_reservation_on_a_lottery_round_and_an_entry_on_an_fcfs_round_are_wrong_mode(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys
+) -> None:
+    """The two kinds of round never mix: no stock is taken by a reservation in a lottery."""
+    await seed_lottery(client)
+    await seed(client, "f1")
+    r = await client.post(
+        "/api/v1/rounds/l1/reservations",
+        json={"citizen_id": citizen_id(1), "phone": phone(1), "site_id": "s1"},
+    )
+    await problem(r, 409, "wrong-mode")
+    await problem(await enter(client, 1, round_id="f1"), 409, "wrong-mode")
+    assert int(await awaited(redis.hget(keys.round("l1").stock, "s1")) or 0) == 10
+    assert await awaited(redis.hlen(keys.round("f1").entries)) == 0
+
+
+# -- entries ------------------------------------------------------------------------------------
+
+
+async def test_an_entry_is_signed_idempotent_and_its_last_choice_counts(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """201, then 200 with the new choice (receipt unchanged, signature re-made), another phone
+    409; the ledger ends with the last choice."""
+    await seed_lottery(client, stock={"s1": 10, "s2": 10})
+    key = (await (await client.get("/api/v1/draw-key")).json())["public_key"]
+    r = await enter(client, 1)
+    assert r.status == 201
+    first = await r.json()
+    assert r.headers["Location"] == f"/api/v1/entries/{first['entry_id']}"
+    assert first["receipt"] == entry_receipt("l1", first["entry_id"])
+    assert (first["status"], first["weight"], first["reservation_id"]) == ("registered", None, None)
+    assert first["accept_district"] is False
+    assert verify_entry(key, first["signature"], "l1", first["receipt"], "s1", False)
+    r = await enter(client, 1, "s2", accept=True)
+    assert r.status == 200
+    second = await r.json()
+    assert (second["entry_id"], second["receipt"]) == (first["entry_id"], first["receipt"])
+    assert (second["site_id"], second["accept_district"]) == ("s2", True)
+    assert verify_entry(key, second["signature"], "l1", second["receipt"], "s2", True)
+    assert not verify_entry(key, first["signature"], "l1", second["receipt"], "s2", True)
+    await problem(await enter(client, 1, "s1", ph=phone(999)), 409, "already-entered")
+    got = await (await client.get(f"/api/v1/entries/{first['entry_id']}")).json()
+    assert got == second
+    [row] = await wait_for_entries(database_url, 1)
+    for _ in range(100):
+        [row] = await ledger_entries(database_url)
+        if row["site_id"] == "s2":
+            break
+        await asyncio.sleep(0.05)
+    assert (row["site_id"], row["accept_district"], row["status"]) == ("s2", True, "registered")
+    assert row["receipt"] == first["receipt"]
+
+
+async def test_withdrawing_before_close_then_entering_again_makes_a_new_entry(
+    client: TestClient[Any, Any],
+) -> None:
+    """A withdrawn entry stays withdrawn (its owner can see it); entering again is a new one."""
+    await seed_lottery(client)
+    first = await (await enter(client, 1)).json()
+    r = await client.delete(f"/api/v1/entries/{first['entry_id']}")
+    assert r.status == 200
+    assert (await r.json())["status"] == "withdrawn"
+    r = await client.delete(f"/api/v1/entries/{first['entry_id']}")
+    assert (r.status, (await r.json())["status"]) == (200, "withdrawn")
+    r = await enter(client, 1)
+    assert r.status == 201
+    assert (await r.json())["entry_id"] != first["entry_id"]
+    await problem(await client.get("/api/v1/entries/nonsense"), 404, "not-found")
+    await problem(await client.get("/api/v1/entries/AAAAAAAAAAAAAAAAAAAAAA.l1"), 404, "not-found")
+
+
+async def test_an_entry_at_an_unknown_site_or_round_is_not_found(
+    client: TestClient[Any, Any],
+) -> None:
+    await seed_lottery(client)
+    await problem(await enter(client, 1, "nowhere"), 404, "not-found")
+    await problem(await enter(client, 1, round_id="nope"), 404, "not-found")
+
+
+async def test_entries_outside_the_window_are_refused_and_withdrawal_after_close_too(
+    client: TestClient[Any, Any],
+) -> None:
+    """Registration is the window: before it opens and after it closes, 409 round-not-open."""
+    await seed_lottery(client, "l1", closes_in=2, pickup_in=-60)
+    entry = await (await enter(client, 1)).json()
+    r = await client.put(
+        "/api/v1/admin/rounds/l2", json=lottery_body(opens_in=600, pickup_in=600), headers=ADMIN
+    )
+    assert r.status == 201
+    await problem(await enter(client, 2, round_id="l2"), 409, "round-not-open")
+    await asyncio.sleep(2.2)
+    await problem(await enter(client, 3), 409, "round-not-open")
+    late = await client.delete(f"/api/v1/entries/{entry['entry_id']}")
+    await problem(late, 409, "round-not-open")
+    got = await (await client.get(f"/api/v1/entries/{entry['entry_id']}")).json()
+    assert got["status"] == "registered"
+
+
+async def test_many_entrants_at_once_each_hold_exactly_one_entry_in_the_ledger(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """600 citizens, some twice at once, some with another phone, some changing site: one
+    entry each, the ledger has every entry answered 201/200, duplicates agree."""
+    await seed_lottery(client, stock={"s1": 10, "s2": 10})
+    asks: list[tuple[int, str, str]] = []
+    for n in range(600):
+        asks.append((n, "s1", phone(n)))
+        if n % 5 == 0:
+            asks.append((n, "s2", phone(n)))  # the same citizen, another site
+        if n % 7 == 0:
+            asks.append((n, "s1", phone(n + 5000)))  # another phone
+    random.Random(3).shuffle(asks)
+    answers = await asyncio.gather(*(enter(client, n, s, ph=p) for n, s, p in asks))
+    statuses = Counter(a.status for a in answers)
+    assert set(statuses) <= {200, 201, 409}, statuses
+    bodies = [await a.json() for a in answers]
+    created = [b for a, b in zip(answers, bodies, strict=True) if a.status == 201]
+    assert len(created) == 600
+    by_citizen: dict[int, set[str]] = {}
+    for (n, _, _), a, b in zip(asks, answers, bodies, strict=True):
+        if a.status in (200, 201):
+            by_citizen.setdefault(n, set()).add(b["entry_id"])
+        else:
+            assert b["code"] == "already-entered"
+    assert all(len(ids) == 1 for ids in by_citizen.values())
+    rows = await wait_for_entries(database_url, 600)
+    assert len(rows) == 600
+    assert {r["entry_id"] for r in rows} == {b["entry_id"] for b in created}
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert stats["entries"] == 600
+    assert sum(s["entries"] for s in stats["sites"]) == 600
+
+
+def _lua_function(text: str, name: str) -> str:
+    start = text.index(f"local function {name}(")
+    return text[start : text.index("\nend\n", start) + 5]
+
+
+def test_the_entry_script_spends_the_same_gate_as_the_claim_script() -> None:
+    """Registration is a flash crowd too: its buckets must behave exactly like the claims'."""
+    claim, entry = script_source("claim"), script_source("enter")
+    assert _lua_function(entry, "bucket") == _lua_function(claim, "bucket")
+    limits = claim[claim.index("local limits = {") : claim.index("local buckets = {}")]
+    assert limits in entry
+
+
+# -- freeze, draw, passes -----------------------------------------------------------------------
+
+
+async def wait_for_status(
+    client: TestClient[Any, Any], want: str, round_id: str = "l1", within: float = 60.0
+) -> dict[str, Any]:
+    """The draw record once its status is ``want`` (the freeze comes within 60 s of close)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        r = await client.get(f"/api/v1/rounds/{round_id}/draw")
+        assert r.status == 200, await r.text()
+        record: dict[str, Any] = await r.json()
+        if record["status"] == want:
+            return record
+        assert loop.time() < deadline, f"still {record['status']}, not {want}"
+        await asyncio.sleep(0.2)
+
+
+async def closed_lottery(
+    client: TestClient[Any, Any], entrants: int, stock: dict[str, int], **kwargs: Any
+) -> list[dict[str, Any]]:
+    """A lottery round closing 2 s from now, ``entrants`` entries at s1 (odd ones accept the
+    district), then closed and frozen; the entries as answered."""
+    await seed_lottery(client, stock=stock, closes_in=2, **kwargs)
+    answers = await asyncio.gather(*(enter(client, n, accept=n % 2 == 1) for n in range(entrants)))
+    assert {a.status for a in answers} == {201}
+    bodies = [await a.json() for a in answers]
+    await wait_for_status(client, "frozen")
+    return bodies
+
+
+def verify_url(client: TestClient[Any, Any], round_id: str = "l1") -> int:
+    from allocator import verify_draw
+
+    base = str(client.make_url("")).rstrip("/")
+    return verify_draw.main(["--url", base, "--round", round_id])
+
+
+async def test_the_freeze_lists_every_entry_and_the_draw_replays_with_the_verifier(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """Frozen after close with every answered entry; drawn once; verify-draw replays it;
+    winners hold ordinary reservations, the others are not drawn."""
+    entries = await closed_lottery(client, 12, {"s1": 4, "s2": 2})
+    record = await wait_for_status(client, "frozen")
+    assert record["entries"] == 12
+    assert record["secret"] is not None
+    assert hashlib.sha256(bytes.fromhex(record["secret"])).hexdigest() == record["commitment"]
+    assert record["public_randomness"] is None
+    listed = await (await client.get("/api/v1/rounds/l1/draw/entries.csv")).read()
+    assert {e["receipt"] for e in entries} == {
+        line.split(b",")[0].decode() for line in listed.splitlines()[1:]
+    }
+    assert hashlib.sha256(listed).hexdigest() == record["entries_digest"]
+    await problem(await client.get("/api/v1/rounds/l1/draw/results.csv"), 404, "not-found")
+    got = await (await client.get(f"/api/v1/entries/{entries[0]['entry_id']}")).json()
+    assert (got["status"], got["weight"]) == ("registered", 1)
+    assert await asyncio.to_thread(verify_url, client) == 0  # "frozen, NOT drawn yet"
+
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "7 12 19 23 31 42"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert r.status == 200, await r.text()
+    drawn = await r.json()
+    assert drawn["status"] == "drawn"
+    assert drawn["public_randomness"] == "7 12 19 23 31 42"
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "7 12 19 23 31 42"},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert (r.status, await r.json()) == (200, drawn)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "other"}, headers=ADMIN
+    )
+    await problem(r, 409, "draw-conflict")
+    assert await asyncio.to_thread(verify_url, client) == 0
+
+    results = await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()
+    placed = {
+        line.split(b",")[1].decode(): line.split(b",")[2].decode()
+        for line in results.splitlines()[1:]
+    }
+    statuses: Counter[str] = Counter()
+    for e in entries:
+        got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        statuses[got["status"]] += 1
+        if placed[e["receipt"]]:
+            assert got["status"] == "won"
+            res = await (await client.get(f"/api/v1/reservations/{got['reservation_id']}")).json()
+            assert (res["site_id"], res["status"]) == (placed[e["receipt"]], "confirmed")
+            assert res["citizen_id_masked"] == e["citizen_id_masked"]
+        else:
+            assert (got["status"], got["reservation_id"]) == ("not-drawn", None)
+    # 4 units at s1 for 12 entrants at s1, odd ones may also take s2's 2: 6 winners
+    assert statuses == {"won": 6, "not-drawn": 6}
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert (stats["remaining"], stats["reserved"], stats["reservations"]) == (0, 6, 6)
+
+
+async def test_a_draw_before_the_freeze_is_not_ready_and_bad_randomness_is_refused(
+    client: TestClient[Any, Any],
+) -> None:
+    await seed_lottery(client)
+    draw = "/api/v1/admin/rounds/l1/draw"
+    r = await client.post(draw, json={"public_randomness": "42"}, headers=ADMIN)
+    await problem(r, 409, "draw-not-ready")
+    await problem(await client.post(f"{draw}/next", headers=ADMIN), 409, "draw-not-ready")
+    for bad in ("", "x" * 257, "line\nbreak", 42, None):
+        r = await client.post(draw, json={"public_randomness": bad}, headers=ADMIN)
+        body = await problem(r, 422, "invalid-request")
+        assert [e["field"] for e in body["errors"]] == ["public_randomness"]
+    await problem(await client.post(draw, json={"public_randomness": "42"}), 401, "unauthorized")
+    record = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    assert (record["status"], record["secret"], record["sites"]) == ("registering", None, None)
+    await seed(client, "f1")
+    await problem(await client.get("/api/v1/rounds/f1/draw"), 409, "wrong-mode")
+
+
+async def test_a_cancelled_win_goes_to_the_next_entry_in_rank_order_and_the_desk_hands_over(
+    client: TestClient[Any, Any],
+) -> None:
+    """Passes: units that come back go to the not-drawn entries in rank order; a winner
+    collects at the pickup desk like any reservation."""
+    entries = await closed_lottery(client, 6, {"s1": 2})
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "abc"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    results = (await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()).decode()
+    order = [line.split(",")[1] for line in results.splitlines()[1:]]
+    by_receipt = {e["receipt"]: e for e in entries}
+    first, second, third = (by_receipt[x] for x in order[:3])
+    won = [
+        await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json() for e in (first, second)
+    ]
+    assert [w["status"] for w in won] == ["won", "won"]
+    # the first winner collects at the desk; the second cancels
+    res = await (await client.get(f"/api/v1/reservations/{won[0]['reservation_id']}")).json()
+    r = await client.post(
+        "/api/v1/admin/pickups",
+        json={"site_id": "s1", "pickup_code": res["pickup_code"], "citizen_id": citizen_id(
+            next(n for n in range(6) if entries[n]["entry_id"] == first["entry_id"]))},
+        headers=ADMIN,
+    )  # fmt: skip
+    assert (r.status, (await r.json())["status"]) == (200, "collected")
+    r = await client.delete(f"/api/v1/reservations/{won[1]['reservation_id']}")
+    assert r.status == 200
+    # the ledger must have the cancellation before the pass counts it: a pass may come back empty
+    for _ in range(100):
+        r = await client.post("/api/v1/admin/rounds/l1/draw/next", headers=ADMIN)
+        assert r.status == 200, await r.text()
+        record = await r.json()
+        if record["passes"][-1]["released"]:
+            break
+        await asyncio.sleep(0.1)
+    assert record["passes"][-1]["released"] == [{"site_id": "s1", "units": 1}]
+    n = record["passes"][-1]["pass"]
+    drawn = (await (await client.get(f"/api/v1/rounds/l1/draw/pass-{n}.csv")).read()).decode()
+    assert [line.split(",")[1] for line in drawn.splitlines()[1:]] == [third["receipt"]]
+    got = await (await client.get(f"/api/v1/entries/{third['entry_id']}")).json()
+    assert got["status"] == "won"
+    assert await asyncio.to_thread(verify_url, client) == 0
+
+
+def allot(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`allot ...` against the test's Redis prefix and database."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("ALLOT_")},
+        "ALLOT_REDIS_URL": settings.redis_url,
+        "ALLOT_REDIS_PREFIX": settings.service.redis_prefix,
+        "ALLOT_DATABASE_URL": settings.database_url,
+        "ALLOT_ID_PEPPER": "test-pepper",
+    }
+    command = [str(Path(sys.executable).with_name("allot")), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+
+
+async def test_allot_draw_does_what_the_endpoint_does_and_allot_verify_draw_replays_it(
+    client: TestClient[Any, Any], settings: Settings
+) -> None:
+    """The command line draws once; the same value again is the same record, another is a
+    conflict; `allot verify-draw --url` against the running service exits 0."""
+    await closed_lottery(client, 5, {"s1": 2})
+    done = await asyncio.to_thread(allot, settings, "draw", "--round", "l1",
+                                   "--public-randomness", "drand 123: 9f0e")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = orjson.loads(done.stdout)
+    assert record["status"] == "drawn"
+    assert record == await (await client.get("/api/v1/rounds/l1/draw")).json()
+    again = await asyncio.to_thread(allot, settings, "draw", "--round", "l1",
+                                    "--public-randomness", "other")  # fmt: skip
+    assert again.returncode == 1
+    assert "draw-conflict" in again.stderr
+    base = str(client.make_url("")).rstrip("/")
+    verified = await asyncio.to_thread(allot, settings, "verify-draw", "--url", base,
+                                       "--round", "l1")  # fmt: skip
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+async def test_withdrawals_racing_re_entries_leave_at_most_one_live_entry_per_citizen(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, database_url: str
+) -> None:
+    """50 citizens withdraw and enter again at once, three times over: each ends with at most
+    one live entry, Redis's counts agree with the entries, and the ledger with Redis."""
+    await seed_lottery(client, stock={"s1": 5, "s2": 5})
+    first = [await (await enter(client, n)).json() for n in range(50)]
+    ids = {n: e["entry_id"] for n, e in enumerate(first)}
+    for rounds in range(3):
+        withdraws = [client.delete(f"/api/v1/entries/{ids[n]}") for n in range(50)]
+        again = [enter(client, n, "s2" if rounds % 2 else "s1") for n in range(50)]
+        mixed = [x for pair in zip(withdraws, again, strict=True) for x in pair]
+        answers = await asyncio.gather(*mixed)
+        for n in range(50):
+            withdrawn, entered = answers[2 * n], answers[2 * n + 1]
+            assert withdrawn.status == 200, await withdrawn.text()
+            assert entered.status in (200, 201), await entered.text()
+            ids[n] = (await entered.json())["entry_id"]
+    rk = keys.round("l1")
+    records = [orjson.loads(v) for v in (await awaited(redis.hgetall(rk.entries))).values()]
+    live = Counter(r["cit"] for r in records if r["status"] == "registered")
+    assert max(live.values()) == 1
+    entrants = await awaited(redis.hgetall(rk.entrants))
+    assert len(entrants) == len(live)
+    tally = await awaited(redis.hgetall(rk.tally))
+    counted = sum(int(v) for k, v in tally.items() if k.startswith(b"entries:"))
+    assert counted == len(live)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while await awaited(redis.xlen(rk.ledger)):
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    rows = await ledger_entries(database_url)
+    assert {(r["entry_id"], r["status"], r["site_id"]) for r in rows} == {
+        (r["id"], r["status"], r["site"]) for r in records
+    }
