@@ -248,6 +248,8 @@ ROUTES: tuple[Route, ...] = (
             "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
             "wrong-mode": "the round is an `fcfs` round: citizens reserve instead.",
             "already-entered": None,
+            "not-eligible": "the citizen fails a rule of the round's `eligibility` (checked on the "
+            "ID before anything else).",
             "rate-limited": None,
             "overloaded": None,
             "unavailable": None,

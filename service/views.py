@@ -140,6 +140,8 @@ async def create_entry(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]
     round_id = path_id(request, "round_id")
     ask = parse_entry(await read_json(request))
+    # who may take part, from the worker's last snapshot of the round, before any Redis work
+    allocator.check_eligibility(await allocator.round_before_claim(round_id), ask.citizen_id)
     key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
     asked = allocator.entry_request(
         round_id,
