@@ -9,11 +9,14 @@ to the round's ledger stream (kind ``entry``), which allocator/ledger.py copies 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from allocator.catalogue import Catalogue
+from allocator.claims import CHANNELS, DESK
+from allocator.entitlement import age_band
 from allocator.errors import AlreadyEntered, NotFound, Problem, RoundNotOpen, WrongMode
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
@@ -49,6 +52,8 @@ class EntryRequest:
     phone: str  # validated; hashed by enter_many, never stored in clear
     accept_district: bool
     client: str
+    channel: str = "api"  # desk | web | mini-program | api; a desk skips the client bucket
+    age_band: str = "18-39"  # at the round's opening date, from the clear ID (entry_request)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +93,12 @@ class Entries:
         phone: str,
         accept_district: bool,
         client: str = "",
+        *,
+        channel: str = "api",
+        opens_on: dt.date,
     ) -> EntryRequest:
+        """Hash and mask the canonical ID once; only its age band at ``opens_on`` (the round's
+        opening date) is kept besides, for the fairness report."""
         return EntryRequest(
             round_id=round_id,
             site_id=site_id,
@@ -97,6 +107,8 @@ class Entries:
             phone=phone,
             accept_district=accept_district,
             client=client,
+            channel=channel if channel in CHANNELS else "api",
+            age_band=age_band(citizen_id, opens_on),
         )
 
     async def enter_many(self, round_id: str, items: Sequence[EntryRequest]) -> list[EntryOutcome]:
@@ -130,7 +142,8 @@ class Entries:
             args.append(  # one space-separated argument per item: see lua/enter.lua
                 " ".join(
                     (
-                        str(key(client_bucket)),
+                        # a desk's entry: the per-address bucket is not applied (0: none)
+                        "0" if item.channel == DESK else str(key(client_bucket)),
                         str(key(citizen_bucket)),
                         item.site_id,
                         item.citizen_hash,
@@ -138,6 +151,8 @@ class Entries:
                         item.masked_id,
                         entry_id,
                         "1" if item.accept_district else "0",
+                        item.channel,
+                        item.age_band,
                     )
                 )
             )

@@ -27,6 +27,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from redis.exceptions import RedisError
+
 from allocator.catalogue import Catalogue
 from allocator.errors import RoundLost, Unavailable
 from allocator.keys import Keys
@@ -119,6 +121,10 @@ class Expiry:
                 await self.sweep()
             except Unavailable:
                 pass  # Redis is down: the breaker and /readyz say so; the next pass retries
+            except (RedisError, OSError, TimeoutError) as exc:  # a store hiccup, not a bug
+                log.warning(
+                    "expiry sweep: %s: %s; retrying at the next pass", type(exc).__name__, exc
+                )
             except Exception:
                 log.exception("expiry sweep failed; retrying at the next pass")
             with contextlib.suppress(TimeoutError):

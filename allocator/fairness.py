@@ -18,8 +18,17 @@ the service already keys everything by) are kept.
 * ``share_of_asked`` / ``share_of_granted`` — the group's part of all askers / all granted in
   that dimension (0 when nobody asked).
 
-``district`` is the district of the site asked for. Lottery rounds (``weight``) do not exist in
-this service yet.
+``district`` is the district of the site asked for.
+
+A **lottery round** is counted from the ledger's ``entries`` alone (an entry is made and
+changed only through the ledger stream, which trails Redis by a few seconds at most):
+
+* **asked** — distinct citizens with a live entry (any status but ``withdrawn``: ``excluded``
+  entrants, in cooldown at the freeze, did ask), by the district of the site chosen, the age
+  band and channel the entry was made with (``entries.age_band``, ``channel``, fixed by
+  ``enter.lua``) and, from the freeze on, the ``weight`` it was given there (groups ``1`` to
+  ``4``; before the freeze there is no weight dimension);
+* **granted** — distinct citizens whose entry ``won`` and whose reservation was not cancelled.
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ log = logging.getLogger("allot.fairness")
 
 AGE_BANDS = ("0-17", "18-39", "40-64", "65+")
 CHANNELS = ("desk", "web", "mini-program", "api")
-DIMENSIONS = ("district", "age_band", "channel")
+DIMENSIONS = ("district", "age_band", "channel", "weight")
+WEIGHTS = ("1", "2", "3", "4")
 FLUSH_EVERY = 0.25  # seconds between batches of asks answered from memory
 MAX_PENDING = 100_000  # asks waiting for a batch; more are dropped (and logged)
 
@@ -50,6 +60,23 @@ SELECT s.district, r.age_band, r.channel, count(DISTINCT r.citizen_hash) AS n,
   FROM reservations r LEFT JOIN sites s USING (site_id)
  WHERE r.round_id = $1 AND r.status <> 'cancelled'
  GROUP BY GROUPING SETS ((s.district), (r.age_band), (r.channel))
+"""
+
+# A lottery round: every live entry asks; a winner whose reservation stands is granted.
+# `w` is NULL before the freeze (and for entries not in the frozen list).
+LOTTERY = """
+SELECT s.district, e.age_band, e.channel, e.weight::text AS w,
+       count(DISTINCT e.citizen_hash) AS asked,
+       count(DISTINCT e.citizen_hash) FILTER (
+           WHERE e.status = 'won' AND coalesce(r.status, 'confirmed') <> 'cancelled'
+       ) AS granted,
+       GROUPING(s.district) AS no_district, GROUPING(e.age_band) AS no_age,
+       GROUPING(e.channel) AS no_channel
+  FROM entries e
+  LEFT JOIN sites s USING (site_id)
+  LEFT JOIN reservations r ON r.reservation_id = e.reservation_id
+ WHERE e.round_id = $1 AND e.status <> 'withdrawn'
+ GROUP BY GROUPING SETS ((s.district), (e.age_band), (e.channel), (e.weight))
 """
 
 
@@ -111,7 +138,9 @@ class Fairness:
         self.asks = asks
 
     async def report(self, round_id: str) -> dict[str, Any]:
-        await self.catalogue.round(round_id)  # NotFound, or RoundLost, first
+        rnd = await self.catalogue.round(round_id)  # NotFound, or RoundLost, first
+        if rnd.lottery:
+            return await self._lottery(round_id)
         await self.asks.flush()  # this worker's asks from memory, counted now
         sites = await self.catalogue.sites(fresh=True)
         groups: list[tuple[str, str]] = [
@@ -139,6 +168,34 @@ class Fairness:
                     if key not in asked:  # a site since renamed into another district
                         groups.append(key)
                         asked[key] = 0
+        return {"round_id": round_id, "groups": _shares(groups, asked, granted)}
+
+    async def _lottery(self, round_id: str) -> dict[str, Any]:
+        sites = await self.catalogue.sites(fresh=True)
+        groups: list[tuple[str, str]] = [
+            *(("district", d) for d in sorted({s.district for s in sites.values()})),
+            *(("age_band", a) for a in AGE_BANDS),
+            *(("channel", c) for c in CHANNELS),
+            *(("weight", w) for w in WEIGHTS),
+        ]
+        asked: dict[tuple[str, str], int] = {}
+        granted: dict[tuple[str, str], int] = {}
+        async with self.store.pg() as con:
+            rows = await con.fetch(LOTTERY, round_id)
+        for row in rows:
+            if not row["no_district"]:
+                key = ("district", row["district"])
+            elif not row["no_age"]:
+                key = ("age_band", row["age_band"])
+            elif not row["no_channel"]:
+                key = ("channel", row["channel"])
+            else:
+                key = ("weight", row["w"])
+            if key[1] is None:  # no site, no band (made before bands), no weight (not frozen)
+                continue
+            asked[key], granted[key] = int(row["asked"]), int(row["granted"])
+            if key not in groups:  # a site since renamed into another district
+                groups.append(key)
         return {"round_id": round_id, "groups": _shares(groups, asked, granted)}
 
 

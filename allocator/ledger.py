@@ -109,8 +109,8 @@ ON CONFLICT (from_round, to_round, batch_id) DO NOTHING
 UPSERT_ENTRY = """
 INSERT INTO entries (entry_id, round_id, receipt, site_id, accept_district, status,
                      citizen_hash, phone_hash, citizen_id_masked, reservation_id, seq,
-                     created_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                     created_at, updated_at, channel, age_band)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
 ON CONFLICT (entry_id) DO UPDATE
    SET site_id = EXCLUDED.site_id, accept_district = EXCLUDED.accept_district,
        status = EXCLUDED.status, reservation_id = EXCLUDED.reservation_id, seq = EXCLUDED.seq,
@@ -173,6 +173,8 @@ class Entry:
                 self.seq or 0,
                 _ts(int(e["created"])),
                 _ts(int(e["updated"])),
+                e.get("ch") or "api",  # entries made before channels: api
+                e.get("age"),
             )
         if kind == "batch":
             items = orjson.loads(self.fields[b"items"])

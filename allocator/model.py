@@ -212,6 +212,8 @@ class Entry:
     created_ms: int
     updated_ms: int
     reservation_id: str | None = None
+    channel: str = "api"  # desk | web | mini-program | api, of the request that created it
+    age_band: str | None = None  # at the round's opening date (None in entries made before)
 
     @classmethod
     def from_record(cls, round_id: str, record: bytes | str) -> Entry:
@@ -228,4 +230,6 @@ class Entry:
             created_ms=int(r["created"]),
             updated_ms=int(r["updated"]),
             reservation_id=r.get("res") or None,
+            channel=r.get("ch") or "api",
+            age_band=r.get("age") or None,
         )

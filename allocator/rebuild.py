@@ -265,7 +265,10 @@ async def _rewrite_from(
             "mask": e["citizen_id_masked"],
             "created": _ms(e["created_at"]),
             "updated": _ms(e["updated_at"]),
+            "ch": e["channel"],
         }
+        if e["age_band"] is not None:
+            record["age"] = e["age_band"]
         if e["reservation_id"]:
             record["res"] = e["reservation_id"]
         entries[e["entry_id"]] = orjson.dumps(record)

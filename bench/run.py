@@ -518,7 +518,9 @@ async def main(args: argparse.Namespace) -> int:
         for k in ("allot", "allot2"):
             await wait_up(urls[k], "/readyz")
             await seed(urls[k])
-        stream = {k: Keys(p).round("bench").ledger for k, p in prefixes.items()}
+        # the round's keys are under its programme's tag with --programme (allocator/keys.py)
+        tag = Keys.tag_for("bench", PROGRAMME.get("programme"))
+        stream = {k: Keys(p).round("bench", tag).ledger for k, p in prefixes.items()}
         c = Service(one, databases["allot"], stream["allot"])
         services = {
             "bare": Service(bare),

@@ -11,11 +11,14 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from loadtest.crowd import percentile
+
+if TYPE_CHECKING:
+    from loadtest.lottery import LotteryFacts
 
 LIVE = ("confirmed", "collected", "expired")
 
@@ -26,6 +29,7 @@ class Records:
 
     answers: list[dict[str, Any]] = field(default_factory=list)
     grants: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)  # lottery mode
     citizens: list[dict[str, Any]] = field(default_factory=list)
     violations: list[dict[str, Any]] = field(default_factory=list)
     files: int = 0
@@ -36,6 +40,7 @@ def read_records(raw_dir: Path) -> Records:
     sink = {
         "a": records.answers,
         "g": records.grants,
+        "e": records.entries,
         "c": records.citizens,
         "v": records.violations,
     }
@@ -92,6 +97,7 @@ class Facts:
     locust_processes: int
     ledger_deadline: float = 30.0
     fault_window: float = 15.0  # seconds after a kill in which cut connections are its doing
+    lottery: LotteryFacts | None = None  # --mode lottery: the freeze, the draw and its files
 
 
 @dataclass
@@ -433,7 +439,11 @@ def check_bot_held_back(facts: Facts, records: Records) -> Check:
     can only make the replayed bucket fuller than the real one, so a finding is never false.
     """
     gated = any(a["st"] == 429 and a["code"] == "rate-limited" for a in records.answers)
-    bot = [a for a in records.answers if a["who"] == "bot" and a["op"] == "reserve" and a["st"]]
+    bot = [
+        a
+        for a in records.answers
+        if a["who"] == "bot" and a["op"] in ("reserve", "enter") and a["st"]
+    ]
     contested = [a for a in bot if a["code"] not in ("sold-out", "round-not-open")]
     if not gated:
         return Check(
@@ -500,6 +510,8 @@ CHECKS: tuple[Callable[[Facts, Records], Check], ...] = (
 
 
 def run_checks(facts: Facts, records: Records) -> list[Check]:
+    if facts.lottery is not None:
+        return run_lottery_checks(facts, records)
     checks = [check(facts, records) for check in CHECKS]
     if facts.fault is not None:
         checks.append(check_fault(facts, records))
@@ -508,3 +520,36 @@ def run_checks(facts: Facts, records: Records) -> list[Check]:
 
 def passed(checks: Iterable[Check]) -> bool:
     return all(c.ok is not False for c in checks)
+
+
+def run_lottery_checks(facts: Facts, records: Records) -> list[Check]:
+    """--mode lottery: the entries take the place of reservations; the draw is checked too.
+
+    ``nothing-stranded``, ``one-per-citizen``, ``same-reservation-on-retry`` and
+    ``ledger-complete`` judge reservations the crowd was answered, which a registration crowd
+    never is: their lottery counterparts take their place."""
+    from loadtest import lottery as lt
+
+    draw = facts.lottery
+    assert draw is not None
+    doubles = facts.ledger.doubles if facts.ledger is not None else None
+    checks = [
+        check_crowd_ran(facts, records),
+        lt.check_freeze_and_draw(draw),
+        lt.check_entries_complete(draw, records),
+        check_no_oversell(facts, records),
+        lt.check_winners_within_stock(draw),
+        lt.check_one_entry_per_citizen(draw, records, doubles),
+        lt.check_same_entry_on_retry(records),
+        lt.check_verify_draw(draw),
+        lt.check_fairness(lt.lottery_fairness(draw, records)),
+        check_reconcile(facts, records),
+        check_no_server_errors(facts, records),
+        check_valid_answers(facts, records),
+        check_p99(facts, records),
+        check_retry_after(facts, records),
+        check_bot_held_back(facts, records),
+    ]
+    if facts.fault is not None:
+        checks.append(check_fault(facts, records))
+    return checks

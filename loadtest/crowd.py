@@ -12,6 +12,9 @@ Records: each locust worker process appends JSON lines to ``<out>/raw/<pid>.json
   carried a valid Retry-After) and ``why`` (the reason of a failure).
 * ``{"k": "g", ...}`` one per 201/200 reservation answer: ``n`` (the simulated citizen's number,
   never the ID itself), ``rid``, ``site``, ``qty``, ``st``, ``who``, ``t``.
+* ``{"k": "e", ...}`` one per 201/200 entry answer and per entry lookup (lottery mode): ``n``,
+  ``eid`` (entry_id), ``site``, ``acc`` (accept_district), ``st``, ``who``, ``op``, ``t``,
+  ``conc`` (true when a twin request of the same citizen was in flight: either may be last).
 * ``{"k": "c", ...}`` one per finished citizen: ``n``, ``who``, ``asked`` (units asked for, 0
   when no answer came), ``end`` (``granted``, ``sold-out``, ``gave-up``, ``refused``, ``none``).
 * ``{"k": "v", ...}`` a violation found after the fact (not tied to one request): ``who``, ``why``.
@@ -20,7 +23,9 @@ Records: each locust worker process appends JSON lines to ``<out>/raw/<pid>.json
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,6 +46,7 @@ ENV_BOTS = "LOADTEST_BOTS"
 ENV_TIMEOUT = "LOADTEST_TIMEOUT"  # seconds before a request counts as timed out
 ENV_P99_MS = "LOADTEST_P99_MS"
 ENV_FRESH_CONNECTIONS = "LOADTEST_FRESH_CONNECTIONS"  # "1": a new connection per citizen
+ENV_MODE = "LOADTEST_MODE"  # "fcfs" (reservations) or "lottery" (entries)
 
 # -- identities -------------------------------------------------------------------------------
 
@@ -69,6 +75,8 @@ ROUND_FIELDS = fields("Round")
 SITE_FIELDS = fields("SiteStock")
 ALTERNATIVE_FIELDS = fields("Alternative")
 PROBLEM_FIELDS = fields("Problem")
+ENTRY_FIELDS = fields("Entry")
+SIGNATURE = re.compile(r"[A-Za-z0-9_-]{86}")
 
 
 def citizen_id(n: int) -> str:
@@ -163,6 +171,48 @@ def reservation_wrong(
     for name in ("pickup_start", "pickup_end", "created_at"):
         if not _is_time(body[name]):
             return f"{name} {body[name]!r} is not RFC 3339 with an offset"
+    return None
+
+
+def receipt(round_id: str, entry_id: str) -> str:
+    """An entry's public name (API.md, Entry): what entries.csv and results.csv list."""
+    return hashlib.sha256(f"allot-receipt-1\n{round_id}\n{entry_id}".encode()).hexdigest()
+
+
+def entry_wrong(
+    body: Any,
+    *,
+    round_id: str,
+    site_id: str | None,
+    accept_district: bool | None,
+    citizen: str,
+) -> str | None:
+    """Why an Entry body is wrong for this citizen's request (None when it is right): after an
+    entry request it must carry this request's choice (the last choice counts)."""
+    if not isinstance(body, dict):
+        return "entry body is not a JSON object"
+    missing = _missing(body, ENTRY_FIELDS)
+    if missing:
+        return f"entry lacks {', '.join(missing)}"
+    eid = body["entry_id"]
+    if not isinstance(eid, str) or len(eid) < 16:
+        return f"entry_id {eid!r} is too short to hold 96 random bits"
+    if body["round_id"] != round_id:
+        return f"round_id {body['round_id']!r}, asked {round_id!r}"
+    if site_id is not None and body["site_id"] != site_id:
+        return f"site_id {body['site_id']!r}, asked {site_id!r}"
+    if accept_district is not None and body["accept_district"] is not accept_district:
+        return f"accept_district {body['accept_district']!r}, asked {accept_district!r}"
+    if body["status"] != "registered":
+        return f"status {body['status']!r} while the round is open"
+    if body["receipt"] != receipt(round_id, eid):
+        return "receipt is not SHA-256 of allot-receipt-1, round_id and entry_id"
+    if not isinstance(body["signature"], str) or not SIGNATURE.fullmatch(body["signature"]):
+        return "signature is not 64 bytes of base64url"
+    if body["citizen_id_masked"] != mask(citizen):
+        return "citizen_id_masked does not match the citizen's ID"
+    if not _is_time(body["created_at"]):
+        return f"created_at {body['created_at']!r} is not RFC 3339 with an offset"
     return None
 
 

@@ -17,6 +17,12 @@ Who is in the crowd:
 * ``Bot`` (``LOADTEST_BOTS`` of them, default 2) sends 20 new IDs a second from one client
   address, not waiting for answers; a gated service holds it back with 429 ``rate-limited``.
 
+With ``LOADTEST_MODE=lottery`` the same crowd registers entries (``POST .../entries``) instead:
+the polite citizen sometimes enters again at another site (the last choice counts), the
+impatient one presses 3-5 times, the duplicate sends two choices at once, the bot registers
+its identities at sites chosen as people choose them. Every 201/200 must carry the citizen's one
+entry with this request's choice, and every entrant looks the entry up afterwards.
+
 Whoever gets no answer (a lost connection, a timeout, a 5xx) to a reservation request sends the
 same request again: the claim may have run, and the contract makes the retry safe (200 with the
 same reservation). So no unit ends up held by a citizen who never learned of it.
@@ -59,12 +65,16 @@ P99_BUDGET_MS = float(os.environ.get(crowd.ENV_P99_MS, "1000"))
 # would), which keeps its upstream connections alive; set this to model phones dialling the
 # service directly, one new TCP connection per citizen.
 FRESH_CONNECTIONS = os.environ.get(crowd.ENV_FRESH_CONNECTIONS, "") == "1"
+# A lottery round: the same crowd registers entries instead of racing for reservations.
+LOTTERY = os.environ.get(crowd.ENV_MODE, "fcfs") == "lottery"
 
 MAX_ATTEMPTS = 8  # a citizen gives up after this many tries of one reservation
 MAX_HOPS = 3  # sold-out alternatives a citizen follows before giving up
 CLOCK_SLACK = 2.0  # seconds around opens_at/closes_at in which round-not-open is fair
 LATE = 5.0  # after ENDS_AT, a citizen whose answer was lost still retries this long
 RESERVE = f"/api/v1/rounds/{ROUND}/reservations"
+ENTER = f"/api/v1/rounds/{ROUND}/entries"
+CHANGE_MIND = 0.25  # a polite entrant's chance of entering again at another site (lottery)
 KNOWN_SITES: list[str] = []  # site ids in the order the service lists them, once seen
 
 
@@ -458,6 +468,147 @@ class CrowdUser(FastHttpUser):
             else:
                 gevent.sleep(0.2 + random.random() * 0.8)  # the browser's own retry
 
+    # -- the entrant's steps (lottery mode)
+    def enter_once(self, person: Person, site: str, accept: bool, op: str = "enter") -> Answer:
+        def check(answer: Answer) -> str | None:
+            return self.check_entry_answer(person, site, accept, answer, op)
+
+        body = {
+            "citizen_id": person.citizen_id,
+            "phone": person.phone,
+            "site_id": site,
+            "accept_district": accept,
+        }
+        answer = self.call(person, "POST", ENTER, op, json=body, check=check)
+        if answer.status == 0 or answer.status >= 500:
+            person.lost_answer = True  # the entry may be made or changed; the answer never came
+        elif answer.status != 429:
+            person.asked = True
+        return answer
+
+    def enter_answered(
+        self, person: Person, site: str, accept: bool, op: str, *, honour_retry_after: bool = True
+    ) -> Answer:
+        """One entry request, sent again while its answer is lost (as reserve_answered)."""
+        for attempt in range(MAX_ATTEMPTS):
+            answer = self.enter_once(person, site, accept, op)
+            lost = answer.status == 0 or answer.status >= 500
+            if not lost or attempt == MAX_ATTEMPTS - 1 or time.time() >= ENDS_AT + LATE:
+                break
+            if answer.status == 503 and honour_retry_after:
+                gevent.sleep(answer.retry_after + random.random())
+            else:
+                gevent.sleep(0.2 + random.random() * 0.8)
+        return answer
+
+    def enter(self, person: Person, site: str, accept: bool, op: str = "enter") -> str | None:
+        """Try until the entry is answered, refused, or out of patience (no sold-out here)."""
+        attempts = 0
+        while True:
+            answer = self.enter_once(person, site, accept, op)
+            attempts += 1
+            if answer.granted:
+                person.end = "entered"
+                return person.holds
+            early = time.time() < OPENS_AT + 5 and attempts < MAX_ATTEMPTS
+            if answer.code == "round-not-open" and not answer.fail and early:
+                gevent.sleep(0.5 + random.random() / 2)
+                continue
+            retryable = answer.status in (0, 429) or answer.status >= 500
+            late = time.time() >= (ENDS_AT + LATE if answer.status != 429 else ENDS_AT)
+            if not retryable or attempts >= MAX_ATTEMPTS or late:
+                if person.end != "entered":
+                    person.end = "gave-up" if retryable else "refused"
+                return person.holds
+            if answer.status in (429, 503):
+                gevent.sleep(answer.retry_after + random.random())
+            else:
+                gevent.sleep(0.2 + random.random() * 0.8)
+
+    def record_entry(self, person: Person, answer: Answer, op: str) -> None:
+        body = answer.body
+        RECORD.write(
+            {
+                "k": "e",
+                "n": person.n,
+                "eid": body["entry_id"],
+                "site": body["site_id"],
+                "acc": body["accept_district"],
+                "st": answer.status,
+                "who": self.actor,
+                "op": op,
+                "t": time.time(),
+                "conc": person.concurrent,
+            }
+        )
+
+    def check_entry_answer(
+        self, person: Person, site: str, accept: bool, answer: Answer, op: str
+    ) -> str | None:
+        now = time.time()
+        if answer.status in (200, 201):
+            wrong = crowd.entry_wrong(
+                answer.body,
+                round_id=ROUND,
+                site_id=site,
+                accept_district=accept,
+                citizen=person.citizen_id,
+            )
+            if wrong:
+                return wrong
+            eid = answer.body["entry_id"]
+            if answer.status == 201 and answer.header("Location") != f"/api/v1/entries/{eid}":
+                return f"Location {answer.header('Location')!r} does not name the entry"
+            self.record_entry(person, answer, op)
+            previous = person.holds
+            if answer.status == 201:
+                person.granted += 1
+            if previous is None:
+                person.holds = eid
+            if previous is not None and previous != eid:
+                return f"two entries for one citizen: {eid} while holding {previous}"
+            if answer.status == 201 and person.granted > 1:
+                return "two entries for one citizen: a second 201"
+            if (
+                answer.status == 200
+                and previous is None
+                and not person.lost_answer
+                and not person.concurrent
+            ):
+                return "200 'the same entry' for a citizen who never entered"
+            return None
+        if answer.status == 409 and answer.code == "round-not-open":
+            if now < OPENS_AT + CLOCK_SLACK or now > CLOSES_AT - CLOCK_SLACK:
+                return None
+            return "round-not-open while the round is open"
+        if answer.status == 429:
+            return None
+        return f"unexpected {answer.status} {answer.code}"
+
+    def look_up_entry(self, person: Person, eid: str) -> None:
+        def check(answer: Answer) -> str | None:
+            if answer.status != 200:
+                return f"unexpected {answer.status} {answer.code} for one's own entry"
+            wrong = crowd.entry_wrong(
+                answer.body,
+                round_id=ROUND,
+                site_id=None,
+                accept_district=None,
+                citizen=person.citizen_id,
+            )
+            if wrong:
+                return wrong
+            if answer.body["entry_id"] != eid:
+                return "the lookup answered another entry"
+            self.record_entry(person, answer, "lookup")
+            return None
+
+        for attempt in range(3):
+            answer = self.call(person, "GET", f"/api/v1/entries/{eid}", "lookup", check=check)
+            if answer.status not in (0, 429, 503) or attempt == 2:
+                return
+            gevent.sleep(answer.retry_after + random.random() if answer.status else 0.5)
+
     def look_up(self, person: Person, rid: str) -> None:
         def check(answer: Answer) -> str | None:
             if answer.status != 200:
@@ -487,13 +638,31 @@ class Citizen(CrowdUser):
     actor = "citizen"
     wait_time = between(2, 6)
 
+    def register(self, person: Person, sites: list[dict[str, Any]], site: str | None) -> None:
+        """Enters, sometimes changes their mind once (another site: the last choice counts),
+        then looks the entry up."""
+        eid = self.enter(person, site, random.random() < 0.5) if site else None
+        if eid and random.random() < CHANGE_MIND:
+            gevent.sleep(random.uniform(0.3, 1.5))
+            other = self.choose(sites, avoid=site)
+            if other:
+                self.enter(person, other, random.random() < 0.5, "re-enter")
+        if eid:
+            gevent.sleep(random.uniform(0.2, 1.0))
+            self.look_up_entry(person, eid)
+        self.finish(person)
+
     @task
     def arrive(self) -> None:
         if self.crowd_over():
             return
         person = self.new_person()
         self.wait_for_opening(person, reaction=random.expovariate(1 / 0.4))
-        site = self.choose(self.browse(person))
+        sites = self.browse(person)
+        site = self.choose(sites)
+        if LOTTERY:
+            self.register(person, sites, site)
+            return
         rid = self.reserve(person, site) if site else None
         if rid:
             gevent.sleep(random.uniform(0.2, 1.0))
@@ -515,17 +684,28 @@ class ImpatientCitizen(CrowdUser):
         person = self.new_person()
         self.wait_for_opening(person, reaction=random.expovariate(1 / 0.2))
         site = self.choose(self.browse(person))
+        accept = random.random() < 0.5
         for _ in range(random.randint(3, 5)):
             if site is None:
                 break
-            answer = self.reserve_answered(person, site, "resubmit", honour_retry_after=False)
-            if answer.granted:
-                person.end = "granted"
-            elif person.end != "granted" and answer.code == "sold-out":
-                person.end = "sold-out"
+            if LOTTERY:
+                answer = self.enter_answered(
+                    person, site, accept, "resubmit", honour_retry_after=False
+                )
+                if answer.granted:
+                    person.end = "entered"
+            else:
+                answer = self.reserve_answered(person, site, "resubmit", honour_retry_after=False)
+                if answer.granted:
+                    person.end = "granted"
+                elif person.end != "granted" and answer.code == "sold-out":
+                    person.end = "sold-out"
             gevent.sleep(random.uniform(0.05, 0.3))
         if person.holds:
-            self.look_up(person, person.holds)
+            if LOTTERY:
+                self.look_up_entry(person, person.holds)
+            else:
+                self.look_up(person, person.holds)
         self.finish(person)
 
 
@@ -547,10 +727,25 @@ class DuplicateSubmitter(CrowdUser):
         second = self.choose(sites, avoid=first)
         person.concurrent = True
         targets = [s for s in (first, second) if s]
-        jobs = [gevent.spawn(self.reserve_answered, person, s, "reserve-twice") for s in targets]
+        if LOTTERY:  # two tabs, two choices: one entry, whichever choice the service saw last
+            jobs = [
+                gevent.spawn(self.enter_answered, person, s, random.random() < 0.5, "enter-twice")
+                for s in targets
+            ]
+        else:
+            jobs = [
+                gevent.spawn(self.reserve_answered, person, s, "reserve-twice") for s in targets
+            ]
         gevent.joinall(jobs, raise_error=True)
         person.concurrent = False
         answers: list[Answer] = [j.value for j in jobs]
+        if LOTTERY:
+            if any(a.granted for a in answers):
+                person.end = "entered"
+            if person.holds:
+                self.look_up_entry(person, person.holds)
+            self.finish(person)
+            return
         if any(a.granted for a in answers):
             person.end = "granted"
         elif any(a.code == "sold-out" for a in answers):
@@ -634,7 +829,13 @@ class Bot(CrowdUser):
 
     def claim(self) -> None:
         person = self.new_person(address=crowd.BOT_ADDRESS, new_connection=False)
-        if KNOWN_SITES:
+        if KNOWN_SITES and LOTTERY:
+            # sites chosen as people choose them, so that a fair draw gives it the same chance
+            site = self.choose([{"site_id": s, "remaining": PER_PERSON} for s in KNOWN_SITES])
+            if site:
+                answer = self.enter_answered(person, site, random.random() < 0.5, "enter")
+                person.end = "entered" if answer.granted else answer.code or str(answer.status)
+        elif KNOWN_SITES:
             answer = self.reserve_answered(person, KNOWN_SITES[0], "reserve")  # the popular one
             person.end = "granted" if answer.granted else answer.code or str(answer.status)
         self.finish(person)

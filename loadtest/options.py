@@ -7,6 +7,7 @@ import argparse
 import importlib.util
 
 FAULTS = ("kill-worker", "restart-postgres")
+MODES = ("fcfs", "lottery")
 EXTRAS = ("locust", "matplotlib")  # the `loadtest` extra of pyproject.toml
 
 
@@ -68,6 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=_positive_int, default=2, help="service workers when self-hosted (2)"
     )
     where.add_argument("--config", metavar="TOML", help="ALLOT_CONFIG for the self-hosted service")
+
+    where.add_argument(
+        "--mode",
+        choices=MODES,
+        default="fcfs",
+        help="fcfs: the crowd races for reservations (default); lottery: it registers entries in"
+        " a lottery round, then the gate waits for the freeze, draws, runs allot verify-draw and"
+        " checks the draw and its fairness",
+    )
 
     crowd = parser.add_argument_group("the crowd")
     crowd.add_argument("--users", type=_positive_int, default=600, help="simulated devices (600)")

@@ -29,6 +29,7 @@ def print_table(summary: dict[str, Any], out: Path) -> None:
     print(f"{'-' * width}  ------  {'-' * 40}")
     for c in checks:
         print(f"{c['name']:<{width}}  {c['result']:<6}  {c['figure']}")
+    print_fairness(summary)
     failed = [c["name"] for c in checks if c["ok"] is False]
     print()
     if failed:
@@ -39,6 +40,46 @@ def print_table(summary: dict[str, Any], out: Path) -> None:
     n_pass = sum(1 for c in checks if c["ok"] is True)
     n_na = sum(1 for c in checks if c["ok"] is None)
     print(f"loadtest: {n_pass} passed, {len(failed)} failed, {n_na} skipped")
+
+
+def print_fairness(summary: dict[str, Any]) -> None:
+    """The crowd's fairness by behaviour, and the service's own fairness report (issue 12)."""
+    fairness = summary.get("fairness") or {}
+    for mode in ("lottery", "fcfs"):
+        verdict = fairness.get(mode)
+        if not verdict:
+            continue
+        how = "checked" if fairness.get("enforced") else "information only: speed decides FCFS"
+        print()
+        print(f"fairness by behaviour ({mode}, {how}): {verdict['result']}")
+        print(f"{'group':<10}  {'asked':>7}  {'won':>7}  {'rate':>6}  {'vs best':>7}")
+        for g in verdict["groups"]:
+            mark = "  < 4/5 of best" if g["under_four_fifths"] else ""
+            if g["significantly_under"]:
+                mark += " (beyond chance)"
+            print(
+                f"{g['group']:<10}  {g['asked']:>7,}  {g['won']:>7,}  {g['rate']:>6.1%}"
+                f"  {g['ratio_to_best']:>7.2f}{mark}"
+            )
+        print(f"chi-square {verdict['chi2']:.2f}, df {verdict['df']}, p {verdict['p_value']:.3g}")
+    report = summary.get("fairness_report")
+    if not report:
+        return
+    print()
+    if report.get("error"):
+        print(f"the service's fairness report: not available ({report['error']})")
+        return
+    print("the service's fairness report (GET /api/v1/admin/rounds/{id}/fairness):")
+    rows = report.get("rows") or []
+    width = max((len(str(r["group"])) for r in rows), default=5)
+    print(f"{'dimension':<9}  {'group':<{width}}  {'asked':>7}  {'granted':>7}  {'rate':>6}")
+    for r in rows:
+        rate = "-" if r["rate"] is None else f"{r['rate']:.1%}"
+        mark = "  < 0.8 x best" if r["under_four_fifths"] else ""
+        print(
+            f"{r['dimension']:<9}  {r['group']:<{width}}  {r['asked']:>7,}  {r['granted']:>7,}"
+            f"  {rate:>6}{mark}"
+        )
 
 
 def _per_second(records: Records, origin: float) -> dict[str, Any]:

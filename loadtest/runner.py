@@ -57,6 +57,8 @@ from loadtest.checks import (
     read_records,
     run_checks,
 )
+from loadtest.fairness import report_rows
+from loadtest.lottery import LotteryFacts, fcfs_fairness, lottery_fairness, parse_csv
 from loadtest.servers import PrivatePostgres, free_port
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
@@ -66,7 +68,17 @@ SAMPLE_EVERY = 0.5
 # their last figures within the half second its master waits on quitting, so a crowd that has
 # wound down by then is counted identically by locust and by the gate's own records.
 READY_TIMEOUT = 60.0
+FREEZE_DEADLINE = 90.0  # seconds after closes_at the gate waits for the freeze (contract: 60)
+DRAW_DEADLINE = 120.0  # seconds the gate waits for a draw answered 202 drawing
+RANDOMNESS_SOURCE = (
+    "allot loadtest: 16 random bytes (hex) the gate draws after the round has frozen"
+)
 LOCUST_STARTUP = 3.0  # seconds from launching locust to its first user (measured: ~1.5-2.5)
+# Every worker lists a new round at most allocator.catalogue.SNAPSHOT_TTL (1 s) after it was
+# created (each keeps the list of rounds that long): the crowd starts after that, so readers
+# never see a list without it (a lottery round's workers look at their rounds every 2 s, so
+# their list is always warm).
+LISTED_WITHIN = 1.2
 TZ = dt.timezone(dt.timedelta(hours=8))
 DISTRICTS = ("徐汇区", "静安区", "浦东新区")
 
@@ -89,6 +101,8 @@ class Plan:
     timeout: float
     batches: int = 1
     fresh_connections: bool = False
+    mode: str = "fcfs"  # or "lottery": a registration window, then freeze, draw and verify
+    grace: float = 8.0
     opens_at: float = 0.0
     closes_at: float = 0.0
     run_time: int = 0
@@ -339,9 +353,13 @@ async def seed(session: aiohttp.ClientSession, target: Target, plan: Plan, stamp
     if status != 200:
         raise SetupError(f"PUT /api/v1/admin/sites answered {status}: {body}")
     spawn = plan.users / plan.spawn_rate
-    plan.opens_at = math.ceil(time.time() + LOCUST_STARTUP + plan.processes * 0.3 + spawn + 1)
+    plan.opens_at = math.ceil(
+        time.time() + LISTED_WITHIN + LOCUST_STARTUP + plan.processes * 0.3 + spawn + 1
+    )
     plan.closes_at = plan.opens_at + plan.duration + 3600
-    spec = {
+    if plan.mode == "lottery":  # registration closes when locust stops: then freeze and draw
+        plan.closes_at = plan.opens_at + math.ceil(plan.duration + plan.grace)
+    spec: dict[str, Any] = {
         "title": f"Load test {stamp}",
         "opens_at": _iso(plan.opens_at),
         "closes_at": _iso(plan.closes_at),
@@ -349,6 +367,9 @@ async def seed(session: aiohttp.ClientSession, target: Target, plan: Plan, stamp
         "pickup_start": _iso(plan.opens_at),
         "pickup_end": _iso(plan.closes_at + 86400),
     }
+    if plan.mode == "lottery":
+        spec["mode"] = "lottery"
+        spec["public_randomness_source"] = RANDOMNESS_SOURCE
     status, body = await _admin(
         session, target, "PUT", f"/api/v1/admin/rounds/{plan.round_id}", spec
     )
@@ -508,6 +529,7 @@ async def run_locust(plan: Plan, target: Target, out: Path, p99_budget_ms: float
         crowd.ENV_TIMEOUT: str(plan.timeout),
         crowd.ENV_P99_MS: str(p99_budget_ms),
         crowd.ENV_FRESH_CONNECTIONS: "1" if plan.fresh_connections else "",
+        crowd.ENV_MODE: plan.mode,
     }
     with (out / "locust.log").open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
@@ -623,6 +645,156 @@ async def reconcile(target: Target, round_id: str, out: Path) -> tuple[int | Non
     return rc, note
 
 
+# -- the lottery: freeze, draw, files, verify-draw --------------------------------------------
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+        return r.status, await r.read()
+
+
+async def _draw_record(
+    session: aiohttp.ClientSession, target: Target, round_id: str
+) -> dict[str, Any] | None:
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+        status, data = await _get(session, f"{target.url}/api/v1/rounds/{round_id}/draw")
+        if status == 200:
+            record = orjson.loads(data)
+            if isinstance(record, dict):
+                return record
+    return None
+
+
+def _epoch(text: Any) -> float | None:
+    try:
+        return dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+async def run_draw(
+    session: aiohttp.ClientSession, target: Target, plan: Plan, out: Path
+) -> LotteryFacts:
+    """Wait for the freeze, draw with a fresh public value, fetch the files, run verify-draw."""
+    facts = LotteryFacts(round_id=plan.round_id, per_person=plan.per_person)
+    record: dict[str, Any] | None = None
+    deadline = plan.closes_at + FREEZE_DEADLINE
+    while time.time() < deadline:
+        record = await _draw_record(session, target, plan.round_id)
+        if record is not None and record.get("status") in ("frozen", "drawing", "drawn"):
+            break
+        await asyncio.sleep(0.25)
+    else:
+        status = record.get("status") if record else "unreadable"
+        facts.problem = (
+            f"not frozen {FREEZE_DEADLINE:.0f} s after closes_at (draw record status {status})"
+        )
+        return facts
+    assert record is not None
+    frozen_at = _epoch(record.get("frozen_at"))
+    facts.freeze_after_close = None if frozen_at is None else frozen_at - plan.closes_at
+    value = secrets.token_hex(16)  # the public randomness: unknown to anyone before the freeze
+    asked = time.monotonic()
+    try:
+        status, body = await _admin(
+            session,
+            target,
+            "POST",
+            f"/api/v1/admin/rounds/{plan.round_id}/draw",
+            {"public_randomness": value},
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        facts.problem = f"POST draw failed: {type(exc).__name__}: {exc}"
+        return facts
+    if status not in (200, 202) or not isinstance(body, dict):
+        facts.problem = f"POST draw answered {status}: {str(body)[:200]}"
+        return facts
+    record = body
+    while record.get("status") != "drawn" and time.monotonic() - asked < DRAW_DEADLINE:
+        await asyncio.sleep(0.25)
+        record = await _draw_record(session, target, plan.round_id) or record
+    facts.draw_took = time.monotonic() - asked
+    facts.record = record
+    if record.get("status") != "drawn":
+        facts.problem = f"not drawn {DRAW_DEADLINE:.0f} s after the draw was asked for"
+        return facts
+    root = f"{target.url}/api/v1/rounds/{plan.round_id}/draw"
+    (out / "draw").mkdir(exist_ok=True)
+    for name in ("entries.csv", "stock.csv", "results.csv"):
+        try:
+            status, data = await _get(session, f"{root}/{name}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            status, data = 0, str(exc).encode()
+        if status != 200:
+            facts.problem = f"GET draw/{name} answered {status}"
+            return facts
+        (out / "draw" / name).write_bytes(data)
+        rows = parse_csv(data)
+        if name == "entries.csv":
+            facts.entries = rows
+        elif name == "stock.csv":
+            facts.stock = rows
+        else:
+            facts.results = rows
+    _write_json(out / "draw" / "draw.json", record)
+    facts.verify_rc, facts.verify_note = await verify_draw(target, plan.round_id, out)
+    return facts
+
+
+async def verify_draw(target: Target, round_id: str, out: Path) -> tuple[int | None, str]:
+    """``allot verify-draw --url``, as a journalist would run it (its output: verify-draw.txt)."""
+    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "verify-draw",
+        "--url", target.url, "--round", round_id, "--save", str(out / "draw" / "verified"),
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return None, "allot verify-draw did not finish within 120 s"
+    (out / "verify-draw.txt").write_bytes(stdout)
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    rc = proc.returncode if proc.returncode is not None else -1
+    return rc, "" if rc == 0 else (lines[-1] if lines else "no output")
+
+
+async def ledger_entry_doubles(database_url: str, round_id: str) -> int | None:
+    """Citizen hashes with more than one entry row in the round (None: not readable)."""
+    try:
+        con = await asyncpg.connect(database_url, timeout=5)
+    except (OSError, asyncpg.PostgresError):
+        return None
+    try:
+        value = await con.fetchval(
+            "SELECT count(*) FROM (SELECT citizen_hash FROM entries WHERE round_id = $1"
+            " GROUP BY citizen_hash HAVING count(*) > 1) AS d",
+            round_id,
+        )
+        return int(value)
+    except asyncpg.PostgresError:
+        return None
+    finally:
+        await con.close()
+
+
+async def fairness_report(
+    session: aiohttp.ClientSession, target: Target, round_id: str
+) -> dict[str, Any]:
+    """The service's own fairness report of the round, with rates and the 4/5 marks."""
+    try:
+        status, body = await _admin(
+            session, target, "GET", f"/api/v1/admin/rounds/{round_id}/fairness", None
+        )
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "rows": []}
+    if status != 200 or not isinstance(body, dict):
+        return {"error": f"GET fairness answered {status}", "rows": []}
+    return {"error": None, "rows": report_rows(body)}
+
+
 # -- the whole run ----------------------------------------------------------------------------
 
 
@@ -645,6 +817,8 @@ def make_plan(opts: argparse.Namespace, stamp: str) -> Plan:
         timeout=opts.timeout,
         batches=opts.batches,
         fresh_connections=opts.fresh_connections,
+        mode=opts.mode,
+        grace=opts.grace,
     )
 
 
@@ -714,6 +888,7 @@ async def _measure(
     if not await _ready(session, target.url):
         raise SetupError(f"{target.url}/readyz does not answer 200: the service is not ready")
     await seed(session, target, plan, stamp)
+    await asyncio.sleep(LISTED_WITHIN)
     plan.run_time = math.ceil(plan.opens_at - time.time() + plan.duration + opts.grace)
     samples: list[dict[str, Any]] = []
     stop = asyncio.Event()
@@ -745,6 +920,13 @@ async def _measure(
 
     records = read_records(out / "raw")
     rows, locust_exceptions = read_locust_csv(out)
+    lottery: LotteryFacts | None = None
+    if plan.mode == "lottery":
+        lottery = await run_draw(session, target, plan, out)
+        if target.database_url:
+            lottery.ledger_entry_doubles = await ledger_entry_doubles(
+                target.database_url, plan.round_id
+            )
     ledger: LedgerFacts | None = None
     if target.database_url:
         ledger = await read_ledger(
@@ -765,6 +947,7 @@ async def _measure(
     stop.set()
     await sampler
     reconcile_rc, reconcile_note = await reconcile(target, plan.round_id, out)
+    report = await fairness_report(session, target, plan.round_id)
 
     aggregated = rows[-1] if rows and rows[-1].get("Name") == "Aggregated" else {}
     # the bot is held to the per-address bucket of the service's config (the local one for
@@ -788,12 +971,31 @@ async def _measure(
         locust_exceptions=locust_exceptions,
         locust_processes=plan.processes,
         ledger_deadline=opts.ledger_deadline,
+        lottery=lottery,
     )
     checks = run_checks(facts, records)
     summary = build_summary(
         opts, plan, target, facts, records, checks, rows, started, ended, locust_rc
     )
     summary["deliveries"] = deliveries
+    # fairness by behaviour, for both modes under the same keys: a check in a lottery round,
+    # information in an FCFS one (speed decides there, and the table shows whom it favours)
+    summary["fairness"] = {
+        "fcfs": fcfs_fairness(records).as_dict() if lottery is None else None,
+        "lottery": lottery_fairness(lottery, records).as_dict() if lottery else None,
+        "enforced": lottery is not None,
+    }
+    summary["fairness_report"] = report
+    if lottery is not None:
+        summary["draw"] = {
+            "record": lottery.record,
+            "entries": len(lottery.entries),
+            "winners": sum(1 for r in lottery.results if r["site_id"]),
+            "freeze_after_close_s": lottery.freeze_after_close,
+            "draw_s": lottery.draw_took,
+            "verify_draw_exit": lottery.verify_rc,
+            "problem": lottery.problem or None,
+        }
     _write_json(out / "summary.json", summary)
     _write_json(out / "samples.json", samples)
     from loadtest.report import plot
@@ -866,6 +1068,7 @@ def build_summary(
     return {
         "passed": passed(checks),
         "mode": "target" if opts.target else "self-hosted",
+        "round_mode": plan.mode,
         "target": target.url,
         "round_id": plan.round_id,
         "started_at": _iso(started),
@@ -886,6 +1089,7 @@ def build_summary(
             "fresh_connections": plan.fresh_connections,
             "p99_budget_ms": opts.p99_budget * 1000,
             "fault": opts.fault,
+            "mode": plan.mode,
         },
         "requests": int(aggregated.get("Request Count") or 0),
         "failures": int(aggregated.get("Failure Count") or 0),

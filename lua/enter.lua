@@ -19,18 +19,23 @@
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens), as claim.lua's ARGV[2..7]
 -- ARGV[8]   floor: the ledger's high-water `seq` for the round, or -1 when not known
--- ARGV[9..] n items, one string each of 8 space-separated fields: client bucket key index,
---           citizen bucket key index (into KEYS), site_id, citizen hash, phone hash, masked
---           citizen id, new entry_id, accept_district (0 or 1)
+-- ARGV[9..] n items, one string each of 10 space-separated fields: client bucket key index
+--           (0: none, a desk's entry skips the per-address bucket), citizen bucket key index
+--           (into KEYS), site_id, citizen hash, phone hash, masked citizen id, new entry_id,
+--           accept_district (0 or 1), channel (desk | web | mini-program | api), age band
+--           (0-17 | 18-39 | 40-64 | 65+, at the round's opening date; for the fairness report)
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} (same citizen and phone: the entry, now
 --           with this item's site_id and accept_district) | {'already-entered'} (another phone) |
 --           {'not-open', opens_ms, closes_ms} | {'no-round'} | {'wrong-mode'} (an fcfs round) |
 --           {'gated', retry_after_ms, bucket} | {'lost', mark} for every item when lost
---           record: JSON {id, site, acc (0|1), status, cit, ph, mask, created, updated}
+--           record: JSON {id, site, acc (0|1), status, cit, ph, mask, created, updated, ch,
+--           age}; ch and age are those of the item that created the entry (a later item of
+--           the same citizen changes only site and acc)
 -- errors    redis.error_reply 'ERR enter: ...' when ARGV is not a whole n >= 1, six bucket
---           settings (numbers > 0), a whole floor and n items, or an item has not 8 fields, a
---           key index outside KEYS[7..] or accept_district not 0/1; all checked before any write
+--           settings (numbers > 0), a whole floor and n items, or an item has not 10 fields, a
+--           key index outside KEYS[7..] (0 allowed for the client bucket) or accept_district
+--           not 0/1; all checked before any write
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9
@@ -73,12 +78,12 @@ for i = 1, n do
   for field in string.gmatch(ARGV[HEAD + i - 1], '%S+') do
     f[#f + 1] = field
   end
-  if #f ~= 8 then
-    return refuse('item ' .. i .. ' must have 8 fields')
+  if #f ~= 10 then
+    return refuse('item ' .. i .. ' must have 10 fields')
   end
   for k = 1, 2 do
     local at = whole(f[k])
-    if not at or at < 7 or at > #KEYS then
+    if not at or (at < 7 and not (k == 1 and at == 0)) or at > #KEYS then
       return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[7..]')
     end
     f[k] = at
@@ -142,13 +147,14 @@ end
 local replies = {}
 for i = 1, n do
   local f = items[i]
-  local gates = {
-    bucket(KEYS[6], 'global'),
-    bucket(KEYS[f[1]], 'client'),
-    bucket(KEYS[f[2]], 'citizen'),
-  }
+  local gates = {bucket(KEYS[6], 'global')}
+  if f[1] > 0 then
+    gates[#gates + 1] = bucket(KEYS[f[1]], 'client')
+  end
+  gates[#gates + 1] = bucket(KEYS[f[2]], 'citizen')
   local site_id, citizen, phone, masked, entry_id = f[3], f[4], f[5], f[6], f[7]
   local accept = tonumber(f[8])
+  local channel, age = f[9], f[10]
 
   local wait, refused_by = 0, nil
   for _, b in ipairs(gates) do
@@ -199,6 +205,7 @@ for i = 1, n do
         local record = cjson.encode({
           id = entry_id, site = site_id, acc = accept, status = 'registered',
           cit = citizen, ph = phone, mask = masked, created = now, updated = now,
+          ch = channel, age = age,
         })
         redis.call('HSET', KEYS[2], entry_id, record)
         redis.call('HSET', KEYS[3], citizen, entry_id)

@@ -1,4 +1,4 @@
-"""Desk staff: the operator's desk-token endpoints and the desk's assisted reservation.
+"""Desk staff: the operator's desk-token endpoints, the desk's assisted reservation and entry.
 
 What a desk token may do is decided in ``service/auth.py``; tokens live in ``allocator/desk.py``.
 """
@@ -13,7 +13,7 @@ from allocator.desk import DeskToken
 from service.appkeys import DESK_TOKENS
 from service.auth import check_site, require_operator, require_staff
 from service.validation import parse_desk_token, path_id, read_json
-from service.views import json_response, reserve
+from service.views import enter, json_response, reserve
 
 routes = web.RouteTableDef()
 
@@ -80,3 +80,14 @@ async def desk_reservation(request: web.Request) -> web.Response:
         check_site(principal, site_id)
 
     return await reserve(request, allowed, channel="desk")
+
+
+@routes.post("/api/v1/desk/rounds/{round_id}/entries")
+async def desk_entry(request: web.Request) -> web.Response:
+    """A lottery entry on behalf of a walk-in citizen, at the desk's own site."""
+    principal = await require_staff(request)
+
+    async def allowed(site_id: str) -> None:
+        check_site(principal, site_id)
+
+    return await enter(request, allowed, channel="desk")

@@ -469,9 +469,10 @@ ROUTES: tuple[Route, ...] = (
             "unavailable": None,
         },
         description=(
-            "The token may collect at its site (`POST /api/v1/admin/pickups`) and reserve on "
-            "behalf of a citizen there (`POST /api/v1/desk/rounds/{round_id}/reservations`), "
-            "nothing else. Only its SHA-256 is stored: keep the answer, it is not shown again."
+            "The token may collect at its site (`POST /api/v1/admin/pickups`) and reserve or "
+            "enter on behalf of a citizen there (`POST /api/v1/desk/rounds/{round_id}/"
+            "reservations` or `…/entries`), nothing else. Only its SHA-256 is stored: keep the "
+            "answer, it is not shown again."
         ),
         request={"application/json": "DeskTokenRequest"},
         request_description="The site, and a label saying who holds the token.",
@@ -519,6 +520,43 @@ ROUTES: tuple[Route, ...] = (
         ),
         request={"application/json": "ReservationRequest"},
         request_description="Who reserves, and where (the desk's own site).",
+    ),
+    Route(
+        "post",
+        "/api/v1/desk/rounds/{round_id}/entries",
+        "createDeskEntry",
+        DESKS,
+        "Enter a walk-in citizen in a lottery round at the desk's site",
+        {
+            201: Answer("A new entry.", "Entry", headers=("Location",)),
+            200: Answer(
+                "The same citizen with the same phone already holds an entry in this round: "
+                "that entry, now with this request's `site_id` and `accept_district` (its "
+                "channel stays the one it was made through).",
+                "Entry",
+            ),
+        },
+        {
+            **_body_problems(),
+            **DESK_ALLOWED,
+            "not-found": "unknown round or site.",
+            "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
+            "wrong-mode": "the round is an `fcfs` round: reserve for the citizen instead.",
+            "already-entered": None,
+            "rate-limited": (
+                "a token bucket (whole round or citizen) refused the request; or " + AUTH_THROTTLED
+            ),
+            "overloaded": None,
+            "unavailable": None,
+        },
+        description=(
+            "The same body and answers as `POST /api/v1/rounds/{round_id}/entries`, with a desk "
+            "token of the `site_id` asked for (or the operator token). Channel `desk`; the "
+            "per-address token bucket is not applied, the per-citizen one is."
+        ),
+        request={"application/json": "EntryRequest"},
+        request_description="Who enters, where (the desk's own site), and whether another site "
+        "of the district will do.",
     ),
     Route(
         "post",

@@ -677,16 +677,23 @@ _OPERATORS: dict[str, Schema] = {
 _FAIRNESS: dict[str, Schema] = {
     "FairnessGroup": _closed(
         {
-            "dimension": {"enum": ["district", "age_band", "channel"]},
+            "dimension": {"enum": ["district", "age_band", "channel", "weight"]},
             "group": {
                 "type": "string",
                 "description": (
                     "A district (of the site asked for); an age band `0-17`, `18-39`, `40-64`, "
-                    "`65+` at `opens_at`; or a channel `desk`, `web`, `mini-program`, `api`."
+                    "`65+` at `opens_at`; a channel `desk`, `web`, `mini-program`, `api`; or, "
+                    "for a lottery round from its freeze on, a weight `1` to `4`."
                 ),
             },
-            "asked": _count("Distinct citizens who reserved or were refused sold-out."),
-            "granted": _count("Distinct citizens holding a reservation not cancelled."),
+            "asked": _count(
+                "Distinct citizens who reserved or were refused sold-out; in a lottery round, "
+                "those with an entry not withdrawn."
+            ),
+            "granted": _count(
+                "Distinct citizens holding a reservation not cancelled; in a lottery round, "
+                "winners whose reservation was not cancelled."
+            ),
             "share_of_asked": {"type": "number", "minimum": 0, "maximum": 1},
             "share_of_granted": {"type": "number", "minimum": 0, "maximum": 1},
         }

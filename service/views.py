@@ -97,9 +97,7 @@ async def reserve(
     allocator = request.app[ALLOCATOR]
     metrics = request.app[METRICS]
     if channel is None:
-        channel = request.headers.get("X-Allot-Channel", "api")
-        if channel not in CITIZEN_CHANNELS:
-            channel = "api"
+        channel = citizen_channel(request)
     try:
         round_id = path_id(request, "round_id")
         ask = parse_reservation(await read_json(request))
@@ -136,12 +134,34 @@ async def reserve(
 
 @routes.post("/api/v1/rounds/{round_id}/entries")
 async def create_entry(request: web.Request) -> web.Response:
-    """A lottery entry, through the same gate, queue and batches as a reservation."""
+    return await enter(request)
+
+
+def citizen_channel(request: web.Request) -> str:
+    """A citizen's channel: its ``X-Allot-Channel`` header when that is ``web`` or
+    ``mini-program``, else ``api``."""
+    channel = request.headers.get("X-Allot-Channel", "api")
+    return channel if channel in CITIZEN_CHANNELS else "api"
+
+
+async def enter(
+    request: web.Request,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+    channel: str | None = None,
+) -> web.Response:
+    """A lottery entry, through the same gate, queue and batches as a reservation; for the
+    citizen's own endpoint and the desk's (``allowed`` and ``channel`` as for :func:`reserve`)."""
     allocator = request.app[ALLOCATOR]
+    if channel is None:
+        channel = citizen_channel(request)
     round_id = path_id(request, "round_id")
     ask = parse_entry(await read_json(request))
-    # who may take part, from the worker's last snapshot of the round, before any Redis work
-    allocator.check_eligibility(await allocator.round_before_claim(round_id), ask.citizen_id)
+    if allowed is not None:
+        await allowed(ask.site_id)
+    # the worker's last snapshot of the round, never waiting for Redis before the queue: who
+    # may take part is checked on the ID here, and its opening date gives the age band
+    rnd = await allocator.round_before_claim(round_id)
+    allocator.check_eligibility(rnd, ask.citizen_id)
     key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
     asked = allocator.entry_request(
         round_id,
@@ -150,6 +170,8 @@ async def create_entry(request: web.Request) -> web.Response:
         ask.phone,
         ask.accept_district,
         client_address(request, request.app[TRUSTED_PROXIES]),
+        channel=channel,
+        opens_on=rnd.opens_at.date(),
     )
     entry, created = await request.app[ADMISSION].enter(asked)
     body = entry_body(entry, await allocator.round(round_id), key)

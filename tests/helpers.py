@@ -147,3 +147,21 @@ async def reserve(
 ) -> Any:
     body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": site, **extra}
     return await client.post(f"/api/v1/rounds/{round_id}/reservations", json=body)
+
+
+async def redis_state(redis: Any, prefix: str) -> dict[bytes, object]:
+    """Every key under ``prefix``: equal states mean nothing changed. A stream counts by its
+    entries and its groups' progress (last delivered id, pending), not by DUMP, which also
+    holds the consumers' own bookkeeping (which consumer last looked, and when): a ledger
+    writer looking at an idle stream changes nothing."""
+    state: dict[bytes, object] = {}
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=500):
+        if await redis.type(key) == b"stream":
+            groups = [
+                (g["name"], g["last-delivered-id"], g["pending"])
+                for g in await redis.xinfo_groups(key)
+            ]
+            state[key] = (await redis.xrange(key), groups)
+        else:
+            state[key] = await redis.dump(key)
+    return state

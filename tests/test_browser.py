@@ -824,6 +824,38 @@ async def test_desk_mode_reserves_for_a_walk_in_and_collects_with_the_keyboard_a
     await context.close()
 
 
+async def test_desk_mode_registers_a_walk_in_for_a_lottery_round(
+    client: Client, browser: Browser
+) -> None:
+    """When the chosen round is a lottery, the assisted form registers instead of reserving."""
+    await seed(client, stock={"s1": 10})
+    r = await client.put(
+        "/api/v1/admin/rounds/l1",
+        json={**round_body(title="Lottery"), "mode": "lottery", "public_randomness_source": "x"},
+        headers=ADMIN,
+    )
+    assert r.status == 201, await r.text()
+    desk = await new_desk_token(client, "s1")
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await page.locator("input[name=token]").fill(desk["token"])
+    await page.locator("input[name=token]").press("Enter")
+    await expect(page.get_by_test_id("desk-banner")).to_be_visible()
+    submit = page.locator("#assist-submit")
+    await page.locator("#assist-round").select_option("l1")
+    await expect(submit).to_have_text("为居民登记抽签")
+    await page.locator("#assist-cid").fill(citizen_id(1))
+    await page.locator("#assist-phone").fill(phone(1))
+    await page.locator("#assist-phone").press("Enter")
+    await expect(page.get_by_test_id("assist-verdict")).to_contain_text("已登记抽签")
+    await expect(page.locator("#assist-cid")).to_be_focused()
+    r = await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)
+    assert (await r.json())["entries"] == 1
+    await page.locator("#assist-round").select_option("r1")
+    await expect(submit).to_have_text("为居民预约")  # an fcfs round: reserve again
+    assert page_errors(page) == []
+    await context.close()
+
+
 async def test_console_issues_a_desk_token_once_and_revokes_it(
     client: Client, browser: Browser
 ) -> None:

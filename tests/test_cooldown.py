@@ -22,7 +22,16 @@ from allocator.rebuild import needs_rebuild, rebuild_round
 from allocator.reconcile import reconcile
 from allocator.redistyping import awaited
 from service.app import create_app
-from tests.helpers import ADMIN, FakeClock, citizen_id, phone, reserve, round_body, seed
+from tests.helpers import (
+    ADMIN,
+    FakeClock,
+    citizen_id,
+    phone,
+    redis_state,
+    reserve,
+    round_body,
+    seed,
+)
 
 Client = TestClient[Any, Any]
 DAY = dt.timedelta(days=1)
@@ -47,9 +56,9 @@ async def put_round(client: Client, round_id: str, **members: Any) -> Any:
     )
 
 
-async def snapshot(redis: Redis, prefix: str) -> dict[bytes, bytes | None]:
-    """Every key under the test's prefix, dumped: equal snapshots mean nothing changed."""
-    return {k: await redis.dump(k) async for k in redis.scan_iter(match=f"{prefix}:*", count=500)}
+async def snapshot(redis: Redis, prefix: str) -> dict[bytes, object]:
+    """Every key under the test's prefix (tests/helpers.py): equal means nothing changed."""
+    return await redis_state(redis, prefix)
 
 
 async def drained(redis: Redis, keys: Keys, *round_keys: Any) -> None:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from service.app import create_app
 from tests.helpers import ADMIN, ADMIN_TOKEN, FakeClock, citizen_id, phone, reserve, seed
+from tests.test_lottery import ledger_entries, seed_lottery, wait_for_entries
 
 Client = TestClient[Any, Any]
 TOKEN = re.compile(r"allot-desk-[A-Za-z0-9_-]{43}")
@@ -217,6 +218,84 @@ async def test_the_operator_token_may_use_the_desk_routes_at_any_site(client: Cl
         assert r.status == 201, await r.text()
     me = await client.get("/api/v1/desk/me", headers=ADMIN)
     assert (await me.json())["role"] == "operator"
+
+
+# -- entering walk-ins in a lottery ------------------------------------------------------------
+
+
+async def desk_enter(client: Client, headers: dict[str, str], n: int, site: str = "s1") -> Any:
+    return await client.post(
+        "/api/v1/desk/rounds/l1/entries", json=walk_in(n, site), headers=headers
+    )
+
+
+async def test_a_desk_enters_a_walk_in_in_a_lottery_at_its_own_site_only(
+    client: Client, database_url: str
+) -> None:
+    """The assisted form registers for the lottery like the citizen's own page, as `desk`;
+    another site is refused and nothing is entered."""
+    await seed_lottery(client, stock={"s1": 3, "s2": 3})
+    desk = await new_desk(client, "s1")
+    r = await desk_enter(client, bearer(desk["token"]), 5)
+    assert r.status == 201, await r.text()
+    made = await r.json()
+    assert r.headers["Location"] == f"/api/v1/entries/{made['entry_id']}"
+    assert (made["site_id"], made["status"]) == ("s1", "registered")
+    assert made["citizen_id_masked"] == citizen_id(5)[:6] + "********" + citizen_id(5)[-4:]
+    again = await desk_enter(client, bearer(desk["token"]), 5)
+    assert again.status == 200  # a retry at the counter is safe
+    assert (await again.json())["entry_id"] == made["entry_id"]
+    r = await desk_enter(client, bearer(desk["token"]), 6, "s2")
+    assert r.status == 403
+    assert (await r.json())["code"] == "forbidden"
+    # a citizen's own entry, from the web page, for comparison
+    r = await client.post(
+        "/api/v1/rounds/l1/entries", json=walk_in(7), headers={"X-Allot-Channel": "web"}
+    )
+    assert r.status == 201
+    await wait_for_entries(database_url, 2)
+    await asyncio.sleep(0.3)  # a refused entry, had it been made, would be in the ledger now
+    rows = await ledger_entries(database_url)
+    assert sorted((row["channel"], row["site_id"]) for row in rows) == [
+        ("desk", "s1"),
+        ("web", "s1"),
+    ]
+    assert all(row["age_band"] is not None for row in rows)
+    draw = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    assert draw["status"] == "registering"
+
+
+async def test_the_desk_entry_route_keeps_the_citizen_answers_and_lets_the_operator_in(
+    client: Client,
+) -> None:
+    """Same body, same refusals; the operator may enter anyone at any site."""
+    await seed_lottery(client, stock={"s1": 3, "s2": 3})
+    desk = await new_desk(client, "s1")
+    r = await client.post(
+        "/api/v1/rounds/l1/entries", json={**walk_in(9), "phone": phone(10)}
+    )  # the citizen entered from home with another phone
+    assert r.status == 201
+    r = await desk_enter(client, bearer(desk["token"]), 9)
+    assert (r.status, (await r.json())["code"]) == (409, "already-entered")
+    r = await client.post(
+        "/api/v1/desk/rounds/l1/entries",
+        json={"citizen_id": "123", "site_id": "s1"},
+        headers=bearer(desk["token"]),
+    )
+    assert r.status == 422
+    assert {e["field"] for e in (await r.json())["errors"]} == {"citizen_id", "phone"}
+    r = await client.post(  # the desk's fcfs round: reserve there instead
+        "/api/v1/desk/rounds/r1/entries", json=walk_in(11), headers=bearer(desk["token"])
+    )
+    assert (r.status, (await r.json())["code"]) == (409, "wrong-mode")
+    r = await client.post(
+        "/api/v1/desk/rounds/nope/entries", json=walk_in(11), headers=bearer(desk["token"])
+    )
+    assert r.status == 404
+    assert (await client.post("/api/v1/desk/rounds/l1/entries", json=walk_in(12))).status == 401
+    for n, site in ((13, "s1"), (14, "s2")):
+        r = await desk_enter(client, ADMIN, n, site)
+        assert r.status == 201, await r.text()
 
 
 async def test_the_console_learns_which_site_a_desk_token_is_for(client: Client) -> None:

@@ -18,7 +18,7 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.model import Round
 from service.app import create_app
-from tests.helpers import identity, phone, seed
+from tests.helpers import identity, phone, redis_state, seed
 
 Client = TestClient[Any, Any]
 TEN_YEARS_AGO = f"{dt.date.today().year - 10}0101"
@@ -29,8 +29,9 @@ async def client(settings: Settings, redis: Redis, checked_client: Any) -> Clien
     return cast(Client, await checked_client(create_app(settings)))
 
 
-async def snapshot(redis: Redis, prefix: str) -> dict[bytes, bytes | None]:
-    return {k: await redis.dump(k) async for k in redis.scan_iter(match=f"{prefix}:*", count=500)}
+async def snapshot(redis: Redis, prefix: str) -> dict[bytes, object]:
+    """Every key under the test's prefix (tests/helpers.py): equal means nothing changed."""
+    return await redis_state(redis, prefix)
 
 
 async def ask(client: Client, citizen: str, n: int) -> Any:

@@ -1,6 +1,9 @@
 """The release gate (`allot loadtest`) against small stand-ins: it passes an honest service,
 fails one that oversells, one that answers 5xx and one that loses ledger rows, and its
-summary.json agrees with locust's own CSVs.
+summary.json agrees with locust's own CSVs. In lottery mode it passes the real service (a short
+run: registration, freeze, draw, verify-draw) and fails a stand-in whose draw favours one
+group, though its published files replay exactly. The chi-square p-value it judges fairness by
+is checked against known values.
 
 Each stand-in speaks just enough of the public API, in memory, for the gate to run its crowd
 against it with ``--target``; the gate itself runs as a real `allot loadtest` subprocess.
@@ -9,8 +12,11 @@ against it with ``--target``; the gate itself runs as a real `allot loadtest` su
 from __future__ import annotations
 
 import asyncio
+import base64
 import csv
 import datetime as dt
+import math
+import os
 import secrets
 import sys
 from collections.abc import AsyncIterator
@@ -22,9 +28,11 @@ import orjson
 import pytest
 from aiohttp import web
 
+from allocator import draw as drawing
 from allocator.identity import normalise_citizen_id
 from loadtest import crowd
 from loadtest.checks import Check, Records, check_bot_held_back, passed
+from loadtest.fairness import Group, chi2_sf, chi_square, gamma_q, judge
 from loadtest.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -270,6 +278,164 @@ class StandIn:
         return ok(self.public(res)) if res else problem(404, "not-found")
 
 
+class LotteryStandIn(StandIn):
+    """An in-memory lottery whose draw is allot-draw-1 to the letter (allocator/draw.py writes
+    its files, so verify-draw replays them exactly), but which gives every entry made from the
+    bot's address weight 4, as if loss weighting had earned it: a rigged draw the files alone
+    cannot show, and that only the crowd's win rates by behaviour reveal."""
+
+    def __init__(self, favoured_address: str = crowd.BOT_ADDRESS) -> None:
+        super().__init__()
+        self.favoured = favoured_address
+        self.entries: dict[str, dict[str, Any]] = {}  # entry_id -> entry
+        self.by_citizen: dict[str, str] = {}  # citizen_id -> entry_id
+        self.secret = secrets.token_bytes(32)
+        self.frozen: drawing.FrozenList | None = None
+        self.frozen_at = ""
+        self.draw: drawing.Draw | None = None
+        self.drawn_at = ""
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.add_routes(
+            [
+                web.post("/api/v1/rounds/{rid}/entries", self.enter),
+                web.get("/api/v1/entries/{eid}", self.get_entry),
+                web.get("/api/v1/rounds/{rid}/draw", self.get_draw),
+                web.get("/api/v1/rounds/{rid}/draw/{name}", self.get_file),
+                web.post("/api/v1/admin/rounds/{rid}/draw", self.post_draw),
+            ]
+        )
+        return app
+
+    def public_round(self, rid: str) -> dict[str, Any]:
+        commitment = drawing.commitment(self.secret)
+        return super().public_round(rid) | {"mode": "lottery", "draw": {"commitment": commitment}}
+
+    def closes(self, rid: str) -> dt.datetime:
+        return dt.datetime.fromisoformat(self.rounds[rid]["closes_at"])
+
+    def entry_body(self, entry: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+    async def enter(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        body = await request.json()
+        rnd = self.rounds[rid]
+        now = dt.datetime.now(dt.UTC)
+        if not dt.datetime.fromisoformat(rnd["opens_at"]) <= now < self.closes(rid):
+            return problem(409, "round-not-open")
+        citizen = body["citizen_id"]
+        accept = bool(body.get("accept_district", False))
+        if citizen in self.by_citizen:
+            entry = self.entries[self.by_citizen[citizen]]
+            if entry["_phone"] != body["phone"]:
+                return problem(409, "already-entered")
+            entry["site_id"], entry["accept_district"] = body["site_id"], accept
+            return ok(self.entry_body(entry))
+        eid = secrets.token_urlsafe(16)
+        entry = {
+            "entry_id": eid,
+            "round_id": rid,
+            "site_id": body["site_id"],
+            "accept_district": accept,
+            "status": "registered",
+            "receipt": crowd.receipt(rid, eid),
+            "signature": base64.urlsafe_b64encode(secrets.token_bytes(64)).decode().rstrip("="),
+            "weight": None,
+            "created_at": now.isoformat(),
+            "citizen_id_masked": crowd.mask(citizen),
+            "reservation_id": None,
+            "_phone": body["phone"],
+            "_favoured": request.headers.get("X-Forwarded-For") == self.favoured,
+        }
+        self.entries[eid] = entry
+        self.by_citizen[citizen] = eid
+        return ok(
+            self.entry_body(entry), status=201, headers={"Location": f"/api/v1/entries/{eid}"}
+        )
+
+    async def get_entry(self, request: web.Request) -> web.Response:
+        entry = self.entries.get(request.match_info["eid"])
+        return ok(self.entry_body(entry)) if entry else problem(404, "not-found")
+
+    def freeze(self, rid: str) -> None:
+        if self.frozen is not None or dt.datetime.now(dt.UTC) < self.closes(rid):
+            return
+        lines = [
+            drawing.EntryLine(
+                e["receipt"],
+                e["site_id"],
+                self.sites[e["site_id"]]["district"],
+                e["accept_district"],
+                4 if e["_favoured"] else 1,  # the rigging
+            )
+            for e in self.entries.values()
+        ]
+        stock = [
+            drawing.StockLine(s, self.sites[s]["district"], units)
+            for s, units in self.stock.items()
+        ]
+        self.frozen = drawing.freeze(lines, stock)
+        self.frozen_at = dt.datetime.now(dt.UTC).isoformat()
+
+    def draw_record(self, rid: str) -> dict[str, Any]:
+        if self.draw is not None:
+            return drawing.record(
+                self.draw,
+                public_randomness_source=self.rounds[rid]["public_randomness_source"],
+                frozen_at=self.frozen_at,
+                drawn_at=self.drawn_at,
+            )
+        frozen = self.frozen
+        return {
+            "round_id": rid,
+            "algorithm": drawing.ALGORITHM,
+            "status": "registering" if frozen is None else "frozen",
+            "commitment": drawing.commitment(self.secret),
+            "public_randomness_source": self.rounds[rid]["public_randomness_source"],
+            "frozen_at": self.frozen_at or None,
+            "entries": len(frozen.entries) if frozen else None,
+            "entries_digest": frozen.entries_digest if frozen else None,
+            "stock_digest": frozen.stock_digest if frozen else None,
+            "public_randomness": None,
+            "secret": self.secret.hex() if frozen else None,
+            "seed": None,
+            "drawn_at": None,
+            "results_digest": None,
+            "passes": [],
+            "sites": [],
+        }
+
+    async def get_draw(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        self.freeze(rid)
+        return ok(self.draw_record(rid))
+
+    async def post_draw(self, request: web.Request) -> web.Response:
+        self.admin(request)
+        rid = request.match_info["rid"]
+        self.freeze(rid)
+        if self.frozen is None:
+            return problem(409, "draw-not-ready")
+        value = (await request.json())["public_randomness"]
+        if self.draw is None:
+            per_person = self.rounds[rid]["per_person"]
+            self.draw = drawing.draw(rid, per_person, self.secret, value, self.frozen)
+            self.drawn_at = dt.datetime.now(dt.UTC).isoformat()
+            for placed in self.draw.winners():
+                self.stock[placed.site_id] -= per_person
+        return ok(self.draw_record(rid))
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        if self.draw is None:
+            return problem(404, "not-found")
+        data = drawing.files(self.draw).get(request.match_info["name"])
+        if data is None:
+            return problem(404, "not-found")
+        return web.Response(body=data, content_type="text/csv", charset="utf-8")
+
+
 @pytest.fixture
 async def serve() -> AsyncIterator[Any]:
     """Start a stand-in on a free loopback port; stopped after the test."""
@@ -310,6 +476,22 @@ async def gate(url: str, out: Path, *extra: str) -> tuple[int, str, dict[str, An
     summary = orjson.loads(summary_path.read_bytes()) if summary_path.exists() else {}
     assert proc.returncode is not None
     return proc.returncode, text, summary
+
+
+async def self_hosted_lottery(out: Path) -> tuple[int, str, dict[str, Any]]:
+    """A short `allot loadtest --mode lottery` against the real service it starts itself (its
+    own database and Redis prefix, removed afterwards)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service.cli", "loadtest", "--mode", "lottery",
+        "--users", "80", "--spawn-rate", "80", "--duration", "6", "--grace", "3",
+        "--stock", "60", "--sites", "4", "--batches", "2", "--bots", "1", "--out", str(out),
+        env={**os.environ}, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 240)
+    summary_path = out / "summary.json"
+    summary = orjson.loads(summary_path.read_bytes()) if summary_path.exists() else {}
+    assert proc.returncode is not None
+    return proc.returncode, stdout.decode() + stderr.decode(), summary
 
 
 def verdicts(summary: dict[str, Any]) -> dict[str, str]:
@@ -436,3 +618,124 @@ def test_the_bot_check_is_not_applicable_without_a_gate_and_strict_with_one() ->
                  for i in range(200)]
     )  # fmt: skip
     assert check_bot_held_back(facts, held).ok is True
+
+
+# -- lottery mode ---------------------------------------------------------------------------------
+
+
+async def test_the_lottery_gate_passes_the_real_service(tmp_path: Path) -> None:
+    """Registration crowd, freeze, draw, verify-draw: every check holds on the real service."""
+    code, text, summary = await self_hosted_lottery(tmp_path / "out")
+    assert code == 0, text
+    v = verdicts(summary)
+    for name in (
+        "crowd-ran", "freeze-and-draw", "entries-complete", "no-oversell", "winners-within-stock",
+        "one-entry-per-citizen", "same-entry-on-retry", "verify-draw", "fairness", "reconcile",
+        "no-server-errors", "valid-answers",
+    ):  # fmt: skip
+        assert v[name] == "pass", (name, text)
+    assert summary["round_mode"] == "lottery"
+    assert summary["draw"]["record"]["status"] == "drawn"
+    assert summary["draw"]["verify_draw_exit"] == 0
+    complete = next(c for c in summary["checks"] if c["name"] == "entries-complete")
+    assert complete["value"]["answered"] > 0
+    assert complete["value"]["missing"] == complete["value"]["wrong_choice"] == 0
+    # every behaviour group entered, and the fairness result sits where an FCFS run puts its own
+    fairness = summary["fairness"]
+    assert fairness["enforced"] is True
+    assert fairness["fcfs"] is None
+    groups = {g["group"] for g in fairness["lottery"]["groups"]}
+    assert {"citizen", "impatient", "bot"} <= groups
+    assert fairness["lottery"]["result"] == "pass"
+    assert 0.001 < fairness["lottery"]["p_value"] <= 1.0
+    assert summary["fairness_report"]["error"] is None  # the service's own report, printed
+    assert "the service's fairness report" in text
+    assert (tmp_path / "out" / "draw" / "entries.csv").read_bytes().startswith(b"receipt,")
+
+
+async def test_the_lottery_gate_fails_a_draw_that_favours_one_group(
+    serve: Any, tmp_path: Path
+) -> None:
+    """The bot's address gets weight 4: the files replay exactly, and only fairness fails.
+
+    Sized for power: one site (every entry competes for the same units), some 400 entrants and
+    stock for about 40 % of them, so the rigged split (some 55 % of the bot's identities win
+    against 20 % of the others) lies far beyond p = 0.001 (chi-square about 50, where 16.3
+    is the limit)."""
+    stand_in = LotteryStandIn()
+    url = await serve(stand_in)
+    code, text, summary = await gate(
+        url, tmp_path / "out", "--mode", "lottery", "--users", "120", "--spawn-rate", "120",
+        "--duration", "8", "--stock", "150", "--sites", "1",
+    )  # fmt: skip
+    assert code == 1, text
+    v = verdicts(summary)
+    assert v["fairness"] == "FAIL", text
+    assert "fairness" in text.split("FAILED:")[1]
+    # what the files can tell holds: the rigging is invisible to verify-draw
+    for name in ("verify-draw", "entries-complete", "winners-within-stock", "freeze-and-draw"):
+        assert v[name] == "pass", (name, text)
+    rows = {g["group"]: g for g in summary["fairness"]["lottery"]["groups"]}
+    assert rows["bot"]["rate"] > rows["citizen"]["rate"]
+    assert summary["fairness"]["lottery"]["p_value"] <= 0.001
+    assert stand_in.draw is not None
+
+
+async def test_the_fcfs_gate_reports_fairness_without_judging_it(
+    serve: Any, tmp_path: Path
+) -> None:
+    """An FCFS run computes the same fairness figures, as information: never a failed check."""
+    code, text, summary = await gate(await serve(StandIn()), tmp_path / "out")
+    assert code == 0, text
+    assert "fairness" not in verdicts(summary)
+    fairness = summary["fairness"]
+    assert fairness["enforced"] is False
+    assert fairness["lottery"] is None
+    assert fairness["fcfs"]["result"] in ("pass", "FAIL", "n/a")
+    assert {g["group"] for g in fairness["fcfs"]["groups"]} >= {"citizen"}
+    assert "fairness by behaviour (fcfs, information only" in text
+
+
+# -- the statistics -------------------------------------------------------------------------------
+
+
+def test_chi_square_p_values_match_known_values() -> None:
+    """The tables' critical values, closed forms for df 1 and even df, and a 2x2 by hand."""
+    assert chi2_sf(3.841458820694124, 1) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(6.6348966010212145, 1) == pytest.approx(0.01, rel=1e-9)
+    assert chi2_sf(11.344866730144373, 3) == pytest.approx(0.01, rel=1e-9)
+    assert chi2_sf(16.26623619623813, 3) == pytest.approx(0.001, rel=1e-9)
+    assert chi2_sf(7.814727903251178, 3) == pytest.approx(0.05, rel=1e-9)
+    assert chi2_sf(67.50480655798947, 50) == pytest.approx(0.05, rel=1e-8)
+    for x in (0.01, 0.5, 1.0, 2.0, 3.0, 7.5, 20.0, 60.0):
+        # df 1: P(Z^2 >= x) = erfc(sqrt(x/2)); even df 2m: e^(-x/2) sum_{i<m} (x/2)^i / i!
+        assert chi2_sf(x, 1) == pytest.approx(math.erfc(math.sqrt(x / 2)), rel=1e-9)
+        for m in (1, 2, 5, 20):
+            closed = math.exp(-x / 2) * sum((x / 2) ** i / math.factorial(i) for i in range(m))
+            assert chi2_sf(x, 2 * m) == pytest.approx(closed, rel=1e-9, abs=1e-300)
+    assert chi2_sf(0.0, 3) == 1.0
+    assert gamma_q(1.0, 0.0) == 1.0
+    assert chi2_sf(1e4, 3) < 1e-300
+    # 20/30 against 30/20: every expected count 25, statistic 4 * 25/25 = 4
+    statistic, df, p = chi_square([[20, 30], [30, 20]])
+    assert statistic == pytest.approx(4.0)
+    assert df == 1
+    assert p == pytest.approx(chi2_sf(4.0, 1)) == pytest.approx(0.0455, abs=1e-4)
+    assert chi_square([[5, 0], [7, 0]]) == (0.0, 0, 1.0)  # nobody lost: nothing to test
+
+
+def test_fairness_fails_a_rigged_split_and_forgives_a_small_group_its_luck() -> None:
+    """A 0.8 ratio in a group of 30 is chance; a 20 % against 60 % split over hundreds is not."""
+    lucky = judge([Group("citizen", 300, 90), Group("duplicate", 30, 6), Group("bot", 100, 30)])
+    assert lucky.fair is True
+    duplicate = next(g for g in lucky.groups if g["group"] == "duplicate")
+    assert duplicate["under_four_fifths"]
+    assert not duplicate["significantly_under"]
+    rigged = judge([Group("citizen", 300, 60), Group("impatient", 50, 10), Group("bot", 100, 60)])
+    assert rigged.fair is False
+    assert rigged.p_value <= 0.001
+    assert {g["group"] for g in rigged.groups if g["significantly_under"]} == {
+        "citizen",
+        "impatient",
+    }
+    assert judge([Group("citizen", 10, 0), Group("bot", 10, 0)]).fair is None  # nobody won

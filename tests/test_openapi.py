@@ -30,6 +30,7 @@ CONTRACT_OPERATIONS = {
     ("post", "/api/v1/admin/desk-tokens"),
     ("delete", "/api/v1/admin/desk-tokens/{token_id}"),
     ("post", "/api/v1/desk/rounds/{round_id}/reservations"),
+    ("post", "/api/v1/desk/rounds/{round_id}/entries"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),

@@ -209,6 +209,7 @@
       });
       if (current) select.value = current;
     });
+    assistMode();
     if (!state.statsRound || $('stats-round').value !== state.statsRound) {
       state.statsRound = $('stats-round').value || null;
       state.history = [];
@@ -642,6 +643,21 @@
     box.textContent = key ? t(key) : '';
     $(id).setAttribute('aria-invalid', key ? 'true' : 'false');
   }
+  /** The round chosen in the assisted form, and whether it is a lottery (then: register). */
+  function assistRound() {
+    var id = $('assist-round').value;
+    return (
+      state.rounds.filter(function (r) {
+        return r.round_id === id;
+      })[0] || null
+    );
+  }
+  function assistMode() {
+    var r = assistRound();
+    var lottery = !!r && r.mode === 'lottery';
+    $('assist-submit').textContent = t(lottery ? 'assist_enter_submit' : 'assist_submit');
+    return lottery;
+  }
   function assistReady() {
     $('assist-cid').value = '';
     $('assist-phone').value = '';
@@ -666,7 +682,8 @@
       assistAnswer('bad', t('need_round'));
       return;
     }
-    var url = '/api/v1/desk/rounds/' + encodeURIComponent(round) + '/reservations';
+    var lottery = assistMode();
+    var url = '/api/v1/desk/rounds/' + encodeURIComponent(round) + (lottery ? '/entries' : '/reservations');
     state.assisting = true;
     $('assist-submit').disabled = true;
     A.clear($('assist-result')).hidden = true; // never the last citizen's code by this form
@@ -674,8 +691,17 @@
     state.assisting = false;
     $('assist-submit').disabled = false;
     var d = res.data || {};
-    if (res.status === 201 || res.status === 200) {
+    if ((res.status === 201 || res.status === 200) && lottery) {
+      assistAnswer('ok', t(res.status === 200 ? 'assist_entered_existing' : 'assist_entered'), [
+        t('assist_entered_detail', { masked: d.citizen_id_masked, receipt: (d.receipt || '').slice(0, 12) }),
+      ]);
+    } else if (res.status === 201 || res.status === 200) {
       showAssisted(d, res.status === 200);
+    } else if (res.status === 409 && d.code === 'already-entered') {
+      assistAnswer('bad', t('assist_already_entered'), [t('assist_already_entered_hint')]);
+    } else if (res.status === 409 && d.code === 'wrong-mode') {
+      assistAnswer('bad', t('generic_title'), [problemText(res)]);
+      loadRounds();
     } else if (res.status === 409 && d.code === 'sold-out') {
       var alts = (d.alternatives || []).map(function (a) {
         return a.name + ' (' + a.district + ', ' + fmt(a.remaining) + ')';
@@ -1163,6 +1189,7 @@
     });
     $('desk-form').addEventListener('submit', collect);
     $('assist-form').addEventListener('submit', assist);
+    $('assist-round').addEventListener('change', assistMode);
     // A scanner or ID-card reader types the number and presses Enter: with the phone still
     // empty, Enter moves there instead of sending half a form.
     $('assist-form').addEventListener('keydown', function (ev) {
