@@ -43,6 +43,21 @@ class TtlCache(Generic[K, V]):
         finally:
             del self._loading[key]
 
+    def last(self, key: K) -> V | None:
+        """The last value loaded for ``key``, however old; None if there is none."""
+        hit = self._values.get(key)
+        return hit[1] if hit is not None else None
+
+    def refresh(self, key: K, load: Callable[[], Awaitable[V]]) -> None:
+        """Start loading ``key`` in the background if its value has expired and no load is
+        under way (the next ``get`` or ``last`` sees the result); never waits."""
+        hit = self._values.get(key)
+        if (hit is not None and hit[0] > self._clock()) or key in self._loading:
+            return
+        pending = asyncio.ensure_future(self._load(key, load))
+        pending.add_done_callback(_retrieve)
+        self._loading[key] = pending
+
     def invalidate(self, key: K | None = None) -> None:
         if key is None:
             self._values.clear()

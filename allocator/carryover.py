@@ -77,7 +77,8 @@ class CarryOver:
             await self.catalogue.round(carry_from)
         except NotFound:
             raise NotFound(f"There is no round {carry_from!r} to carry over from.") from None
-        earlier, later = self.keys.round(carry_from), self.keys.round(round_id)
+        earlier = await self.catalogue.round_keys(carry_from)
+        later = await self.catalogue.round_keys(round_id)
         name = carry_name(round_id, batch_id)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.hexists(earlier.carries, name)
@@ -109,7 +110,7 @@ class CarryOver:
 
     async def _take(self, carry_from: str, round_id: str, batch_id: str) -> tuple[str, bytes]:
         """Step (a): carry.lua on the earlier round, expiring what is still confirmed first."""
-        rk = self.keys.round(carry_from)
+        rk = await self.catalogue.round_keys(carry_from)
         for _ in range(SWEEP_ATTEMPTS):
             floor = await self.watch.floor(carry_from)
             reply = await self.store.redis_call(

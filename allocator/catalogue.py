@@ -14,11 +14,12 @@ import orjson
 
 from allocator.cache import TtlCache
 from allocator.errors import NotFound
-from allocator.keys import Keys
+from allocator.keys import Keys, RoundKeys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import Alternative, Round, Site, SiteStock
 from allocator.redistyping import awaited
 from allocator.store import Store
+from allocator.tags import RoundTags
 
 SNAPSHOT_TTL = 1.0  # seconds a worker may serve a cached round, site list or stock snapshot
 MAX_ALTERNATIVES = 5
@@ -30,12 +31,14 @@ class Catalogue:
         store: Store,
         keys: Keys,
         watch: LossWatch,
+        tags: RoundTags,
         *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.keys = keys
         self.watch = watch
+        self.tags = tags
         self.rounds_cache: TtlCache[str, Round | None] = TtlCache(SNAPSHOT_TTL, monotonic)
         self.round_ids_cache: TtlCache[None, list[str]] = TtlCache(SNAPSHOT_TTL, monotonic)
         self.sites_cache: TtlCache[None, dict[str, Site]] = TtlCache(SNAPSHOT_TTL, monotonic)
@@ -53,12 +56,30 @@ class Catalogue:
         return found
 
     async def _round_as_stored(self, round_id: str) -> Round | None:
-        async def load() -> Round | None:
-            rk = self.keys.round(round_id)
-            h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)))
-            return Round.from_redis(round_id, h) if h else None
+        return await self.rounds_cache.get(round_id, lambda: self._load_round(round_id))
 
-        return await self.rounds_cache.get(round_id, load)
+    async def _load_round(self, round_id: str) -> Round | None:
+        rk = await self.tags.round_keys(round_id)
+        h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)))
+        return Round.from_redis(round_id, h) if h else None
+
+    async def round_before_claim(self, round_id: str) -> Round:
+        """The round for what is checked before a claim is queued (eligibility): the worker's
+        last snapshot of it however old, while a fresh one loads in the background; awaited
+        only when the worker has none. So a slow or hung Redis holds claims in the admission
+        queue (bounded, answered) rather than in front of it. A stale snapshot is safe here:
+        eligibility cannot change once the round has opened, and the claim script decides the
+        round window itself."""
+        self.watch.refuse_if_lost(round_id)
+        last = self.rounds_cache.last(round_id)
+        if last is None:
+            return await self.round(round_id)
+        self.rounds_cache.refresh(round_id, lambda: self._load_round(round_id))
+        return last
+
+    async def round_keys(self, round_id: str) -> RoundKeys:
+        """The round's keys under its hash tag (from the worker's snapshot of the tags)."""
+        return await self.tags.round_keys(round_id)
 
     async def round(self, round_id: str) -> Round:
         found = await self.find_round(round_id)
@@ -96,7 +117,7 @@ class Catalogue:
         """Units left per site with stock loaded in the round; may lag by up to SNAPSHOT_TTL."""
 
         async def load() -> dict[str, int]:
-            rk = self.keys.round(round_id)
+            rk = await self.tags.round_keys(round_id)
             raw = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.stock)))
             return {k.decode(): int(v) for k, v in raw.items()}
 

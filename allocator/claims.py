@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from allocator.catalogue import Catalogue
-from allocator.entitlement import age_band, region
+from allocator.entitlement import Rule, age_band, region
 from allocator.errors import (
     AlreadyReserved,
+    InCooldown,
     NotCollectable,
+    NotEligible,
     NotFound,
     Problem,
     RoundNotOpen,
@@ -143,6 +145,19 @@ class Claims:
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
 
+    def check_eligibility(self, rnd: Round, citizen_id: str) -> None:
+        """NotEligible naming the first rule of the round's ``eligibility`` the citizen fails.
+
+        From the canonical ID and the cached round alone, before any Redis work: a citizen who
+        may not take part spends no token and touches no stock. Ages are counted on the
+        calendar date of ``opens_at`` in the offset the operator gave.
+        """
+        if rnd.eligibility is None:
+            return
+        rule = rnd.eligibility.check(citizen_id, rnd.opens_at.date())
+        if rule is not None:
+            raise NotEligible(_not_eligible(rnd, rule), rule=rule)
+
     def claim_request(
         self,
         round_id: str,
@@ -173,7 +188,7 @@ class Claims:
 
     async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
         """Admit (the gate) and decide several claims on one round in one script call."""
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         keys = [
             rk.round,
             rk.stock,
@@ -182,6 +197,7 @@ class Claims:
             rk.tally,
             rk.ledger,
             self.gate.round_bucket(rk),
+            rk.entitled,
         ]
         index: dict[str, int] = {}
 
@@ -269,12 +285,26 @@ class Claims:
                     "(at another site or with another phone number)."
                 )
             )
+        if status == "in-cooldown":
+            return ClaimOutcome(refusal=await self._in_cooldown(round_id, int(reply[1])))
         if status == "sold-out":
             return ClaimOutcome(refusal=await self._sold_out(round_id, item.site_id, int(reply[1])))
         if status == "no-code":
             log.error("all %d pickup-code candidates were taken; retry", CODE_CANDIDATES)
             return ClaimOutcome(refusal=Unavailable("Please try again."))
         raise AssertionError(f"claim.lua answered {status!r}")
+
+    async def _in_cooldown(self, round_id: str, until_ms: int) -> Problem:
+        """The refusal, with ``until`` in the offset the operator gave the round's times."""
+        rnd = await self.catalogue.round(round_id)
+        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        until = (epoch + dt.timedelta(milliseconds=until_ms)).astimezone(rnd.opens_at.tzinfo)
+        shown = until.isoformat(timespec="seconds" if until_ms % 1000 == 0 else "milliseconds")
+        return InCooldown(
+            f"This citizen ID has a reservation in another round of programme "
+            f"{rnd.programme!r}; it may take part again from {shown}.",
+            until=shown,
+        )
 
     async def _sold_out(self, round_id: str, site_id: str, left: int) -> Problem:
         """The refusal, with alternatives; the site is marked on the sold-out board."""
@@ -286,8 +316,9 @@ class Claims:
             alternatives=await self.catalogue.alternatives(rnd, site_id),
         )
         if not self.board.marked(round_id, site_id):
+            rk = await self.catalogue.round_keys(round_id)
             holders = await self.store.redis_call(
-                awaited(self.store.redis.smembers(self.keys.round(round_id).site_holders(site_id)))
+                awaited(self.store.redis.smembers(rk.site_holders(site_id)))
             )
             self.board.mark(round_id, site_id, frozenset(h.decode() for h in holders), refusal)
         return refusal
@@ -297,8 +328,9 @@ class Claims:
     async def reservation(self, reservation_id: str) -> Reservation:
         round_id = _round_of(reservation_id)
         self.watch.refuse_if_lost(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         record = await self.store.redis_call(
-            awaited(self.store.redis.hget(self.keys.round(round_id).reservations, reservation_id))
+            awaited(self.store.redis.hget(rk.reservations, reservation_id))
         )
         if record is None:
             # before saying 404: a round Redis lost data of answers 503 (the ledger may have it)
@@ -310,11 +342,19 @@ class Claims:
 
     async def cancel(self, reservation_id: str) -> Reservation:
         round_id = _round_of(reservation_id)
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         floor = await self.watch.floor(round_id)
         reply = await self.store.redis_call(
             self.scripts.cancel(
-                keys=[rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+                keys=[
+                    rk.round,
+                    rk.stock,
+                    rk.holders,
+                    rk.reservations,
+                    rk.tally,
+                    rk.ledger,
+                    rk.entitled,
+                ],
                 args=[reservation_id, floor],
             )
         )
@@ -346,7 +386,7 @@ class Claims:
             if self.watch.any_lost():  # the code may be of a round Redis lost: not "no such code"
                 raise round_refusal()
             raise NotFound(f"No reservation has pickup code {code!r} at site {site_id!r}.")
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         citizen = self.hasher.citizen(citizen_id) if citizen_id else ""
         floor = await self.watch.floor(round_id)
         reply = await self.store.redis_call(
@@ -373,9 +413,10 @@ class Claims:
     async def _round_of_code(self, site_id: str, code: str) -> str | None:
         """The round holding this code at this site; a round in its pickup window wins a tie."""
         round_ids = await self.catalogue.round_ids()
+        tags = await self.catalogue.tags.all()
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for r in round_ids:
-                pipe.hexists(self.keys.round(r).codes(site_id), code)
+                pipe.hexists(self.keys.round(r, tags.get(r)).codes(site_id), code)
             found: list[bool] = await self.store.redis_call(pipe.execute())
         holders = [r for r, hit in zip(round_ids, found, strict=True) if hit]
         if len(holders) <= 1:
@@ -386,6 +427,21 @@ class Claims:
             if rnd is not None and rnd.pickup_start <= now < rnd.pickup_end:
                 return r
         return holders[-1]
+
+
+def _not_eligible(rnd: Round, rule: Rule) -> str:
+    """One sentence for the citizen: who the round is for, by the rule they failed."""
+    rules = rnd.eligibility
+    assert rules is not None
+    on = rnd.opens_at.date().isoformat()
+    if rule == "regions":
+        return f"This round is only for IDs issued in region(s) {', '.join(rules.regions or ())}."
+    if rule == "birth_year_last_digit":
+        digits = ", ".join(str(d) for d in sorted(rules.birth_year_last_digit or ()))
+        return f"This round is only for citizens whose year of birth ends in {digits}."
+    if rule == "min_age":
+        return f"This round is only for citizens aged at least {rules.min_age} on {on}."
+    return f"This round is only for citizens aged at most {rules.max_age} on {on}."
 
 
 def _round_of(reservation_id: str) -> str:

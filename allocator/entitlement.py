@@ -19,6 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal, TypeGuard
 
+from allocator import rules
 from allocator.errors import InvalidRequest
 
 # -- eligibility ---------------------------------------------------------------------------------
@@ -30,11 +31,11 @@ from allocator.errors import InvalidRequest
 #: birth-year digit is fixed for this round but rotates across rounds; the age limits depend on
 #: the round's date (``min_age`` lifts as the citizen grows older). min_age and max_age cannot
 #: both fail, since an empty age range is refused.
-RULE_ORDER: Final = ("regions", "birth_year_last_digit", "min_age", "max_age")
+RULE_ORDER: Final = rules.ELIGIBILITY_RULES
 Rule = Literal["regions", "birth_year_last_digit", "min_age", "max_age"]
 
-MAX_AGE_LIMIT: Final = 150
-_REGION = re.compile(r"[0-9]{2}(?:[0-9]{2}){0,2}", re.ASCII)  # 2, 4 or 6 ASCII digits
+MAX_AGE_LIMIT: Final = rules.MAX_AGE_LIMIT
+_REGION = re.compile(rules.REGION_REGEX, re.ASCII)  # 2, 4 or 6 ASCII digits
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,8 +228,8 @@ def region(canonical_id: str) -> str:
 
 # -- programmes and cooldown ---------------------------------------------------------------------
 
-PROGRAMME: Final = re.compile(r"[a-z0-9_-]{1,64}", re.ASCII)
-MAX_COOLDOWN_DAYS: Final = 365
+PROGRAMME: Final = re.compile(rules.PROGRAMME_REGEX, re.ASCII)
+MAX_COOLDOWN_DAYS: Final = rules.MAX_COOLDOWN_DAYS
 DAY_MS: Final = 86_400_000
 
 

@@ -113,7 +113,7 @@ class Entries:
 
     async def enter_many(self, round_id: str, items: Sequence[EntryRequest]) -> list[EntryOutcome]:
         """Admit (the gate) and decide several entries on one round in one script call."""
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         keys = [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, self.gate.round_bucket(rk)]
         index: dict[str, int] = {}
 
@@ -206,9 +206,8 @@ class Entries:
     async def entry(self, entry_id: str) -> Entry:
         round_id = _round_of(entry_id)
         self.watch.refuse_if_lost(round_id)
-        record = await self.store.redis_call(
-            awaited(self.store.redis.hget(self.keys.round(round_id).entries, entry_id))
-        )
+        rk = await self.catalogue.round_keys(round_id)
+        record = await self.store.redis_call(awaited(self.store.redis.hget(rk.entries, entry_id)))
         if record is None:
             await self.catalogue.find_round(round_id)  # 503, not 404, for a lost round
             if self.watch.floors.get(round_id) > 0:
@@ -218,7 +217,7 @@ class Entries:
 
     async def withdraw(self, entry_id: str) -> Entry:
         round_id = _round_of(entry_id)
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         floor = await self.watch.floor(round_id)
         reply = await self.store.redis_call(
             self.scripts.withdraw(

@@ -2,7 +2,7 @@
 
 Nothing here knows HTTP. A refusal carries its ``detail`` (one sentence for a person), its
 ``code`` and, in ``extra``, the data the contract names for that code (``alternatives``,
-``errors``, ``reason``, ``opens_at``/``closes_at``, ``lost_rounds``; later ``until``, ``rule``);
+``errors``, ``reason``, ``opens_at``/``closes_at``, ``lost_rounds``, ``until``, ``rule``);
 a retryable one carries ``retry_after`` in seconds. ``service/problems.py`` maps each code to
 its HTTP answer (from the one problem-code table) and serialises it.
 """
@@ -48,6 +48,19 @@ class BatchConflict(Problem):
 
 class NotCollectable(Problem):
     code = "not-collectable"
+
+
+class NotEligible(Problem):
+    """The citizen fails a rule of the round's ``eligibility``; ``rule`` names it."""
+
+    code = "not-eligible"
+
+
+class InCooldown(Problem):
+    """The citizen reserved in another round of the programme; ``until`` (RFC 3339) is when
+    they may take part again."""
+
+    code = "in-cooldown"
 
 
 class CarryNotReady(Problem):

@@ -79,7 +79,7 @@ class Expiry:
         """Run expire.lua over the round to the end (or until told done, busy, not yet).
         ``locked=False`` runs without the lock and the done mark: the carry-over uses it to make
         sure nothing confirmed is left, without waiting for another runner."""
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         cursor = "0"
         expired = 0
         while True:

@@ -5,6 +5,7 @@ frame on the hot path):
 
   store.py         the guarded Redis and PostgreSQL access (timeouts, breaker)
   losswatch.py     Redis compared with the ledger's marks; lost rounds refused; readiness
+  tags.py          which hash tag each round's keys use (its programme's, or its own)
   catalogue.py     rounds, sites and stock from short-lived snapshots; alternatives
   gate.py          the token buckets' settings, keys and refusals (spent inside claim.lua)
   claims.py        claims packed into one claim.lua call and decoded; cancel; pickup
@@ -49,6 +50,7 @@ from allocator.soldout import SoldOutBoard
 from allocator.stats import Stats
 from allocator.stock_events import StockEvents
 from allocator.store import Store
+from allocator.tags import RoundTags
 
 
 class Allocator:
@@ -84,8 +86,11 @@ class Allocator:
         self.loop_lag = self.store.loop_lag  # its run() is started by the app
         self.scripts = Scripts.register(redis)
         self.sold_out = SoldOutBoard(clock=monotonic)
-        self.watch = LossWatch(self.store, keys, self.scripts, self.floors, forget=self._forget)
-        self.catalogue = Catalogue(self.store, keys, self.watch, monotonic=monotonic)
+        self.tags = RoundTags(self.store, keys, monotonic=monotonic)
+        self.watch = LossWatch(
+            self.store, keys, self.scripts, self.floors, self.tags, forget=self._forget
+        )
+        self.catalogue = Catalogue(self.store, keys, self.watch, self.tags, monotonic=monotonic)
         self.stock_events = StockEvents(self.store, keys, self.catalogue, self.sold_out)
         self.claims = Claims(
             self.store,
@@ -114,7 +119,14 @@ class Allocator:
             self.store, keys, self.scripts, self.catalogue, self.watch, database_url
         )
         self.operators = Operators(
-            self.store, keys, self.scripts, self.catalogue, self.watch, self.stock_events
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            self.stock_events,
+            self.tags,
+            clock=clock,
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
         self.asks = Asks(self.store, keys, self.catalogue)  # its run() is started by the app
@@ -137,6 +149,7 @@ class Allocator:
         self.now = self.claims.now
         self.find_round = self.catalogue.find_round
         self.round = self.catalogue.round
+        self.round_before_claim = self.catalogue.round_before_claim
         self.rounds = self.catalogue.rounds
         self.round_ids = self.catalogue.round_ids
         self.sites = self.catalogue.sites
@@ -144,6 +157,7 @@ class Allocator:
         self.remaining = self.catalogue.remaining
         self.site_list = self.catalogue.site_list
         self.alternatives = self.catalogue.alternatives
+        self.check_eligibility = self.claims.check_eligibility
         self.claim_request = self.claims.claim_request
         self.claim_many = self.claims.claim_many
         self.reservation = self.claims.reservation

@@ -105,7 +105,7 @@ class Asks:
         sites = await self.catalogue.sites()
         members: dict[str, set[str]] = {}
         for round_id, site_id, age, channel, citizen in pending:
-            rk = self.keys.round(round_id)
+            rk = await self.catalogue.round_keys(round_id)
             site = sites.get(site_id)
             targets = [rk.fair_asked("age_band", age), rk.fair_asked("channel", channel)]
             if site is not None:
@@ -148,7 +148,7 @@ class Fairness:
             *(("age_band", a) for a in AGE_BANDS),
             *(("channel", c) for c in CHANNELS),
         ]
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for dimension, group in groups:
                 pipe.scard(rk.fair_asked(dimension, group))

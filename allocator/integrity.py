@@ -61,9 +61,12 @@ def tally_counts(raw: Mapping[bytes, bytes]) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items() if k != b"lost"}
 
 
-async def check_round(redis: Redis, keys: Keys, round_id: str, floor: int) -> Lost | None:
-    """integrity.lua for one round, outside a worker (reconcile, rebuild): Lost, or None."""
-    rk = keys.round(round_id)
+async def check_round(
+    redis: Redis, keys: Keys, round_id: str, floor: int, tag: str | None = None
+) -> Lost | None:
+    """integrity.lua for one round, outside a worker (reconcile, rebuild): Lost, or None.
+    ``tag``: the hash tag of the round's keys (allocator/tags.py)."""
+    rk = keys.round(round_id, tag)
     script = redis.register_script(script_source("integrity"))
     reply = await script(keys=[rk.round, rk.tally], args=[floor])
     if reply[0] == b"lost":

@@ -1,8 +1,12 @@
 """Every Redis key allot uses is built here, and nowhere else.
 
-Per-round keys share the hash tag ``{r:<round_id>}`` so each Lua script touches one slot and runs
-unchanged on Redis Cluster. Citizen IDs and phones never appear in a key name: they are kept only
-as HMAC hashes inside hash fields.
+Per-round keys share one hash tag so each Lua script touches one slot and runs unchanged on Redis
+Cluster: ``{r:<round_id>}`` for a round in no programme, ``{p:<programme>}`` for every round of a
+programme (then a round's own keys carry ``r:<round_id>:`` after the tag), so that the claim
+script can check and write the programme's entitlement hash (cooldowns) in the same call. Which
+tag a round's keys use is fixed when the round is created and kept in the ``round-tags`` hash
+(allocator/tags.py); callers pass it to :meth:`Keys.round`. Citizen IDs and phones never appear
+in a key name: they are kept only as HMAC hashes inside hash fields.
 """
 
 from __future__ import annotations
@@ -24,11 +28,16 @@ class RoundKeys:
     batches: str  # hash: batch_id -> digest
     ledger: str  # stream: one entry per state change, drained into PostgreSQL
     dead: str  # stream: ledger entries that failed too often, kept for an operator
+    # hash: citizen hash -> "<until_ms> <reservation_id>", the programme's cooldowns (claim.lua
+    # checks and writes it, cancel.lua lifts it); <p>:{p:<programme>}:entitled, shared by all
+    # the programme's rounds. A round in no programme gets <p>:{r:<round>}:entitled, which no
+    # script ever writes (they read the round's `programme` first).
+    entitled: str
     sweep: str  # hash: the expiry sweep's lock (owner, until) and its `done` mark (expire.lua)
     carries: str  # hash: "<to_round>/<batch_id>" -> carry-over record JSON (carry.lua)
     entries: str  # hash: entry_id -> entry record JSON (lottery rounds)
     entrants: str  # hash: citizen hash -> entry_id, for live (not withdrawn) entries
-    _tag: str  # "<prefix>:{r:<round_id>}:", the shared hash tag
+    _tag: str  # "<prefix>:{r:<round_id>}:" or "<prefix>:{p:<programme>}:r:<round_id>:"
 
     def codes(self, site_id: str) -> str:
         """Hash of pickup code -> reservation_id for one site in this round."""
@@ -84,8 +93,29 @@ class Keys:
         """Hash: site_id -> JSON {name, address, district}."""
         return f"{self.prefix}:sites"
 
-    def round(self, round_id: str) -> RoundKeys:
-        tag = f"{self.prefix}:{{r:{round_id}}}:"
+    @property
+    def round_tags(self) -> str:
+        """Hash: round_id -> the hash tag of its keys (``r:<round_id>`` or ``p:<programme>``),
+        fixed when the round is created (allocator/tags.py)."""
+        return f"{self.prefix}:round-tags"
+
+    @staticmethod
+    def tag_for(round_id: str, programme: str | None) -> str:
+        """The hash tag a round's keys use: its programme's, or its own."""
+        return f"p:{programme}" if programme else f"r:{round_id}"
+
+    def round(self, round_id: str, tag: str | None = None) -> RoundKeys:
+        """The round's keys under ``tag`` (from the ``round-tags`` hash); None: ``r:<round_id>``,
+        the tag of a round in no programme."""
+        own = f"r:{round_id}"
+        if tag is None or tag == own:
+            tag = f"{self.prefix}:{{{own}}}:"
+            entitled = tag + "entitled"
+        else:
+            if not tag.startswith("p:"):
+                raise ValueError(f"not a round's hash tag: {tag!r}")
+            entitled = f"{self.prefix}:{{{tag}}}:entitled"
+            tag = f"{self.prefix}:{{{tag}}}:{own}:"
         return RoundKeys(
             round=tag + "round",
             stock=tag + "stock",
@@ -96,6 +126,7 @@ class Keys:
             batches=tag + "batches",
             ledger=tag + "ledger",
             dead=tag + "ledger:dead",
+            entitled=entitled,
             sweep=tag + "sweep",
             carries=tag + "carries",
             entries=tag + "entries",

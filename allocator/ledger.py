@@ -47,8 +47,7 @@ from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.draw import entry_receipt
 from allocator.integrity import RAISE_LEDGER_SEQ, RAISE_LEDGER_SEQS, Floors
-from allocator.keys import Keys
-from allocator.redistyping import awaited
+from allocator.keys import Keys, RoundKeys
 
 log = logging.getLogger("allot.ledger")
 
@@ -234,6 +233,8 @@ class LedgerWriter:
         self.committed = 0  # entries committed by this writer, for tests and logs
         self.last_batch = 0  # entries in the last batch read
         self._groups: set[str] = set()
+        # round_id -> its keys under its hash tag (allocator/tags.py), refreshed with the streams
+        self._round_keys: dict[str, RoundKeys] = {}
         self._failures: dict[bytes, int] = {}
         self._stopping = asyncio.Event()
         self._backoff = 0.0
@@ -330,8 +331,14 @@ class LedgerWriter:
 
     async def _streams(self) -> dict[str, str]:
         """stream key -> round_id for every round, with its consumer group in place."""
-        round_ids = sorted(m.decode() for m in await awaited(self.redis.smembers(self.keys.rounds)))
-        streams = {self.keys.round(r).ledger: r for r in round_ids}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.smembers(self.keys.rounds)
+            pipe.hgetall(self.keys.round_tags)  # each round's hash tag (allocator/tags.py)
+            members, tags_raw = await pipe.execute()
+        round_ids = sorted(m.decode() for m in members)
+        tags = {k.decode(): v.decode() for k, v in tags_raw.items()}
+        self._round_keys = {r: self.keys.round(r, tags.get(r)) for r in round_ids}
+        streams = {rk.ledger: r for r, rk in self._round_keys.items()}
         for stream in streams:
             if stream not in self._groups:
                 await create_group(self.redis, stream)
@@ -348,8 +355,13 @@ class LedgerWriter:
         return entries
 
     def _round_of_stream(self, stream: str) -> str:
-        # <prefix>:{r:<round_id>}:ledger
-        return stream.rsplit("{r:", 1)[1].split("}", 1)[0]
+        # <prefix>:{r:<round_id>}:ledger, or <prefix>:{p:<programme>}:r:<round_id>:ledger
+        if stream.endswith("}:ledger"):
+            return stream.rsplit("{r:", 1)[1].split("}", 1)[0]
+        return stream.removesuffix(":ledger").rsplit("}:r:", 1)[1]
+
+    def _rk(self, round_id: str) -> RoundKeys:
+        return self._round_keys.get(round_id) or self.keys.round(round_id)
 
     async def _commit(self, entries: Sequence[Entry], streams: dict[str, str]) -> None:
         marks = _marks(entries)
@@ -407,7 +419,7 @@ class LedgerWriter:
                 self.floors.raise_to(round_id, seq)
 
     async def _dead_letter(self, entry: Entry, exc: Exception) -> None:
-        rk = self.keys.round(entry.round_id)
+        rk = self._rk(entry.round_id)
         log.error(
             "ledger entry %s of round %s moved to %s after %d attempts: %s",
             entry.entry_id.decode(),
@@ -425,7 +437,7 @@ class LedgerWriter:
     async def _ack(self, entries: Sequence[Entry]) -> None:
         by_stream: dict[str, list[bytes]] = {}
         for e in entries:
-            by_stream.setdefault(self.keys.round(e.round_id).ledger, []).append(e.entry_id)
+            by_stream.setdefault(self._rk(e.round_id).ledger, []).append(e.entry_id)
             self._failures.pop(e.entry_id, None)
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in by_stream.items():

@@ -24,6 +24,7 @@ from allocator.keys import Keys
 from allocator.redistyping import awaited
 from allocator.scripts import Scripts
 from allocator.store import Store
+from allocator.tags import RoundTags
 
 log = logging.getLogger("allot.allocator")
 
@@ -48,6 +49,7 @@ class LossWatch:
         keys: Keys,
         scripts: Scripts,
         floors: Floors,
+        tags: RoundTags,
         *,
         forget: Callable[[str], None] = lambda round_id: None,
     ) -> None:
@@ -55,6 +57,7 @@ class LossWatch:
         self.keys = keys
         self.scripts = scripts
         self.floors = floors
+        self.tags = tags
         # called with a round found lost or whole again: what a worker remembers of it
         # (cached snapshots, sold-out marks) must not outlive the finding
         self.forget = forget
@@ -104,9 +107,10 @@ class LossWatch:
         it) or ``"ok"``. Records what it finds."""
         if not round_ids:
             return {}
+        tags = await self.tags.all()
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for round_id in round_ids:
-                rk = self.keys.round(round_id)
+                rk = self.keys.round(round_id, tags.get(round_id))
                 await self.scripts.integrity(
                     keys=[rk.round, rk.tally], args=[self.floors.get(round_id)], client=pipe
                 )

@@ -115,7 +115,7 @@ class Lottery:
 
     async def _publish(self, round_id: str, status: str, drawn: bool) -> None:
         """Mirror the draw's status into the round hash (Round and Entry answers read it)."""
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         await self.store.redis_call(
             awaited(
                 self.store.redis.hset(
@@ -308,7 +308,7 @@ class Lottery:
 
     async def _award_call(self, round_id: str, items: Sequence[tuple[str, str]]) -> Any:
         """One award.lua call for (entry_id, site_id) items."""
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         keys = [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries]
         index: dict[str, int] = {}
 
@@ -397,7 +397,7 @@ class Lottery:
 
     async def freeze(self, rnd: Round) -> str:
         """Freeze once the ledger has every change of the round: ``frozen`` or why not yet."""
-        rk = self.keys.round(rnd.round_id)
+        rk = await self.catalogue.round_keys(rnd.round_id)
         async with self.store.redis.pipeline(transaction=True) as pipe:
             pipe.time()
             pipe.hget(rk.tally, "seq")

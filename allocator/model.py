@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from allocator.entitlement import Eligibility
+
 # The patterns live in allocator/rules.py; these names stay importable from here for the
 # modules that read them from the model (allocator/claims.py, the state-machine test).
 from allocator.rules import PICKUP_ALPHABET as PICKUP_ALPHABET
@@ -67,6 +69,12 @@ class Round:
     pickup_start: dt.datetime
     pickup_end: dt.datetime
     mode: str = "fcfs"
+    # Entitlement (API.md): the programme the round belongs to, the cooldown a reservation in it
+    # sets, who may take part, and loss weighting (read by lottery rounds only)
+    programme: str | None = None
+    cooldown_days: int = 0
+    eligibility: Eligibility | None = None
+    loss_weighting: bool = False
     # lottery rounds (API.md, Lottery rounds): the named source of the public randomness, the
     # commitment to the round's secret (allocator/draw.py), and the draw's status as last
     # published to Redis (the round hash's `draw` field: registering, frozen, drawing, drawn)
@@ -99,6 +107,13 @@ class Round:
             "pickup_end_ms": to_ms(self.pickup_end),
             "per_person": self.per_person,
             "mode": self.mode,
+            # read by claim.lua: "" is no programme; a reservation bars for cooldown_days
+            "programme": self.programme or "",
+            "cooldown_days": self.cooldown_days,
+            "eligibility": (
+                orjson.dumps(self.eligibility.to_json()).decode() if self.eligibility else ""
+            ),
+            "loss_weighting": int(self.loss_weighting),
             **({"prs": self.public_randomness_source} if self.public_randomness_source else {}),
             **({"commitment": self.commitment} if self.commitment else {}),
         }
@@ -114,6 +129,13 @@ class Round:
             pickup_start=parse_rfc3339(h[b"pickup_start"].decode()),
             pickup_end=parse_rfc3339(h[b"pickup_end"].decode()),
             mode=h[b"mode"].decode(),
+            # rounds written before programmes existed lack these fields: none, 0, anyone, off
+            programme=h.get(b"programme", b"").decode() or None,
+            cooldown_days=int(h.get(b"cooldown_days", b"0")),
+            eligibility=Eligibility.parse(orjson.loads(h[b"eligibility"]))
+            if h.get(b"eligibility")
+            else None,
+            loss_weighting=h.get(b"loss_weighting", b"0") == b"1",
             public_randomness_source=_text(h.get(b"prs")),
             commitment=_text(h.get(b"commitment")),
             draw_status=_text(h.get(b"draw")),

@@ -6,7 +6,11 @@ carry-overs took (less the expired units among them, which the expired reservati
 count): loaded = remaining + reserved + collected + expired + carried_out again. Expired
 reservations come back expired (their holders kept), carry records come back (so a replayed
 carry answers as before), and the expiry sweep's marks are dropped (a new sweep finds whatever
-the ledger still has as confirmed past pickup_end). What was in the Redis stream and not
+the ledger still has as confirmed past pickup_end). For a round of a programme the cooldowns its
+live reservations set come back into the programme's entitlement hash (only this round's: the
+hash is shared with the programme's other rounds, which may be serving), computed with the
+round's ``cooldown_days`` as the ledger has it now; the round -> hash tag mapping
+(allocator/tags.py) is restored from ``rounds.key_tag``. What was in the Redis stream and not
 yet written is gone with Redis; that is why a rebuild refuses to overwrite a round whose stream
 still has entries (``--force`` overrides, and says what it discards).
 
@@ -30,11 +34,14 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from allocator.entitlement import cooldown_until_ms
 from allocator.integrity import check_round
-from allocator.keys import Keys
+from allocator.keys import Keys, RoundKeys
 from allocator.ledger import create_group
 from allocator.model import Site
 from allocator.redistyping import awaited
+from allocator.scripts import script_source
+from allocator.tags import ledger_tag
 
 log = logging.getLogger("allot.rebuild")
 
@@ -52,9 +59,14 @@ async def needs_rebuild(redis: Redis, con: asyncpg.Connection, keys: Keys, round
     floor = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
     if floor is None:
         return False
-    if await check_round(redis, keys, round_id, int(floor)) is not None:
+    tag = await ledger_tag(con, round_id)
+    if await check_round(redis, keys, round_id, int(floor), tag) is not None:
         return True
-    return not await redis.exists(keys.round(round_id).round)
+    found = await awaited(redis.hget(keys.round_tags, round_id))
+    mapped = found.decode() if isinstance(found, bytes) else found
+    if mapped != tag and not (mapped is None and tag == Keys.tag_for(round_id, None)):
+        return True  # the round -> tag mapping is gone or wrong: readers cannot find the round
+    return not await redis.exists(keys.round(round_id, tag).round)
 
 
 async def rebuild_round(
@@ -71,9 +83,10 @@ async def rebuild_round(
     floor = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
     if floor is None:
         raise RebuildRefused(f"round {round_id!r} is not in the ledger")
-    rk = keys.round(round_id)
+    tag = await ledger_tag(con, round_id)
+    rk = keys.round(round_id, tag)
     # marks the round lost first when it is behind: no worker changes it from here on
-    lost = await check_round(redis, keys, round_id, int(floor))
+    lost = await check_round(redis, keys, round_id, int(floor), tag)
     backlog = await _drained(redis, rk.ledger, wait)
     if backlog and not force:
         raise RebuildRefused(
@@ -119,20 +132,31 @@ async def _drained(redis: Redis, stream: str, wait: float) -> int:
 async def _rewrite(
     redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
 ) -> dict[str, Any]:
-    rk = keys.round(round_id)
+    tag = await ledger_tag(con, round_id)
+    if tag is None:
+        raise RebuildRefused(f"round {round_id!r} is not in the ledger")
+    rk = keys.round(round_id, tag)
+    # readers find the round's keys through this mapping (allocator/tags.py); it is fixed for
+    # a round that holds anything, so writing it first changes nothing a worker relies on
+    await awaited(redis.hset(keys.round_tags, round_id, tag))
     async with redis.pipeline(transaction=True) as pipe:
         # every change to the round writes its tally (seq): one made from here on aborts EXEC
         await pipe.watch(rk.tally)
         redis_seq = int(await awaited(pipe.hget(rk.tally, "seq")) or 0)
         # the rows and their high-water mark as of one snapshot of the ledger
         async with con.transaction(isolation="repeatable_read", readonly=True):
-            return await _rewrite_from(pipe, redis, con, keys, round_id, redis_seq)
+            return await _rewrite_from(pipe, redis, con, keys, rk, round_id, redis_seq)
 
 
 async def _rewrite_from(
-    pipe: Any, redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str, redis_seq: int
+    pipe: Any,
+    redis: Redis,
+    con: asyncpg.Connection,
+    keys: Keys,
+    rk: RoundKeys,
+    round_id: str,
+    redis_seq: int,
 ) -> dict[str, Any]:
-    rk = keys.round(round_id)
     row = await con.fetchrow("SELECT * FROM rounds WHERE round_id = $1", round_id)
     if row is None:
         raise RebuildRefused(f"round {round_id!r} is not in the ledger")
@@ -154,6 +178,10 @@ async def _rewrite_from(
     site_holders: dict[str, set[str]] = defaultdict(set)
     tally: dict[str, int] = defaultdict(int)
     held: dict[str, int] = defaultdict(int)
+    # the cooldowns the round's live reservations set in its programme (claim.lua's bars), with
+    # the round's cooldown_days as the ledger has it now
+    cooldown_days = int(row["cooldown_days"]) if row["programme"] else 0
+    bars: list[str] = []
     districts = {
         s["site_id"]: s["district"] for s in await con.fetch("SELECT site_id, district FROM sites")
     }
@@ -188,6 +216,9 @@ async def _rewrite_from(
         site_holders[r["site_id"]].add(r["citizen_hash"])
         tally["created"] += 1
         if status != "cancelled":
+            if cooldown_days:
+                until = cooldown_until_ms(_ms(r["created_at"]), cooldown_days)
+                bars += (r["citizen_hash"], str(until), r["reservation_id"])
             holders[r["citizen_hash"]] = r["reservation_id"]
             field = {"confirmed": "reserved", "collected": "collected", "expired": "expired"}
             tally[f"{field[status]}:{r['site_id']}"] += r["quantity"]
@@ -291,7 +322,12 @@ async def _rewrite_from(
     # sold-out are not in the ledger, and are lost with the Redis that lost them.
     for key, members in askers.items():
         pipe.sadd(key, *members)
-    await pipe.execute()
+    if row["programme"]:
+        # the programme's hash is shared with its other rounds: only this round's bars change
+        restore = redis.register_script(script_source("restore_cooldowns"))
+        await restore(keys=[rk.entitled], args=[round_id, *bars], client=pipe)
+    replies = await pipe.execute()
+    cooldowns = replies[-1][1] if row["programme"] else 0
     async with redis.pipeline(transaction=False) as after:
         after.sadd(keys.rounds, round_id)
         if sites:
@@ -316,6 +352,7 @@ async def _rewrite_from(
         "carries": len(carries),
         "entries": len(entries),
         "seq": seq,
+        "cooldowns": int(cooldowns),
     }
 
 

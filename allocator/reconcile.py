@@ -11,12 +11,16 @@ Redis is not behind the ledger (its change sequence ``seq`` against ``rounds.led
 allocator/integrity.py); reservation by reservation, every one the ledger has is in Redis with
 the same status, and every one Redis has is in the ledger, leaving out those whose entries still
 wait in the stream (ledger lag, not loss); no citizen holds two live reservations in the ledger;
-the dead-letter stream is empty.
+the dead-letter stream is empty. For a round of a programme: every live reservation whose
+cooldown has not ended has its bar in the programme's entitlement hash, and no bar of the round
+there belongs to a reservation the ledger has cancelled or lacks; and Redis's round -> key tag
+mapping agrees with the ledger's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections import defaultdict
 from typing import Any
 
@@ -26,23 +30,20 @@ from redis.asyncio import Redis
 
 from allocator.carryover import carry_items
 from allocator.integrity import check_round, tally_counts
-from allocator.keys import Keys
+from allocator.keys import Keys, RoundKeys
 from allocator.operators import batch_digest
 from allocator.redistyping import awaited
+from allocator.tags import ledger_tag, load_tags
 
 LISTED = 50  # reservations named per kind of difference; the counts are always complete
 
 
-async def _backlog(redis: Redis, keys: Keys, round_id: str) -> int:
-    return int(await redis.xlen(keys.round(round_id).ledger))
-
-
-async def wait_for_ledger(redis: Redis, keys: Keys, round_ids: list[str], wait: float) -> None:
+async def wait_for_ledger(redis: Redis, streams: list[str], wait: float) -> None:
     """Give the writer up to ``wait`` seconds to drain every round's stream."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     while loop.time() < deadline:
-        if not any([await _backlog(redis, keys, r) for r in round_ids]):
+        if not any([await redis.xlen(stream) for stream in streams]):
             return
         await asyncio.sleep(0.2)
 
@@ -57,15 +58,27 @@ async def reconcile(
 ) -> dict[str, Any]:
     if round_ids is None:
         round_ids = sorted(m.decode() for m in await awaited(redis.smembers(keys.rounds)))
-    await wait_for_ledger(redis, keys, round_ids, wait)
-    rounds = [await _round(redis, con, keys, r) for r in round_ids]
+    # each round's keys under the tag the ledger records (Redis's mapping for a round the
+    # ledger lacks); a mapping that disagrees with the ledger is reported per round
+    mapped = await load_tags(redis, keys)
+    tags = {r: await ledger_tag(con, r) or mapped.get(r) for r in round_ids}
+    round_keys = {r: keys.round(r, tags[r]) for r in round_ids}
+    await wait_for_ledger(redis, [rk.ledger for rk in round_keys.values()], wait)
+    rounds = [
+        await _round(redis, con, keys, round_keys[r], r, mapped.get(r), tags[r]) for r in round_ids
+    ]
     return {"ok": all(r["ok"] for r in rounds), "rounds": rounds}
 
 
 async def _round(
-    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
+    redis: Redis,
+    con: asyncpg.Connection,
+    keys: Keys,
+    rk: RoundKeys,
+    round_id: str,
+    mapped: str | None,
+    tag: str | None,
 ) -> dict[str, Any]:
-    rk = keys.round(round_id)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hgetall(rk.loaded)
         pipe.hgetall(rk.stock)
@@ -90,11 +103,12 @@ async def _round(
     tally = tally_counts(tally_raw)
     ledger_seq = await con.fetchval("SELECT ledger_seq FROM rounds WHERE round_id = $1", round_id)
     lost = (
-        await check_round(redis, keys, round_id, int(ledger_seq))
+        await check_round(redis, keys, round_id, int(ledger_seq), tag)
         if ledger_seq is not None
         else None
     )
-    differences = await _differences(redis, con, keys, round_id)
+    differences = await _differences(redis, con, rk, round_id)
+    cooldowns = await _cooldowns(redis, con, rk, round_id)
 
     ledger_loaded: dict[str, int] = defaultdict(int)
     for row in await con.fetch("SELECT items FROM batches WHERE round_id = $1", round_id):
@@ -113,7 +127,7 @@ async def _round(
         for site_id, from_remaining, from_expired in orjson.loads(row["parts"]):
             ledger_carried[site_id] += int(from_remaining) + int(from_expired)
             ledger_carried_expired[site_id] += int(from_expired)
-    carries = await _carries(redis, keys, carries_raw)
+    carries = await _carries(redis, con, keys, carries_raw)
     recorded = await con.fetchval("SELECT count(*) FROM reservations WHERE round_id = $1", round_id)
     doubles = await con.fetchval(
         "SELECT count(*) FROM (SELECT citizen_hash FROM reservations"
@@ -140,6 +154,18 @@ async def _round(
         problems.append(f"{dead} ledger entries are in the dead-letter stream {rk.dead}")
     if doubles:
         problems.append(f"{doubles} citizen(s) hold two live reservations in the ledger")
+    if mapped != tag and not (mapped is None and tag == Keys.tag_for(round_id, None)):
+        problems.append(
+            f"Redis maps the round to key tag {mapped!r}, the ledger to {tag!r}"
+            " (see `allot rebuild`)"
+        )
+    if cooldowns is not None and not backlog:
+        for kind, text in (
+            ("missing", "live reservation(s) whose cooldown is not in Redis"),
+            ("stale", "cooldown(s) in Redis of reservations the ledger has not live"),
+        ):
+            if cooldowns[kind]["count"]:
+                problems.append(f"{cooldowns[kind]['count']} {text}")
     if not backlog and recorded != n_res:
         problems.append(f"Redis has {n_res} reservations, the ledger {recorded}")
     for carry in carries:
@@ -209,6 +235,7 @@ async def _round(
         "dead_letters": dead,
         "reservations": {"redis": n_res, "ledger": recorded},
         "differences": differences,
+        "cooldowns": cooldowns,
         "seq": {"redis": tally.get("seq", 0), "ledger": ledger_seq},
         "lost": lost.public() if lost is not None else None,
         "carries": carries,
@@ -217,7 +244,58 @@ async def _round(
     }
 
 
-async def _carries(redis: Redis, keys: Keys, raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
+async def _cooldowns(
+    redis: Redis, con: asyncpg.Connection, rk: RoundKeys, round_id: str
+) -> dict[str, Any] | None:
+    """For a round of a programme: the bars its live reservations set (claim.lua) against the
+    programme's entitlement hash. ``missing``: a live reservation of the ledger whose cooldown
+    has not ended (by the round's cooldown_days now) and whose citizen has no bar of it in
+    Redis; ``stale``: a bar of this round in Redis for a reservation the ledger has not live.
+    None for a round in no programme."""
+    row = await con.fetchrow(
+        "SELECT programme, cooldown_days FROM rounds WHERE round_id = $1", round_id
+    )
+    if row is None or not row["programme"]:
+        return None
+    live = {
+        r["reservation_id"]: r
+        for r in await con.fetch(
+            "SELECT reservation_id, citizen_hash, citizen_id_masked, created_at"
+            " FROM reservations WHERE round_id = $1 AND status <> 'cancelled'",
+            round_id,
+        )
+    }
+    now = dt.datetime.now(dt.UTC)
+    days = dt.timedelta(days=int(row["cooldown_days"]))
+    bars: dict[str, str] = {}
+    async for citizen, value in redis.hscan_iter(rk.entitled, count=1000):
+        _, _, held = value.decode().partition(" ")
+        bars[citizen.decode()] = held
+    ours = {c: held for c, held in bars.items() if held.rpartition(".")[2] == round_id}
+    missing = [
+        rid
+        for rid, r in live.items()
+        if days and r["created_at"] + days > now and bars.get(r["citizen_hash"]) != rid
+    ]
+    stale = sorted(held for held in ours.values() if held not in live)
+    return {
+        "programme": row["programme"],
+        "cooldown_days": int(row["cooldown_days"]),
+        "bars_of_round": len(ours),
+        "missing": {
+            "count": len(missing),
+            "listed": [
+                {"reservation": _ref(rid), "citizen_id_masked": live[rid]["citizen_id_masked"]}
+                for rid in missing[:LISTED]
+            ],
+        },
+        "stale": {"count": len(stale), "listed": [_ref(rid) for rid in stale[:LISTED]]},
+    }
+
+
+async def _carries(
+    redis: Redis, con: asyncpg.Connection, keys: Keys, raw: dict[bytes, bytes]
+) -> list[dict[str, Any]]:
     """Every carry-over recorded on a round (step (a)), and whether its later round loaded it
     (step (b): the batch_id there, with the same contents); a carry of 0 units needs no load."""
     found = []
@@ -227,7 +305,8 @@ async def _carries(redis: Redis, keys: Keys, raw: dict[bytes, bytes]) -> list[di
         to_round, batch_id = str(record["to"]), str(record["batch_id"])
         status: bool | str = True
         if items:
-            digest = await awaited(redis.hget(keys.round(to_round).batches, batch_id))
+            later = keys.round(to_round, await ledger_tag(con, to_round))
+            digest = await awaited(redis.hget(later.batches, batch_id))
             if digest is None:
                 status = "never loaded them (interrupted between the two steps?)"
             elif _text(digest) != batch_digest(items):
@@ -244,11 +323,10 @@ async def _carries(redis: Redis, keys: Keys, raw: dict[bytes, bytes]) -> list[di
 
 
 async def _differences(
-    redis: Redis, con: asyncpg.Connection, keys: Keys, round_id: str
+    redis: Redis, con: asyncpg.Connection, rk: RoundKeys, round_id: str
 ) -> dict[str, Any]:
     """Reservations Redis and the ledger disagree on, one by one; those with an entry still in
     the stream are left out (the ledger has simply not written them yet)."""
-    rk = keys.round(round_id)
     pending: set[str] = set()
     for _, fields in await redis.xrange(rk.ledger):
         if fields.get(b"kind") == b"reservation":

@@ -74,3 +74,11 @@ HEX64_REGEX: Final = "[0-9a-f]{64}"
 # Why a reservation cannot be collected or cancelled (the `reason` of not-collectable);
 # "citizen": the ID given at the desk is not the holder's.
 NOT_COLLECTABLE_REASONS: Final = ("collected", "cancelled", "expired", "citizen")
+
+# -- entitlement (allocator/entitlement.py) ---------------------------------------------------
+
+PROGRAMME_REGEX: Final = ID_REGEX  # a programme is named like a round
+REGION_REGEX: Final = "[0-9]{2}(?:[0-9]{2}){0,2}"  # 2, 4 or 6 digits: an ID's issuing prefix
+MAX_COOLDOWN_DAYS: Final = 365
+MAX_AGE_LIMIT: Final = 150  # the largest min_age or max_age an operator may set
+ELIGIBILITY_RULES: Final = ("regions", "birth_year_last_digit", "min_age", "max_age")

@@ -18,6 +18,8 @@ SCRIPT_NAMES = (
     "pickup",
     "load_batch",
     "integrity",
+    "retire",
+    "restore_cooldowns",
     "expire",
     "carry",
     "enter",
@@ -37,6 +39,8 @@ class Scripts:
     pickup: AsyncScript
     load_batch: AsyncScript
     integrity: AsyncScript
+    retire: AsyncScript
+    restore_cooldowns: AsyncScript
     expire: AsyncScript
     carry: AsyncScript
     enter: AsyncScript  # lottery entries (allocator/entries.py)

@@ -59,7 +59,7 @@ class Stats:
         with contextlib.suppress(RoundLost):
             rnd = await self.catalogue.round(round_id)  # NotFound for a round nobody has
         lottery = rnd is not None and rnd.lottery
-        rk = self.keys.round(round_id)
+        rk = await self.catalogue.round_keys(round_id)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.loaded)
             pipe.hgetall(rk.stock)

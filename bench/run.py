@@ -104,6 +104,10 @@ class Run:
     busy: float = 0.0  # the machine's busy share (all cores) during the run, 0..1
     backlog: int | None = None  # ledger entries in the stream when wrk stopped
     drain_s: float | None = None  # seconds from then until the stream was empty
+    # Redis time in claim scripts per 2xx answer (INFO commandstats, EVALSHA usec before and
+    # after the run), and EVALSHA calls per 2xx answer (how well claims are batched)
+    redis_us_per_claim: float | None = None
+    evalsha_per_claim: float | None = None
 
 
 @dataclass
@@ -259,9 +263,15 @@ async def measured(
     """wrk against the scenario, with every process's CPU, the machine's busy share and the
     ledger backlog (read the moment wrk stops, then drained before the "after" reading)."""
     before, ticks = await meter.read()
+    calls0, usec0 = await evalsha_usec(redis)
     run = await asyncio.to_thread(
         wrk, scenario.url, scenario.site, offset, args.duration, args.connections
     )
+    calls1, usec1 = await evalsha_usec(redis)
+    if scenario.expect_2xx and calls1 > calls0:  # the claim script ran: (b), (c), (c2)
+        answered = max(1, run.requests - run.non2xx)
+        run.redis_us_per_claim = (usec1 - usec0) / answered
+        run.evalsha_per_claim = (calls1 - calls0) / answered
     stream = scenario.service.stream if scenario.service is not None else None
     if stream is not None:
         stopped = time.monotonic()
@@ -332,10 +342,26 @@ async def wait_up(url: str, path: str = "/healthz", within: float = 60) -> None:
             await asyncio.sleep(0.2)
 
 
+# --programme: the bench round belongs to a programme with a cooldown, so every claim also
+# reads and writes the programme's entitlement hash (in the same script call)
+PROGRAMME: dict[str, Any] = {}
+PROGRAMME_NOTE = (
+    " The bench round is in a programme with `cooldown_days = 7` (`--programme`): every claim"
+    " also checks and writes the programme's entitlement hash."
+)
+
+
+async def evalsha_usec(redis: Redis) -> tuple[int, int]:
+    """(calls, usec) of EVALSHA so far on this Redis (INFO commandstats)."""
+    stats = (await redis.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+
+
 async def seed(url: str, *, sold_out_site: bool = True) -> None:
     admin = {"Authorization": f"Bearer {TOKEN}"}
     now = dt.datetime.now(dt.UTC)
     rnd = {
+        **PROGRAMME,
         "title": "bench",
         "opens_at": (now - dt.timedelta(minutes=1)).isoformat(),
         "closes_at": (now + dt.timedelta(hours=2)).isoformat(),
@@ -492,7 +518,9 @@ async def main(args: argparse.Namespace) -> int:
         for k in ("allot", "allot2"):
             await wait_up(urls[k], "/readyz")
             await seed(urls[k])
-        stream = {k: Keys(p).round("bench").ledger for k, p in prefixes.items()}
+        # the round's keys are under its programme's tag with --programme (allocator/keys.py)
+        tag = Keys.tag_for("bench", PROGRAMME.get("programme"))
+        stream = {k: Keys(p).round("bench", tag).ledger for k, p in prefixes.items()}
         c = Service(one, databases["allot"], stream["allot"])
         services = {
             "bare": Service(bare),
@@ -525,10 +553,16 @@ async def main(args: argparse.Namespace) -> int:
                     if run.backlog is None
                     else (f"  backlog {run.backlog} drained in {run.drain_s:.2f} s")
                 )
+                redis_part = (
+                    f"  Redis {run.redis_us_per_claim:.1f} µs/2xx in EVALSHA"
+                    f" ({run.evalsha_per_claim:.3f} EVALSHA/2xx)"
+                    if run.redis_us_per_claim is not None and run.evalsha_per_claim is not None
+                    else ""
+                )
                 print(f"round {r + 1} {sc.name:24} {run.rps:9.0f} req/s  p50 {run.p50_ms:6.2f} ms"
                       f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
                       f"  socket errors {run.socket_errors}  CPU µs/req: {cpu}"
-                      f"  busy {run.busy:.0%}{backlog}", flush=True)  # fmt: skip
+                      f"  busy {run.busy:.0%}{backlog}{redis_part}", flush=True)  # fmt: skip
         memory = await full_queue_rss(full, procs, tmp)
     finally:
         procs.stop_all()
@@ -589,9 +623,15 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+
+    def redis_us(s: Scenario) -> str:
+        values = [r.redis_us_per_claim for r in s.runs if r.redis_us_per_claim is not None]
+        return f"{statistics.median(values):.1f}" if values else ""
+
     rows = "\n".join(
         f"| {s.name} | {s.median('rps'):,.0f} | {s.median('p50_ms'):.2f} | {s.median('p99_ms'):.2f}"
-        f" | {sum(r.non2xx for r in s.runs)} | {sum(r.socket_errors for r in s.runs)}"
+        f" | {redis_us(s)} | {sum(r.non2xx for r in s.runs)}"
+        f" | {sum(r.socket_errors for r in s.runs)}"
         f" | {' / '.join(f'{r.rps:,.0f}' for r in s.runs)} |"
         for s in scenarios
     )
@@ -618,9 +658,13 @@ run side by side and alternating, {args.rounds} rounds of {args.duration} s each
 figures are medians over the rounds. The machine is shared and noisy: read the ratios, not the
 absolute numbers.
 
-| scenario | req/s | p50 ms | p99 ms | non-2xx | socket errors | req/s per round |
-|---|---:|---:|---:|---:|---:|---|
+| scenario | req/s | p50 ms | p99 ms | Redis µs/2xx | non-2xx | socket errors | req/s per round |
+|---|---:|---:|---:|---:|---:|---:|---|
 {rows}
+
+"Redis µs/2xx" is the time Redis spent in EVALSHA during the run (`INFO commandstats`,
+before and after) divided by the 2xx answers: the claim script's cost per reservation, gate
+included.{PROGRAMME_NOTE if PROGRAMME else ""}
 
 | ratio | measured | target |
 |---|---:|---:|
@@ -879,5 +923,12 @@ if __name__ == "__main__":
         default="64,512",
         help="with --redis-persistence: wrk connection counts to compare at, comma-separated",
     )
+    parser.add_argument(
+        "--programme",
+        action="store_true",
+        help="the bench round is in a programme with cooldown_days = 7 (the cooldown check)",
+    )
     parsed = parser.parse_args()
+    if parsed.programme:
+        PROGRAMME.update(programme="bench", cooldown_days=7)
     raise SystemExit(asyncio.run(persistence(parsed) if parsed.redis_persistence else main(parsed)))

@@ -6,6 +6,9 @@
 -- KEYS[4]  reservations hash     <p>:{r:<round>}:reservations  reservation_id -> record (JSON)
 -- KEYS[5]  tally hash            <p>:{r:<round>}:tally         reserved:<site>, seq, lost
 -- KEYS[6]  ledger stream         <p>:{r:<round>}:ledger
+-- KEYS[7]  entitlement hash      <p>:{p:<programme>}:entitled  citizen hash ->
+--          "<until_ms> <reservation_id>" (claim.lua); the bar this reservation set is lifted.
+--          A round in no programme passes <p>:{r:<round>}:entitled, which holds nothing
 -- ARGV[1]  reservation_id
 -- ARGV[2]  floor: the ledger's high-water `seq` for the round, or -1 when not known (claim.lua
 --          explains the integrity check)
@@ -62,6 +65,11 @@ record = cjson.encode(r)
 redis.call('HSET', KEYS[4], reservation_id, record)
 if redis.call('HGET', KEYS[3], r.cit) == reservation_id then
   redis.call('HDEL', KEYS[3], r.cit)
+end
+-- a cancelled reservation bars nobody: lift its cooldown (only its own: a later bar stays)
+local bar = redis.call('HGET', KEYS[7], r.cit)
+if bar and string.match(bar, '^%d+ (%S+)$') == reservation_id then
+  redis.call('HDEL', KEYS[7], r.cit)
 end
 redis.call('HINCRBY', KEYS[2], r.site, r.qty)
 redis.call('HINCRBY', KEYS[5], 'reserved:' .. r.site, -r.qty)

@@ -1,9 +1,10 @@
 -- claim.lua: admit and decide reservations for one round, one or many requests in one atomic step.
 --
 -- Each item is checked in order: the token buckets (whole round, client address, citizen), the
--- round window, then the citizen (a duplicate never touches stock), then stock, and only then
--- is anything changed. One item's refusal never affects another; items are decided in order, so
--- the same citizen twice in one call behaves exactly as two calls would.
+-- round window, then the citizen (a duplicate never touches stock), then the citizen's cooldown
+-- in the round's programme, then stock, and only then is anything changed. One item's refusal
+-- never affects another; items are decided in order, so the same citizen twice in one call
+-- behaves exactly as two calls would.
 --
 -- Before any item, the round's integrity: every change to a round bumps its sequence number
 -- (tally field `seq`, carried in each ledger entry), and the caller passes the highest `seq` the
@@ -12,14 +13,18 @@
 -- field `lost`, sticky until `allot rebuild`), every item answers `lost`, and nothing else changes.
 --
 -- KEYS[1]   round metadata hash    <p>:{r:<round>}:round        opens_ms, closes_ms, per_person,
---                                                               mode
+--                                                               mode, programme, cooldown_days
 -- KEYS[2]   stock hash             <p>:{r:<round>}:stock        site_id -> units left
 -- KEYS[3]   holders hash           <p>:{r:<round>}:holders      citizen hash -> reservation_id
 -- KEYS[4]   reservations hash      <p>:{r:<round>}:reservations reservation_id -> record (JSON)
 -- KEYS[5]   tally hash             <p>:{r:<round>}:tally        reserved:<site>, created, seq, lost
 -- KEYS[6]   ledger stream          <p>:{r:<round>}:ledger       one entry per state change
 -- KEYS[7]   round token bucket     <p>:{r:<round>}:gate:global  hash t (tokens), ts (ms)
--- KEYS[8..] per-item keys, referred to by index from ARGV:
+-- KEYS[8]   entitlement hash       <p>:{p:<programme>}:entitled citizen hash ->
+--           "<until_ms> <reservation_id>": the programme's cooldowns, read and written only when
+--           the round hash has a `programme` (a round of a programme has all its keys under the
+--           programme's tag {p:<programme>} instead of {r:<round>}, so this is one slot too)
+-- KEYS[9..] per-item keys, referred to by index from ARGV:
 --           pickup codes of a site <p>:{r:<round>}:codes:<site>      code -> reservation_id
 --           holders of a site      <p>:{r:<round>}:siteholders:<site> set of citizen hashes
 --           client token bucket    <p>:{r:<round>}:gate:client:<hmac of address>
@@ -42,6 +47,8 @@
 --           region (the ID's six-digit issuing prefix), three candidate pickup codes
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} | {'already-reserved'} |
+--           {'in-cooldown', until_ms} (a live reservation in another round of the programme
+--           bars the citizen until then) |
 --           {'sold-out', units left} | {'not-open', opens_ms, closes_ms} | {'no-round'} |
 --           {'wrong-mode'} (a lottery round: citizens enter it, lua/enter.lua) |
 --           {'gated', retry_after_ms, bucket} (bucket: global | client | citizen) |
@@ -49,11 +56,13 @@
 --           {'lost', mark} for every item when the round is lost (mark: JSON {at, redis, ledger})
 -- errors    redis.error_reply 'ERR claim: ...' when ARGV is not a whole n >= 1, six bucket
 --           settings (numbers > 0), a whole floor and n items, or an item has not 18 fields or
---           a key index outside KEYS[8..] (0 allowed where said); all checked before anything
+--           a key index outside KEYS[9..] (0 allowed where said); all checked before anything
 --           is written
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
-local HEAD = 9
+local HEAD = 9 -- first item in ARGV
+local ITEM_KEYS = 9 -- first per-item key in KEYS
+local DAY_MS = 86400000
 
 -- Every argument is checked before anything is written (a script does not roll back: an
 -- error on item k must not leave items < k committed).
@@ -101,8 +110,8 @@ for i = 1, n do
   for k = 1, 7 do
     local at = whole(f[k])
     local optional = k == 3 or k >= 5 -- the client bucket and the askers sets may be 0: none
-    if not at or (at < 8 and not (optional and at == 0)) or at > #KEYS then
-      return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[8..]')
+    if not at or (at < ITEM_KEYS and not (optional and at == 0)) or at > #KEYS then
+      return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[9..]')
     end
     f[k] = at
   end
@@ -128,11 +137,38 @@ if lost then
 end
 local first_seq = seq
 
-local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person', 'mode')
+local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'per_person', 'mode',
+  'programme', 'cooldown_days')
 local opens, closes, per_person = tonumber(round[1]), tonumber(round[2]), tonumber(round[3])
 -- a lottery round takes entries, not reservations: refused with the round check, before the
 -- round window (the order gate, round, window, citizen, stock is unchanged)
 local lottery = round[4] == 'lottery'
+
+-- Cooldown (allocator/entitlement.py): a live reservation in one round of a programme bars its
+-- citizen from every other round of it until created + that round's cooldown_days. The bars of
+-- this call's citizens are read with one HMGET, kept here while the items are decided (a claim
+-- made by an earlier item bars a later one at once), and written as claims are made.
+local programme = round[5] and round[5] ~= ''
+local cooldown_ms = (tonumber(round[6]) or 0) * DAY_MS
+local bars = {}
+if programme then
+  local citizens = {}
+  for i = 1, n do
+    citizens[i] = items[i][9]
+  end
+  local found = redis.call('HMGET', KEYS[8], unpack(citizens))
+  for i = 1, n do
+    if found[i] then
+      local until_ms, held_id = string.match(found[i], '^(%d+) (%S+)$')
+      bars[citizens[i]] = {until_ms = tonumber(until_ms), id = held_id}
+    end
+  end
+end
+-- the round part of a reservation_id ("<secret>.<round_id>"): a bar set in this very round is
+-- the citizen's own reservation here, which the citizen check has already answered
+local function round_of(reservation_id)
+  return string.match(reservation_id, '%.(.*)$')
+end
 
 -- The gate: three token buckets (allocator/gate.py), read once per call, kept here while the
 -- items are decided, written once at the end. A claim the gate refuses changes nothing else.
@@ -218,8 +254,14 @@ for i = 0, n - 1 do
           reply = {'already-reserved'}
         end
       else
-        local left = tonumber(redis.call('HGET', KEYS[2], site_id) or '0')
-        if left < per_person then
+        -- the cooldown: checked before stock, so a barred citizen never reads or takes a unit
+        local bar = bars[citizen]
+        local barred = bar and bar.until_ms and bar.until_ms > now
+          and round_of(bar.id) ~= round_of(reservation_id)
+        local left = barred and 0 or tonumber(redis.call('HGET', KEYS[2], site_id) or '0')
+        if barred then
+          reply = {'in-cooldown', tostring(bar.until_ms)}
+        elseif left < per_person then
           asked()
           reply = {'sold-out', tostring(left)}
         else
@@ -244,6 +286,11 @@ for i = 0, n - 1 do
             redis.call('SADD', site_holders_key, citizen)
             redis.call('HSET', KEYS[3], citizen, reservation_id)
             redis.call('HSET', KEYS[4], reservation_id, record)
+            if programme and cooldown_ms > 0 then
+              local until_ms = now + cooldown_ms
+              redis.call('HSET', KEYS[8], citizen, until_ms .. ' ' .. reservation_id)
+              bars[citizen] = {until_ms = until_ms, id = reservation_id}
+            end
             redis.call('HINCRBY', KEYS[5], 'reserved:' .. site_id, per_person)
             redis.call('HINCRBY', KEYS[5], 'created', 1)
             seq = seq + 1

@@ -183,13 +183,19 @@ ROUTES: tuple[Route, ...] = (
             "wrong-mode": "the round is a `lottery` round: citizens register entries instead.",
             "sold-out": None,
             "already-reserved": None,
+            "not-eligible": None,
+            "in-cooldown": None,
             "rate-limited": None,
             "overloaded": None,
             "unavailable": None,
         },
         description=(
             "A citizen holds at most one live reservation per round, whatever the site. "
-            "A retry after a timeout is safe: it answers 200 with the same reservation."
+            "A retry after a timeout is safe: it answers 200 with the same reservation. "
+            "The round's `eligibility` is checked from the ID first (`not-eligible`, before "
+            "any stock is touched); a live reservation in another round of the same "
+            "`programme` bars the citizen until its `created_at` + that round's "
+            "`cooldown_days` (`in-cooldown`)."
         ),
         request={"application/json": "ReservationRequest"},
         request_description="Who reserves, and where.",
@@ -242,6 +248,8 @@ ROUTES: tuple[Route, ...] = (
             "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
             "wrong-mode": "the round is an `fcfs` round: citizens reserve instead.",
             "already-entered": None,
+            "not-eligible": "the citizen fails a rule of the round's `eligibility` (checked on the "
+            "ID before anything else).",
             "rate-limited": None,
             "overloaded": None,
             "unavailable": None,
@@ -342,7 +350,11 @@ ROUTES: tuple[Route, ...] = (
             "`draw.commitment`."
         ),
         request={"application/json": "RoundSpec"},
-        request_description="The round's settings.",
+        request_description=(
+            "The round's settings. `mode`, `programme`, `eligibility` and `loss_weighting` "
+            "cannot change once the round has opened; `programme` cannot change either once "
+            "a batch has been loaded (422 naming the field, nothing changed)."
+        ),
     ),
     Route(
         "post",

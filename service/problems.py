@@ -132,7 +132,6 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         409,
         "Not eligible for this round",
         "the citizen fails a rule of the round's `eligibility`; the body adds `rule`.",
-        served=False,
         members=("rule",),
     ),
     ProblemCode(
@@ -141,7 +140,6 @@ PROBLEM_CODES: tuple[ProblemCode, ...] = (
         "In cooldown for this programme",
         "the citizen won or reserved in a round of the same `programme` within its cooldown; "
         "the body adds `until`.",
-        served=False,
         members=("until",),
     ),
     ProblemCode(

@@ -151,6 +151,61 @@ _VALUES: dict[str, Schema] = {
         ),
         "examples": ["7KQ2MZ9P"],
     },
+    "Programme": {
+        "type": "string",
+        "pattern": anchored(rules.PROGRAMME_REGEX),
+        "description": (
+            "Groups rounds (e.g. every mask round of a city): a live reservation in one round "
+            "of a programme bars its citizen from the others for that round's `cooldown_days`."
+        ),
+        "examples": ["masks-guangzhou"],
+    },
+    "CooldownDays": {
+        "type": "integer",
+        "minimum": 0,
+        "maximum": rules.MAX_COOLDOWN_DAYS,
+        "description": (
+            "A reservation in this round, unless cancelled, bars its citizen from every other "
+            "round of the programme until its `created_at` + this many days (24 h each)."
+        ),
+    },
+    "Eligibility": _closed(
+        {
+            "birth_year_last_digit": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 10,
+                "uniqueItems": True,
+                "items": {"type": "integer", "minimum": 0, "maximum": 9},
+                "description": "The last digit of the year of birth (rotation by birth year).",
+            },
+            "min_age": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": rules.MAX_AGE_LIMIT,
+                "description": "Whole years at `opens_at` (its date in its offset), at least.",
+            },
+            "max_age": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": rules.MAX_AGE_LIMIT,
+                "description": "Whole years at `opens_at`, at most; not below `min_age`.",
+            },
+            "regions": {
+                "type": "array",
+                "minItems": 1,
+                "items": {"type": "string", "pattern": anchored(rules.REGION_REGEX)},
+                "description": "Prefixes (2, 4 or 6 digits) of the ID's first six: where it "
+                "was issued.",
+                "examples": [["44", "4401", "440106"]],
+            },
+        },
+        optional=("birth_year_last_digit", "min_age", "max_age", "regions"),
+        description=(
+            "Who may take part: every rule given must hold (failing one: 409 `not-eligible` "
+            "naming it, before any stock is touched)."
+        ),
+    ),
     "Hex64": {
         "type": "string",
         "pattern": anchored(rules.HEX64_REGEX),
@@ -193,6 +248,15 @@ _CITIZENS: dict[str, Schema] = {
             },
             "status": {"type": "string", "enum": list(rules.ROUND_STATUSES)},
             "remaining": _count("Units left over all sites."),
+            "programme": {
+                **_nullable(ref("Programme")),
+                "description": "The programme the round belongs to, or `null`.",
+            },
+            "cooldown_days": ref("CooldownDays"),
+            "eligibility": {
+                **_nullable(ref("Eligibility")),
+                "description": "Who may take part; `null`: anyone.",
+            },
             "draw": {
                 "oneOf": [{"type": "null"}, ref("RoundDraw")],
                 "description": "`null` for an `fcfs` round.",
@@ -409,6 +473,30 @@ _OPERATORS: dict[str, Schema] = {
                     "Required for a `lottery` round: names a public random value that will "
                     "exist only after `closes_at` (a drand round, a state lottery's numbers). "
                     "Cannot change once the round has opened."
+                ),
+            },
+            "programme": {
+                **_nullable(ref("Programme")),
+                "description": (
+                    "Optional. Cannot change once the round has opened, nor once a batch has "
+                    "been loaded into it."
+                ),
+            },
+            "cooldown_days": {**ref("CooldownDays"), "default": 0},
+            "eligibility": {
+                **_nullable(ref("Eligibility")),
+                "description": (
+                    "Optional; `null`, absent or `{}`: anyone. Cannot change once the round "
+                    "has opened."
+                ),
+            },
+            "loss_weighting": {
+                "type": ["boolean", "null"],
+                "default": False,
+                "description": (
+                    "Optional. Only lottery rounds read it (an entry's `weight` grows with the "
+                    "citizen's consecutive not-drawn entries in the programme); accepted on any "
+                    "round. Cannot change once the round has opened."
                 ),
             },
         },
@@ -700,7 +788,7 @@ PROBLEM_MEMBERS: dict[str, Schema] = {
     "closes_at": _with("Timestamp", "Extension beyond the contract. With `round-not-open`."),
     "rule": {
         "type": "string",
-        "enum": ["birth_year_last_digit", "min_age", "max_age", "regions"],
+        "enum": sorted(rules.ELIGIBILITY_RULES),
         "description": "With `not-eligible`: the rule of the round's `eligibility` that failed.",
     },
     "until": _with("Timestamp", "With `in-cooldown`: when the cooldown ends."),

@@ -29,6 +29,9 @@ def round_body(rnd: Round, now: dt.datetime, remaining: int) -> dict[str, Any]:
         "mode": rnd.mode,
         "status": rnd.status(now),
         "remaining": remaining,
+        "programme": rnd.programme,
+        "cooldown_days": rnd.cooldown_days,
+        "eligibility": rnd.eligibility.to_json() if rnd.eligibility else None,
         "draw": round_draw(rnd),
     }
 

@@ -17,12 +17,13 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 
 from allocator.draw import DrawInputError, check_public_randomness
+from allocator.entitlement import Eligibility, parse_cooldown_days, parse_programme
 from allocator.errors import InvalidRequest, NotFound
 from allocator.identity import InvalidIdentity, normalise_citizen_id, validate_phone
 from allocator.model import Round, Site, parse_rfc3339
@@ -47,6 +48,7 @@ DIGITS = re.compile(r"[0-9]{1,9}", re.ASCII)
 READ_CHUNK = 64 * 1024
 CODINGS = "gzip or deflate"
 BARE_CR = re.compile(r"\r(?!\n)")
+T = TypeVar("T")
 
 
 def path_id(request: web.Request, name: str) -> str:
@@ -247,6 +249,14 @@ class _Errors:
             return None
         return value
 
+    def parsed(self, parse: Callable[[Any], T], value: Any, default: T) -> T:
+        """``parse(value)``, or ``default`` with the fields its InvalidRequest names recorded."""
+        try:
+            return parse(value)
+        except InvalidRequest as exc:
+            self.items.extend(exc.extra["errors"])
+            return default
+
     def time(self, body: Mapping[str, Any], name: str) -> Any:
         value = self.string(body, name)
         if value is None:
@@ -338,6 +348,15 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
         errors.add("pickup_end", "must be after pickup_start")
     if closes_at and pickup_end and not closes_at <= pickup_end:
         errors.add("pickup_end", "must not be before closes_at")
+    # entitlement (allocator/entitlement.py names each bad field)
+    programme = errors.parsed(parse_programme, body.get("programme"), None)
+    cooldown_days = errors.parsed(parse_cooldown_days, body.get("cooldown_days"), 0)
+    eligibility = errors.parsed(Eligibility.parse, body.get("eligibility"), None)
+    loss_weighting = body.get("loss_weighting", False)
+    if loss_weighting is None:
+        loss_weighting = False
+    if not isinstance(loss_weighting, bool):
+        errors.add("loss_weighting", "must be true or false")
     errors.check()
     assert title
     assert per_person
@@ -350,6 +369,10 @@ def parse_round(round_id: str, body: Mapping[str, Any]) -> Round:
         pickup_start,
         pickup_end,
         mode=mode,
+        programme=programme,
+        cooldown_days=cooldown_days,
+        eligibility=eligibility,
+        loss_weighting=loss_weighting,
         public_randomness_source=source,
     )
 

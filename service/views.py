@@ -103,7 +103,11 @@ async def reserve(
         ask = parse_reservation(await read_json(request))
         if allowed is not None:
             await allowed(ask.site_id)
-        rnd = await allocator.round(round_id)  # its opening date gives the age band
+        # the worker's last snapshot of the round, never waiting for Redis before the queue:
+        # its eligibility is checked on the ID here (before any token or unit is touched), and
+        # its opening date gives the age band
+        rnd = await allocator.round_before_claim(round_id)
+        allocator.check_eligibility(rnd, ask.citizen_id)
         claim = allocator.claim_request(
             round_id,
             ask.site_id,
@@ -154,8 +158,11 @@ async def enter(
     ask = parse_entry(await read_json(request))
     if allowed is not None:
         await allowed(ask.site_id)
+    # the worker's last snapshot of the round, never waiting for Redis before the queue: who
+    # may take part is checked on the ID here, and its opening date gives the age band
+    rnd = await allocator.round_before_claim(round_id)
+    allocator.check_eligibility(rnd, ask.citizen_id)
     key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
-    rnd = await allocator.round(round_id)  # its opening date gives the age band
     asked = allocator.entry_request(
         round_id,
         ask.site_id,

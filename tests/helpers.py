@@ -31,6 +31,13 @@ def citizen_id(n: int, born: str = "19800101") -> str:
     return body + ric.calc_check_digit(body + "0")  # stdnum ignores the last character
 
 
+def identity(n: int, *, region: str = "110101", born: str = "19800101") -> str:
+    """A valid ID with the given issuing region (6 digits) and birth date (YYYYMMDD)."""
+    body = f"{region}{born}{n % 1000:03d}"
+    assert len(body) == 17
+    return body + ric.calc_check_digit(body + "0")
+
+
 def phone(n: int) -> str:
     return f"139{n:08d}"
 
@@ -84,7 +91,10 @@ def round_body(
     pickup_in: float = -60,
     pickup_for: float = 7200,
     title: str = "Masks",
+    **members: Any,
 ) -> dict[str, Any]:
+    """A round's body, open now by default; ``members`` adds or overrides members as given
+    (``programme``, ``cooldown_days``, ``eligibility``, ...)."""
     now = dt.datetime.now(tz8())
     return {
         "title": title,
@@ -93,6 +103,7 @@ def round_body(
         "per_person": per_person,
         "pickup_start": (now + dt.timedelta(seconds=pickup_in)).isoformat(),
         "pickup_end": (now + dt.timedelta(seconds=pickup_in + pickup_for)).isoformat(),
+        **members,
     }
 
 
@@ -136,3 +147,21 @@ async def reserve(
 ) -> Any:
     body = {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": site, **extra}
     return await client.post(f"/api/v1/rounds/{round_id}/reservations", json=body)
+
+
+async def redis_state(redis: Any, prefix: str) -> dict[bytes, object]:
+    """Every key under ``prefix``: equal states mean nothing changed. A stream counts by its
+    entries and its groups' progress (last delivered id, pending), not by DUMP, which also
+    holds the consumers' own bookkeeping (which consumer last looked, and when): a ledger
+    writer looking at an idle stream changes nothing."""
+    state: dict[bytes, object] = {}
+    async for key in redis.scan_iter(match=f"{prefix}:*", count=500):
+        if await redis.type(key) == b"stream":
+            groups = [
+                (g["name"], g["last-delivered-id"], g["pending"])
+                for g in await redis.xinfo_groups(key)
+            ]
+            state[key] = (await redis.xrange(key), groups)
+        else:
+            state[key] = await redis.dump(key)
+    return state

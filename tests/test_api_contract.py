@@ -65,6 +65,9 @@ ROUND_KEYS = {
     "mode",
     "status",
     "remaining",
+    "programme",
+    "cooldown_days",
+    "eligibility",
     "draw",
 }
 SITE_KEYS = {"site_id", "name", "address", "district", "remaining"}

@@ -41,6 +41,7 @@ from tests.helpers import (
     ADMIN_TOKEN,
     FakeClock,
     citizen_id,
+    identity,
     phone,
     reserve,
     round_body,
@@ -448,6 +449,50 @@ async def test_language_follows_accept_language_and_the_switch_keeps_what_was_ty
 
     context, page = await open_page(browser, client, locale="zh-TW")
     await expect(page.locator("html")).to_have_attribute("lang", "zh-Hant")
+    await context.close()
+
+
+async def test_citizen_page_says_who_may_take_part_and_explains_each_refusal(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """The rules are on the round's card before anyone types an ID; a refusal says which rule,
+    or when the citizen may come back (the cooldown's until, on the page's clock)."""
+    rules = {"regions": ["11"], "min_age": 18}
+    await seed(client, "a", stock={"s1": 5}, programme="masks", cooldown_days=7, eligibility=rules)
+    await seed(client, "b", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    assert (await reserve(client, 1, round_id="b")).status == 201  # citizen 1 is in cooldown
+    barred = await reserve(client, 1, round_id="a")
+    until = (await barred.json())["until"]
+
+    context, page = await open_page(browser, client, locale="en-US")
+    card = page.locator("article.round").nth(0)
+    await expect(card.get_by_test_id("eligibility")).to_have_text(
+        "Who may take part: ID number starting with 11; aged 18 or over"
+    )
+    await expect(card.get_by_test_id("cooldown")).to_contain_text("for 7 days")
+    await expect(page.locator("article.round").nth(1).get_by_test_id("eligibility")).to_have_count(
+        0
+    )
+
+    await page.locator("select[name=site_id]").select_option("s1")
+    await page.locator("input[name=citizen_id]").fill(identity(5, region="440106"))
+    await page.locator("input[name=phone]").fill(phone(5))
+    await page.get_by_role("button", name="Reserve").click()
+    outcome = page.locator("#outcome")
+    await expect(outcome).to_contain_text("This round is not open to you")
+    await expect(outcome).to_contain_text("only for ID numbers starting with 11")
+    await assert_contrast(page)
+
+    await page.locator("input[name=citizen_id]").fill(citizen_id(1))
+    await page.locator("input[name=phone]").fill(phone(1))
+    await page.get_by_role("button", name="Reserve").click()
+    shown = await page.evaluate("iso => window.Allot.fmtTime(iso)", until)
+    assert re.search(r"\d", shown), shown  # a date and time, not the raw ISO text
+    await expect(outcome).to_contain_text("You reserved recently in this programme")
+    await expect(outcome).to_contain_text(f"You can reserve again from {shown}.")
+    await page.screenshot(path=shots / "citizen-cooldown-phone.png")
+    await assert_contrast(page)
+    assert page_errors(page) == []
     await context.close()
 
 

@@ -3,6 +3,7 @@ tests can move, so no test sleeps to wait one out."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -31,6 +32,37 @@ async def test_a_cached_value_lives_its_ttl_by_the_clock_and_no_longer() -> None
     assert await cache.get("k", load) == 1  # still fresh: Redis is not asked again
     clock.advance(0.02)
     assert await cache.get("k", load) == 2  # expired: loaded again
+
+
+async def test_last_serves_an_expired_value_at_once_while_refresh_loads_it_anew() -> None:
+    """Checks made before a claim is queued read the last snapshot and never wait for Redis:
+    one background load per expiry, whatever the number of callers."""
+    clock = FakeClock()
+    cache: TtlCache[str, int] = TtlCache(1.0, clock)
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        if loads > 1:
+            await release.wait()  # Redis is slow
+        return loads
+
+    assert cache.last("k") is None
+    assert await cache.get("k", load) == 1
+    cache.refresh("k", load)  # fresh: nothing to do
+    assert loads == 1
+    clock.advance(1.5)
+    for _ in range(3):
+        cache.refresh("k", load)
+        assert cache.last("k") == 1  # the old value, at once
+    await asyncio.sleep(0)
+    assert loads == 2  # one load under way, not three
+    release.set()
+    assert await cache.get("k", load) == 2  # joins the load under way
+    assert cache.last("k") == 2
+    assert loads == 2
 
 
 def test_a_sold_out_mark_answers_from_memory_for_its_ttl_by_the_clock() -> None:

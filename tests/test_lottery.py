@@ -425,6 +425,38 @@ async def test_the_freeze_lists_every_entry_and_the_draw_replays_with_the_verifi
     assert (stats["remaining"], stats["reserved"], stats["reservations"]) == (0, 6, 6)
 
 
+async def test_a_lottery_round_of_a_programme_keeps_every_key_under_the_programme_tag(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys
+) -> None:
+    """Entries, freeze, draw and winners' reservations of a programme's lottery round all live
+    under {p:<programme>} (one slot with the programme's cooldowns), found through round-tags;
+    eligibility is checked on entries too, before any Redis work."""
+    entries = await closed_lottery(
+        client, 4, {"s1": 2}, programme="masks", eligibility={"regions": ["11"]}
+    )
+    rk = keys.round("l1", "p:masks")
+    assert await awaited(redis.hlen(rk.entries)) == 4
+    assert not await redis.exists(keys.round("l1").round)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "1 2 3"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    won = []
+    for e in entries:
+        got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        if got["status"] == "won":
+            won.append(got["reservation_id"])
+    assert len(won) == 2
+    assert sorted(k.decode() for k in await awaited(redis.hkeys(rk.reservations))) == sorted(won)
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert (stats["reserved"], stats["reservations"]) == (2, 2)
+
+    await seed_lottery(client, "l2", programme="masks", eligibility={"regions": ["44"]})
+    body = {"citizen_id": citizen_id(1), "phone": phone(1), "site_id": "s1"}
+    r = await client.post("/api/v1/rounds/l2/entries", json=body)
+    assert (await problem(r, 409, "not-eligible"))["rule"] == "regions"
+
+
 async def test_a_draw_before_the_freeze_is_not_ready_and_bad_randomness_is_refused(
     client: TestClient[Any, Any],
 ) -> None:

@@ -35,6 +35,7 @@ def claim_keys(rk: RoundKeys) -> list[str]:
         rk.tally,
         rk.ledger,
         rk.gate_global,
+        rk.entitled,
         rk.codes("s1"),
         rk.site_holders("s1"),
         rk.gate_client("client"),
@@ -42,7 +43,7 @@ def claim_keys(rk: RoundKeys) -> list[str]:
     ]
 
 
-def item(*, indexes: str = "8 9 10 11 0 0 0", n: int = 1) -> str:
+def item(*, indexes: str = "9 10 11 12 0 0 0", n: int = 1) -> str:
     return (
         f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1"
         f" web 18-39 110101 {CODES}"
@@ -61,21 +62,25 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
     "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
     "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
-    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "8 9 10 11 0 0 0 s1"],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "9 10 11 12 0 0 0 s1"],
     "second item key index outside KEYS": [
         *("2", *GATE, "-1", GOOD_ITEM),
-        item(indexes="8 9 99 11 0 0 0"),
+        item(indexes="9 10 99 12 0 0 0"),
     ],
-    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 9 10 11 0 0 0")],
-    "item key index not a number": ["1", *GATE, "-1", item(indexes="8 x 10 11 0 0 0")],
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 10 11 12 0 0 0")],
+    "item key index at the entitlement hash": [
+        *("1", *GATE, "-1"),
+        item(indexes="8 10 11 12 0 0 0"),
+    ],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="9 x 11 12 0 0 0")],
     "item codes key index 0 (only the client bucket and askers may be 0)": [
         *("1", *GATE, "-1"),
-        item(indexes="0 9 10 11 0 0 0"),
+        item(indexes="0 10 11 12 0 0 0"),
     ],
-    "item citizen bucket index 0": ["1", *GATE, "-1", item(indexes="8 9 10 0 0 0 0")],
-    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="8 9 10 11 0 12 0")],
+    "item citizen bucket index 0": ["1", *GATE, "-1", item(indexes="9 10 11 0 0 0 0")],
+    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="9 10 11 12 0 13 0")],
     # a floor above the round's seq would set the lost mark: not before the items are checked
-    "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "8 9 10"],
+    "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "9 10 11"],
 }
 
 
@@ -182,6 +187,20 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
     "integrity: floor not a number": ("integrity", ["x"]),
     "integrity: floor infinite": ("integrity", ["inf"]),
     "integrity: two floors": ("integrity", ["99", "1"]),
+    "retire: no ARGV": ("retire", []),
+    "retire: floor not a number": ("retire", ["x"]),
+    "retire: floor NaN": ("retire", ["nan"]),
+    "retire: two floors": ("retire", ["-1", "-1"]),
+    "restore_cooldowns: no ARGV": ("restore_cooldowns", []),
+    "restore_cooldowns: empty round_id": ("restore_cooldowns", ["", "c", "1", "{rid}"]),
+    "restore_cooldowns: half a triple": ("restore_cooldowns", ["r1", "c", "1"]),
+    "restore_cooldowns: until not whole": ("restore_cooldowns", ["r1", "c", "1.5", "{rid}"]),
+    "restore_cooldowns: until infinite": ("restore_cooldowns", ["r1", "c", "inf", "{rid}"]),
+    "restore_cooldowns: empty citizen": ("restore_cooldowns", ["r1", "", "1", "{rid}"]),
+    "restore_cooldowns: second triple bad": (
+        "restore_cooldowns",
+        ["r1", "c", "99999999999999", "{rid}", "d", "x", "{rid}"],
+    ),
     "enter: n zero": ("enter", ["0", *GATE, "-1"]),
     "enter: n does not match": ("enter", ["2", *GATE, "-1", "7 8 s1 c p m e.r1 0 api 18-39"]),
     "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "7 8 s1 c p m e.r1 0 api 18-39"]),
@@ -224,7 +243,9 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
     args = [a.format(rid=rid, code=code) for a in template]
     rk = keys.round("r1")
     script_keys = {
-        "cancel": [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger],
+        "cancel": [
+            rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entitled,
+        ],
         "pickup": [rk.round, rk.reservations, rk.codes("s1"), rk.tally, rk.ledger],
         "load_batch": [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
         "integrity": [rk.round, rk.tally],
@@ -239,5 +260,10 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
             rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries,
             rk.codes("s1"), rk.site_holders("s1"),
         ],
+        "retire": [
+            rk.round, rk.stock, rk.loaded, rk.batches, rk.tally, rk.reservations, rk.holders,
+            rk.ledger,
+        ],
+        "restore_cooldowns": [rk.entitled],
     }[name]  # fmt: skip
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)

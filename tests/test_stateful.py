@@ -2,10 +2,14 @@
 
 Hypothesis drives a ``RuleBasedStateMachine`` through loads, claims (one at a time and in
 batches), cancels, pickups, script-cache flushes and allocator restarts, on real Redis and a real
-PostgreSQL ledger, and compares every answer and every figure with a plain Python model. An
+PostgreSQL ledger, and compares every answer and every figure with a plain Python model. The
+round belongs to a programme with a second round open at the same time (claims and cancels
+there too), each with a cooldown of 0 or 7 days: the model's cooldown rule is that a citizen
+holding a live reservation in one round is barred from the other while that round's
+cooldown_days is above 0 (409 in-cooldown with until = its created_at + cooldown_days). An
 operator may end the round's pickup window at any point (its times moved into the past, so the
 scripts see it by Redis TIME); from then on expiry sweeps (any chunk size, with or without the
-lock) and carry-overs into a second round join in, and the model keeps `expired` and
+lock) and carry-overs into a third round join in, and the model keeps `expired` and
 `carried_out` in its balance.
 
 Hypothesis's stateful machinery is synchronous and the allocator is async, so each example owns
@@ -23,7 +27,7 @@ import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -78,6 +82,10 @@ CARRY_IDS = ("c1", "c2")  # carry-overs into the second round; a repeat is a rep
 
 site_ids = st.sampled_from(("s1", "s2", "s1", "s2", "s3"))  # "s3" less often
 claim_items = st.tuples(st.integers(0, CITIZENS - 1), st.integers(0, 1), site_ids)
+other_items = st.tuples(st.integers(0, CITIZENS - 1), st.sampled_from(("s1", "s2")))
+PROGRAMME = "masks"  # both rounds' keys share its hash tag (each example has its own prefix)
+TAG = f"p:{PROGRAMME}"
+DAY_MS = 86_400_000
 
 
 def phone_of(n: int, k: int) -> str:
@@ -93,12 +101,14 @@ class ModelReservation:
     quantity: int
     pickup_code: str
     status: str = "confirmed"
+    created_ms: int = 0
 
 
 class AllocatorMachine(RuleBasedStateMachine):
     """One round on a fresh key prefix; the model is plain dicts."""
 
     reservations = Bundle("reservations")
+    others = Bundle("others")  # reservations in the programme's second round
 
     def __init__(self, database_url: str, redis_url: str) -> None:
         super().__init__()
@@ -123,6 +133,12 @@ class AllocatorMachine(RuleBasedStateMachine):
         self.model: dict[str, ModelReservation] = {}
         self.holders: dict[int, str] = {}  # citizen number -> live reservation_id
         self.changes = 0  # state changes so far: the round's seq (allocator/integrity.py)
+        # -- the programme's second round, open at the same time (per_person 1) --
+        self.other_id = f"o{uuid.uuid4().hex[:10]}"
+        self.cooldown: dict[str, int] = {}  # round_id -> cooldown_days
+        self.other_remaining: dict[str, int] = {}
+        self.other_model: dict[str, ModelReservation] = {}
+        self.other_holders: dict[int, str] = {}
         self.pickup_over = False  # the operator has moved the pickup window into the past
         self.expired: dict[str, int] = {}  # site -> units of expired reservations not carried
         self.carried_out: dict[str, int] = {}  # site -> units carried to the later round
@@ -191,6 +207,23 @@ class AllocatorMachine(RuleBasedStateMachine):
                 out[r.site_id] = out.get(r.site_id, 0) + r.quantity
         return out
 
+    def bar(self, n: int, round_id: str) -> int | None:
+        """The model's cooldown rule: until_ms of the bar on citizen ``n`` in ``round_id``, or
+        None. A live reservation in the programme's other round bars while that round's
+        cooldown_days is above 0 (7 days never end during an example)."""
+        other = self.other_id if round_id == self.round_id else self.round_id
+        held = (self.other_holders if other == self.other_id else self.holders).get(n)
+        if held is None or not self.cooldown[other]:
+            return None
+        r = (self.other_model if other == self.other_id else self.model)[held]
+        return r.created_ms + self.cooldown[other] * DAY_MS
+
+    def check_bar(self, n: int, round_id: str, refusal: Problem) -> None:
+        until = self.bar(n, round_id)
+        assert until is not None
+        shown = dt.datetime.fromisoformat(refusal.extra["until"])
+        assert shown == dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=until)
+
     def expected_claim(self, n: int, ph: str, site_id: str) -> str:
         if self.pickup_over:  # the round closed before its pickup window ended
             return "round-not-open"
@@ -198,6 +231,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         if held is not None:
             r = self.model[held]
             return "existing" if (r.site_id, r.phone) == (site_id, ph) else "already-reserved"
+        if self.bar(n, self.round_id) is not None:
+            return "in-cooldown"
         if self.remaining.get(site_id, 0) < self.per_person:
             return "sold-out" if site_id in self.site_ids else "not-found"
         return "created"
@@ -208,8 +243,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         """Compare one claim's outcome with the model and apply it; the new id if created.
 
         With ``board``, the sold-out board may answer from memory before Redis sees the claim:
-        for a citizen holding a reservation elsewhere that is "sold-out" where Redis would say
-        "already-reserved" (both true; the board skips only this site's holders).
+        for a citizen holding a reservation elsewhere, or in cooldown, that is "sold-out" where
+        Redis would say "already-reserved" or "in-cooldown" (both true; the board skips only
+        this site's holders).
         """
         expected = self.expected_claim(n, ph, site_id)
         if (
@@ -225,12 +261,13 @@ class AllocatorMachine(RuleBasedStateMachine):
             return None
         if (
             board
-            and expected == "already-reserved"
+            and expected in ("already-reserved", "in-cooldown")
             and self.remaining.get(site_id, 0) < self.per_person
             and outcome.refusal is not None
             and outcome.refusal.code == "sold-out"
         ):
-            assert self.model[self.holders[n]].site_id != site_id
+            if expected == "already-reserved":
+                assert self.model[self.holders[n]].site_id != site_id
             return None
         if expected in ("created", "existing"):
             assert outcome.refusal is None, (expected, outcome.refusal)
@@ -256,7 +293,13 @@ class AllocatorMachine(RuleBasedStateMachine):
                 r.pickup_code for r in self.model.values() if r.site_id == site_id
             }
             self.model[got.reservation_id] = ModelReservation(
-                got.reservation_id, n, ph, site_id, got.quantity, got.pickup_code
+                got.reservation_id,
+                n,
+                ph,
+                site_id,
+                got.quantity,
+                got.pickup_code,
+                created_ms=got.created_ms,
             )
             self.holders[n] = got.reservation_id
             self.remaining[site_id] -= got.quantity
@@ -265,6 +308,8 @@ class AllocatorMachine(RuleBasedStateMachine):
         assert outcome.reservation is None
         assert outcome.refusal is not None, f"expected {expected}, got a reservation"
         assert outcome.refusal.code == expected, (expected, outcome.refusal)
+        if expected == "in-cooldown":
+            self.check_bar(n, self.round_id, outcome.refusal)
         if expected == "sold-out":
             for alternative in outcome.refusal.extra["alternatives"]:
                 assert alternative.site_id != site_id
@@ -277,26 +322,43 @@ class AllocatorMachine(RuleBasedStateMachine):
         per_person=st.integers(1, 3),
         n_sites=st.integers(2, 3),
         seed=st.lists(st.integers(0, 9), min_size=3, max_size=3),
+        cooldowns=st.tuples(st.sampled_from((0, 7)), st.sampled_from((0, 7))),
+        other_stock=st.tuples(st.integers(0, 3), st.integers(1, 3)),
     )
-    def open_round(self, per_person: int, n_sites: int, seed: list[int]) -> None:
-        """Sites, a round open now, and a first batch so that claims have something to take."""
+    def open_round(
+        self,
+        per_person: int,
+        n_sites: int,
+        seed: list[int],
+        cooldowns: tuple[int, int],
+        other_stock: tuple[int, int],
+    ) -> None:
+        """Sites, two rounds of one programme open now, and a first batch in each so that
+        claims have something to take."""
         self.per_person = per_person
         self.site_ids = SITES[:n_sites]
+        self.cooldown = {self.round_id: cooldowns[0], self.other_id: cooldowns[1]}
         now = dt.datetime.now(dt.UTC)
-        rnd = Round(
-            round_id=self.round_id,
-            title="Masks",
-            opens_at=now - dt.timedelta(minutes=1),
-            closes_at=now + dt.timedelta(hours=1),
-            per_person=per_person,
-            pickup_start=now - dt.timedelta(minutes=1),
-            pickup_end=now + dt.timedelta(hours=2),
+        rnd, other = (
+            Round(
+                round_id=round_id,
+                title="Masks",
+                opens_at=now - dt.timedelta(minutes=1),
+                closes_at=now + dt.timedelta(hours=1),
+                per_person=share,
+                pickup_start=now - dt.timedelta(minutes=1),
+                pickup_end=now + dt.timedelta(hours=2),
+                programme=PROGRAMME,
+                cooldown_days=self.cooldown[round_id],
+            )
+            for round_id, share in ((self.round_id, per_person), (self.other_id, 1))
         )
         sites = [
             Site(s, f"Site {s}", f"{s} road 1", f"d{i % 2}") for i, s in enumerate(self.site_ids)
         ]
         assert self.run(self.allocator.upsert_sites(sites)) == n_sites
         assert self.run(self.allocator.upsert_round(rnd)) is True
+        assert self.run(self.allocator.upsert_round(other)) is True
         later = Round(
             round_id=self.later_id,
             title="Masks, later",
@@ -311,6 +373,9 @@ class AllocatorMachine(RuleBasedStateMachine):
         items = [(s, units) for s, units in zip(self.site_ids, seed, strict=False) if units]
         if items:
             self.check_load("seed", items)
+        stock = [(s, units) for s, units in zip(("s1", "s2"), other_stock, strict=True) if units]
+        self.run(self.allocator.load_batch(self.other_id, "seed", stock))
+        self.other_remaining = {"s1": other_stock[0], "s2": other_stock[1]}
 
     # -- operators ---------------------------------------------------------------------------
 
@@ -375,12 +440,10 @@ class AllocatorMachine(RuleBasedStateMachine):
         its pickup window ended a minute ago (by Redis TIME, which the scripts read)."""
         rnd = self.run(self.allocator.round(self.round_id))
         now = dt.datetime.now(dt.UTC)
-        moved = Round(
-            round_id=rnd.round_id,
-            title=rnd.title,
+        moved = replace(  # its programme and cooldown as they were (fixed once open)
+            rnd,
             opens_at=now - dt.timedelta(hours=2),
             closes_at=now - dt.timedelta(minutes=2),
-            per_person=rnd.per_person,
             pickup_start=now - dt.timedelta(hours=2),
             pickup_end=now - dt.timedelta(minutes=1),
         )
@@ -512,6 +575,62 @@ class AllocatorMachine(RuleBasedStateMachine):
             del self.holders[r.citizen]
             self.changes += 1
 
+    @rule(target=others, item=other_items)
+    def claim_other(self, item: tuple[int, str]) -> Any:
+        """A claim in the programme's other round: barred while the citizen holds a live
+        reservation in this one (when its cooldown is above 0), and the other way round."""
+        n, site_id = item
+        [outcome] = self.run(
+            self.allocator.claim_many(
+                self.other_id,
+                [self.allocator.claim_request(self.other_id, site_id, citizen_id(n), phone(n))],
+            )
+        )
+        held = self.other_holders.get(n)
+        if held is not None:
+            expected = "existing" if self.other_model[held].site_id == site_id else "refused"
+        elif self.bar(n, self.other_id) is not None:
+            expected = "in-cooldown"
+        elif self.other_remaining[site_id] < 1:
+            expected = "sold-out"
+        else:
+            expected = "created"
+        if expected in ("existing", "created"):
+            assert outcome.refusal is None, (expected, outcome.refusal)
+            got = outcome.reservation
+            assert got is not None
+            assert outcome.created == (expected == "created")
+            if expected == "existing":
+                assert got.reservation_id == held
+                return multiple()
+            self.other_model[got.reservation_id] = ModelReservation(
+                got.reservation_id, n, phone(n), site_id, 1, got.pickup_code, "confirmed",
+                got.created_ms,
+            )  # fmt: skip
+            self.other_holders[n] = got.reservation_id
+            self.other_remaining[site_id] -= 1
+            return got.reservation_id
+        assert outcome.refusal is not None, f"expected {expected}, got a reservation"
+        if expected == "refused":  # a live reservation at the other site
+            assert outcome.refusal.code == "already-reserved", outcome.refusal
+        else:
+            assert outcome.refusal.code == expected, (expected, outcome.refusal)
+        if expected == "in-cooldown":
+            self.check_bar(n, self.other_id, outcome.refusal)
+        return multiple()
+
+    @rule(rid=others)
+    def cancel_other(self, rid: str) -> None:
+        r = self.other_model[rid]
+        got, problem = self.attempt(self.allocator.cancel(rid))
+        assert problem is None, problem
+        assert got is not None
+        assert (got.reservation_id, got.status) == (rid, "cancelled")
+        if r.status == "confirmed":
+            r.status = "cancelled"
+            self.other_remaining[r.site_id] += 1
+            del self.other_holders[r.citizen]
+
     @rule(unknown=st.sampled_from(["fresh", "garbage"]))
     def cancel_unknown(self, unknown: str) -> None:
         rid = new_reservation_id(self.round_id) if unknown == "fresh" else "no-such-thing"
@@ -577,7 +696,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     async def _check_redis(self) -> None:
         stats = stats_body(await self.allocator.stats(self.round_id))
-        rk = self.keys.round(self.round_id)
+        rk = self.keys.round(self.round_id, TAG)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(rk.tally)
             pipe.hgetall(rk.reservations)
@@ -737,6 +856,14 @@ class AllocatorMachine(RuleBasedStateMachine):
             ledger_seq = await con.fetchval(
                 "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.round_id
             )
+            others = await con.fetch(
+                "SELECT reservation_id, status FROM reservations WHERE round_id = $1",
+                self.other_id,
+            )
+            assert {row["reservation_id"]: row["status"] for row in others} == {
+                rid: r.status for rid, r in self.other_model.items()
+            }
+            # both rounds, their cooldowns in the programme's hash included
             later_seq = await con.fetchval(
                 "SELECT ledger_seq FROM rounds WHERE round_id = $1", self.later_id
             )
@@ -744,7 +871,7 @@ class AllocatorMachine(RuleBasedStateMachine):
                 self.redis,
                 cast(asyncpg.Connection, con),
                 self.keys,
-                [self.round_id, self.later_id],
+                [self.round_id, self.other_id, self.later_id],
                 wait=0,
             )
         assert ledger_seq == self.changes, "the drained ledger's mark is Redis's seq"

@@ -86,6 +86,38 @@
     updateSubmit();
   }
 
+  // -- entitlement: who may take part, said before anyone types an ID ------------------------
+  function list(items) {
+    return items.join(t('list_sep'));
+  }
+  function digits(e) {
+    return list((e.birth_year_last_digit || []).map(String));
+  }
+  function regions(e) {
+    return list(e.regions || []);
+  }
+  function eligibilityText(r) {
+    var e = r.eligibility;
+    if (!e) return null;
+    var rules = [];
+    if (e.regions) rules.push(t('elig_regions', { regions: regions(e) }));
+    if (e.birth_year_last_digit) rules.push(t('elig_digits', { digits: digits(e) }));
+    if (e.min_age != null && e.max_age != null) {
+      rules.push(t('elig_range', { min: e.min_age, max: e.max_age }));
+    } else if (e.min_age != null) {
+      rules.push(t('elig_min', { n: e.min_age }));
+    } else if (e.max_age != null) {
+      rules.push(t('elig_max', { n: e.max_age }));
+    }
+    return rules.length ? t('elig_intro', { rules: rules.join(t('elig_sep')) }) : null;
+  }
+  function notEligibleText(r, rule) {
+    var e = r.eligibility || {};
+    var vars = { regions: regions(e), digits: digits(e), n: rule === 'max_age' ? e.max_age : e.min_age };
+    var key = 'not_eligible_' + rule;
+    return t(key, vars) === key ? t('generic') : t(key, vars);
+  }
+
   function renderRounds() {
     var box = A.clear($('round-list'));
     if (!state.rounds.length) {
@@ -125,6 +157,17 @@
       if (isLottery(r) && r.draw) {
         lines.push(
           el('p', { class: 'round-meta', text: t('lottery_draw_after', { source: r.draw.public_randomness_source }) })
+        );
+      }
+      var who = eligibilityText(r);
+      if (who) lines.push(el('p', { class: 'round-meta eligibility', 'data-testid': 'eligibility', text: who }));
+      if (r.programme && r.cooldown_days > 0) {
+        lines.push(
+          el('p', {
+            class: 'round-meta',
+            'data-testid': 'cooldown',
+            text: t('round_cooldown', { programme: r.programme, days: r.cooldown_days }),
+          })
         );
       }
       if (state.rounds.length > 1) {
@@ -490,6 +533,15 @@
           ]);
         });
       showOutcome('warn', t('already_title'), t('already'), links);
+      return;
+    }
+    if (res.status === 409 && code === 'not-eligible') {
+      showOutcome('warn', t('not_eligible_title'), notEligibleText(r, res.data.rule));
+      return;
+    }
+    if (res.status === 409 && code === 'in-cooldown') {
+      // until is in the round's own offset, like every time on this page (the operator's clock)
+      showOutcome('warn', t('cooldown_title'), t('cooldown', { time: A.fmtTime(res.data.until) }));
       return;
     }
     if (res.status === 409 && code === 'round-not-open') {
