@@ -11,9 +11,9 @@ answered 201/200; FCFS: citizens whose reservation request got an answer other t
 
 The verdict (``judge``): unfair when the chi-square test of independence of group and outcome
 gives p <= ``ALPHA`` (0.001), or when a group's rate is under four fifths of the best group's
-*and* that gap is not chance (the 2x2 chi-square of that group against the best one also gives
-p <= ``ALPHA``). The point-estimate ratio alone is printed and marked, but a small group (five
-duplicate submitters) falls under 0.8 by luck far too often to fail a release on it: the
+*and* that gap is not chance (the 2x2 chi-square of that group against all other entrants
+pooled gives p <= ``ALPHA``). The point-estimate ratio alone is printed and marked, but a small
+group (five duplicate submitters) falls under 0.8 by luck far too often to fail a release on it: the
 regulators' four-fifths rule is read with a significance test for small samples too.
 """
 
@@ -169,7 +169,11 @@ def judge(groups: Iterable[Group]) -> Verdict:
         ratio = g.rate / best.rate if best is not None and best.rate > 0 else 1.0
         gap_p = 1.0
         if best is not None and g is not best:
-            gap_p = chi_square([[g.won, g.asked - g.won], [best.won, best.asked - best.won]])[2]
+            # against everyone else pooled, not against the best group alone: the best of four
+            # small groups is the luckiest, and testing against it fails fair draws by chance
+            won = sum(o.won for o in present if o is not g)
+            asked = sum(o.asked for o in present if o is not g)
+            gap_p = chi_square([[g.won, g.asked - g.won], [won, asked - won]])[2]
         under = ratio < FOUR_FIFTHS
         significant = under and gap_p <= ALPHA
         if significant:
