@@ -34,7 +34,7 @@ from allocator.errors import (
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.integrity import Lost
-from allocator.keys import Keys
+from allocator.keys import Keys, ScriptKeys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import (
     PICKUP_ALPHABET,
@@ -199,14 +199,7 @@ class Claims:
             self.gate.round_bucket(rk),
             rk.entitled,
         ]
-        index: dict[str, int] = {}
-
-        def key(name: str) -> int:
-            """1-based position of ``name`` in KEYS, each key passed once."""
-            if name not in index:
-                keys.append(name)
-                index[name] = len(keys)
-            return index[name]
+        refs = ScriptKeys(keys)
 
         args: list[str | int | float] = [
             len(items),
@@ -224,15 +217,15 @@ class Claims:
             args.append(  # one space-separated argument per item: see lua/claim.lua
                 " ".join(
                     (
-                        str(key(rk.codes(item.site_id))),
-                        str(key(rk.site_holders(item.site_id))),
+                        refs.ref(rk.codes(item.site_id)),
+                        refs.ref(rk.site_holders(item.site_id)),
                         # a desk's claim: the per-address bucket is not applied (0: none)
-                        "0" if item.channel == DESK else str(key(client_bucket)),
-                        str(key(citizen_bucket)),
+                        "0" if item.channel == DESK else refs.ref(client_bucket),
+                        refs.ref(citizen_bucket),
                         # the fairness report's askers; an unknown site is nobody's district
-                        str(key(rk.fair_asked("district", site.district))) if site else "0",
-                        str(key(rk.fair_asked("age_band", item.age_band))),
-                        str(key(rk.fair_asked("channel", item.channel))),
+                        refs.ref(rk.fair_asked("district", site.district)) if site else "0",
+                        refs.ref(rk.fair_asked("age_band", item.age_band)),
+                        refs.ref(rk.fair_asked("channel", item.channel)),
                         item.site_id,
                         item.citizen_hash,
                         self.hasher.phone(item.phone),

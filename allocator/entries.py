@@ -21,7 +21,7 @@ from allocator.errors import AlreadyEntered, NotFound, Problem, RoundNotOpen, Wr
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.integrity import Lost
-from allocator.keys import Keys
+from allocator.keys import Keys, ScriptKeys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import Entry, ms_to_rfc3339
 from allocator.redistyping import awaited
@@ -115,13 +115,7 @@ class Entries:
         """Admit (the gate) and decide several entries on one round in one script call."""
         rk = await self.catalogue.round_keys(round_id)
         keys = [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, self.gate.round_bucket(rk)]
-        index: dict[str, int] = {}
-
-        def key(name: str) -> int:
-            if name not in index:
-                keys.append(name)
-                index[name] = len(keys)
-            return index[name]
+        refs = ScriptKeys(keys)
 
         # an unknown site is refused before the script (entries take no stock to look at)
         sites = await self.catalogue.sites()
@@ -143,8 +137,8 @@ class Entries:
                 " ".join(
                     (
                         # a desk's entry: the per-address bucket is not applied (0: none)
-                        "0" if item.channel == DESK else str(key(client_bucket)),
-                        str(key(citizen_bucket)),
+                        "0" if item.channel == DESK else refs.ref(client_bucket),
+                        refs.ref(citizen_bucket),
                         item.site_id,
                         item.citizen_hash,
                         self.hasher.phone(item.phone),

@@ -148,3 +148,23 @@ class Keys:
     def stock_events(self) -> str:
         """Pub/sub channel: "<round_id> <site_id>" when units come back (cancel, batch)."""
         return f"{self.prefix}:stock-events"
+
+
+class ScriptKeys:
+    """The KEYS of one batched script call: the script's fixed keys first, then each per-item
+    key once, referred to from ARGV by its 1-based position (as claim.lua and enter.lua read
+    them). ``keys`` is what goes to the script."""
+
+    __slots__ = ("_index", "keys")
+
+    def __init__(self, fixed: list[str]) -> None:
+        self.keys = fixed
+        self._index: dict[str, int] = {}
+
+    def ref(self, name: str) -> str:
+        """``name``'s 1-based position in ``keys`` as ARGV text, adding it the first time."""
+        at = self._index.get(name)
+        if at is None:
+            self.keys.append(name)
+            at = self._index[name] = len(self.keys)
+        return str(at)
