@@ -4,6 +4,7 @@ freeze, the draw, passes and winners' reservations (API.md, "Lottery rounds").""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import random
@@ -27,7 +28,7 @@ from allocator.receipts import verify_entry
 from allocator.redistyping import awaited
 from allocator.scripts import script_source
 from service.app import create_app
-from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, reserve, round_body, seed
 
 SOURCE = "drand quicknet round 9123456"
 
@@ -593,3 +594,119 @@ async def test_withdrawals_racing_re_entries_leave_at_most_one_live_entry_per_ci
     assert {(r["entry_id"], r["status"], r["site_id"]) for r in rows} == {
         (r["id"], r["status"], r["site"]) for r in records
     }
+
+
+# -- entitlement: cooldown on entries, winners' bars, exclusion and weights at the freeze -------
+
+
+async def settled_entry(client: TestClient[Any, Any], entry_id: str) -> dict[str, Any]:
+    """The entry once this worker shows it frozen (weight or exclusion set): a worker's round
+    snapshot lags another worker's freeze by up to its cache's second."""
+    async with asyncio.timeout(5):
+        while True:
+            got: dict[str, Any] = await (await client.get(f"/api/v1/entries/{entry_id}")).json()
+            if got["weight"] is not None or got["status"] != "registered":
+                return got
+            await asyncio.sleep(0.1)
+
+
+def _until(body: dict[str, Any]) -> dt.datetime:
+    return dt.datetime.fromisoformat(body["until"])
+
+
+async def test_an_entry_in_the_programmes_cooldown_is_refused_with_until_and_makes_nothing(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys
+) -> None:
+    """A live reservation in another round of the programme bars entering, as reserving: 409
+    in-cooldown with until = its created_at + that round's cooldown_days, no entry made; an
+    existing entry is left as it is; cancelling lifts the bar; other programmes are not barred."""
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l1", programme="masks", cooldown_days=3)
+    await seed_lottery(client, "l9")  # in no programme
+    rk = keys.round("l1", "p:masks")
+    made = await reserve(client, 1, round_id="f1")
+    assert made.status == 201
+    created = dt.datetime.fromisoformat((await made.json())["created_at"])
+    seq = await awaited(redis.hget(rk.tally, "seq"))
+
+    r = await enter(client, 1)
+    body = await problem(r, 409, "in-cooldown")
+    assert r.content_type == "application/problem+json"
+    assert _until(body) == created + dt.timedelta(days=7)  # f1's cooldown, to the millisecond
+    assert _until(body).utcoffset() == dt.timedelta(hours=8)  # the offset the operator used
+    assert "masks" in body["detail"]
+    assert await awaited(redis.hlen(rk.entries)) == 0
+    assert await awaited(redis.hlen(rk.entrants)) == 0
+    assert await awaited(redis.hget(rk.tally, "seq")) == seq  # no change logged
+    tally = await awaited(redis.hgetall(rk.tally))
+    assert not [k for k in tally if k.startswith(b"entries:")]
+    # the bar is the citizen's: another phone, another site, same answer
+    await problem(await enter(client, 1, ph=phone(77)), 409, "in-cooldown")
+    assert (await enter(client, 1, round_id="l9")).status == 201  # no programme: no bar
+
+    # entered first, reserved afterwards (an entry sets no bar): a change is refused, the
+    # entry stays as it was (it is excluded at the freeze if still barred then)
+    entered = await (await enter(client, 2)).json()
+    assert (await reserve(client, 2, round_id="f1")).status == 201
+    await problem(await enter(client, 2, accept=True), 409, "in-cooldown")
+    got = await (await client.get(f"/api/v1/entries/{entered['entry_id']}")).json()
+    assert (got["status"], got["accept_district"], got["weight"]) == ("registered", False, None)
+
+    assert (await enter(client, 3)).status == 201  # not barred
+    assert (await client.delete(made.headers["Location"])).status == 200
+    again = await enter(client, 1)
+    assert again.status == 201, await again.text()
+
+
+async def test_entries_racing_reservations_of_the_programme_end_in_one_share_each(
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any, redis: Redis, keys: Keys
+) -> None:
+    """80 citizens enter a lottery round while the even ones reserve in an fcfs round of the
+    same programme at the same instant, through two workers. An entry made after the
+    reservation is refused in-cooldown; one made before is excluded at the freeze; so the
+    frozen list is exactly the odd citizens', and no even citizen can win a second share."""
+    second: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    await seed(client, "f1", stock={"s1": 200}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l1", stock={"s1": 10}, closes_in=6, programme="masks")
+    citizens = range(80)
+    workers = (client, second)
+    asks = [enter(workers[n % 2], n) for n in citizens]
+    asks += [reserve(workers[(n // 2) % 2], n, round_id="f1") for n in citizens if n % 2 == 0]
+    answers = await asyncio.gather(*asks)
+    entries, reservations = answers[: len(citizens)], answers[len(citizens) :]
+    assert {r.status for r in reservations} == {201}
+    made: dict[int, dict[str, Any]] = {}
+    for n, r in zip(citizens, entries, strict=True):
+        body = await r.json()
+        if n % 2:
+            assert r.status == 201, body
+        else:
+            assert (r.status, body.get("code")) in ((201, None), (409, "in-cooldown")), body
+        if r.status == 201:
+            made[n] = body
+    refused = len(citizens) - len(made)
+
+    record = await wait_for_status(client, "frozen")
+    listed = await (await client.get("/api/v1/rounds/l1/draw/entries.csv")).read()
+    receipts = {line.split(b",")[0].decode() for line in listed.splitlines()[1:]}
+    assert receipts == {e["receipt"] for n, e in made.items() if n % 2}
+    assert record["entries"] == 40
+    # the other worker may have frozen it: this one's round snapshot follows within a second
+    await settled_entry(client, made[1]["entry_id"])
+    for n, e in made.items():
+        got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        want = ("registered", 1) if n % 2 else ("excluded", None)
+        assert (got["status"], got["weight"]) == want, n
+    rows = await ledger_entries(settings.database_url)
+    assert Counter(r["status"] for r in rows) == {"registered": 40, "excluded": 40 - refused}
+
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "9 9 9"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    assert await asyncio.to_thread(verify_url, client) == 0
+    rk = keys.round("l1", "p:masks")
+    won = [orjson.loads(v) for v in (await awaited(redis.hvals(rk.reservations)))]
+    assert len(won) == 10
+    listed_citizens = {r["citizen_hash"] for r in rows if r["status"] == "registered"}
+    assert {w["cit"] for w in won} <= listed_citizens  # the odd ones, who hold nothing else
