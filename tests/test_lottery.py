@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from allocator.draw import entry_receipt
 from allocator.keys import Keys
+from allocator.rebuild import rebuild_round
 from allocator.receipts import verify_entry
 from allocator.redistyping import awaited
 from allocator.scripts import script_source
@@ -710,3 +711,135 @@ async def test_entries_racing_reservations_of_the_programme_end_in_one_share_eac
     assert len(won) == 10
     listed_citizens = {r["citizen_hash"] for r in rows if r["status"] == "registered"}
     assert {w["cit"] for w in won} <= listed_citizens  # the odd ones, who hold nothing else
+
+
+async def test_a_win_bars_the_programme_until_its_cooldown_ends_and_cancelling_it_lifts_it(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """A winner's reservation sets the bar a claim sets (award.lua): reserving or entering
+    another round of the programme is 409 in-cooldown until created_at + cooldown_days; a loser
+    is not barred; cancelling the win lifts the bar; rebuild brings the bar back."""
+    entries = await closed_lottery(client, 6, {"s1": 2}, programme="masks", cooldown_days=5)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "1 2 3"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l2", programme="masks")
+    got = {
+        n: await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        for n, e in enumerate(entries)
+    }
+    winners = [n for n, e in got.items() if e["status"] == "won"]
+    losers = [n for n, e in got.items() if e["status"] == "not-drawn"]
+    assert (len(winners), len(losers)) == (2, 4)
+    rk = keys.round("l1", "p:masks")
+    assert await awaited(redis.hlen(rk.entitled)) == 2
+    for n in winners:
+        won = got[n]["reservation_id"]
+        res = await (await client.get(f"/api/v1/reservations/{won}")).json()
+        until = dt.datetime.fromisoformat(res["created_at"]) + dt.timedelta(days=5)
+        body = await problem(await reserve(client, n, round_id="f1"), 409, "in-cooldown")
+        assert _until(body) == until
+        body = await problem(await enter(client, n, round_id="l2"), 409, "in-cooldown")
+        assert _until(body) == until
+    assert (await reserve(client, losers[0], round_id="f1")).status == 201
+    assert (await enter(client, losers[1], round_id="l2")).status == 201
+
+    # rebuild after Redis lost the programme's bars: the winners' come back from the ledger
+    await awaited(redis.delete(rk.entitled))
+    async with asyncio.timeout(10):
+        while await awaited(redis.xlen(rk.ledger)):
+            await asyncio.sleep(0.05)
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        summary = await rebuild_round(redis, con, keys, "l1", force=True)
+    finally:
+        await con.close()
+    assert summary["cooldowns"] == 2
+    await problem(await reserve(client, winners[0], round_id="f1"), 409, "in-cooldown")
+
+    cancelled = await client.delete(f"/api/v1/reservations/{got[winners[0]]['reservation_id']}")
+    assert cancelled.status == 200
+    assert (await reserve(client, winners[0], round_id="f1")).status == 201
+    await problem(await enter(client, winners[1], round_id="l2"), 409, "in-cooldown")
+
+
+async def frozen_weights(client: TestClient[Any, Any], round_id: str) -> dict[str, int]:
+    """receipt -> weight, as entries.csv of the round publishes them."""
+    listed = await (await client.get(f"/api/v1/rounds/{round_id}/draw/entries.csv")).read()
+    rows = [line.decode().split(",") for line in listed.splitlines()[1:]]
+    return {row[0]: int(row[-1]) for row in rows}
+
+
+async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_loss_weights(
+    client: TestClient[Any, Any],
+) -> None:
+    """Three lottery rounds of one programme, the same six citizens in each. A round is not
+    frozen (nor drawable) before the earlier-closing ones are drawn; then the winners of the
+    earlier ones are excluded (cooldown) and, with loss_weighting, the losers weigh 1 + their
+    losing streak; entries.csv carries the weights, verify-draw replays them, the entry shows
+    its weight or exclusion and the fairness report's weight dimension counts them."""
+    common = {"programme": "masks", "cooldown_days": 7}
+    await seed_lottery(client, "l1", stock={"s1": 2}, closes_in=4, **common)
+    await seed_lottery(client, "l2", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
+    await seed_lottery(client, "l3", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
+    citizens = range(6)
+    asks = [enter(client, n, round_id=r) for r in ("l1", "l2", "l3") for n in citizens]
+    answers = await asyncio.gather(*asks)
+    assert {a.status for a in answers} == {201}
+    bodies = [await a.json() for a in answers]
+    entry = {(r, n): bodies[i * 6 + n] for i, r in enumerate(("l1", "l2", "l3")) for n in citizens}
+
+    await wait_for_status(client, "frozen", "l1")
+    await asyncio.sleep(5)  # two freeze looks of the worker at least: l2 and l3 wait for l1
+    for later in ("l2", "l3"):
+        assert (await (await client.get(f"/api/v1/rounds/{later}/draw")).json())["status"] == (
+            "registering"
+        )
+    draw = "/api/v1/admin/rounds/{}/draw"
+    r = await client.post(draw.format("l2"), json={"public_randomness": "x"}, headers=ADMIN)
+    await problem(r, 409, "draw-not-ready")
+    assert (await frozen_weights(client, "l1")) == {entry["l1", n]["receipt"]: 1 for n in citizens}
+
+    async def drawn(round_id: str) -> dict[int, str]:
+        r = await client.post(draw.format(round_id), json={"public_randomness": "7"}, headers=ADMIN)
+        assert r.status == 200, await r.text()
+        assert (await r.json())["status"] == "drawn"
+        assert await asyncio.to_thread(verify_url, client, round_id) == 0
+        return {
+            n: (
+                await (await client.get(f"/api/v1/entries/{entry[round_id, n]['entry_id']}")).json()
+            )["status"]
+            for n in citizens
+        }
+
+    first = await drawn("l1")
+    won1 = {n for n, s in first.items() if s == "won"}
+    assert len(won1) == 2
+    await wait_for_status(client, "frozen", "l2")
+    assert (await (await client.get("/api/v1/rounds/l3/draw")).json())["status"] == "registering"
+    # l1's winners are in cooldown at l2's freeze: excluded; l1's losers weigh 2
+    assert await frozen_weights(client, "l2") == {
+        entry["l2", n]["receipt"]: 2 for n in citizens if n not in won1
+    }
+    for n in citizens:
+        got = await settled_entry(client, entry["l2", n]["entry_id"])
+        want = ("excluded", None) if n in won1 else ("registered", 2)
+        assert (got["status"], got["weight"]) == want, n
+
+    second = await drawn("l2")
+    assert {n for n, s in second.items() if s == "excluded"} == won1
+    won2 = {n for n, s in second.items() if s == "won"}
+    assert len(won2) == 2
+    fairness = await (await client.get("/api/v1/admin/rounds/l2/fairness", headers=ADMIN)).json()
+    by_weight = {g["group"]: g for g in fairness["groups"] if g["dimension"] == "weight"}
+    assert {w: (g["asked"], g["granted"]) for w, g in by_weight.items()} == {"2": (4, 2)}
+
+    await wait_for_status(client, "frozen", "l3")
+    # winners of l1 and of l2 excluded; who lost both weighs 3
+    lost_both = set(citizens) - won1 - won2
+    assert await frozen_weights(client, "l3") == {entry["l3", n]["receipt"]: 3 for n in lost_both}
+    third = await drawn("l3")
+    assert {n for n, s in third.items() if s == "excluded"} == won1 | won2
+    assert {n for n, s in third.items() if s == "won"} == lost_both  # 2 units, 2 entries
