@@ -780,7 +780,7 @@ async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_los
     earlier ones are excluded (cooldown) and, with loss_weighting, the losers weigh 1 + their
     losing streak; entries.csv carries the weights, verify-draw replays them, the entry shows
     its weight or exclusion and the fairness report's weight dimension counts them."""
-    common = {"programme": "masks", "cooldown_days": 7}
+    common: dict[str, Any] = {"programme": "masks", "cooldown_days": 7}
     await seed_lottery(client, "l1", stock={"s1": 2}, closes_in=4, **common)
     await seed_lottery(client, "l2", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
     await seed_lottery(client, "l3", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
