@@ -843,3 +843,36 @@ async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_los
     third = await drawn("l3")
     assert {n for n, s in third.items() if s == "excluded"} == won1 | won2
     assert {n for n, s in third.items() if s == "won"} == lost_both  # 2 units, 2 entries
+
+
+async def test_a_winner_who_reserved_in_the_programme_after_the_freeze_gets_no_second_share(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """The freeze could not know of a reservation made after it: the award refuses the second
+    share (the entry becomes excluded), the unit stays at the site and the next pass releases
+    it; the published draw still replays."""
+    entries = await closed_lottery(client, 3, {"s1": 3}, programme="masks", cooldown_days=7)
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    assert (await reserve(client, 0, round_id="f1")).status == 201  # an entry sets no bar
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "5"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    results = (await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()).decode()
+    assert all(line.split(",")[2] for line in results.splitlines()[1:])  # all three placed
+    shown = [await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json() for e in entries]
+    assert [(e["status"], e["reservation_id"] is None) for e in shown] == [
+        ("excluded", True), ("won", False), ("won", False),
+    ]  # fmt: skip
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert (stats["reserved"], stats["remaining"]) == (2, 1)
+    await wait_for_entries(database_url, 3)
+    for _ in range(100):  # the ledger has the exclusion a moment later
+        r = await client.post("/api/v1/admin/rounds/l1/draw/next", headers=ADMIN)
+        assert r.status == 200, await r.text()
+        record = await r.json()
+        if record["passes"][-1]["released"]:
+            break
+        await asyncio.sleep(0.1)
+    assert record["passes"][-1]["released"] == [{"site_id": "s1", "units": 1}]
+    assert await asyncio.to_thread(verify_url, client) == 0
