@@ -773,7 +773,7 @@ async def frozen_weights(client: TestClient[Any, Any], round_id: str) -> dict[st
 
 
 async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_loss_weights(
-    client: TestClient[Any, Any],
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, settings: Settings
 ) -> None:
     """Three lottery rounds of one programme, the same six citizens in each. A round is not
     frozen (nor drawable) before the earlier-closing ones are drawn; then the winners of the
@@ -825,6 +825,20 @@ async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_los
     }
     for n in citizens:
         got = await settled_entry(client, entry["l2", n]["entry_id"])
+        want = ("excluded", None) if n in won1 else ("registered", 2)
+        assert (got["status"], got["weight"]) == want, n
+    # Redis lost l2's entries: rebuild brings back the exclusions and weights from the ledger
+    await awaited(redis.delete(keys.round("l2", "p:masks").entries))
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await rebuild_round(redis, con, keys, "l2", force=True)
+    finally:
+        await con.close()
+    async with asyncio.timeout(5):  # the worker serves the rebuilt round within a second
+        while (await client.get(f"/api/v1/entries/{entry['l2', 0]['entry_id']}")).status != 200:
+            await asyncio.sleep(0.1)
+    for n in citizens:
+        got = await (await client.get(f"/api/v1/entries/{entry['l2', n]['entry_id']}")).json()
         want = ("excluded", None) if n in won1 else ("registered", 2)
         assert (got["status"], got["weight"]) == want, n
 
