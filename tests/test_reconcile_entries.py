@@ -94,7 +94,7 @@ async def test_reconcile_of_an_fcfs_round_has_no_entry_report(
 
 
 def _record_edit(field: str, value: Any) -> Any:
-    async def plant(redis: Redis, keys: Keys, entry_id: str) -> None:
+    async def plant(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
         rk = keys.round("l1")
         record = orjson.loads(await redis.hget(rk.entries, entry_id))  # type: ignore[misc]
         record[field] = value
@@ -103,16 +103,36 @@ def _record_edit(field: str, value: Any) -> Any:
     return plant
 
 
-async def _drop_entry(redis: Redis, keys: Keys, entry_id: str) -> None:
+async def _drop_entry(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
     await redis.hdel(keys.round("l1").entries, entry_id)  # type: ignore[misc]
 
 
-async def _bump_counter(redis: Redis, keys: Keys, entry_id: str) -> None:
+async def _bump_counter(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
     await redis.hincrby(keys.round("l1").tally, "entries:s2", 1)  # type: ignore[misc]
 
 
-async def _forget_entrant(redis: Redis, keys: Keys, entry_id: str) -> None:
+async def _forget_entrant(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
     await redis.hset(keys.round("l1").entrants, "someone-else", entry_id)  # type: ignore[misc]
+
+
+async def _extra_entry(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
+    """A record Redis holds that the ledger never saw (with its counter, so only that differs)."""
+    rk = keys.round("l1")
+    record = orjson.loads(await redis.hget(rk.entries, entry_id))  # type: ignore[misc]
+    record["id"] = record["id"].replace(record["id"][:4], "zzzz", 1)
+    record["cit"] = "a-citizen-of-its-own"
+    await redis.hset(rk.entries, record["id"], orjson.dumps(record))  # type: ignore[misc, arg-type]
+    await redis.hset(rk.entrants, record["cit"], record["id"])  # type: ignore[misc]
+    await redis.hincrby(rk.tally, f"entries:{record['site']}", 1)  # type: ignore[misc]
+
+
+async def _ledger_withdrawn(redis: Redis, keys: Keys, entry_id: str, database_url: str) -> None:
+    """The ledger says withdrawn where Redis says registered."""
+    con = await asyncpg.connect(database_url)
+    try:
+        await con.execute("UPDATE entries SET status = 'withdrawn' WHERE entry_id = $1", entry_id)
+    finally:
+        await con.close()
 
 
 @pytest.mark.parametrize(
@@ -125,8 +145,20 @@ async def _forget_entrant(redis: Redis, keys: Keys, entry_id: str) -> None:
         (_drop_entry, "1 entry in the ledger but not in Redis"),
         (_bump_counter, "Redis counts 3 live entries at s2"),
         (_forget_entrant, "entrants hash"),
+        (_extra_entry, "1 entry in Redis but not in the ledger"),
+        (_ledger_withdrawn, "live entries at s1: Redis 3, ledger 2"),
     ],
-    ids=["site", "accept_district", "status", "citizen", "lost", "counter", "entrants"],
+    ids=[
+        "site",
+        "accept_district",
+        "status",
+        "citizen",
+        "lost",
+        "counter",
+        "entrants",
+        "unrecorded",
+        "ledger-status",
+    ],
 )
 async def test_reconcile_names_an_entry_out_of_place_and_the_cli_exits_1(
     client: TestClient[Any, Any],
@@ -141,7 +173,7 @@ async def test_reconcile_names_an_entry_out_of_place_and_the_cli_exits_1(
     seen = await registered(client)
     await drained(redis, keys)
     entry_id = seen[1]["entry_id"]  # at s1, accepting the district
-    await plant(redis, keys, entry_id)
+    await plant(redis, keys, entry_id, settings.database_url)
 
     env = {
         **os.environ,
