@@ -8,11 +8,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from allocator.admission import AdmissionQueue
 from allocator.errors import Problem
+from allocator.facade import Allocator
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
 from service.auth import check_site, require_operator, require_staff
-from service.client import client_address
+from service.client import Network, client_address
+from service.metrics import Metrics
 from service.openapi import openapi_document
+from service.problems import problem_response
 from service.shapes import (
     batch_body,
     entry_body,
@@ -118,6 +122,52 @@ async def reserve(
             opens_on=rnd.opens_at.date(),
         )
         reservation, created = await request.app[ADMISSION].reserve(claim)
+    except Problem as problem:
+        metrics.count_reservation(problem.code)
+        if problem.code == "sold-out":
+            metrics.count_ask(channel, granted=False)
+        raise
+    metrics.count_reservation("created" if created else "existing")
+    body = reservation_body(reservation, rnd, allocator.now_ms())
+    if not created:
+        return json_response(body)
+    metrics.count_ask(channel, granted=True)
+    location = f"/api/v1/reservations/{reservation.reservation_id}"
+    return json_response(body, status=201, headers={"Location": location})
+
+
+async def citizen_reservation(
+    request: web.Request,
+    round_id: str,
+    allocator: Allocator,
+    admission: AdmissionQueue,
+    metrics: Metrics,
+    trusted: tuple[Network, ...],
+) -> web.Response:
+    """:func:`reserve` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
+    the same checks in the same order and the same answers, with what ``reserve`` reads from
+    the request's app passed in, and the sold-out herd answered from memory without raising.
+    ``round_id`` is already known to be well-formed (the hot route's path pattern)."""
+    channel = citizen_channel(request)
+    try:
+        ask = parse_reservation(await read_json(request))
+        rnd = await allocator.round_before_claim(round_id)
+        allocator.check_eligibility(rnd, ask.citizen_id)
+        claim = allocator.claim_request(
+            round_id,
+            ask.site_id,
+            ask.citizen_id,
+            ask.phone,
+            client_address(request, trusted),
+            channel=channel,
+            opens_on=rnd.opens_at.date(),
+        )
+        refusal = admission.from_memory(claim)
+        if refusal is not None:
+            metrics.count_reservation("sold-out")
+            metrics.count_ask(channel, granted=False)
+            return problem_response(refusal)
+        reservation, created = await admission.claim(claim)
     except Problem as problem:
         metrics.count_reservation(problem.code)
         if problem.code == "sold-out":
