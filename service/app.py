@@ -292,7 +292,7 @@ def create_app(
             monotonic=monotonic,
         )
         app[DESK_TOKENS] = desks
-        queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
+        queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].set_queue_depth)
         app[ADMISSION] = queue
         hot.bind(allocator, queue, app[METRICS], app[TRUSTED_PROXIES])
         stop = asyncio.Event()

@@ -74,6 +74,7 @@ class Metrics:
         # What the requests of this turn of the event loop counted, written out at its end.
         self._counted: dict[Any, int] = {}
         self._tallies: list[_Tally] = []
+        self._depth: int | None = None  # the queue's depth to write, if it changed
         self._flush_soon = False
 
     # Every value a worker's series hold is a locked write to a memory-mapped file under
@@ -110,6 +111,11 @@ class Metrics:
         self._tallies.append(tally)
         self._later()
 
+    def set_queue_depth(self, depth: int) -> None:
+        """The admission queue's depth (it changes twice a request: in, then taken)."""
+        self._depth = depth
+        self._later()
+
     def _count(self, child: Any) -> None:
         counted = self._counted
         n = counted.get(child)
@@ -137,6 +143,9 @@ class Metrics:
         tallies, self._tallies = self._tallies, []
         for tally in tallies:
             tally.flush()
+        if self._depth is not None:
+            self.queue_depth.set(self._depth)
+            self._depth = None
 
     def render(self) -> bytes:
         """This process's metrics, or every worker's under PROMETHEUS_MULTIPROC_DIR. Costly

@@ -153,6 +153,8 @@ async def test_counts_of_one_turn_are_written_at_its_end() -> None:
         m.count_reservation("created")
     m.count_ask("web", granted=True)
     m.count_ask("web", granted=False)
+    m.set_queue_depth(7)
+    m.set_queue_depth(5)  # the last value of the turn is the one written
     assert m.registry.get_sample_value("allot_reservations_total", {"outcome": "created"}) in (
         None,
         0.0,
@@ -161,6 +163,7 @@ async def test_counts_of_one_turn_are_written_at_its_end() -> None:
     assert m.registry.get_sample_value("allot_reservations_total", {"outcome": "created"}) == 3
     assert m.registry.get_sample_value("allot_asks_total", {"channel": "web"}) == 2
     assert m.registry.get_sample_value("allot_grants_total", {"channel": "web"}) == 1
+    assert m.registry.get_sample_value("allot_queue_depth") == 5
     direct = samples(observed_directly(VALUES))
     batched = {k: v for k, v in samples(m.registry).items() if k[0] in {n for n, _ in direct}}
     assert batched == direct
