@@ -46,7 +46,7 @@ from service.feeds import feed_cache
 from service.metrics import LedgerMetrics, Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
-from service.views import citizen_reservation, routes
+from service.views import citizen_reservation, ready_problem, routes
 
 log = logging.getLogger("allot.service")
 
@@ -151,7 +151,7 @@ class HotRoutes:
                 request, round_id, self._allocator, self._admission, self._metrics, self._trusted
             )
         except Problem as problem:
-            response = problem_response(problem)
+            response = ready_problem(problem)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

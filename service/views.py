@@ -14,9 +14,10 @@ from allocator.facade import Allocator
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
 from service.auth import check_site, require_operator, require_staff
 from service.client import Network, client_address
+from service.http import ReadyResponse
 from service.metrics import Metrics
 from service.openapi import openapi_document
-from service.problems import problem_response
+from service.problems import PROBLEM_JSON, problem_body, problem_headers, status_of
 from service.shapes import (
     batch_body,
     entry_body,
@@ -143,7 +144,7 @@ async def citizen_reservation(
     admission: AdmissionQueue,
     metrics: Metrics,
     trusted: tuple[Network, ...],
-) -> web.Response:
+) -> web.StreamResponse:
     """:func:`reserve` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
     the same checks in the same order and the same answers, with what ``reserve`` reads from
     the request's app passed in, and the sold-out herd answered from memory without raising.
@@ -166,7 +167,7 @@ async def citizen_reservation(
         if refusal is not None:
             metrics.count_reservation("sold-out")
             metrics.count_ask(channel, granted=False)
-            return problem_response(refusal)
+            return ready_problem(refusal)
         reservation, created = await admission.claim(claim)
     except Problem as problem:
         metrics.count_reservation(problem.code)
@@ -174,12 +175,24 @@ async def citizen_reservation(
             metrics.count_ask(channel, granted=False)
         raise
     metrics.count_reservation("created" if created else "existing")
-    body = reservation_body(reservation, rnd, allocator.now_ms())
+    body = orjson.dumps(reservation_body(reservation, rnd, allocator.now_ms()))
     if not created:
-        return json_response(body)
+        return ReadyResponse(body, status=200, content_type="application/json")
     metrics.count_ask(channel, granted=True)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
-    return json_response(body, status=201, headers={"Location": location})
+    return ReadyResponse(
+        body, status=201, content_type="application/json", headers={"Location": location}
+    )
+
+
+def ready_problem(problem: Problem) -> ReadyResponse:
+    """:func:`service.problems.problem_response`, as the hot route writes it."""
+    return ReadyResponse(
+        problem_body(problem),
+        status=status_of(problem),
+        content_type=PROBLEM_JSON,
+        headers=problem_headers(problem),
+    )
 
 
 @routes.post("/api/v1/rounds/{round_id}/entries")
