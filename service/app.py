@@ -23,6 +23,7 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
+from allocator.redispack import PackedConnection
 from allocator.redistyping import awaited
 from allocator.rules import ID_REGEX
 from allocator.throttle import FailureThrottle
@@ -216,6 +217,7 @@ def redis_client(settings: Settings) -> Redis:
         socket_connect_timeout=min(timeout, 0.5),
         health_check_interval=10,
         retry=Retry(NoBackoff(), 0),
+        connection_class=PackedConnection,  # commands packed in C (rediss://, unix:// keep theirs)
     )
     return Redis(connection_pool=pool)
 
