@@ -7,7 +7,9 @@ prefix are compared before and after."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import datetime as dt
+import os
 from typing import Any, cast
 
 import asyncpg
@@ -20,6 +22,7 @@ from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.redistyping import awaited
 from service.app import create_app
+from service.appkeys import ALLOCATOR
 from tests.helpers import ADMIN, citizen_id, phone, redis_state, seed
 from tests.test_lottery import enter, problem, seed_lottery, wait_for_status
 
@@ -212,3 +215,20 @@ async def test_the_freeze_waits_for_the_lock_holder_and_a_second_freeze_changes_
     assert dict(again) == dict(row)
     assert isinstance(row["frozen_at"], dt.datetime)
     assert await (await client.get("/api/v1/rounds/l1/draw")).json() == frozen
+
+
+async def test_the_freeze_and_the_draw_run_in_a_process_of_their_own(client: Client) -> None:
+    """A draw of a million entries sorts and hashes for seconds: it must not run on the
+    citizens' event loop, nor in its process (allocator/lottery.py, a spawned pool)."""
+    await seed_lottery(client, closes_in=2)
+    assert (await enter(client, 1)).status == 201
+    await wait_for_status(client, "frozen")
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "9"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    pool = client.app[ALLOCATOR].lottery._pool
+    assert isinstance(pool, concurrent.futures.ProcessPoolExecutor)
+    pids = set(pool._processes)
+    assert pids
+    assert os.getpid() not in pids
