@@ -73,10 +73,7 @@
     renderRounds();
     renderMine();
     var has = !!state.round;
-    var registering = has && (!isLottery(state.round) || roundStatus(state.round) !== 'closed');
-    $('reserve').hidden = !has || !registering || !$('result').hidden;
-    renderForm();
-    renderLottery();
+    showChosen();
     $('sites').hidden = !has;
     if (has && state.round.round_id !== previous) {
       state.sites = [];
@@ -84,6 +81,17 @@
     }
     if (!has) state.roundsTimer = setTimeout(loadRounds, 30000);
     updateSubmit();
+  }
+
+  /** The form and the lottery card for the chosen round: a lottery round is a registration
+   * (its own title, the district choice, the entry and the draw's check), an FCFS round a
+   * reservation. Called when the rounds are loaded and when the citizen picks another one. */
+  function showChosen() {
+    var has = !!state.round;
+    var registering = has && (!isLottery(state.round) || roundStatus(state.round) !== 'closed');
+    $('reserve').hidden = !has || !registering || !$('result').hidden;
+    renderForm();
+    renderLottery();
   }
 
   // -- entitlement: who may take part, said before anyone types an ID ------------------------
@@ -181,6 +189,7 @@
               state.round = r;
               state.sites = [];
               renderRounds();
+              showChosen();
               loadSites();
               updateSubmit();
             },
