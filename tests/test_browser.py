@@ -1157,6 +1157,8 @@ async def test_a_lottery_card_says_who_may_enter_explains_refusals_and_follows_t
     await expect(card.get_by_test_id("eligibility")).to_have_text(
         "Who may take part: ID number starting with 11"
     )
+    await expect(card).to_contain_text("1 per person · Register ")  # a registration window
+    await expect(card.get_by_test_id("cooldown")).to_contain_text("after winning here")
     await card.get_by_role("button").click()
     await expect(page.locator("#form-title")).to_have_text("Register for the lottery")
     await page.locator("select[name=site_id]").select_option("s1")
@@ -1172,7 +1174,7 @@ async def test_a_lottery_card_says_who_may_enter_explains_refusals_and_follows_t
     await page.locator("input[name=phone]").fill(phone(1))
     await page.get_by_role("button", name="Register", exact=True).click()
     await expect(outcome).to_contain_text("You reserved recently in this programme")
-    await expect(outcome).to_contain_text("again from")
+    await expect(outcome).to_contain_text("You can register again from")
 
     await page.locator("input[name=citizen_id]").fill(citizen_id(2))
     await page.locator("input[name=phone]").fill(phone(2))

@@ -156,9 +156,9 @@
         }),
         el('p', {
           class: 'round-meta',
-          text: t('round_per_person', { n: r.per_person }) + ' · ' + t('round_window', {
-            range: A.fmtRange(r.opens_at, r.closes_at),
-          }),
+          text: t('round_per_person', { n: r.per_person }) + ' · ' + (isLottery(r)
+            ? t('lottery_window', { range: A.fmtRange(r.opens_at, r.closes_at) })
+            : t('round_window', { range: A.fmtRange(r.opens_at, r.closes_at) })),
         }),
         el('p', { class: 'round-meta', text: t('round_pickup', { range: A.fmtRange(r.pickup_start, r.pickup_end) }) }),
       ];
@@ -174,7 +174,9 @@
           el('p', {
             class: 'round-meta',
             'data-testid': 'cooldown',
-            text: t('round_cooldown', { programme: r.programme, days: r.cooldown_days }),
+            text: isLottery(r)
+              ? t('lottery_cooldown', { programme: r.programme, days: r.cooldown_days })
+              : t('round_cooldown', { programme: r.programme, days: r.cooldown_days }),
           })
         );
       }
@@ -550,7 +552,8 @@
     }
     if (res.status === 409 && code === 'in-cooldown') {
       // until is in the round's own offset, like every time on this page (the operator's clock)
-      showOutcome('warn', t('cooldown_title'), t('cooldown', { time: A.fmtTime(res.data.until) }));
+      var until = { time: A.fmtTime(res.data.until) };
+      showOutcome('warn', t('cooldown_title'), isLottery(r) ? t('cooldown_lottery', until) : t('cooldown', until));
       return;
     }
     if (res.status === 409 && code === 'round-not-open') {
