@@ -158,7 +158,8 @@ async def test_draw_requests_on_an_fcfs_or_unknown_round_are_refused_and_change_
 
 async def test_draw_files_that_do_not_exist_yet_are_404(client: Client) -> None:
     """Before the freeze no file but the record; after it entries and stock, not results or a
-    pass; a pass number never run is 404 even after the draw."""
+    pass, and malformed public randomness is 422 and draws nothing; a pass number never run
+    is 404 even after the draw."""
     await seed_lottery(client, closes_in=2)
     assert (await enter(client, 1)).status == 201
     for name in ("entries.csv", "stock.csv", "results.csv", "pass-1.csv"):
@@ -168,6 +169,14 @@ async def test_draw_files_that_do_not_exist_yet_are_404(client: Client) -> None:
         assert (await client.get(f"/api/v1/rounds/l1/draw/{name}")).status == 200
     for name in ("results.csv", "pass-1.csv"):
         await problem(await client.get(f"/api/v1/rounds/l1/draw/{name}"), 404, "not-found")
+    frozen = await (await client.get("/api/v1/rounds/l1/draw")).json()
+    for bad in ("", "x" * 257, "tab\there", "nul\x00", ["1"], {"v": 1}):
+        r = await client.post(
+            "/api/v1/admin/rounds/l1/draw", json={"public_randomness": bad}, headers=ADMIN
+        )
+        body = await problem(r, 422, "invalid-request")
+        assert [e["field"] for e in body["errors"]] == ["public_randomness"]
+    assert await (await client.get("/api/v1/rounds/l1/draw")).json() == frozen  # not drawn
     r = await client.post(
         "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "1"}, headers=ADMIN
     )
