@@ -24,6 +24,7 @@ from allocator.redistyping import awaited
 from service.app import create_app
 from service.appkeys import ALLOCATOR
 from tests.helpers import ADMIN, citizen_id, phone, redis_state, seed
+from tests.test_eligibility_api import RULES
 from tests.test_lottery import enter, problem, seed_lottery, wait_for_status
 
 Client = TestClient[Any, Any]
@@ -241,3 +242,26 @@ async def test_the_freeze_and_the_draw_run_in_a_process_of_their_own(client: Cli
     pids = set(pool._processes)
     assert pids
     assert os.getpid() not in pids
+
+
+# -- who may enter: every eligibility rule on the entries route -------------------------------
+
+
+@pytest.mark.parametrize("rule", sorted(RULES))
+async def test_each_failed_rule_refuses_an_entry_409_not_eligible_before_redis_is_touched(
+    rule: str, client: Client, redis: Redis, keys: Keys
+) -> None:
+    """The same rules as for reservations (tests/test_eligibility_api.py), on a lottery's
+    entries: 409 naming the rule, no token, no entry; the IDs that pass are entered."""
+    eligibility, failing, passing = RULES[rule]
+    await seed_lottery(client, eligibility=eligibility)
+    before = await settled(redis, keys.prefix)
+    r = await client.post(ENTRIES, json={"citizen_id": failing, "phone": phone(1), "site_id": "s1"})
+    body = await problem(r, 409, "not-eligible")
+    assert body["rule"] == rule
+    assert await redis_state(redis, keys.prefix) == before
+    for n, citizen in enumerate(passing, start=2):
+        r = await client.post(
+            ENTRIES, json={"citizen_id": citizen, "phone": phone(n), "site_id": "s1"}
+        )
+        assert r.status == 201, await r.text()
