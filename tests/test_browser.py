@@ -1089,3 +1089,116 @@ async def test_console_creates_a_lottery_round_and_runs_its_freeze_draw_and_pass
     await assert_contrast(page)
     assert page_errors(page) == []
     await context.close()
+
+
+# -- entitlement and lottery on the citizen's pages (audit of issues 10 and 14) ---------------
+
+
+async def test_reservation_page_shows_an_uncollected_reservation_as_expired(
+    settings: Settings, redis: Redis, aiohttp_client: Any, browser: Browser
+) -> None:
+    """Once the pickup window has ended and the sweep recorded it, the citizen's /r/ page says
+    the reservation expired and offers no cancel."""
+    from dataclasses import replace
+
+    from service.app import create_app
+    from tests.test_expiry import end_pickup, stats, until
+
+    fast = replace(settings, service=replace(settings.service, expiry_sweep_ms=100))
+    client: Client = await aiohttp_client(create_app(fast))
+    await seed(client, stock={"s1": 5})
+    made = await (await reserve(client, 3)).json()
+    await end_pickup(client)
+
+    async def swept() -> bool:
+        return bool((await stats(client))["expired"] == 1)
+
+    await until(swept)
+    context, page = await open_page(browser, client, f"/r/{made['reservation_id']}")
+    await expect(page.get_by_test_id("reservation-status")).to_have_text("已过期")
+    await expect(page.get_by_test_id("pickup-code")).to_have_text(made["pickup_code"])
+    await expect(page.locator("#cancel-box")).to_be_hidden()
+    assert page_errors(page) == []
+    await context.close()
+
+
+async def test_a_lottery_card_says_who_may_enter_explains_refusals_and_follows_the_draw(
+    client: Client, browser: Browser
+) -> None:
+    """A lottery round of a programme: its rules are on the card before an ID is typed; an
+    ineligible ID and a citizen in the programme's cooldown are told why, the latter when to
+    come back; an entry made on the page then follows the round without a reload: the list
+    frozen after the close, then its result (one unit, one entrant) once drawn."""
+    from tests.test_lottery import lottery_body, wait_for_status
+
+    await seed(client, "b", stock={"s1": 5}, programme="masks", cooldown_days=7, title="Shop")
+    assert (await reserve(client, 1, round_id="b")).status == 201  # citizen 1 is in cooldown
+    r = await client.put(
+        "/api/v1/admin/rounds/l1",
+        json=lottery_body(
+            closes_in=30,
+            title="Lottery",
+            programme="masks",
+            cooldown_days=7,
+            eligibility={"regions": ["11"]},
+        ),
+        headers=ADMIN,
+    )
+    assert r.status == 201, await r.text()
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/batches",
+        json={"batch_id": "one", "items": [{"site_id": "s1", "quantity": 1}]},
+        headers=ADMIN,
+    )
+    assert r.status == 201, await r.text()
+
+    context, page = await open_page(browser, client, locale="en-US")
+    card = page.locator("article.round", has_text="Lottery")
+    await expect(card.get_by_test_id("eligibility")).to_have_text(
+        "Who may take part: ID number starting with 11"
+    )
+    await expect(card).to_contain_text("1 per person · Register ")  # a registration window
+    await expect(card.get_by_test_id("cooldown")).to_contain_text("after winning here")
+    await card.get_by_role("button").click()
+    await expect(page.locator("#form-title")).to_have_text("Register for the lottery")
+    await page.locator("select[name=site_id]").select_option("s1")
+    outcome = page.locator("#outcome")
+
+    await page.locator("input[name=citizen_id]").fill(identity(5, region="440106"))
+    await page.locator("input[name=phone]").fill(phone(5))
+    await page.get_by_role("button", name="Register", exact=True).click()
+    await expect(outcome).to_contain_text("This round is not open to you")
+    await expect(outcome).to_contain_text("only for ID numbers starting with 11")
+
+    await page.locator("input[name=citizen_id]").fill(citizen_id(1))
+    await page.locator("input[name=phone]").fill(phone(1))
+    await page.get_by_role("button", name="Register", exact=True).click()
+    await expect(outcome).to_contain_text("You reserved recently in this programme")
+    await expect(outcome).to_contain_text("You can register again from")
+
+    await page.locator("input[name=citizen_id]").fill(citizen_id(2))
+    await page.locator("input[name=phone]").fill(phone(2))
+    await page.get_by_role("button", name="Register", exact=True).click()
+    status = page.get_by_test_id("entry-status")
+    await expect(status).to_have_text("Registered, waiting for the draw")
+    got = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert got["entries"] == 1  # the two refusals made no entry
+
+    await wait_for_status(client, "frozen")
+    check = page.get_by_test_id("check-draw")
+    await expect(check.locator("summary")).to_contain_text(
+        "List frozen; waiting for the public random value", timeout=20_000
+    )
+    await expect(check.locator("a.file")).to_have_count(2)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "5 6 7"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    [mine] = await page.evaluate("() => JSON.parse(localStorage.getItem('allot.entries'))")
+    entry = await (await client.get(f"/api/v1/entries/{mine['id']}")).json()
+    assert entry["status"] in ("won", "not-drawn")
+    shown = {"won": "Won", "not-drawn": "Not drawn"}[entry["status"]]
+    await expect(status).to_have_text(shown, timeout=20_000)
+    await expect(check.locator("a.file")).to_have_count(3)
+    assert page_errors(page) == []
+    await context.close()
