@@ -15,7 +15,21 @@ from allocator.model import Reservation
 
 # The servers the tests use (make test exports these; each test isolates itself by prefix/db).
 REDIS_URL = os.environ.get("ALLOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-PG_URL = os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _without_tls_probe(url: str) -> str:
+    """The test server's URL with ``sslmode=disable`` unless it names a mode: asyncpg's default
+    (``prefer``) first asks the server for TLS, and a connect cancelled during that exchange (a
+    timeout on a loaded machine) leaves a future whose 'unexpected connection_lost()' nobody
+    retrieves, which the loop's exception check then blames on an unrelated test."""
+    if "sslmode=" in url:
+        return url
+    return url + ("&" if "?" in url else "?") + "sslmode=disable"
+
+
+PG_URL = _without_tls_probe(
+    os.environ.get("ALLOT_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+)
 ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
