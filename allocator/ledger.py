@@ -43,6 +43,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from allocator import topology
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.draw import entry_receipt
@@ -53,6 +54,7 @@ log = logging.getLogger("allot.ledger")
 
 GROUP = "ledger"
 LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
+POLL_MS = 50  # cluster mode: the pause after a pass that found no new entry (no blocking read)
 
 
 async def create_group(redis: Redis, stream: str) -> None:
@@ -294,21 +296,48 @@ class LedgerWriter:
             streams = await self._streams()
         if not streams:
             return False
-        count = self.settings.batch_size
-        entries = self._parse(
-            await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(streams, "0"), count)
-        )
+        entries = await self._read(streams, "0", None)
         if not entries:
-            entries = self._parse(
-                await self.redis.xreadgroup(
-                    GROUP, self.consumer, dict.fromkeys(streams, ">"), count, block=self.block_ms
-                )
-            )
+            entries = await self._read(streams, ">", self.block_ms)
         if not entries:
             return False
         self.last_batch = len(entries)
         await self._commit(entries, streams)
         return True
+
+    async def _read(self, streams: dict[str, str], start: str, block: int | None) -> list[Entry]:
+        """Entries of every stream from ``start`` ("0": this consumer's pending, ">": new)."""
+        count = self.settings.batch_size
+        if not topology.is_cluster(self.redis):
+            return self._parse(
+                await self.redis.xreadgroup(
+                    GROUP, self.consumer, dict.fromkeys(streams, start), count, block=block
+                )
+            )
+        # Redis Cluster: one XREADGROUP per stream, each on its round's node (one read of
+        # several streams is CROSSSLOT), pipelined (each node gets its share in one write, the
+        # nodes at once) and never blocking (a blocked read would hold a node's connection, and
+        # one node's silence would delay the others). A node that fails costs only its streams.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)
+            replies = await pipe.execute(raise_on_error=False)
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if failed and len(failed) == len(replies):
+            raise failed[0]
+        if failed:
+            log.warning(
+                "ledger writer: %d of %d streams unreadable now (%s)",
+                len(failed),
+                len(replies),
+                type(failed[0]).__name__,
+            )
+            if self.floors is not None:
+                self.floors.redis_failed()
+        entries = [e for r in replies if not isinstance(r, Exception) for e in self._parse(r)]
+        if not entries and block:
+            await self._sleep(min(block, POLL_MS) / 1000)
+        return entries
 
     async def drain(self) -> None:
         """Commit until every stream is empty; callers bound it with asyncio.timeout."""

@@ -9,11 +9,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio import Redis
 
-from allocator import db
+from allocator import db, topology
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
 from allocator.desk import DeskTokens
@@ -111,22 +109,8 @@ def http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
 
 
 def redis_client(settings: Settings) -> Redis:
-    """Bounded everything: connections, waits for a connection, connect and read timeouts.
-
-    No automatic retries: a timed-out claim may have run, and the citizen's own retry is the
-    safe one (it gets the same reservation back with 200).
-    """
-    timeout = settings.service.redis_timeout_ms / 1000
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=64,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 0.5),
-        health_check_interval=10,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return Redis(connection_pool=pool)
+    """The worker's Redis client, single or cluster (allocator/topology.py)."""
+    return topology.redis_client(settings)
 
 
 def create_app(
@@ -165,8 +149,7 @@ def create_app(
                 "redis at startup: %s: %s; serving 503 until it answers", type(exc).__name__, exc
             )
         yield
-        await client.aclose()
-        await client.connection_pool.disconnect()
+        await topology.close_client(client)
 
     async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await db.create_pool(settings.database_url)
@@ -186,6 +169,8 @@ def create_app(
             monotonic=monotonic,
             draw_key=settings.draw_key,
             database_url=settings.database_url,
+            wait_replicas=settings.redis.wait_replicas,
+            wait_timeout_ms=settings.redis.wait_timeout_ms,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(
