@@ -267,6 +267,8 @@ class LedgerWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, RedisError | OSError):
+                    topology.mark_stale(self.redis)  # cluster mode: a primary may have changed
                 if isinstance(exc, RedisError | OSError) and self.floors is not None:
                     self.floors.redis_failed()  # the Redis that comes back may be an older copy
                 self._backoff = min(5.0, max(0.1, self._backoff * 2))
@@ -332,6 +334,7 @@ class LedgerWriter:
                 len(replies),
                 type(failed[0]).__name__,
             )
+            topology.mark_stale(self.redis)
             if self.floors is not None:
                 self.floors.redis_failed()
         entries = [e for r in replies if not isinstance(r, Exception) for e in self._parse(r)]

@@ -24,7 +24,7 @@ from typing import TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from allocator import topology
@@ -56,6 +56,10 @@ class Store:
         self._breaker = breaker
         self._down_until = 0.0
         self._cluster = topology.is_cluster(redis)
+        # Cluster mode: the socket timeout (the same ``timeout``) must fire first. A cancelled
+        # cluster pipeline never gives its connection back to the node's pool (redis-py 7.4),
+        # and a few dozen of those exhaust it; a socket timeout closes the connection cleanly.
+        self._deadline = timeout + 0.2 if self._cluster else timeout
         self._node_down_until: dict[str, float] = {}  # cluster mode: host:port -> until
         # the Redis that answers after a failure may be an older copy: the loss watch
         # (allocator/losswatch.py) compares it with the ledger before trusting it again
@@ -74,16 +78,18 @@ class Store:
                 aw.close()  # never awaited: close it, or Python warns
             raise Unavailable("The reservation store is not answering; please try again.")
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self._deadline):
                 return await aw
         except ResponseError as exc:
             if isinstance(exc, NoScriptError) or _is_transient_response(exc):
                 self._on_redis_failure()  # LOADING, or an empty script cache: a new server
+                topology.mark_stale(self.redis)
             else:
                 log.error("redis refused a command: %s", exc)
             raise Unavailable("The reservation store is busy; please try again.") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self._on_redis_failure()
+            topology.mark_stale(self.redis)  # cluster mode: a primary may have changed
             if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
                 # the reply most likely sat unread while this worker was saturated: shed load
                 raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
@@ -112,4 +118,7 @@ class Store:
 
 
 def _is_transient_response(exc: ResponseError) -> bool:
-    return str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"))
+    # CLUSTERDOWN: a cluster node refuses while a shard has no primary (a failover under way)
+    return isinstance(exc, ClusterDownError) or str(exc).startswith(
+        ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+    )

@@ -22,8 +22,11 @@ here, each where it is used:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -35,7 +38,7 @@ from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 from redis.typing import EncodableT, KeyT
 
@@ -45,6 +48,74 @@ from allocator.errors import Unavailable
 log = logging.getLogger("allot.allocator")
 
 MAX_CONNECTIONS = 64  # per node: a worker's claims are batched, 64 covers many rounds at once
+
+
+class _Cluster(RedisCluster):
+    """redis-py 7.4's asyncio cluster client, with one method changed: ``initialize()``.
+
+    Its own reads the slot map, then COMMAND from the first primary of the new map, and on any
+    failure closes every connection and raises. While a killed primary is still in the map
+    (until its replica is promoted, cluster-node-timeout and more), every re-initialization
+    (after any failed call) would fail when that primary comes first, and take every shard's
+    connections down with it. The command table does not change at a failover: once it is
+    known, a re-initialization reads only the slot map (from any node that answers)."""
+
+    async def initialize(self) -> RedisCluster:
+        if not self._initialize:
+            return self
+        if not self.commands_parser.commands:
+            try:
+                _ = await super().initialize()
+                self._one_node_per_name()
+                return self
+            except (RedisError, OSError):
+                pass  # a client started while a primary is down: COMMAND from another one
+        if not self._lock:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._initialize:
+                await self.nodes_manager.initialize()
+                self._one_node_per_name()
+                if not self.commands_parser.commands:
+                    await self._read_commands()
+                self._initialize = False
+        return self
+
+    def _one_node_per_name(self) -> None:
+        """After a re-reading of the slot map, point every slot at the node object the client
+        keeps for that address, with the role the map gives it now.
+
+        redis-py 7.4 keeps its old node objects (and their connections) but points the slots
+        at new objects for the same addresses: the connections opened through the slots were
+        dropped at the next re-reading without being closed (ResourceWarning: Unclosed
+        ClusterNode), and the old objects kept their old role (a promoted replica stayed a
+        "replica" among the primaries the client knows).
+
+        Also takes back the pool slots of connections that never connected: a node's
+        ``execute_command`` and ``execute_pipeline`` do not give a connection back when the
+        connect fails, so a node that refused a few dozen calls answered MaxConnectionsError
+        for good, even once it was back."""
+        manager = self.nodes_manager
+        kept = manager.nodes_cache
+        for node in {id(n): n for ns in manager.slots_cache.values() for n in ns}.values():
+            if node.name in kept and kept[node.name] is not node:
+                kept[node.name].server_type = node.server_type
+        for slot, nodes in manager.slots_cache.items():
+            manager.slots_cache[slot] = [kept.get(n.name, n) for n in nodes]
+        for node in kept.values():
+            free = set(map(id, node._free))
+            node._connections = [c for c in node._connections if c.is_connected or id(c) in free]
+
+    async def _read_commands(self) -> None:
+        failure: BaseException | None = None
+        for node in self.get_primaries():
+            try:
+                await self.commands_parser.initialize(node)
+                self.nodes_manager.default_node = node
+                return
+            except (RedisError, OSError) as exc:
+                failure = exc
+        raise failure or ConnectionError("no primary answers COMMAND")
 
 
 def is_cluster(client: object) -> bool:
@@ -83,7 +154,7 @@ def redis_client(settings: Settings) -> Redis:
         )
         return Redis(connection_pool=pool)
     first = urlsplit(settings.redis_url.split(",")[0].strip())
-    cluster = RedisCluster(
+    cluster = _Cluster(
         startup_nodes=[ClusterNode(h, p) for h, p in startup_nodes(settings.redis_url)],
         username=unquote(first.username) if first.username else None,
         password=unquote(first.password) if first.password else None,
@@ -100,6 +171,12 @@ def redis_client(settings: Settings) -> Redis:
 
 
 async def close_client(client: Redis) -> None:
+    if is_cluster(client):
+        task = _refreshing.pop(as_cluster(client), None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await client.aclose()
     if not is_cluster(client):
         await client.connection_pool.disconnect()
@@ -107,6 +184,47 @@ async def close_client(client: Redis) -> None:
 
 def as_cluster(client: Redis) -> RedisCluster:
     return cast(RedisCluster, client)
+
+
+_refreshing: weakref.WeakKeyDictionary[RedisCluster, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mark_stale(client: Redis) -> None:
+    """After a connection failure or timeout: read the slot map again, now, in the background.
+
+    redis-py 7.4 marks its map stale itself after a failed single command, but not after a
+    failed pipeline (its pipelines run with our zero retries), so a client whose calls are
+    pipelines (a claim batch with WAIT, the ledger's reads) would go on asking a dead primary.
+    So the map is read again here, one refresh at a time per client (see :class:`_Cluster`);
+    ``_initialize`` is the flag redis-py's own command path sets."""
+    if not is_cluster(client):
+        return
+    cluster = as_cluster(client)
+    task = _refreshing.get(cluster)
+    if task is not None and not task.done():
+        return  # a refresh is under way, or has just been made
+    cluster._initialize = True
+    if task is None or task.done():
+        _refreshing[cluster] = asyncio.get_running_loop().create_task(_refresh(cluster))
+
+
+REFRESH_EVERY = 0.25  # seconds: at most four re-readings of the slot map a second per client
+
+
+async def _refresh(cluster: RedisCluster) -> None:
+    with contextlib.suppress(Exception):  # still down: the next failure refreshes again
+        async with asyncio.timeout(2):
+            _ = await initialized(cast(Redis, cluster))
+    # the failures of the next moment are the same outage: one reading of the map serves them
+    # (each reading also costs sockets that redis-py 7.4 closes only when collected)
+    await asyncio.sleep(REFRESH_EVERY)
+
+
+async def initialized(client: Redis) -> RedisCluster:
+    """The cluster client with a current slot map (at once unless it is stale)."""
+    return await as_cluster(client).initialize()
 
 
 def node_name(client: Redis, key: str) -> str | None:
@@ -144,7 +262,9 @@ class ClusterScript(AsyncScript):
         target: Any = self.registered_client if client is None else client
         source = self.script.decode() if isinstance(self.script, bytes) else str(self.script)
         if isinstance(target, ClusterPipeline):
-            return await target.execute_command("EVAL", source, len(keys), *every)
+            # queued, not awaited: awaiting a cluster pipeline (re)initializes it, which empties
+            # its queue (redis-py 7.4)
+            return target.execute_command("EVAL", source, len(keys), *every)
         try:
             return await target.execute_command("EVALSHA", self.sha, len(keys), *every)
         except NoScriptError:
@@ -202,14 +322,15 @@ class ReplicaWait:
         wait: dict[str, Any] = {}
         node = None
         if is_cluster(self.redis):
-            cluster = await as_cluster(self.redis).initialize()  # at once unless stale
+            cluster = await initialized(self.redis)
             node = cluster.get_node_from_key(keys[0])
             wait["target_nodes"] = node
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command(*head, len(keys), *keys, *args)
             pipe.execute_command("WAIT", self.replicas, self.timeout_ms, **wait)
             reply, acked = await pipe.execute(raise_on_error=False)
-        if node is not None and as_cluster(self.redis).get_node_from_key(keys[0]) is not node:
+        now = as_cluster(self.redis).get_node_from_key(keys[0]) if node is not None else None
+        if node is not None and (now is None or now.name != node.name):
             # the slot moved meanwhile (MOVED): the script ran elsewhere, WAIT says nothing of it
             raise Unavailable("The reservation store is changing over; please try again.")
         return reply, acked
@@ -240,7 +361,7 @@ async def subscription(client: Redis, *channels: str) -> AsyncIterator[PubSub]:
             await ps.subscribe(*channels)
             yield ps
         return
-    cluster = await as_cluster(client).initialize()  # at once unless the slot map is stale
+    cluster = await initialized(client)
     nodes = sorted(cluster.get_nodes(), key=lambda n: n.name)
     node = nodes[next(_next_node) % len(nodes)]
     kwargs = node.connection_kwargs
@@ -269,7 +390,10 @@ async def down_primaries(client: Redis, keys: Sequence[str]) -> list[str]:
     that does not answer PING; [] for a single Redis (its own check is the script it runs)."""
     if not is_cluster(client):
         return []
-    cluster = await as_cluster(client).initialize()
+    try:
+        cluster = await initialized(client)
+    except (RedisError, OSError) as exc:
+        return [f"(no node answers: {type(exc).__name__})"]
     nodes: dict[str, ClusterNode] = {}
     for key in keys:
         try:

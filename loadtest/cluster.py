@@ -94,6 +94,8 @@ class ClusterNodeServer(PrivateRedis):
             "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(self.bus_port),
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
+            # the healthy shards go on serving while one has no primary (docs/operations.md)
+            "--cluster-require-full-coverage", "no",
             "--repl-diskless-sync", "yes",
             "--repl-diskless-sync-delay", "0",
             "--repl-diskless-load", "disabled",
