@@ -281,6 +281,14 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
     values.update(_resolve(Settings, None, {}, path, env, only_env=True))
     settings = Settings(**values)
     check_redis_topology(settings.redis_url, settings.redis.mode)
+    if settings.redis.wait_replicas and (
+        settings.redis.wait_timeout_ms >= settings.service.redis_timeout_ms
+    ):
+        raise ConfigError(
+            "redis.wait_timeout_ms must be below service.redis_timeout_ms"
+            f" ({settings.service.redis_timeout_ms}): a claim batch waits for its replicas"
+            " within the time it has for Redis"
+        )
     return settings
 
 

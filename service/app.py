@@ -216,6 +216,8 @@ def create_app(
             consumer=f"{consumer_name(settings.ledger.consumer)}-w{worker}",
             on_lag=LedgerMetrics(app[METRICS].registry).ledger_lag.set,
             floors=app[ALLOCATOR].floors,
+            wait_replicas=settings.redis.wait_replicas,
+            wait_timeout_ms=settings.redis.wait_timeout_ms,
         )
         app[LEDGER] = writer
         task = asyncio.create_task(writer.run(), name="ledger-writer")

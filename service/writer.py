@@ -70,6 +70,8 @@ async def serve(settings: Settings, consumer: str, metrics: LedgerMetrics) -> No
         settings.ledger,
         consumer=consumer,
         on_lag=metrics.ledger_lag.set,
+        wait_replicas=settings.redis.wait_replicas,
+        wait_timeout_ms=settings.redis.wait_timeout_ms,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, writer.stop)

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
@@ -63,6 +64,15 @@ def test_a_misconfigured_topology_is_refused_naming_the_setting(
         load_settings(environ=env)
 
 
+def test_a_replica_wait_longer_than_the_redis_timeout_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "allot.toml"
+    config.write_text("[redis]\nwait_replicas = 1\nwait_timeout_ms = 800\n")
+    with pytest.raises(ConfigError, match=r"redis\.wait_timeout_ms must be below"):
+        load_settings(config, environ={})
+    config.write_text("[redis]\nwait_replicas = 1\nwait_timeout_ms = 799\n")
+    assert load_settings(config, environ={}).redis.wait_timeout_ms == 799
+
+
 def test_cluster_settings_from_the_environment() -> None:
     s = load_settings(
         environ={
@@ -95,7 +105,8 @@ def cluster_settings(settings: Settings, redis_cluster: PrivateCluster) -> Setti
     return replace(
         settings,
         redis_url=redis_cluster.url,
-        redis=RedisSettings(mode="cluster", wait_replicas=1, wait_timeout_ms=200),
+        # 1 s: a shared CI machine may be slow to let a replica acknowledge
+        redis=RedisSettings(mode="cluster", wait_replicas=1, wait_timeout_ms=1000),
     )
 
 
@@ -401,7 +412,7 @@ async def test_kill_9_of_a_primary_under_load(
     ledger afterwards (with 0 the loss is measured and printed)."""
     settings = replace(
         cluster_settings,
-        redis=replace(cluster_settings.redis, wait_replicas=wait_replicas),
+        redis=RedisSettings(mode="cluster", wait_replicas=wait_replicas, wait_timeout_ms=200),
     )
     client = await aiohttp_client(create_app(settings))
     ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
