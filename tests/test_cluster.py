@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
@@ -38,7 +39,7 @@ from service.app import create_app
 from service.appkeys import METRICS
 from service.ops import create_ops_app
 from tests.helpers import ADMIN, citizen_id, phone, reserve, seed
-from tests.processes import ALLOT, allot_env
+from tests.processes import ALLOT, Server, allot_env, post, seed_http
 
 # -- configuration (no cluster needed) -------------------------------------------------------
 
@@ -484,3 +485,54 @@ async def test_kill_9_of_a_primary_under_load(
     if wait_replicas:
         assert not_in_redis == []
         assert not_in_ledger == []
+
+
+# -- two `allot serve` nodes on one cluster ----------------------------------------------------
+
+
+async def test_two_allot_nodes_share_one_cluster_and_one_ledger(
+    cluster_settings: Settings,
+    cluster_redis: RedisCluster,
+    tmp_path: Path,
+) -> None:
+    """Two `allot serve` instances (as on two machines: each its supervisor, workers and ledger
+    writer under its own consumer name) on one cluster and one PostgreSQL: a citizen holds one
+    share whichever node they ask, and every 201 of both reaches the ledger once."""
+    nodes = []
+    for i in (1, 2):
+        node = Server(cluster_settings, tmp_path / f"node{i}.log", cluster_settings.redis_url)
+        node.env.update(
+            {
+                "ALLOT_REDIS_MODE": "cluster",
+                "ALLOT_REDIS_WAIT_REPLICAS": "1",
+                "ALLOT_LEDGER_CONSUMER": f"node{i}-ledger",
+            }
+        )
+        nodes.append(node)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for node in nodes:
+                node.start(1)
+            for node in nodes:
+                await node.wait_ready(session, within=60)
+            await seed_http(session, nodes[0].url, 40)
+            created = []
+            for n in range(20):
+                status, body = await post(session, nodes[n % 2].url, n)
+                assert status == 201, body
+                created.append(body["reservation_id"])
+                again, same = await post(session, nodes[(n + 1) % 2].url, n)
+                assert again == 200, same  # the other node knows the holder
+                assert same["reservation_id"] == body["reservation_id"]
+
+            async def drained() -> bool:
+                return await ledger_counts(cluster_settings.database_url) == {
+                    ("r1", "confirmed"): 20
+                }
+
+            await until(drained, 15)
+    finally:
+        for node in nodes:
+            node.stop()
+    for i, node in enumerate(nodes, 1):
+        assert f"node{i}-ledger" in node.text()  # each node's own writer ran
