@@ -536,3 +536,19 @@ async def test_two_allot_nodes_share_one_cluster_and_one_ledger(
             node.stop()
     for i, node in enumerate(nodes, 1):
         assert f"node{i}-ledger" in node.text()  # each node's own writer ran
+
+
+def test_the_release_gate_excuses_only_503s_with_retry_after_during_the_failover() -> None:
+    from loadtest.checks import FaultFacts, fault_excused
+
+    fault = FaultFacts("kill-redis-primary", 100.0, 104.0, True, "primary killed")
+
+    def answer(t: float, st: int, ra: bool | None) -> dict[str, Any]:
+        return {"t": t, "st": st, "fail": "5xx", "ra": ra}
+
+    assert fault_excused(answer(101, 503, True), fault, 15)
+    assert not fault_excused(answer(101, 503, False), fault, 15)  # no Retry-After: never
+    assert not fault_excused(answer(101, 500, None), fault, 15)  # a 500: never
+    assert not fault_excused(answer(130, 503, True), fault, 15)  # past the window
+    worker = FaultFacts("kill-worker", 100.0, 101.0, True, "worker killed")
+    assert not fault_excused(answer(101, 503, True), worker, 15)
