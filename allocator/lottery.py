@@ -399,10 +399,13 @@ class Lottery:
         """Freeze once the ledger has every change of the round: ``frozen`` or why not yet."""
         rk = await self.catalogue.round_keys(rnd.round_id)
         async with self.store.redis.pipeline(transaction=True) as pipe:
-            pipe.time()
+            # TIME through a script on the round's key: a cluster transaction refuses keyless
+            # commands, and this one must run on the round's node (allocator/topology.py)
+            pipe.eval("return redis.call('TIME')", 1, rk.tally)
             pipe.hget(rk.tally, "seq")
             pipe.xlen(rk.ledger)
-            (secs, micros), seq, backlog = await self.store.redis_call(pipe.execute())
+            now, seq, backlog = await self.store.redis_call(pipe.execute())
+        secs, micros = int(now[0]), int(now[1])
         if secs * 1000 + micros // 1000 < _ms(rnd.closes_at):
             return "open"
         if backlog:

@@ -552,3 +552,27 @@ def test_the_release_gate_excuses_only_503s_with_retry_after_during_the_failover
     assert not fault_excused(answer(130, 503, True), fault, 15)  # past the window
     worker = FaultFacts("kill-worker", 100.0, 101.0, True, "worker killed")
     assert not fault_excused(answer(101, 503, True), worker, 15)
+
+
+async def test_a_lottery_round_enters_freezes_and_draws_on_the_cluster(
+    cluster_client: TestClient[Any, Any],
+) -> None:
+    """enter.lua, the freeze (the round's TIME, seq and backlog in one transaction on its
+    node) and award.lua on a cluster: winners hold ordinary reservations."""
+    from tests.test_lottery import closed_lottery
+
+    entries = await closed_lottery(cluster_client, 6, {"s1": 2, "s2": 1})
+    assert len(entries) == 6
+    r = await cluster_client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "3 5 8"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    assert (await r.json())["status"] == "drawn"
+    won = []
+    for e in entries:
+        got = await (await cluster_client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        if got["status"] == "won":
+            res = await cluster_client.get(f"/api/v1/reservations/{got['reservation_id']}")
+            assert res.status == 200
+            won.append((await res.json())["status"])
+    assert won == ["confirmed"] * 3  # 2 units at s1, 1 at s2 (odd entrants accept it)
