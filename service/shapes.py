@@ -84,10 +84,13 @@ def entry_status(entry: Entry, rnd: Round) -> str:
 
 
 def entry_weight(entry: Entry, rnd: Round) -> int | None:
-    """``weight``: null until the freeze; then 1 for every entry in the frozen list (rounds are
-    frozen without loss weighting for now: docs/lottery.md, "In the service")."""
+    """``weight``: null until the freeze, and for an entry not in the frozen list (withdrawn,
+    excluded); then the weight in entries.csv: the entry's own when the freeze gave it more
+    than 1 (loss weighting, copied in by lua/settle.lua), else 1."""
     frozen = rnd.draw_status in ("frozen", "drawing", "drawn")
-    return 1 if frozen and entry.status != "withdrawn" else None
+    if not frozen or entry.status in ("withdrawn", "excluded"):
+        return None
+    return entry.weight or 1
 
 
 def entry_body(entry: Entry, rnd: Round, key: DrawKey) -> dict[str, Any]:
