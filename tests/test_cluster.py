@@ -339,6 +339,32 @@ async def test_claims_after_a_planned_failover_never_fail_with_noscript(
     await asyncio.to_thread(redis_cluster.wait_healthy)
 
 
+async def test_a_claim_no_replica_confirmed_is_503_and_the_retry_gets_the_same_reservation(
+    cluster_client: TestClient[Any, Any],
+    redis_cluster: PrivateCluster,
+    keys: Keys,
+) -> None:
+    """wait_replicas = 1 and the shard's replica is down: the claim is decided on the primary
+    but answered 503 with Retry-After; once a replica is back the citizen's retry gets 200 and
+    the same reservation, and no second unit is taken."""
+    await seed(cluster_client, round_id="wr", stock={"s1": 5})
+    primary = redis_cluster.primary_of_slot(key_slot(keys.round("wr").round.encode()))
+    replica = redis_cluster.replica_of(primary)
+    await asyncio.to_thread(redis_cluster.kill, replica)
+    try:
+        refused = await reserve(cluster_client, 1, round_id="wr")
+        assert refused.status == 503
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert (await refused.json())["code"] == "unavailable"
+    finally:
+        await asyncio.to_thread(redis_cluster.revive, replica)
+        await asyncio.to_thread(redis_cluster.wait_healthy, 30)
+    retried = await reserve(cluster_client, 1, round_id="wr")
+    assert retried.status == 200, await retried.text()
+    sites = await (await cluster_client.get("/api/v1/rounds/wr/sites")).json()
+    assert sites["sites"][0]["remaining"] == 4  # one unit, for the one reservation
+
+
 # -- kill -9 of a primary under load -----------------------------------------------------------
 
 
@@ -476,6 +502,11 @@ async def test_kill_9_of_a_primary_under_load(
         f"from the ledger {len(not_in_ledger)}; /readyz {ready.status}"
     )
     await asyncio.to_thread(redis_cluster.wait_healthy, 30)
+
+    async def ready_again() -> bool:
+        return (await ops.get("/readyz")).status == 200
+
+    await until(ready_again, 10)
     assert not strays, strays  # only 201 and 503 (with Retry-After), never a hang or a 500
     assert recovery <= window
     assert ready.status == 503
