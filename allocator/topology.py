@@ -284,8 +284,8 @@ def script(client: Redis, source: str) -> AsyncScript:
 class ReplicaWait:
     """``[redis] wait_replicas``: a claim batch's replies are used only after that many replicas
     acknowledged it, with WAIT on the script's own connection (one pipeline: the script, then
-    WAIT). Fewer within ``wait_timeout_ms``: Unavailable (503 with Retry-After). The claims did
-    happen on the primary: the citizen's retry gets 200 with the same reservation (or, if the
+    WAIT). Fewer within ``wait_timeout_ms``: Unavailable (with a retry_after). The claims did
+    happen on the primary: the citizen's retry gets the same reservation back (or, if the
     primary died before a replica had it, a new one), never a second share."""
 
     def __init__(self, redis: Redis, replicas: int, timeout_ms: int) -> None:
@@ -305,7 +305,7 @@ class ReplicaWait:
             raise acked
         if int(acked) < self.replicas:
             log.warning(
-                "WAIT %d: %s replicas acknowledged a claim batch within %d ms; answered 503",
+                "WAIT %d: %s replicas acknowledged a claim batch within %d ms; unavailable",
                 self.replicas,
                 acked,
                 self.timeout_ms,
