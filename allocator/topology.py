@@ -44,6 +44,7 @@ from redis.typing import EncodableT, KeyT
 
 from allocator.config import Settings
 from allocator.errors import Unavailable
+from allocator.redispack import PackedConnection
 
 log = logging.getLogger("allot.allocator")
 
@@ -151,6 +152,9 @@ def redis_client(settings: Settings) -> Redis:
             socket_connect_timeout=min(timeout, 0.5),
             health_check_interval=10,
             retry=Retry(NoBackoff(), 0),
+            # commands packed in C (allocator/redispack.py; rediss://, unix:// keep theirs); the
+            # cluster client builds its connections itself (redis-py 7.4): Python packing there
+            connection_class=PackedConnection,
         )
         return Redis(connection_pool=pool)
     first = urlsplit(settings.redis_url.split(",")[0].strip())
