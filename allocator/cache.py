@@ -43,6 +43,21 @@ class TtlCache(Generic[K, V]):
         finally:
             del self._loading[key]
 
+    async def get_or_last(
+        self, key: K, load: Callable[[], Awaitable[V]], failure: type[BaseException]
+    ) -> V:
+        """As ``get``; when the load fails with ``failure``, the last value loaded (however
+        old), if there is one. For snapshots of things that change rarely and are kept on one
+        Redis Cluster node (the sites, the round-tags map): that node's failover must not stop
+        the rounds on every other node."""
+        try:
+            return await self.get(key, load)
+        except failure:
+            last = self.last(key)
+            if last is None:
+                raise
+            return last
+
     def last(self, key: K) -> V | None:
         """The last value loaded for ``key``, however old; None if there is none."""
         hit = self._values.get(key)

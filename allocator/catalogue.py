@@ -13,7 +13,7 @@ from collections.abc import Callable
 import orjson
 
 from allocator.cache import TtlCache
-from allocator.errors import NotFound
+from allocator.errors import NotFound, Unavailable
 from allocator.keys import Keys, RoundKeys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import Alternative, Round, Site, SiteStock
@@ -94,7 +94,7 @@ class Catalogue:
             )
             return sorted(m.decode() for m in members)
 
-        return await self.round_ids_cache.get(None, load)
+        return await self.round_ids_cache.get_or_last(None, load, Unavailable)
 
     async def rounds(self) -> list[Round]:
         """Every round Redis holds. One Redis has lost data of is still listed (so it does not
@@ -111,7 +111,9 @@ class Catalogue:
 
         if fresh:
             self.sites_cache.invalidate()
-        return await self.sites_cache.get(None, load)
+            return await self.sites_cache.get(None, load)
+        # the sites hash lives on one node: while it fails over, the last snapshot serves
+        return await self.sites_cache.get_or_last(None, load, Unavailable)
 
     async def stock(self, round_id: str) -> dict[str, int]:
         """Units left per site with stock loaded in the round; may lag by up to SNAPSHOT_TTL."""

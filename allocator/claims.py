@@ -49,6 +49,7 @@ from allocator.scripts import Scripts
 from allocator.soldout import SoldOutBoard
 from allocator.stock_events import StockEvents
 from allocator.store import Store
+from allocator.topology import ReplicaWait
 
 log = logging.getLogger("allot.allocator")
 
@@ -151,6 +152,8 @@ class Claims:
         self.board = board
         self.events = events
         self.clock = clock
+        # [redis] wait_replicas: the facade sets the configured one (allocator/topology.py)
+        self.replicas = ReplicaWait(store.redis, 0, 0)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -251,7 +254,10 @@ class Claims:
                     )
                 )
             )
-        replies = await self.store.redis_call(self.scripts.claim(keys=keys, args=args))
+        # the script, then (wait_replicas > 0) WAIT on its connection: allocator/topology.py
+        replies = await self.store.redis_call(
+            self.replicas.run(self.scripts.claim, keys, args), key=rk.round
+        )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [ClaimOutcome(refusal=round_refusal()) for _ in items]

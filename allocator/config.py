@@ -88,6 +88,17 @@ def url(*schemes: str) -> Check:
     return check
 
 
+def redis_urls(value: str) -> str | None:
+    """ALLOT_REDIS_URL: one URL, or (``[redis] mode = "cluster"``) comma-separated startup
+    nodes; ``check_redis_topology`` then checks the list against the mode."""
+    one = url("redis", "rediss", "unix")
+    for part in value.split(","):
+        fault = one(part.strip())
+        if fault is not None:
+            return fault + (" (or a comma-separated list of them)" if "," in value else "")
+    return None
+
+
 def networks(value: tuple[str, ...]) -> str | None:
     for text in value:
         try:
@@ -160,6 +171,17 @@ class LedgerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """The Redis topology and how durable an answer is (docs/operations.md, "Redis topology")."""
+
+    # "cluster": ALLOT_REDIS_URL names startup nodes, comma-separated (allocator/topology.py)
+    mode: Literal["standalone", "cluster"] = key("standalone", env="ALLOT_REDIS_MODE")
+    # > 0: a claim batch is answered only after that many replicas acknowledged it (WAIT)
+    wait_replicas: int = key(0, env="ALLOT_REDIS_WAIT_REPLICAS", at_least=0, at_most=16)
+    wait_timeout_ms: int = key(100, at_least=1, at_most=10000)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceSettings:
     host: str = key("127.0.0.1", check=hostname)
     port: int = key(8080, env="ALLOT_PORT", at_least=1, at_most=65535)
@@ -183,7 +205,7 @@ class Settings:
     redis_url: str = key(
         "redis://127.0.0.1:6379/0",
         env="ALLOT_REDIS_URL",
-        check=url("redis", "rediss", "unix"),
+        check=redis_urls,
         secret=True,
     )
     database_url: str = key(
@@ -201,6 +223,7 @@ class Settings:
     gate: GateSettings = field(default_factory=GateSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
 
     @property
     def pepper_bytes(self) -> bytes:
@@ -256,7 +279,47 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
             raise ConfigError(f"{name} in {path} must be a table ([{name}])")
         values[name] = _build(typing.cast(type[Any], cls), name, table, path, env)
     values.update(_resolve(Settings, None, {}, path, env, only_env=True))
-    return Settings(**values)
+    settings = Settings(**values)
+    check_redis_topology(settings.redis_url, settings.redis.mode)
+    if settings.redis.wait_replicas and (
+        settings.redis.wait_timeout_ms >= settings.service.redis_timeout_ms
+    ):
+        raise ConfigError(
+            "redis.wait_timeout_ms must be below service.redis_timeout_ms"
+            f" ({settings.service.redis_timeout_ms}): a claim batch waits for its replicas"
+            " within the time it has for Redis"
+        )
+    return settings
+
+
+def check_redis_topology(redis_url: str, mode: str) -> None:
+    """The URL against ``[redis] mode``: several nodes only in cluster mode; in cluster mode
+    each a redis:// or rediss:// host:port without a database number (a cluster has only db 0
+    and refuses SELECT). The message names the setting, never the URL (it may hold a password)."""
+    parts = [p.strip() for p in redis_url.split(",")]
+    if mode == "standalone":
+        if len(parts) > 1:
+            raise ConfigError(
+                'ALLOT_REDIS_URL names several nodes; that needs [redis] mode = "cluster"'
+                " (ALLOT_REDIS_MODE=cluster)"
+            )
+        return
+    for part in parts:
+        split = urlsplit(part)
+        if split.scheme not in ("redis", "rediss"):
+            raise ConfigError(
+                "ALLOT_REDIS_URL must be redis:// or rediss:// startup nodes in cluster mode"
+                ' ([redis] mode = "cluster"), not unix://'
+            )
+        if split.port is None:
+            raise ConfigError(
+                "ALLOT_REDIS_URL must give each cluster startup node its port (host:port)"
+            )
+        if split.path not in ("", "/") or "db=" in split.query:
+            raise ConfigError(
+                "ALLOT_REDIS_URL must not name a database number in cluster mode"
+                ' ([redis] mode = "cluster": a cluster has only database 0)'
+            )
 
 
 def _build(cls: type[T], section: str, table: dict[str, Any], path: Path | None, env: Any) -> T:

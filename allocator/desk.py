@@ -38,6 +38,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from allocator import topology
 from allocator.errors import InvalidRequest, NotFound, Unavailable
 from allocator.keys import Keys
 
@@ -155,7 +156,7 @@ class DeskTokens:
         desk = DeskToken.from_row(row)
         self.forget()
         try:
-            await self._redis_call(self._redis.publish(self._keys.desk_events, "revoked"))
+            await self._redis_call(topology.publish(self._redis, self._keys.desk_events, "revoked"))
         except Unavailable:
             # the revocation is in PostgreSQL: every worker acts on it within ``ttl`` anyway
             log.warning("desk token %s revoked; Redis did not take the announcement", token_id)
@@ -210,8 +211,8 @@ class DeskTokens:
         lost subscription, since an announcement may have been missed meanwhile)."""
         while not stop.is_set():
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as ps:
-                    await ps.subscribe(self._keys.desk_events)
+                # cluster mode: one node's subscription hears all (allocator/topology.py)
+                async with topology.subscription(self._redis, self._keys.desk_events) as ps:
                     self.forget()
                     while not stop.is_set():
                         msg = await ps.get_message(timeout=poll)

@@ -51,6 +51,7 @@ from allocator.stats import Stats
 from allocator.stock_events import StockEvents
 from allocator.store import Store
 from allocator.tags import RoundTags
+from allocator.topology import ReplicaWait
 
 
 class Allocator:
@@ -68,6 +69,8 @@ class Allocator:
         monotonic: Callable[[], float] = time.monotonic,
         draw_key: str | None = None,
         database_url: str | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -104,6 +107,8 @@ class Allocator:
             self.stock_events,
             clock=clock,
         )
+        # [redis] wait_replicas: claim answers only once replicas have them
+        self.claims.replicas = ReplicaWait(redis, wait_replicas, wait_timeout_ms)
         self.entries = Entries(
             self.store,
             keys,

@@ -43,6 +43,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from allocator import topology
 from allocator.config import LedgerSettings
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.draw import entry_receipt
@@ -53,6 +54,7 @@ log = logging.getLogger("allot.ledger")
 
 GROUP = "ledger"
 LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
+POLL_MS = 50  # cluster mode: the pause after a pass that found no new entry (no blocking read)
 
 
 async def create_group(redis: Redis, stream: str) -> None:
@@ -221,8 +223,15 @@ class LedgerWriter:
         block_ms: int = 200,
         on_lag: Callable[[int], None] | None = None,
         floors: Floors | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 100,
     ) -> None:
         self.redis = redis
+        # [redis] wait_replicas: new entries are committed only once that many replicas have
+        # them, so the ledger is never ahead of a replica that a failover promotes (its rounds
+        # would then be refused as lost until `allot rebuild`)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
         self.pool = pool
         self.keys = keys
         self.settings = settings
@@ -265,6 +274,8 @@ class LedgerWriter:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if isinstance(exc, RedisError | OSError):
+                    topology.mark_stale(self.redis)  # cluster mode: a primary may have changed
                 if isinstance(exc, RedisError | OSError) and self.floors is not None:
                     self.floors.redis_failed()  # the Redis that comes back may be an older copy
                 self._backoff = min(5.0, max(0.1, self._backoff * 2))
@@ -294,21 +305,100 @@ class LedgerWriter:
             streams = await self._streams()
         if not streams:
             return False
-        count = self.settings.batch_size
-        entries = self._parse(
-            await self.redis.xreadgroup(GROUP, self.consumer, dict.fromkeys(streams, "0"), count)
-        )
+        entries = await self._read(streams, "0", None)
         if not entries:
-            entries = self._parse(
-                await self.redis.xreadgroup(
-                    GROUP, self.consumer, dict.fromkeys(streams, ">"), count, block=self.block_ms
-                )
-            )
+            entries = await self._read(streams, ">", self.block_ms)
         if not entries:
             return False
         self.last_batch = len(entries)
         await self._commit(entries, streams)
         return True
+
+    async def _read(self, streams: dict[str, str], start: str, block: int | None) -> list[Entry]:
+        """Entries of every stream from ``start`` ("0": this consumer's pending, ">": new)."""
+        count = self.settings.batch_size
+        if self.wait_replicas:
+            return await self._read_replicated(streams, start, count, block)
+        if not topology.is_cluster(self.redis):
+            return self._parse(
+                await self.redis.xreadgroup(
+                    GROUP, self.consumer, dict.fromkeys(streams, start), count, block=block
+                )
+            )
+        # Redis Cluster: one XREADGROUP per stream, each on its round's node (one read of
+        # several streams is CROSSSLOT), pipelined (each node gets its share in one write, the
+        # nodes at once) and never blocking (a blocked read would hold a node's connection, and
+        # one node's silence would delay the others). A node that fails costs only its streams.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)
+            replies = await pipe.execute(raise_on_error=False)
+        failed = [r for r in replies if isinstance(r, Exception)]
+        if failed and len(failed) == len(replies):
+            raise failed[0]
+        if failed:
+            log.warning(
+                "ledger writer: %d of %d streams unreadable now (%s)",
+                len(failed),
+                len(replies),
+                type(failed[0]).__name__,
+            )
+            topology.mark_stale(self.redis)
+            if self.floors is not None:
+                self.floors.redis_failed()
+        entries = [e for r in replies if not isinstance(r, Exception) for e in self._parse(r)]
+        if not entries and block:
+            await self._sleep(min(block, POLL_MS) / 1000)
+        return entries
+
+    async def _read_replicated(
+        self, streams: dict[str, str], start: str, count: int, block: int | None
+    ) -> list[Entry]:
+        """Entries, each node's kept only when WAIT on the connection that read them (one per
+        node, after the node's reads: a read of new entries is a write, replicated after the
+        entries it returns) says enough replicas have them; the others stay pending and are
+        read again. (A re-read of pending entries writes nothing: its WAIT covers what that
+        connection wrote before, which is a weaker check, for the rare entries read again.)"""
+        cluster = topology.is_cluster(self.redis)
+        if cluster:
+            _ = await topology.initialized(self.redis)
+        by_node: dict[str, list[str]] = {}
+        for stream in streams:
+            node = topology.node_name(self.redis, stream) or ""
+            if cluster and not node:
+                continue  # its slot has no primary right now: read it on a later pass
+            by_node.setdefault(node, []).append(stream)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            order: list[tuple[str, list[str]]] = []
+            for node, names in by_node.items():
+                target: dict[str, Any] = {}
+                if cluster:
+                    target["target_nodes"] = topology.as_cluster(self.redis).get_node(
+                        node_name=node
+                    )
+                for stream in names:
+                    pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)  # by key
+                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
+                order.append((node, names))
+            replies = iter(await pipe.execute(raise_on_error=False))
+        entries: list[Entry] = []
+        unconfirmed = 0
+        for _node, names in order:
+            read = [next(replies) for _ in names]
+            acked = next(replies)
+            if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+                unconfirmed += sum(1 for r in read if r and not isinstance(r, Exception))
+                continue
+            entries += [e for r in read if not isinstance(r, Exception) for e in self._parse(r)]
+        if unconfirmed:
+            log.warning(
+                "ledger writer: %d streams' new entries not yet on %d replica(s); kept pending",
+                unconfirmed,
+                self.wait_replicas,
+            )
+        if not entries and block:
+            await self._sleep(min(block, POLL_MS) / 1000)
+        return entries
 
     async def drain(self) -> None:
         """Commit until every stream is empty; callers bound it with asyncio.timeout."""

@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 from redis.exceptions import RedisError
 
+from allocator import topology
 from allocator.errors import RoundLost, Unavailable
 from allocator.integrity import Floors, Lost, ledger_marks
 from allocator.keys import Keys
@@ -143,12 +144,18 @@ class LossWatch:
 
     async def ping(self) -> None:
         """Readiness: Redis runs a real script, PostgreSQL answers, and Redis holds every round
-        the ledger has, none of them behind it; else Unavailable naming each round that is not."""
-        await self.store.redis_call(awaited(self.store.redis.eval("return 1", 0)))
+        the ledger has, none of them behind it; else Unavailable naming each round that is not.
+        In cluster mode every primary serving one of the ledger's rounds must answer PING (all
+        primaries when there is no round yet), else Unavailable naming it."""
+        cluster = topology.is_cluster(self.store.redis)
+        if not cluster:
+            await self.store.redis_call(awaited(self.store.redis.eval("return 1", 0)))
         generation = self.floors.generation()
         async with self.store.pg() as con:
             marks = await ledger_marks(con)
         self.floors.load(marks, generation)
+        if cluster:
+            await self._primaries_answer(sorted(marks))
         verdicts = await self.integrity(sorted(marks))
         lost = [v for v in verdicts.values() if isinstance(v, Lost)]
         missing = sorted(r for r, v in verdicts.items() if v == "missing")
@@ -162,6 +169,31 @@ class LossWatch:
                 retry_after=LOST_RETRY_AFTER,
                 lost_rounds=sorted([v.round_id for v in lost] + missing),
             )
+
+    async def _primaries_answer(self, round_ids: Sequence[str]) -> None:
+        """Cluster mode: Unavailable naming each primary of these rounds that does not answer."""
+        try:
+            tags = await self.tags.all()
+        except Unavailable:
+            tags = {}  # the node of the round-tags hash is down: the rounds' own tags, then
+        keys = {r: self.keys.round(r, tags.get(r)).round for r in round_ids}
+        try:
+            async with asyncio.timeout(2 * self.store.timeout):
+                down = await topology.down_primaries(self.store.redis, list(keys.values()))
+        except TimeoutError:
+            down = ["(the cluster does not answer)"]
+        if not down:
+            return
+        serving: dict[str, list[str]] = {}
+        for round_id, key in keys.items():
+            node = topology.node_name(self.store.redis, key) or "?"
+            serving.setdefault(node, []).append(round_id)
+        details = [
+            f"Redis primary {node} is not answering"
+            + (f" (rounds {', '.join(serving[node])})" if serving.get(node) else "")
+            for node in down
+        ]
+        raise Unavailable("; ".join(details), retry_after=1)
 
     async def watch(self, stop: asyncio.Event, every: float = WATCH_EVERY) -> None:
         """In every worker: reload the ledger's marks and check every round, once a second,

@@ -455,12 +455,15 @@ class Lottery:
         others_keys = [await self.catalogue.round_keys(r) for r in others]
         # one slot: a programme's rounds all live under its tag (allocator/keys.py)
         async with self.store.redis.pipeline(transaction=True) as pipe:
-            pipe.time()
+            # TIME through a script on the round's key: a cluster transaction refuses keyless
+            # commands, and this one must run on the round's node (allocator/topology.py)
+            pipe.eval("return redis.call('TIME')", 1, rk.tally)
             pipe.hget(rk.tally, "seq")
             pipe.xlen(rk.ledger)
             for ok in others_keys:
                 pipe.hget(ok.tally, "seq")
-            (secs, micros), seq, backlog, *other_seqs = await self.store.redis_call(pipe.execute())
+            now, seq, backlog, *other_seqs = await self.store.redis_call(pipe.execute())
+        secs, micros = int(now[0]), int(now[1])
         if secs * 1000 + micros // 1000 < _ms(rnd.closes_at):
             return "open"
         if backlog:

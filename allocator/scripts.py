@@ -1,7 +1,8 @@
 """The Lua scripts, loaded once from package data and called like functions.
 
 ``register_script`` runs EVALSHA and falls back to SCRIPT LOAD on NOSCRIPT, so a Redis restart
-or ``SCRIPT FLUSH`` costs one extra round trip, never an error.
+or ``SCRIPT FLUSH`` costs one extra round trip, never an error. In cluster mode each is an
+:class:`allocator.topology.ClusterScript` (NOSCRIPT -> EVAL of the source, on the key's node).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from importlib import resources
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+
+from allocator import topology
 
 SCRIPT_NAMES = (
     "claim",
@@ -51,4 +54,4 @@ class Scripts:
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:
-        return cls(**{name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES})
+        return cls(**{name: topology.script(redis, script_source(name)) for name in SCRIPT_NAMES})

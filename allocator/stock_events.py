@@ -3,6 +3,8 @@
 The worker that saw it forgets its stock snapshot and sold-out marks at once and publishes
 ``<round_id> <site_id>...`` on the stock-events channel; every worker follows the channel and
 does the same. A lost message costs at most the board's TTL (1 s) of stale sold-out answers.
+In Redis Cluster a PUBLISH is forwarded to every node over the cluster bus, so each worker
+subscribes on one node (allocator/topology.py) and hears the workers of every allot node.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisError
 
+from allocator import topology
 from allocator.catalogue import Catalogue
 from allocator.errors import Unavailable
 from allocator.keys import Keys
-from allocator.redistyping import awaited
 from allocator.soldout import SoldOutBoard
 from allocator.store import Store
 
@@ -42,7 +44,7 @@ class StockEvents:
         message = " ".join([round_id, *site_ids])
         try:
             await self.store.redis_call(
-                awaited(self.store.redis.publish(self.keys.stock_events, message))
+                topology.publish(self.store.redis, self.keys.stock_events, message)
             )
         except Unavailable:
             log.warning(
@@ -53,8 +55,8 @@ class StockEvents:
         """Clear this worker's sold-out marks when another worker announces returned units."""
         while not stop.is_set():
             try:
-                async with self.store.redis.pubsub(ignore_subscribe_messages=True) as ps:
-                    await ps.subscribe(self.keys.stock_events)
+                # cluster mode: PUBLISH reaches every node, one node's subscription hears all
+                async with topology.subscription(self.store.redis, self.keys.stock_events) as ps:
                     while not stop.is_set():
                         msg = await ps.get_message(timeout=min(0.5, self.store.timeout / 2))
                         if msg and msg.get("type") == "message":

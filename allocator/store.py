@@ -4,6 +4,11 @@ A store that fails or does not answer within ``timeout`` becomes ``Unavailable``
 ``retry_after``), never a hang. After a Redis connection failure or timeout the breaker stays open
 for ``breaker`` seconds: calls then fail at once instead of each waiting out the timeout, and
 the first call after that tries Redis again, so the worker recovers by itself.
+
+In cluster mode (allocator/topology.py) there is one breaker per primary: a call that names its
+``key`` opens and obeys only the breaker of the node serving that key, so one shard's failover
+costs only the rounds on that shard. A call without a key has no breaker there (it waits out its
+timeout at most).
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from typing import TypeVar
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ClusterDownError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from allocator import topology
 from allocator.db import TRANSIENT_PG_ERRORS
 from allocator.errors import Overloaded, Unavailable
 from allocator.looplag import LoopLag
@@ -49,33 +55,55 @@ class Store:
         self.loop_lag = LoopLag()  # its run() is started by the app, next to the dispatcher
         self._breaker = breaker
         self._down_until = 0.0
+        self._cluster = topology.is_cluster(redis)
+        # Cluster mode: the socket timeout (the same ``timeout``) must fire first. A cancelled
+        # cluster pipeline never gives its connection back to the node's pool (redis-py 7.4),
+        # and a few dozen of those exhaust it; a socket timeout closes the connection cleanly.
+        self._deadline = timeout + 0.2 if self._cluster else timeout
+        self._node_down_until: dict[str, float] = {}  # cluster mode: host:port -> until
         # the Redis that answers after a failure may be an older copy: the loss watch
         # (allocator/losswatch.py) compares it with the ledger before trusting it again
         self._on_redis_failure = on_redis_failure
 
-    async def redis_call(self, aw: Awaitable[T]) -> T:
-        """Await a Redis call, turning any store failure into a prompt Unavailable."""
-        if self.monotonic() < self._down_until:
+    async def redis_call(self, aw: Awaitable[T], *, key: str | None = None) -> T:
+        """Await a Redis call, turning any store failure into a prompt Unavailable. ``key``: a
+        key the call touches, whose node's breaker applies in cluster mode."""
+        node = topology.node_name(self.redis, key) if self._cluster and key else None
+        if self._cluster:
+            down_until = self._node_down_until.get(node, 0.0) if node else 0.0
+        else:
+            down_until = self._down_until
+        if self.monotonic() < down_until:
             if inspect.iscoroutine(aw):
                 aw.close()  # never awaited: close it, or Python warns
             raise Unavailable("The reservation store is not answering; please try again.")
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self._deadline):
                 return await aw
         except ResponseError as exc:
             if isinstance(exc, NoScriptError) or _is_transient_response(exc):
                 self._on_redis_failure()  # LOADING, or an empty script cache: a new server
+                topology.mark_stale(self.redis)
             else:
                 log.error("redis refused a command: %s", exc)
             raise Unavailable("The reservation store is busy; please try again.") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self._on_redis_failure()
+            topology.mark_stale(self.redis)  # cluster mode: a primary may have changed
             if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
                 # the reply most likely sat unread while this worker was saturated: shed load
                 raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc
-            self._down_until = self.monotonic() + self._breaker
+            if not self._cluster:
+                self._down_until = self.monotonic() + self._breaker
+            elif node is not None:
+                self._node_down_until[node] = self.monotonic() + self._breaker
             log.warning("redis: %s: %s", type(exc).__name__, exc)
             raise Unavailable("The reservation store is not answering; please try again.") from exc
+
+    def nodes_down(self) -> list[str]:
+        """Cluster mode: the primaries whose breaker is open now."""
+        now = self.monotonic()
+        return sorted(n for n, until in self._node_down_until.items() if until > now)
 
     @asynccontextmanager
     async def pg(self) -> AsyncIterator[PoolConnectionProxy]:
@@ -90,4 +118,7 @@ class Store:
 
 
 def _is_transient_response(exc: ResponseError) -> bool:
-    return str(exc).startswith(("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN"))
+    # CLUSTERDOWN: a cluster node refuses while a shard has no primary (a failover under way)
+    return isinstance(exc, ClusterDownError) or str(exc).startswith(
+        ("LOADING", "BUSY", "TRYAGAIN", "MASTERDOWN", "CLUSTERDOWN")
+    )

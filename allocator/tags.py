@@ -21,6 +21,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from allocator.cache import TtlCache
+from allocator.errors import Unavailable
 from allocator.keys import Keys, RoundKeys
 from allocator.redistyping import awaited
 from allocator.store import Store
@@ -78,7 +79,10 @@ class RoundTags:
 
         if fresh:
             self._cache.invalidate()
-        return await self._cache.get(None, load)
+            return await self._cache.get(None, load)
+        # a round's tag never changes once set: while the hash's node fails over, the last
+        # snapshot serves (cluster mode; a single Redis down fails the call after it anyway)
+        return await self._cache.get_or_last(None, load, Unavailable)
 
     async def round_keys(self, round_id: str, *, fresh: bool = False) -> RoundKeys:
         """The round's keys. A round missing from the snapshot (created a moment ago on another

@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 
-FAULTS = ("kill-worker", "restart-postgres")
+# kill-redis-primary: the service runs on a private 3+3 Redis Cluster (wait_replicas = 1) and
+# the primary of the round's slot is killed -9 (loadtest/cluster.py)
+FAULTS = ("kill-worker", "restart-postgres", "kill-redis-primary")
 MODES = ("fcfs", "lottery")
 EXTRAS = ("locust", "matplotlib")  # the `loadtest` extra of pyproject.toml
 

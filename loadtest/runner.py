@@ -39,9 +39,11 @@ import aiohttp
 import asyncpg
 import orjson
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from allocator.config import Settings, load_settings
 from allocator.db import with_database
+from allocator.keys import Keys
 from loadtest import crowd
 from loadtest.checks import (
     LIVE,
@@ -57,6 +59,7 @@ from loadtest.checks import (
     read_records,
     run_checks,
 )
+from loadtest.cluster import PrivateCluster
 from loadtest.fairness import report_rows
 from loadtest.lottery import LotteryFacts, fcfs_fairness, lottery_fairness, parse_csv
 from loadtest.servers import PrivatePostgres, free_port
@@ -144,6 +147,7 @@ class Target:
     service: ServiceProcess | None = None
     pg: PrivatePostgres | None = None
     notes: list[str] = field(default_factory=list)
+    cluster: PrivateCluster | None = None  # --fault kill-redis-primary: the service's Redis
 
     @property
     def admin(self) -> dict[str, str]:
@@ -264,6 +268,13 @@ async def self_hosted(
             server_url = pg.url_for("postgres")
         else:
             server_url = settings.database_url
+        cluster: PrivateCluster | None = None
+        redis_url = settings.redis_url
+        if opts.fault == "kill-redis-primary":
+            cluster = PrivateCluster(out / "redis-cluster")
+            stack.callback(cluster.close)
+            await asyncio.to_thread(cluster.start)
+            redis_url = cluster.url
         name = f"allot_loadtest_{stamp}"
         prefix = f"allot-loadtest-{stamp}"
         try:
@@ -275,11 +286,12 @@ async def self_hosted(
             notes.append(f"kept: database {name}, Redis keys {prefix}:* at {settings.redis_url}")
         else:
             stack.push_async_callback(_drop_database, server_url, name)
-            stack.push_async_callback(_delete_keys, settings.redis_url, prefix)
+            if cluster is None:  # a private cluster goes with its keys
+                stack.push_async_callback(_delete_keys, settings.redis_url, prefix)
         token = secrets.token_urlsafe(24)
         env = {
             **os.environ,
-            "ALLOT_REDIS_URL": settings.redis_url,
+            "ALLOT_REDIS_URL": redis_url,
             "ALLOT_REDIS_PREFIX": prefix,
             "ALLOT_DATABASE_URL": with_database(server_url, name),
             "ALLOT_ADMIN_TOKEN": token,
@@ -287,6 +299,8 @@ async def self_hosted(
             "ALLOT_OPS_PORT": str(free_port()),  # its own: another allot may hold 9180
         }
         env.pop("ALLOT_DEV", None)
+        if cluster is not None:
+            env.update({"ALLOT_REDIS_MODE": "cluster", "ALLOT_REDIS_WAIT_REPLICAS": "1"})
         if opts.config:
             env["ALLOT_CONFIG"] = opts.config  # made absolute by main()
         service = ServiceProcess(env, free_port(), opts.workers, out / "service.log")
@@ -305,11 +319,12 @@ async def self_hosted(
             url=service.url,
             admin_token=token,
             database_url=env["ALLOT_DATABASE_URL"],
-            redis_url=settings.redis_url,
+            redis_url=redis_url,
             redis_prefix=prefix,
             service=service,
             pg=pg,
             notes=notes,
+            cluster=cluster,
         )
 
 
@@ -458,9 +473,16 @@ async def sample(
 
 
 async def inject(
-    kind: str, at: float, outage: float, target: Target, session: aiohttp.ClientSession
+    kind: str,
+    at: float,
+    outage: float,
+    target: Target,
+    session: aiohttp.ClientSession,
+    round_id: str = "",
 ) -> FaultFacts:
     await asyncio.sleep(max(0.0, at - time.time()))
+    if kind == "kill-redis-primary":
+        return await _kill_redis_primary(target, session, round_id)
     if kind == "kill-worker":
         service = target.service
         assert service is not None
@@ -491,6 +513,43 @@ async def inject(
     await asyncio.sleep(outage)
     await asyncio.to_thread(pg.start)
     return FaultFacts(kind, started, time.time(), True, "PostgreSQL stopped and started again")
+
+
+async def _kill_redis_primary(
+    target: Target, session: aiohttp.ClientSession, round_id: str
+) -> FaultFacts:
+    """kill -9 of the primary serving the round's slot; once its replica took over, the killed
+    node is started again (it rejoins empty, as the new primary's replica: with
+    wait_replicas = 1 the round is served again only then)."""
+    cluster = target.cluster
+    assert cluster is not None
+    slot = key_slot(Keys(target.redis_prefix or "allot").round(round_id).round.encode())
+    victim = await asyncio.to_thread(cluster.primary_of_slot, slot)
+    heir = await asyncio.to_thread(cluster.replica_of, victim)
+    started = time.time()
+    await asyncio.to_thread(cluster.kill, victim)
+    deadline = time.monotonic() + 30
+    while await asyncio.to_thread(cluster.role, heir) != "master":
+        if time.monotonic() > deadline:
+            return FaultFacts("kill-redis-primary", started, None, False, "no failover in 30 s")
+        await asyncio.sleep(0.1)
+    promoted = time.time() - started
+    await asyncio.to_thread(cluster.revive, victim)
+    while not await _ready(session, target.url):
+        if time.monotonic() > deadline:
+            return FaultFacts(
+                "kill-redis-primary", started, None, False, "not ready 30 s after the kill"
+            )
+        await asyncio.sleep(0.1)
+    ended = time.time()
+    return FaultFacts(
+        "kill-redis-primary",
+        started,
+        ended,
+        True,
+        f"primary {victim.address} killed (-9); replica {heir.address} promoted after"
+        f" {promoted:.1f} s; ready after {ended - started:.1f} s",
+    )
 
 
 # -- locust -----------------------------------------------------------------------------------
@@ -624,6 +683,7 @@ async def reconcile(target: Target, round_id: str, out: Path) -> tuple[int | Non
         "ALLOT_REDIS_URL": target.redis_url,
         "ALLOT_REDIS_PREFIX": target.redis_prefix or "allot",
         "ALLOT_DATABASE_URL": target.database_url,
+        **({"ALLOT_REDIS_MODE": "cluster"} if target.cluster is not None else {}),
     }
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service.cli", "reconcile", "--round", round_id, "--wait", "30",
@@ -900,7 +960,9 @@ async def _measure(
     fault_task: asyncio.Task[FaultFacts] | None = None
     if opts.fault:
         at = plan.opens_at + (opts.fault_at if opts.fault_at is not None else plan.fault_at())
-        fault_task = asyncio.create_task(inject(opts.fault, at, opts.outage, target, session))
+        fault_task = asyncio.create_task(
+            inject(opts.fault, at, opts.outage, target, session, plan.round_id)
+        )
     locust_rc = await run_locust(plan, target, out, opts.p99_budget * 1000)
     ended = time.time()
     if not restocker.done():

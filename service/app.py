@@ -10,11 +10,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import hdrs, web
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio import Redis
 
-from allocator import db
+from allocator import db, topology
 from allocator.admission import AdmissionQueue
 from allocator.config import Settings
 from allocator.desk import DeskTokens
@@ -23,7 +21,6 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
-from allocator.redispack import PackedConnection
 from allocator.redistyping import awaited
 from allocator.rules import ID_REGEX
 from allocator.throttle import FailureThrottle
@@ -203,23 +200,8 @@ def http_problem(request: web.Request, exc: web.HTTPException, route: str | None
 
 
 def redis_client(settings: Settings) -> Redis:
-    """Bounded everything: connections, waits for a connection, connect and read timeouts.
-
-    No automatic retries: a timed-out claim may have run, and the citizen's own retry is the
-    safe one (it gets the same reservation back with 200).
-    """
-    timeout = settings.service.redis_timeout_ms / 1000
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        max_connections=64,
-        timeout=timeout,
-        socket_timeout=timeout,
-        socket_connect_timeout=min(timeout, 0.5),
-        health_check_interval=10,
-        retry=Retry(NoBackoff(), 0),
-        connection_class=PackedConnection,  # commands packed in C (rediss://, unix:// keep theirs)
-    )
-    return Redis(connection_pool=pool)
+    """The worker's Redis client, single or cluster (allocator/topology.py)."""
+    return topology.redis_client(settings)
 
 
 def create_app(
@@ -260,8 +242,7 @@ def create_app(
                 "redis at startup: %s: %s; serving 503 until it answers", type(exc).__name__, exc
             )
         yield
-        await client.aclose()
-        await client.connection_pool.disconnect()
+        await topology.close_client(client)
 
     async def pg_ctx(app: web.Application) -> AsyncIterator[None]:
         pool = await db.create_pool(settings.database_url)
@@ -281,6 +262,8 @@ def create_app(
             monotonic=monotonic,
             draw_key=settings.draw_key,
             database_url=settings.database_url,
+            wait_replicas=settings.redis.wait_replicas,
+            wait_timeout_ms=settings.redis.wait_timeout_ms,
         )
         app[ALLOCATOR] = allocator
         app[AUTH_THROTTLE] = FailureThrottle(
@@ -327,6 +310,8 @@ def create_app(
             consumer=f"{consumer_name(settings.ledger.consumer)}-w{worker}",
             on_lag=LedgerMetrics(app[METRICS].registry).ledger_lag.set,
             floors=app[ALLOCATOR].floors,
+            wait_replicas=settings.redis.wait_replicas,
+            wait_timeout_ms=settings.redis.wait_timeout_ms,
         )
         app[LEDGER] = writer
         task = asyncio.create_task(writer.run(), name="ledger-writer")

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from allocator import db
+from allocator import db, topology
 from allocator.config import ConfigError, Settings, load_settings
 from allocator.keys import Keys
 
@@ -318,8 +318,7 @@ class _stores:
         self.allocator.lottery.close()
         await self.pool.release(self.con)
         await self.pool.close()
-        await self.redis.aclose()
-        await self.redis.connection_pool.disconnect()
+        await topology.close_client(self.redis)
 
 
 async def _reconcile(settings: Settings, round_id: str | None, wait: float) -> dict[str, Any]:

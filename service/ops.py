@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from allocator import db
+from allocator import db, topology
 from allocator.config import ConfigError, Settings
 from allocator.errors import Problem
 from allocator.facade import Allocator
@@ -114,8 +114,7 @@ def create_ops_app(settings: Settings, render: Callable[[], bytes]) -> web.Appli
             gate=settings.gate,
         )
         yield
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await topology.close_client(redis)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(pool.close(), 5)
 

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import signal
 
-from allocator import db
+from allocator import db, topology
 from allocator.config import Settings
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter
@@ -70,6 +70,8 @@ async def serve(settings: Settings, consumer: str, metrics: LedgerMetrics) -> No
         settings.ledger,
         consumer=consumer,
         on_lag=metrics.ledger_lag.set,
+        wait_replicas=settings.redis.wait_replicas,
+        wait_timeout_ms=settings.redis.wait_timeout_ms,
     )
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, writer.stop)
@@ -77,8 +79,7 @@ async def serve(settings: Settings, consumer: str, metrics: LedgerMetrics) -> No
         await writer.run()
         await _last_drain(writer)
     finally:
-        await redis.aclose()
-        await redis.connection_pool.disconnect()
+        await topology.close_client(redis)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(pool.close(), 5)
 

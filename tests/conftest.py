@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 from allocator import db
 from allocator.config import Settings, load_settings
 from allocator.keys import Keys
+from loadtest.cluster import PrivateCluster
 from service import logsafe
 from service.app import create_app
 from service.appkeys import METRICS
@@ -135,6 +136,15 @@ async def redis(redis_prefix: str) -> AsyncIterator[Redis]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateCluster]:
+    """A Redis Cluster of our own (3 primaries, 3 replicas, free ports; ~3 s to start), shared
+    by the session's cluster tests (tests/test_cluster.py). A test that kills or fails over a
+    node leaves it healthy again (``wait_healthy``)."""
+    with PrivateCluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -1,0 +1,417 @@
+"""The Redis topology: one client factory for a single Redis and for Redis Cluster, and the few
+places where the two differ (docs/operations.md, "Redis topology and durability").
+
+``[redis] mode = "cluster"``: ALLOT_REDIS_URL names startup nodes, comma-separated. Every key of
+a round shares one hash tag (allocator/keys.py), so every script runs on its round's slot, on
+the primary that owns it; the cluster client routes each call by its first key.
+
+We stay on redis-py 7.4 (pyproject.toml pins <8): 8.x retypes the asyncio client, which would
+touch every module that types a client, and 7.4 serves once three of its gaps are worked around
+here, each where it is used:
+
+* after a failover its script cache knows nothing of the promoted replica (SCRIPT LOAD goes to
+  the primaries it knew), so an EVALSHA there fails with NOSCRIPT for good. :class:`ClusterScript`
+  answers NOSCRIPT with EVAL of the source, routed by key like the EVALSHA, which also caches
+  the script on that node;
+* its asyncio cluster client has no pub/sub. Classic PUBLISH in a cluster is forwarded over the
+  cluster bus to every node, so a subscriber on any one node hears every message:
+  :func:`subscription` subscribes on one node at a time (the next one after a failure);
+* a keyless WAIT would go to a random node: :func:`run_replicated` sends it in the same
+  pipeline as the script, to the script's node, so that it runs on the script's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import weakref
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+from redis.typing import EncodableT, KeyT
+
+from allocator.config import Settings
+from allocator.errors import Unavailable
+from allocator.redispack import PackedConnection
+
+log = logging.getLogger("allot.allocator")
+
+MAX_CONNECTIONS = 64  # per node: a worker's claims are batched, 64 covers many rounds at once
+
+
+class _Cluster(RedisCluster):
+    """redis-py 7.4's asyncio cluster client, with one method changed: ``initialize()``.
+
+    Its own reads the slot map, then COMMAND from the first primary of the new map, and on any
+    failure closes every connection and raises. While a killed primary is still in the map
+    (until its replica is promoted, cluster-node-timeout and more), every re-initialization
+    (after any failed call) would fail when that primary comes first, and take every shard's
+    connections down with it. The command table does not change at a failover: once it is
+    known, a re-initialization reads only the slot map (from any node that answers)."""
+
+    async def initialize(self) -> RedisCluster:
+        if not self._initialize:
+            return self
+        if not self.commands_parser.commands:
+            try:
+                _ = await super().initialize()
+                self._one_node_per_name()
+                return self
+            except (RedisError, OSError):
+                pass  # a client started while a primary is down: COMMAND from another one
+        if not self._lock:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if self._initialize:
+                await self.nodes_manager.initialize()
+                self._one_node_per_name()
+                if not self.commands_parser.commands:
+                    await self._read_commands()
+                self._initialize = False
+        return self
+
+    def _one_node_per_name(self) -> None:
+        """After a re-reading of the slot map, point every slot at the node object the client
+        keeps for that address, with the role the map gives it now.
+
+        redis-py 7.4 keeps its old node objects (and their connections) but points the slots
+        at new objects for the same addresses: the connections opened through the slots were
+        dropped at the next re-reading without being closed (ResourceWarning: Unclosed
+        ClusterNode), and the old objects kept their old role (a promoted replica stayed a
+        "replica" among the primaries the client knows).
+
+        Also takes back the pool slots of connections that never connected: a node's
+        ``execute_command`` and ``execute_pipeline`` do not give a connection back when the
+        connect fails, so a node that refused a few dozen calls answered MaxConnectionsError
+        for good, even once it was back."""
+        manager = self.nodes_manager
+        kept = manager.nodes_cache
+        for node in {id(n): n for ns in manager.slots_cache.values() for n in ns}.values():
+            if node.name in kept and kept[node.name] is not node:
+                kept[node.name].server_type = node.server_type
+        for slot, nodes in manager.slots_cache.items():
+            manager.slots_cache[slot] = [kept.get(n.name, n) for n in nodes]
+        for node in kept.values():
+            free = set(map(id, node._free))
+            node._connections = [c for c in node._connections if c.is_connected or id(c) in free]
+
+    async def _read_commands(self) -> None:
+        failure: BaseException | None = None
+        for node in self.get_primaries():
+            try:
+                await self.commands_parser.initialize(node)
+                self.nodes_manager.default_node = node
+                return
+            except (RedisError, OSError) as exc:
+                failure = exc
+        raise failure or ConnectionError("no primary answers COMMAND")
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def startup_nodes(redis_url: str) -> list[tuple[str, int]]:
+    """host, port of each comma-separated node (the URL is checked by allocator/config.py)."""
+    nodes = []
+    for part in redis_url.split(","):
+        split = urlsplit(part.strip())
+        nodes.append((split.hostname or "127.0.0.1", split.port or 6379))
+    return nodes
+
+
+def redis_client(settings: Settings) -> Redis:
+    """Bounded everything: connections, waits for a connection, connect and read timeouts.
+
+    No automatic retries: a timed-out claim may have run, and the citizen's own retry is the
+    safe one (it gets the same reservation back with 200). In cluster mode a failed call marks
+    the slot map stale, and the next call reads the topology again before it runs.
+
+    The cluster client is typed as ``Redis``: it has the same command methods, and the places
+    where it differs go through this module.
+    """
+    timeout = settings.service.redis_timeout_ms / 1000
+    if settings.redis.mode != "cluster":
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=min(timeout, 0.5),
+            health_check_interval=10,
+            retry=Retry(NoBackoff(), 0),
+            # commands packed in C (allocator/redispack.py; rediss://, unix:// keep theirs); the
+            # cluster client builds its connections itself (redis-py 7.4): Python packing there
+            connection_class=PackedConnection,
+        )
+        return Redis(connection_pool=pool)
+    first = urlsplit(settings.redis_url.split(",")[0].strip())
+    cluster = _Cluster(
+        startup_nodes=[ClusterNode(h, p) for h, p in startup_nodes(settings.redis_url)],
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+        ssl=first.scheme == "rediss",
+        max_connections=MAX_CONNECTIONS,
+        socket_timeout=timeout,
+        socket_connect_timeout=min(timeout, 0.5),
+        health_check_interval=10,
+        retry=AsyncRetry(NoBackoff(), 0),
+        # a partly down cluster still serves the rounds of its healthy shards
+        require_full_coverage=False,
+    )
+    return cast(Redis, cluster)
+
+
+async def close_client(client: Redis) -> None:
+    if is_cluster(client):
+        task = _refreshing.pop(as_cluster(client), None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    await client.aclose()
+    if not is_cluster(client):
+        await client.connection_pool.disconnect()
+
+
+def as_cluster(client: Redis) -> RedisCluster:
+    return cast(RedisCluster, client)
+
+
+_refreshing: weakref.WeakKeyDictionary[RedisCluster, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def mark_stale(client: Redis) -> None:
+    """After a connection failure or timeout: read the slot map again, now, in the background.
+
+    redis-py 7.4 marks its map stale itself after a failed single command, but not after a
+    failed pipeline (its pipelines run with our zero retries), so a client whose calls are
+    pipelines (a claim batch with WAIT, the ledger's reads) would go on asking a dead primary.
+    So the map is read again here, one refresh at a time per client (see :class:`_Cluster`);
+    ``_initialize`` is the flag redis-py's own command path sets."""
+    if not is_cluster(client):
+        return
+    cluster = as_cluster(client)
+    task = _refreshing.get(cluster)
+    if task is not None and not task.done():
+        return  # a refresh is under way, or has just been made
+    cluster._initialize = True
+    if task is None or task.done():
+        _refreshing[cluster] = asyncio.get_running_loop().create_task(_refresh(cluster))
+
+
+REFRESH_EVERY = 0.25  # seconds: at most four re-readings of the slot map a second per client
+
+
+async def _refresh(cluster: RedisCluster) -> None:
+    with contextlib.suppress(Exception):  # still down: the next failure refreshes again
+        async with asyncio.timeout(2):
+            _ = await initialized(cast(Redis, cluster))
+    # the failures of the next moment are the same outage: one reading of the map serves them
+    # (each reading also costs sockets that redis-py 7.4 closes only when collected)
+    await asyncio.sleep(REFRESH_EVERY)
+
+
+async def initialized(client: Redis) -> RedisCluster:
+    """The cluster client with a current slot map (at once unless it is stale)."""
+    return await as_cluster(client).initialize()
+
+
+def node_name(client: Redis, key: str) -> str | None:
+    """``host:port`` of the primary serving ``key`` as this client sees it; None when single."""
+    if not is_cluster(client):
+        return None
+    try:
+        node = as_cluster(client).get_node_from_key(key)
+    except Exception:  # the slot is not covered right now (SlotNotCoveredError)
+        return None
+    return node.name if node is not None else None
+
+
+# -- scripts -------------------------------------------------------------------------------
+
+
+class ClusterScript(AsyncScript):
+    """A script in cluster mode: EVALSHA routed by its first key; NOSCRIPT -> EVAL of the source.
+
+    Why not redis-py's own fallback: it sends SCRIPT LOAD to the primaries it knew at start, so
+    on a promoted replica every call failed with NOSCRIPT until restart (issue 11). EVAL goes
+    where the keys live and leaves the script cached there. In a pipeline a NOSCRIPT would fail
+    the whole pipeline, so a pipeline gets EVAL of the source at once (Redis looks the compiled
+    script up by its SHA all the same; the cost is the bytes of the source).
+    """
+
+    async def __call__(
+        self,
+        keys: Sequence[KeyT] | None = None,
+        args: Iterable[EncodableT] | None = None,
+        client: Redis | None = None,
+    ) -> Any:
+        keys = list(keys or [])
+        every = (*keys, *(args or []))
+        target: Any = self.registered_client if client is None else client
+        source = self.script.decode() if isinstance(self.script, bytes) else str(self.script)
+        if isinstance(target, ClusterPipeline):
+            # queued, not awaited: awaiting a cluster pipeline (re)initializes it, which empties
+            # its queue (redis-py 7.4)
+            return target.execute_command("EVAL", source, len(keys), *every)
+        try:
+            return await target.execute_command("EVALSHA", self.sha, len(keys), *every)
+        except NoScriptError:
+            return await target.execute_command("EVAL", source, len(keys), *every)
+
+
+def script(client: Redis, source: str) -> AsyncScript:
+    """The script object for this client's topology."""
+    if is_cluster(client):
+        return ClusterScript(client, source)
+    return client.register_script(source)
+
+
+# -- a claim batch that waits for replicas -------------------------------------------------
+
+
+class ReplicaWait:
+    """``[redis] wait_replicas``: a claim batch's replies are used only after that many replicas
+    acknowledged it, with WAIT on the script's own connection (one pipeline: the script, then
+    WAIT). Fewer within ``wait_timeout_ms``: Unavailable (with a retry_after). The claims did
+    happen on the primary: the citizen's retry gets the same reservation back (or, if the
+    primary died before a replica had it, a new one), never a second share."""
+
+    def __init__(self, redis: Redis, replicas: int, timeout_ms: int) -> None:
+        self.redis = redis
+        self.replicas = replicas
+        self.timeout_ms = timeout_ms
+
+    async def run(self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        if self.replicas <= 0:
+            return await script(keys=keys, args=args)
+        reply, acked = await self._pipelined(script, keys, args, by_sha=True)
+        if isinstance(reply, NoScriptError):  # a new or promoted primary: send the source
+            reply, acked = await self._pipelined(script, keys, args, by_sha=False)
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        if int(acked) < self.replicas:
+            log.warning(
+                "WAIT %d: %s replicas acknowledged a claim batch within %d ms; unavailable",
+                self.replicas,
+                acked,
+                self.timeout_ms,
+            )
+            raise Unavailable(
+                "The reservation is not yet safely stored; please try again.", retry_after=1
+            )
+        return reply
+
+    async def _pipelined(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[Any], *, by_sha: bool
+    ) -> tuple[Any, Any]:
+        head = ("EVALSHA", script.sha) if by_sha else ("EVAL", script.script)
+        wait: dict[str, Any] = {}
+        node = None
+        if is_cluster(self.redis):
+            cluster = await initialized(self.redis)
+            node = cluster.get_node_from_key(keys[0])
+            wait["target_nodes"] = node
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.execute_command(*head, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.replicas, self.timeout_ms, **wait)
+            reply, acked = await pipe.execute(raise_on_error=False)
+        now = as_cluster(self.redis).get_node_from_key(keys[0]) if node is not None else None
+        if node is not None and (now is None or now.name != node.name):
+            # the slot moved meanwhile (MOVED): the script ran elsewhere, WAIT says nothing of it
+            raise Unavailable("The reservation store is changing over; please try again.")
+        return reply, acked
+
+
+# -- pub/sub -------------------------------------------------------------------------------
+
+_next_node = itertools.count()
+
+
+async def publish(client: Redis, channel: str, message: str) -> None:
+    """PUBLISH; in cluster mode on any node (redis-py 7.4's asyncio cluster client has no
+    ``publish``), which forwards it to every other node."""
+    if not is_cluster(client):
+        await client.publish(channel, message)
+        return
+    cluster: Any = client  # its execute_command is untyped
+    await cluster.execute_command("PUBLISH", channel, message, target_nodes=RedisCluster.RANDOM)
+
+
+@asynccontextmanager
+async def subscription(client: Redis, *channels: str) -> AsyncIterator[PubSub]:
+    """A PubSub subscribed to ``channels``. Single Redis: the client's own. Cluster: a plain
+    connection to one node (PUBLISH reaches every node of a cluster), the next node on each
+    call, so a subscriber whose node died resubscribes elsewhere."""
+    if not is_cluster(client):
+        async with client.pubsub(ignore_subscribe_messages=True) as ps:
+            await ps.subscribe(*channels)
+            yield ps
+        return
+    cluster = await initialized(client)
+    nodes = sorted(cluster.get_nodes(), key=lambda n: n.name)
+    node = nodes[next(_next_node) % len(nodes)]
+    kwargs = node.connection_kwargs
+    single = Redis(
+        host=node.host,
+        port=int(node.port),
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        socket_timeout=kwargs.get("socket_timeout"),
+        socket_connect_timeout=kwargs.get("socket_connect_timeout"),
+        health_check_interval=10,
+    )
+    try:
+        async with single.pubsub(ignore_subscribe_messages=True) as ps:
+            await ps.subscribe(*channels)
+            yield ps
+    finally:
+        await single.aclose()
+
+
+# -- readiness -----------------------------------------------------------------------------
+
+
+async def down_primaries(client: Redis, keys: Sequence[str]) -> list[str]:
+    """``host:port`` of each primary serving one of ``keys`` (all primaries when none is given)
+    that does not answer PING; [] for a single Redis (its own check is the script it runs)."""
+    if not is_cluster(client):
+        return []
+    try:
+        cluster = await initialized(client)
+    except (RedisError, OSError) as exc:
+        return [f"(no node answers: {type(exc).__name__})"]
+    nodes: dict[str, ClusterNode] = {}
+    for key in keys:
+        try:
+            node = cluster.get_node_from_key(key)
+        except Exception:  # a slot nobody serves now
+            return [f"the primary of {key.split('}')[0]}}}"]
+        if node is not None:
+            nodes[node.name] = node
+    if not keys:
+        nodes = {n.name: n for n in cluster.get_primaries()}
+    down = []
+    for name, node in sorted(nodes.items()):
+        try:
+            await cluster.execute_command("PING", target_nodes=node)
+        except Exception:
+            down.append(name)
+    return down
