@@ -86,12 +86,12 @@ local REST = '^ (%d+) (%d+) (%d+) (%d+) (%d+) ([%w_%-]+) ([%d%*X]+) ([%w_%-]+%.[
   .. ' (%S+) (%S+) (%d+) (%w+) (%w+) (%w+)$'
 local CHANNELS = {desk = true, web = true, ['mini-program'] = true, api = true}
 local AGE_BANDS = {['0-17'] = true, ['18-39'] = true, ['40-64'] = true, ['65+'] = true}
-local WORD = {} -- bytes of 0-9 A-Z a-z
-for b = 48, 57 do WORD[b] = true end
-for b = 65, 90 do WORD[b] = true end
-for b = 97, 122 do WORD[b] = true end
+-- a byte of 0-9 A-Z a-z (compared, not looked up: a table would be built on every call)
+local function alnum(b)
+  return b and ((b >= 97 and b <= 122) or (b >= 48 and b <= 57) or (b >= 65 and b <= 90))
+end
 local function word(text)
-  return tonumber(text, 36) and WORD[string.byte(text, 1)] and WORD[string.byte(text, -1)]
+  return tonumber(text, 36) and alnum(string.byte(text, 1)) and alnum(string.byte(text, -1))
 end
 
 -- Every argument is checked before anything is written (a script does not roll back: an
@@ -533,7 +533,10 @@ if #gate_args > 0 then
     gate_args[#gate_args + 1] = mark
   end
   redis.call('HSET', current_key, unpack(gate_args))
-  -- needed until the end of the next generation; an idle round's buckets go with it
-  redis.call('PEXPIRE', current_key, 2 * width)
+  if not current_ours then
+    -- needed until the end of the next generation, (generation + 2) * W, and this first write
+    -- is at generation * W or later; an idle round's buckets go with it
+    redis.call('PEXPIRE', current_key, 2 * width)
+  end
 end
 return replies
