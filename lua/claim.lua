@@ -81,11 +81,16 @@ local DAY_MS = 86400000
 -- optional white space and sign, which the first and last bytes rule out); the rest, about 110
 -- characters, by one pattern.
 local HASHES = 160 -- citizen hash 64, phone hash 64, client hash 32
-local NO_CLIENT = string.rep('-', 32)
-local REST = '^ (%d+) (%d+) (%d+) (%d+) (%d+) ([%w_%-]+) ([%d%*X]+) ([%w_%-]+%.[%w_%-]+)'
-  .. ' (%S+) (%S+) (%d+) (%w+) (%w+) (%w+)$'
-local CHANNELS = {desk = true, web = true, ['mini-program'] = true, api = true}
-local AGE_BANDS = {['0-17'] = true, ['18-39'] = true, ['40-64'] = true, ['65+'] = true}
+-- (constants written out whole: this part runs on every call, and Lua 5.1 folds no
+-- concatenation and builds every table constructor afresh)
+local NO_CLIENT = '--------------------------------'
+local REST = '^ (%d+) (%d+) (%d+) (%d+) (%d+) ([%w_%-]+) ([%d%*X]+) ([%w_%-]+%.[%w_%-]+) (%S+) (%S+) (%d+) (%w+) (%w+) (%w+)$'
+local function channel_ok(ch)
+  return ch == 'web' or ch == 'api' or ch == 'mini-program' or ch == 'desk'
+end
+local function age_band_ok(age)
+  return age == '18-39' or age == '40-64' or age == '65+' or age == '0-17'
+end
 -- a byte of 0-9 A-Z a-z (compared, not looked up: a table would be built on every call)
 local function alnum(b)
   return b and ((b >= 97 and b <= 122) or (b >= 48 and b <= 57) or (b >= 65 and b <= 90))
@@ -121,9 +126,9 @@ local floor = whole(ARGV[8])
 if not n or n < 1 or n > MAX_ITEMS or not floor or #ARGV ~= HEAD - 1 + n then
   return refuse('ARGV must be n (1..' .. MAX_ITEMS .. '), six bucket settings, floor, then n items')
 end
-local settings = {}
+local settings = {false, number(ARGV[2]), number(ARGV[3]), number(ARGV[4]), number(ARGV[5]),
+  number(ARGV[6]), number(ARGV[7])} -- read as settings[2..7], like ARGV
 for i = 2, 7 do
-  settings[i] = number(ARGV[i])
   if not settings[i] or settings[i] <= 0 then
     return refuse('bucket rates and bursts must be numbers above 0')
   end
@@ -144,7 +149,7 @@ for i = 1, n do
   local k1, k2, k3, k4, k5, site, mask, id, ch, age, reg, c1, c2, c3 =
     string.match(text, REST, HASHES + 1)
   if not (k1 and word(cit) and word(ph) and (client == NO_CLIENT or word(client))
-      and CHANNELS[ch] and AGE_BANDS[age]) then
+      and channel_ok(ch) and age_band_ok(age)) then
     return refuse('item ' .. i .. ' is not laid out as ARGV[9..] says')
   end
   local codes, holders, a1, a2, a3 =
@@ -219,10 +224,8 @@ local limits = {
   client = {settings[4], settings[5]},
   citizen = {settings[6], settings[7]},
 }
-local width = 0
-for _, l in pairs(limits) do
-  width = math.max(width, math.ceil(l[2] / l[1] * 1000) + 1000)
-end
+local width = math.max(math.ceil(settings[3] / settings[2] * 1000),
+  math.ceil(settings[5] / settings[4] * 1000), math.ceil(settings[7] / settings[6] * 1000)) + 1000
 local generation = math.floor(now / width)
 local mark = generation .. ':' .. width
 local current_key = KEYS[7 + generation % 2]
