@@ -1,6 +1,7 @@
 """Redis CPU per claim of lua/claim.lua against the script it replaced, side by side.
 
     python bench/claim_cpu.py [--claims 20000] [--batches 1,16,64] [--rounds 3] [--sites 1]
+                              [--callgrind]
 
 Starts a private redis-server (no persistence, as `make bench`'s), seeds one open round per
 script on its own key prefix (ample stock at ``--sites`` sites), and sends each script the same
@@ -11,7 +12,9 @@ Redis, so inflated when the machine is busy) and the redis-server's CPU (used_cp
 used_cpu_user before and after, the after taken ``--tail`` seconds later so that expiring the old
 layout's bucket keys is counted too), and the medians over the rounds. The old script is
 tests/fixtures/claim_v1.lua, packed as allocator/claims.py packed it; the new one is fed
-exactly what allocator/claims.py packs now (Allocator.claim_many).
+exactly what allocator/claims.py packs now (Allocator.claim_many). With ``--callgrind`` the
+redis-server runs under valgrind and the instructions it executed per claim (everything in the
+process over the same window) are counted too: a figure the machine's other load cannot move.
 """
 
 from __future__ import annotations
@@ -108,12 +111,38 @@ async def cpu(redis: Redis) -> float:
     return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
-async def measure(args: argparse.Namespace, port: int) -> None:
+class Callgrind:
+    """Instructions the redis-server executed (valgrind --tool=callgrind): the same on every run,
+    whatever else the machine is doing, where CPU time on a shared machine is not."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid, self.out = pid, out
+
+    def zero(self) -> None:
+        subprocess.run(["callgrind_control", "-z", str(self.pid)], capture_output=True, check=True)
+
+    def instructions(self) -> int:
+        """Since the last zero, from the dump this makes (``totals:`` of the newest file)."""
+        before = set(self.out.parent.glob(self.out.name + "*"))
+        subprocess.run(["callgrind_control", "-d", str(self.pid)], capture_output=True, check=True)
+        for _ in range(100):
+            new = set(self.out.parent.glob(self.out.name + "*")) - before
+            if new:
+                time.sleep(0.5)  # written whole
+                for line in max(new, key=lambda f: f.stat().st_mtime).read_text().splitlines():
+                    if line.startswith(("totals:", "summary:")):
+                        return int(line.split()[1])
+            time.sleep(0.1)
+        raise RuntimeError("callgrind wrote no dump")
+
+
+async def measure(args: argparse.Namespace, port: int, grind: Callgrind | None) -> None:
     redis = Redis(port=port)
     old_al = await seeded(redis, "v1", args.sites)
     new_al = await seeded(redis, "lean", args.sites)
     old_script = redis.register_script(OLD)
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    counted: dict[tuple[int, str], list[float]] = {}
     base = 0
     for batch in args.batches:
         for _ in range(args.rounds):
@@ -135,6 +164,8 @@ async def measure(args: argparse.Namespace, port: int) -> None:
                     await call(requests(al, start, batch, args.sites))
                 base += warm
                 await redis.config_resetstat()
+                if grind:
+                    grind.zero()
                 before = await cpu(redis)
                 count = 0
                 while count < args.claims:
@@ -145,10 +176,15 @@ async def measure(args: argparse.Namespace, port: int) -> None:
                 used = (await cpu(redis) - before) * 1e6 / count
                 usec = (await redis.info("commandstats"))["cmdstat_evalsha"]["usec"] / count
                 results.setdefault((batch, name), []).append((usec, used))
-                print(
+                line = (
                     f"batch {batch:3d} {name}: EVALSHA {usec:5.1f} µs/claim,"
                     f" redis-server CPU {used:5.1f} µs/claim"
                 )
+                if grind:
+                    per = grind.instructions() / count
+                    counted.setdefault((batch, name), []).append(per)
+                    line += f", {per:,.0f} instructions/claim"
+                print(line, flush=True)
     print()
     print(
         "| batch | EVALSHA µs/claim, old | new | redis-server CPU µs/claim, old | new | new/old |"
@@ -159,6 +195,14 @@ async def measure(args: argparse.Namespace, port: int) -> None:
         ou, nu = statistics.median(u for u, _ in o), statistics.median(u for u, _ in n)
         oc, nc = statistics.median(c for _, c in o), statistics.median(c for _, c in n)
         print(f"| {batch} | {ou:.1f} | {nu:.1f} | {oc:.1f} | {nc:.1f} | {nc / oc:.2f} |")
+    if grind:
+        print()
+        print("| batch | instructions/claim, old | new | new/old |")
+        print("|---:|---:|---:|---:|")
+        for batch in args.batches:
+            oi = statistics.median(counted[(batch, "old")])
+            ni = statistics.median(counted[(batch, "new")])
+            print(f"| {batch} | {oi:,.0f} | {ni:,.0f} | {ni / oi:.2f} |")
     await redis.aclose()
 
 
@@ -172,16 +216,30 @@ def main() -> None:
     p.add_argument("--sites", type=int, default=1)
     p.add_argument("--tail", type=float, default=5.0)
     p.add_argument("--port", type=int, default=6398)
+    p.add_argument(
+        "--callgrind",
+        action="store_true",
+        help="run redis-server under valgrind and count its instructions per claim too (slow)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "callgrind.out"
+        grind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         server = subprocess.Popen(
-            ["redis-server", "--port", str(args.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", tmp],
-            stdout=subprocess.DEVNULL,
+            [*(grind if args.callgrind else []), "redis-server", "--port", str(args.port),
+             "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
-            time.sleep(0.5)
-            asyncio.run(measure(args, args.port))
+            for _ in range(600):  # valgrind takes seconds to start
+                time.sleep(0.1)
+                ping = subprocess.run(
+                    ["redis-cli", "-p", str(args.port), "ping"], capture_output=True, text=True
+                )
+                if ping.stdout.strip() == "PONG":
+                    break
+            counter = Callgrind(server.pid, out) if args.callgrind else None
+            asyncio.run(measure(args, args.port, counter))
         finally:
             server.terminate()
             server.wait()
