@@ -78,8 +78,8 @@ local DAY_MS = 86400000
 -- never escapes (no quote, backslash, control or non-ASCII byte): the record is built by
 -- concatenation, so these checks are what keep it valid JSON with exactly its own fields. The
 -- three hashes are checked at C speed (tonumber in base 36 reads 0-9 a-z A-Z only, after
--- optional white space and sign, which the first and last bytes rule out); the rest, about 110
--- characters, by one pattern.
+-- optional white space and sign and before white space, which their first and last bytes
+-- rule out); the rest, about 110 characters, by one pattern.
 local HASHES = 160 -- citizen hash 64, phone hash 64, client hash 32
 -- (constants written out whole: this part runs on every call, and Lua 5.1 folds no
 -- concatenation and builds every table constructor afresh)
@@ -94,9 +94,6 @@ end
 -- a byte of 0-9 A-Z a-z (compared, not looked up: a table would be built on every call)
 local function alnum(b)
   return b and ((b >= 97 and b <= 122) or (b >= 48 and b <= 57) or (b >= 65 and b <= 90))
-end
-local function word(text)
-  return tonumber(text, 36) and alnum(string.byte(text, 1)) and alnum(string.byte(text, -1))
 end
 
 -- Every argument is checked before anything is written (a script does not roll back: an
@@ -135,6 +132,9 @@ for i = 2, 7 do
 end
 local nkeys = #KEYS
 local function index(text, optional)
+  if text == '0' then
+    return optional and 0 or nil
+  end
   local at = tonumber(text)
   if (at < ITEM_KEYS and not (optional and at == 0)) or at > nkeys then
     return nil
@@ -148,8 +148,15 @@ for i = 1, n do
     string.sub(text, 129, HASHES)
   local k1, k2, k3, k4, k5, site, mask, id, ch, age, reg, c1, c2, c3 =
     string.match(text, REST, HASHES + 1)
-  if not (k1 and word(cit) and word(ph) and (client == NO_CLIENT or word(client))
-      and channel_ok(ch) and age_band_ok(age)) then
+  -- each hash's first and last byte (tonumber would skip white space and a sign there)
+  local b1 = string.byte(text, 1)
+  local b64, b65 = string.byte(text, 64, 65)
+  local b128, b129 = string.byte(text, 128, 129)
+  local b160 = string.byte(text, HASHES)
+  local none = client == NO_CLIENT
+  if not (k1 and tonumber(cit, 36) and tonumber(ph, 36) and (none or tonumber(client, 36))
+      and alnum(b1) and alnum(b64) and alnum(b65) and alnum(b128)
+      and (none or (alnum(b129) and alnum(b160))) and channel_ok(ch) and age_band_ok(age)) then
     return refuse('item ' .. i .. ' is not laid out as ARGV[9..] says')
   end
   local codes, holders, a1, a2, a3 =
@@ -160,7 +167,7 @@ for i = 1, n do
   items[i] = {
     codes = codes, holders = holders, a1 = a1, a2 = a2, a3 = a3, site = site, cit = cit,
     ph = ph, mask = mask, id = id, ch = ch, age = age, reg = reg,
-    client = client ~= NO_CLIENT and client, c1 = c1, c2 = c2, c3 = c3,
+    client = not none and client, c1 = c1, c2 = c2, c3 = c3,
   }
 end
 local t = redis.call('TIME')
