@@ -73,10 +73,7 @@
     renderRounds();
     renderMine();
     var has = !!state.round;
-    var registering = has && (!isLottery(state.round) || roundStatus(state.round) !== 'closed');
-    $('reserve').hidden = !has || !registering || !$('result').hidden;
-    renderForm();
-    renderLottery();
+    showChosen();
     $('sites').hidden = !has;
     if (has && state.round.round_id !== previous) {
       state.sites = [];
@@ -84,6 +81,17 @@
     }
     if (!has) state.roundsTimer = setTimeout(loadRounds, 30000);
     updateSubmit();
+  }
+
+  /** The form and the lottery card for the chosen round: a lottery round is a registration
+   * (its own title, the district choice, the entry and the draw's check), an FCFS round a
+   * reservation. Called when the rounds are loaded and when the citizen picks another one. */
+  function showChosen() {
+    var has = !!state.round;
+    var registering = has && (!isLottery(state.round) || roundStatus(state.round) !== 'closed');
+    $('reserve').hidden = !has || !registering || !$('result').hidden;
+    renderForm();
+    renderLottery();
   }
 
   // -- entitlement: who may take part, said before anyone types an ID ------------------------
@@ -148,9 +156,9 @@
         }),
         el('p', {
           class: 'round-meta',
-          text: t('round_per_person', { n: r.per_person }) + ' · ' + t('round_window', {
-            range: A.fmtRange(r.opens_at, r.closes_at),
-          }),
+          text: t('round_per_person', { n: r.per_person }) + ' · ' + (isLottery(r)
+            ? t('lottery_window', { range: A.fmtRange(r.opens_at, r.closes_at) })
+            : t('round_window', { range: A.fmtRange(r.opens_at, r.closes_at) })),
         }),
         el('p', { class: 'round-meta', text: t('round_pickup', { range: A.fmtRange(r.pickup_start, r.pickup_end) }) }),
       ];
@@ -166,7 +174,9 @@
           el('p', {
             class: 'round-meta',
             'data-testid': 'cooldown',
-            text: t('round_cooldown', { programme: r.programme, days: r.cooldown_days }),
+            text: isLottery(r)
+              ? t('lottery_cooldown', { programme: r.programme, days: r.cooldown_days })
+              : t('round_cooldown', { programme: r.programme, days: r.cooldown_days }),
           })
         );
       }
@@ -181,6 +191,7 @@
               state.round = r;
               state.sites = [];
               renderRounds();
+              showChosen();
               loadSites();
               updateSubmit();
             },
@@ -541,7 +552,8 @@
     }
     if (res.status === 409 && code === 'in-cooldown') {
       // until is in the round's own offset, like every time on this page (the operator's clock)
-      showOutcome('warn', t('cooldown_title'), t('cooldown', { time: A.fmtTime(res.data.until) }));
+      var until = { time: A.fmtTime(res.data.until) };
+      showOutcome('warn', t('cooldown_title'), isLottery(r) ? t('cooldown_lottery', until) : t('cooldown', until));
       return;
     }
     if (res.status === 409 && code === 'round-not-open') {
