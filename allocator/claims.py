@@ -58,6 +58,7 @@ DESK = "desk"
 # Every reservation's channel: `desk` for the desk's route, else the X-Allot-Channel header if
 # it is one of the last two, else `api` (service/views.py).
 CHANNELS = (DESK, "web", "mini-program", "api")
+NO_CLIENT = "-" * 32  # claim.lua's item: no client address hash (a desk's claim)
 
 # byte -> letter: the alphabet has 32 letters, so byte % 32 is uniform (40 random bits a code)
 _TO_LETTER = bytes(ord(PICKUP_ALPHABET[b % 32]) for b in range(256))
@@ -205,6 +206,7 @@ class Claims:
     async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
         """Admit (the gate) and decide several claims on one round in one script call."""
         rk = await self.catalogue.round_keys(round_id)
+        even, odd = self.gate.claim_buckets(rk)
         keys = [
             rk.round,
             rk.stock,
@@ -212,7 +214,8 @@ class Claims:
             rk.reservations,
             rk.tally,
             rk.ledger,
-            self.gate.round_bucket(rk),
+            even,
+            odd,
             rk.entitled,
         ]
         refs = ScriptKeys(keys)
@@ -223,28 +226,30 @@ class Claims:
             await self.watch.floor(round_id),
         ]
         sites = await self.catalogue.sites()
+        made: list[tuple[str, str]] = []  # (reservation_id, phone hash): a created reply's rest
         for item, (reservation_id, codes) in zip(
             items, fresh_identifiers(round_id, len(items)), strict=True
         ):
-            client_bucket, citizen_bucket = self.gate.item_buckets(
-                rk, self.hasher.client(item.client), item.citizen_hash
-            )
             site = sites.get(item.site_id)
-            args.append(  # one space-separated argument per item: see lua/claim.lua
-                " ".join(
+            phone_hash = self.hasher.phone(item.phone)
+            made.append((reservation_id, phone_hash))
+            # one argument per item, laid out as lua/claim.lua's ARGV[9..] says: the three
+            # hashes at fixed widths (a desk's claim skips the per-address bucket: no client
+            # hash), then the other fields after a space each
+            args.append(
+                item.citizen_hash
+                + phone_hash
+                + (NO_CLIENT if item.channel == DESK else self.hasher.client(item.client))
+                + " "
+                + " ".join(
                     (
                         refs.ref(rk.codes(item.site_id)),
                         refs.ref(rk.site_holders(item.site_id)),
-                        # a desk's claim: the per-address bucket is not applied (0: none)
-                        "0" if item.channel == DESK else refs.ref(client_bucket),
-                        refs.ref(citizen_bucket),
                         # the fairness report's askers; an unknown site is nobody's district
                         refs.ref(rk.fair_asked("district", site.district)) if site else "0",
                         refs.ref(rk.fair_asked("age_band", item.age_band)),
                         refs.ref(rk.fair_asked("channel", item.channel)),
                         item.site_id,
-                        item.citizen_hash,
-                        self.hasher.phone(item.phone),
                         item.masked_id,
                         reservation_id,
                         item.channel,
@@ -262,16 +267,35 @@ class Claims:
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [ClaimOutcome(refusal=round_refusal()) for _ in items]
         self.watch.seen_whole(round_id)
-        return [
-            await self._outcome(round_id, item, reply)
-            for item, reply in zip(items, replies, strict=True)
-        ]
+        outcomes = []
+        for item, (reservation_id, phone_hash), reply in zip(items, made, replies, strict=True):
+            if reply[0] == b"created":  # the record claim.lua wrote, from this item and its reply
+                _, code, created_ms, quantity = reply
+                reservation = Reservation(
+                    reservation_id=reservation_id,
+                    round_id=round_id,
+                    site_id=item.site_id,
+                    quantity=quantity,
+                    status="confirmed",
+                    pickup_code=code.decode(),
+                    citizen_hash=item.citizen_hash,
+                    phone_hash=phone_hash,
+                    citizen_id_masked=item.masked_id,
+                    created_ms=created_ms,
+                    updated_ms=created_ms,
+                    channel=item.channel,
+                    age_band=item.age_band,
+                    region=item.region,
+                )
+                outcomes.append(ClaimOutcome(reservation=reservation, created=True))
+            else:
+                outcomes.append(await self._outcome(round_id, item, reply))
+        return outcomes
 
     async def _outcome(self, round_id: str, item: ClaimRequest, reply: list[bytes]) -> ClaimOutcome:
         status = reply[0].decode()
-        if status in ("created", "existing"):
-            reservation = Reservation.from_record(round_id, reply[1])
-            return ClaimOutcome(reservation=reservation, created=status == "created")
+        if status == "existing":
+            return ClaimOutcome(reservation=Reservation.from_record(round_id, reply[1]))
         if status == "gated":
             return ClaimOutcome(refusal=self.gate.refusal(reply[2].decode(), int(reply[1])))
         if status == "no-round":

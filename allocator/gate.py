@@ -4,6 +4,8 @@ Buckets: the whole round (``global``), the client address (``client``, its HMAC)
 citizen (``citizen``, the citizen hash), each with a rate (tokens a second) and a burst. The
 buckets live in Redis and are spent inside claim.lua, in the same EVALSHA as the claim, so
 admission and decision are one atomic step; a claim refused by the gate changes nothing else.
+claim.lua keeps all of a round's buckets as fields of one hash (two generations, see the script);
+enter.lua still keeps one key per bucket, with the same arithmetic.
 This module is the gate's Python side: its ARGV, its keys, and the refusal it comes to.
 """
 
@@ -44,13 +46,19 @@ class Gate:
 
     @staticmethod
     def round_bucket(rk: RoundKeys) -> str:
-        """KEYS[7] of claim.lua: the round's own bucket."""
+        """KEYS[6] of enter.lua: the round's own bucket."""
         return rk.gate_global
 
     @staticmethod
     def item_buckets(rk: RoundKeys, client_hash: str, citizen_hash: str) -> tuple[str, str]:
-        """An item's client and citizen buckets."""
+        """An entry's client and citizen buckets (enter.lua)."""
         return rk.gate_client(client_hash), rk.gate_citizen(citizen_hash)
+
+    @staticmethod
+    def claim_buckets(rk: RoundKeys) -> tuple[str, str]:
+        """KEYS[7] and KEYS[8] of claim.lua: the hash of all the round's buckets, in its two
+        generations (an item names its buckets by the client and citizen hashes it carries)."""
+        return rk.gate_generations
 
     @staticmethod
     def refusal(bucket: str, wait_ms: int) -> RateLimited:

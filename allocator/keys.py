@@ -54,8 +54,15 @@ class RoundKeys:
 
     @property
     def gate_global(self) -> str:
-        """Token bucket of the whole round (hash: t tokens, ts ms)."""
+        """Token bucket of the whole round (hash: t tokens, ts ms), as enter.lua keeps it; it
+        and the next two are lua/enter.lua's buckets (claim.lua's: ``gate_generations``)."""
         return f"{self._tag}gate:global"
+
+    @property
+    def gate_generations(self) -> tuple[str, str]:
+        """claim.lua's token buckets: every bucket of the round is a field of one hash, in two
+        generations that take turns (``gate:0``, ``gate:1``; lua/claim.lua explains)."""
+        return f"{self._tag}gate:0", f"{self._tag}gate:1"
 
     def gate_client(self, client_hash: str) -> str:
         return f"{self._tag}gate:client:{client_hash}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 from dataclasses import replace
 from typing import Any
@@ -15,6 +16,11 @@ from redis.asyncio import Redis
 
 from allocator.config import GateSettings, Settings
 from allocator.errors import RateLimited
+from allocator.facade import Allocator
+from allocator.identity import Hasher
+from allocator.keys import Keys
+from allocator.model import Round, Site
+from allocator.redistyping import awaited
 from service.app import create_app
 from service.client import client_address
 from tests.helpers import ADMIN, citizen_id, phone, seed
@@ -186,3 +192,75 @@ def test_default_gate_settings_are_the_contract_s() -> None:
     assert (g.global_rate, g.global_burst, g.client_rate, g.client_burst) == (20000, 40000, 10, 20)
     assert (g.citizen_rate, g.citizen_burst) == (1, 3)
     assert g.trusted_proxies == ("127.0.0.1/32", "::1/128")
+
+
+async def test_a_bucket_outlives_its_generation_and_an_old_generation_is_emptied(
+    redis: Redis, keys: Keys
+) -> None:
+    """claim.lua keeps a round's buckets in two generations of W ms (here 3 s: the citizen
+    bucket fills in 2 s): a bucket spent just before a generation ends still holds back in
+    the next one, and the hash of a generation is emptied before it is used again."""
+    gate = GateSettings(
+        global_rate=1000, global_burst=1000, client_rate=1000, client_burst=1000,
+        citizen_rate=0.5, citizen_burst=1,
+    )  # fmt: skip
+    allocator = Allocator(redis, None, keys, Hasher(b"p"), gate=gate)
+    await seed_round(allocator)
+    width = 3000
+    rk = keys.round("r1")
+
+    async def claim(n: int) -> Any:
+        request = allocator.claim_request("r1", "s1", citizen_id(n), phone(n), "2001:db8::1")
+        [outcome] = await allocator.claim_many("r1", [request])
+        return outcome
+
+    async def redis_ms() -> int:
+        seconds, micros = await redis.time()
+        return int(seconds) * 1000 + int(micros) // 1000
+
+    async def sleep_into_next_generation(margin_ms: int) -> int:
+        now = await redis_ms()
+        await asyncio.sleep((width - now % width + margin_ms) / 1000)
+        return (await redis_ms()) // width
+
+    # spend citizen 1's one token late in a generation, then look again early in the next
+    now = await redis_ms()
+    await asyncio.sleep(((width - now % width - 300) % width) / 1000)
+    spent_in = (await redis_ms()) // width
+    assert (await claim(1)).created
+    assert await sleep_into_next_generation(100) == spent_in + 1
+    again = await claim(1)
+    assert isinstance(again.refusal, RateLimited)  # found in the previous generation
+    assert again.refusal.code == "rate-limited"
+    citizen_field = f"z:{allocator.hasher.citizen(citizen_id(1))}".encode()
+    assert citizen_field in await awaited(redis.hkeys(rk.gate_generations[spent_in % 2]))
+
+    # two generations later its hash is someone else's: the old fields are gone
+    assert await sleep_into_next_generation(100) == spent_in + 2
+    assert (await claim(2)).created
+    fields = await awaited(redis.hkeys(rk.gate_generations[spent_in % 2]))
+    assert citizen_field not in fields
+    assert f"z:{allocator.hasher.citizen(citizen_id(2))}".encode() in fields
+    # citizen 1's bucket, forgotten, is full: the claim passes the gate to its reservation
+    back = await claim(1)
+    assert back.refusal is None
+    assert back.reservation is not None
+    assert not back.created
+    assert 0 < await redis.pttl(rk.gate_generations[spent_in % 2]) <= 2 * width
+
+
+async def seed_round(allocator: Allocator) -> None:
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    await allocator.mirror_sites([Site("s1", "One", "Road 1", "d1")])
+    await allocator.mirror_round(
+        Round(
+            round_id="r1",
+            title="r1",
+            opens_at=now - dt.timedelta(hours=1),
+            closes_at=now + dt.timedelta(hours=1),
+            per_person=1,
+            pickup_start=now,
+            pickup_end=now + dt.timedelta(hours=2),
+        )
+    )
+    await allocator.load_batch("r1", "b1", [("s1", 10)])

@@ -34,19 +34,23 @@ def claim_keys(rk: RoundKeys) -> list[str]:
         rk.reservations,
         rk.tally,
         rk.ledger,
-        rk.gate_global,
+        *rk.gate_generations,
         rk.entitled,
         rk.codes("s1"),
         rk.site_holders("s1"),
-        rk.gate_client("client"),
-        rk.gate_citizen("c" * 64),
     ]
 
 
-def item(*, indexes: str = "9 10 11 12 0 0 0", n: int = 1) -> str:
+def item(
+    *,
+    indexes: str = "10 11 0 0 0",
+    n: int = 1,
+    hashes: str = "c" * 64 + "p" * 64 + "e" * 32,
+    channel: str = "web",
+    site: str = "s1",
+) -> str:
     return (
-        f"{indexes} s1 {'c' * 64} {'p' * 64} 110101********{n:03d}X rid{n}.r1"
-        f" web 18-39 110101 {CODES}"
+        f"{hashes} {indexes} {site} 110101********{n:03d}X rid{n}.r1 {channel} 18-39 110101 {CODES}"
     )
 
 
@@ -55,6 +59,7 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "n not a number": ["x", *GATE, "-1", GOOD_ITEM],
     "n zero": ["0", *GATE, "-1"],
     "n not whole": ["1.5", *GATE, "-1", GOOD_ITEM],
+    "n over the most items a call takes": ["2001", *GATE, "-1", *[GOOD_ITEM] * 2001],
     "n does not match the items": ["2", *GATE, "-1", GOOD_ITEM],
     "a rate not a number": ["1", "abc", *GATE[1:], "-1", GOOD_ITEM],
     "a rate NaN": ["1", "nan", *GATE[1:], "-1", GOOD_ITEM],
@@ -62,23 +67,37 @@ BAD_CLAIMS: dict[str, list[str]] = {
     "a rate zero": ["1", *GATE[:2], "0", *GATE[3:], "-1", GOOD_ITEM],
     "a burst negative": ["1", *GATE[:5], "-1", "-1", GOOD_ITEM],
     "floor not a number": ["1", *GATE, "x", GOOD_ITEM],
-    "second item short": ["2", *GATE, "-1", GOOD_ITEM, "9 10 11 12 0 0 0 s1"],
+    "second item short": ["2", *GATE, "-1", GOOD_ITEM, GOOD_ITEM[:200]],
     "second item key index outside KEYS": [
         *("2", *GATE, "-1", GOOD_ITEM),
-        item(indexes="9 10 99 12 0 0 0"),
+        item(indexes="10 11 0 99 0"),
     ],
-    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 10 11 12 0 0 0")],
-    "item key index at the entitlement hash": [
+    "item key index into the fixed keys": ["1", *GATE, "-1", item(indexes="2 11 0 0 0")],
+    "item key index at the entitlement hash": ["1", *GATE, "-1", item(indexes="9 11 0 0 0")],
+    "item key index not a number": ["1", *GATE, "-1", item(indexes="10 x 0 0 0")],
+    "item codes key index 0 (only the askers may be 0)": [
         *("1", *GATE, "-1"),
-        item(indexes="8 10 11 12 0 0 0"),
+        item(indexes="0 11 0 0 0"),
     ],
-    "item key index not a number": ["1", *GATE, "-1", item(indexes="9 x 11 12 0 0 0")],
-    "item codes key index 0 (only the client bucket and askers may be 0)": [
+    "item site-holders key index 0": ["1", *GATE, "-1", item(indexes="10 0 0 0 0")],
+    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="10 11 0 12 0")],
+    # the record is built by hand: nothing JSON would escape may reach it
+    "a quote in the citizen hash": [
         *("1", *GATE, "-1"),
-        item(indexes="0 10 11 12 0 0 0"),
+        item(hashes="c" * 63 + '"' + "p" * 64 + "e" * 32),
     ],
-    "item citizen bucket index 0": ["1", *GATE, "-1", item(indexes="9 10 11 0 0 0 0")],
-    "item askers key index outside KEYS": ["1", *GATE, "-1", item(indexes="9 10 11 12 0 13 0")],
+    "a newline leading the phone hash": [
+        *("1", *GATE, "-1"),
+        item(hashes="c" * 64 + "\n" + "p" * 63 + "e" * 32),
+    ],
+    "a space ending the client hash": [
+        *("1", *GATE, "-1"),
+        item(hashes="c" * 64 + "p" * 64 + "e" * 31 + " "),
+    ],
+    "a phone hash one character short": ["1", *GATE, "-1", item(hashes="c" * 64 + "p" * 63)],
+    "a channel not one of the four": ["1", *GATE, "-1", item(channel="fax")],
+    "a backslash in the site": ["1", *GATE, "-1", item(site="s\\1")],
+    "a non-ASCII site": ["1", *GATE, "-1", item(site="s\u00e91")],
     # a floor above the round's seq would set the lost mark: not before the items are checked
     "bad item with a floor that marks lost": ["2", *GATE, "99", GOOD_ITEM, "9 10 11"],
 }
