@@ -211,9 +211,10 @@ async def state(redis: Redis, al: Allocator) -> dict[str, Any]:
     return out
 
 
-async def seeded(redis: Redis, keys: Keys) -> Allocator:
+async def seeded(redis: Redis, keys: Keys, now: dt.datetime) -> Allocator:
+    """Both scripts' rounds from one ``now``: a second boundary between the two seedings would
+    otherwise show up as different windows in their not-open answers."""
     al = Allocator(redis, None, keys, Hasher(b"pepper"))
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
     await al.mirror_sites([Site(s, s, "Road 1", d) for s, d in SITES.items()])
 
     def rnd(round_id: str, **kw: Any) -> Round:
@@ -241,8 +242,9 @@ async def seeded(redis: Redis, keys: Keys) -> Allocator:
 async def test_the_lean_claim_script_decides_exactly_as_the_old_one(
     seed: int, redis: Redis, redis_prefix: str
 ) -> None:
-    old_al = await seeded(redis, Keys(f"{redis_prefix}:v1"))
-    new_al = await seeded(redis, Keys(f"{redis_prefix}:lean"))
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    old_al = await seeded(redis, Keys(f"{redis_prefix}:v1"), now)
+    new_al = await seeded(redis, Keys(f"{redis_prefix}:lean"), now)
     old_script = redis.register_script(OLD)
     rng = random.Random(seed)
     seen: dict[str, int] = {}
@@ -275,7 +277,8 @@ async def test_the_sequences_reach_every_outcome(redis: Redis, redis_prefix: str
     sequences, answers with every outcome it has."""
     seen: set[str] = set()
     for seed in range(6):
-        al = await seeded(redis, Keys(f"{redis_prefix}:o{seed}"))
+        now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+        al = await seeded(redis, Keys(f"{redis_prefix}:o{seed}"), now)
         script = redis.register_script(OLD)
         rng = random.Random(seed)
         for step in range(60):
