@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -60,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -400,7 +402,7 @@ def _time_sql() -> dict[str, float]:
             try:
                 return await inner(self, query, *args, **kwargs)
             finally:
-                label = f"{name}: " + " ".join(query.split())[:70]
+                label = f"{name}: " + " ".join(query.split())[:48]
                 waited[label] = waited.get(label, 0.0) + time.perf_counter() - started
 
         setattr(cls, name, wrapper)
@@ -477,18 +479,32 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
     )
     a, b = min(results, key=lambda r: r.entries), max(results, key=lambda r: r.entries)
     ten = 10_000_000
+    scale = ten / b.entries
 
-    def project(step: str, attr: str) -> float:
-        lo, hi = getattr(a.steps[step], attr), getattr(b.steps[step], attr)
-        slope = (hi - lo) / (b.entries - a.entries)
-        return float(hi + slope * (ten - b.entries))
+    def linear(step: str, value: Callable[[Step], float]) -> float:
+        lo, hi = value(a.steps[step]), value(b.steps[step])
+        return hi + (hi - lo) / (b.entries - a.entries) * (ten - b.entries)
 
-    grow = ten / b.entries * math.log(ten) / math.log(b.entries)  # n log n, an upper bound
-    lines = [
-        f"| {step} | {project(step, 'wall_s'):,.0f} s (n log n: {b.steps[step].wall_s * grow:,.0f}"
-        f" s) | {project(step, 'peak_mib') / 1024:,.1f} GiB |"
-        for step in ("freeze", "draw", "verify")
-    ]
+    def rows_sql(st: Step) -> float:  # the statements that rewrite every entry's row
+        return sum(t for q, t in st.sql.items() if q.startswith("execute: UPDATE entries"))
+
+    lines = []
+    for step in ("freeze", "draw"):
+        big, small = b.steps[step], a.steps[step]
+        growth = rows_sql(big) / max(rows_sql(small), 1e-9)
+        power = math.log(growth) / math.log(b.entries / a.entries)
+        rest = linear(step, lambda st: st.wall_s - rows_sql(st))
+        mem = linear(step, lambda st: st.peak_mib) / 1024
+        lines.append(
+            f"| {step} | {rest:,.0f} s | {rows_sql(big) * scale:,.0f} s (n^{power:.2f}:"
+            f" {rows_sql(big) * scale**power:,.0f} s) | {mem:,.1f} GiB |"
+        )
+    verify = linear("verify", lambda st: st.wall_s)
+    vmem = linear("verify", lambda st: st.peak_mib) / 1024
+    lines.append(f"| verify | {verify:,.0f} s | – | {vmem:,.1f} GiB |")
+    ua, ub = rows_sql(a.steps["freeze"]), rows_sql(b.steps["freeze"])
+    draw_gib = linear("draw", lambda st: st.peak_mib) / 1024
+    without = sum(b.steps[k].wall_s - rows_sql(b.steps[k]) for k in ("freeze", "draw"))
     return (
         text
         + f"""
@@ -496,13 +512,27 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
 |---:|---:|---:|---:|---:|---:|---:|
 {table}
 
-**10 million entries (projection).** A straight line through the two sizes above (each step is
-single passes over the entries plus two sorts, n log n with a small constant, so the line is
-close; n log n from the larger run is given as an upper bound for time):
+**10 million entries (projection).** Each step's time is two parts that grow differently. The
+job's own work (reading the rows, building and checking the files, the draw's hashing, two
+sorts) and every other statement grow about linearly, as in bench/draw_scale.py: projected on a
+straight line through the two sizes above. The two statements that rewrite one row per entry
+(the freeze's `weight = 1`, the draw's `status = 'not-drawn'` for every loser) grew faster
+than the entries here: the freeze's from {ua:.1f} s to {ub:.1f} s for {b.entries // a.entries}×
+the entries, once the table and its four indexes outgrew
+PostgreSQL's `shared_buffers` (128 MB here) and each updated row, with no room left on its
+freshly COPYed page, wrote a new row version and an entry in every index (no HOT update). They
+are projected at least linearly (×{scale:g}) and at the growth measured (n^power):
 
-| step | time at 10M | peak RSS at 10M |
-|---|---:|---:|
+| step | job's own work and other SQL | whole-table UPDATE | peak RSS |
+|---|---:|---:|---:|
 {chr(10).join(lines)}
+
+So at 10 million the two whole-table UPDATEs alone would take from several minutes to over an
+hour, and the draw process needs about {draw_gib:,.0f} GiB
+(the entries.csv bytes, one Python object per entry line and per result, and the draw's
+`receipt -> entry_id` map of every entry): beyond both targets, and beyond what is useful on a
+machine of this size. Without the two whole-table rewrites, one million would take {without:.0f} s
+to freeze and draw here (target < 60 s).
 """
     )
 
@@ -531,6 +561,10 @@ def main() -> int:
     parser.add_argument(
         "--scaling", type=int, nargs="*", default=[], help="also these sizes, for the projection"
     )
+    parser.add_argument("--save", type=Path, help="also write the measurements here (JSON)")
+    parser.add_argument(
+        "--render", type=Path, help="measure nothing: render the section from a --save file"
+    )
     parser.add_argument("--child", choices=("freeze", "draw"), help=argparse.SUPPRESS)
     parser.add_argument("--database", help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, default=0, help=argparse.SUPPRESS)
@@ -540,7 +574,15 @@ def main() -> int:
         return 0
 
     results = []
-    for n in [args.entries, *args.scaling]:
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        results = [
+            Result(r["entries"], r["sites"], r["load_s"],
+                   {k: Step(**v) for k, v in r["steps"].items()}, r["facts"])
+            for r in saved["results"]
+        ]  # fmt: skip
+        args.entries, args.scaling = results[0].entries, [r.entries for r in results[1:]]
+    for n in [args.entries, *args.scaling] if args.render is None else []:
         print(f"{n:,} entries over {args.sites} sites", flush=True)
         result = asyncio.run(run_size(n, args.sites, args.seed, args.keep))
         for name, st in result.steps.items():
@@ -552,6 +594,8 @@ def main() -> int:
     command = "python bench/freeze_scale.py" + "".join(f" --scaling {n}" for n in args.scaling)
     if args.entries != 1_000_000:
         command += f" --entries {args.entries}"
+    if args.save is not None:
+        args.save.write_text(json.dumps({"results": [dataclasses.asdict(r) for r in results]}))
     section = render(results, command)
     print(section)
     if args.update_doc is not None:

@@ -52,12 +52,12 @@ from loadtest.servers import PrivateRedis
 
 
 def worker(port: int, control: Path, frames: int) -> None:
-    """The probe worker: tracemalloc, a thread that snapshots on request, then run_worker."""
+    """The probe worker: tracemalloc, a thread that snapshots on request, then run_worker.
+    (What this script imported itself before, aiohttp and the stores' clients, is not traced.)"""
+    tracemalloc.start(frames)
     from allocator import admission
     from allocator.config import load_settings
     from service.cli import run_worker
-
-    tracemalloc.start(frames)
 
     def snapshots() -> None:
         taken: list[tracemalloc.Snapshot] = []
@@ -84,6 +84,11 @@ def report(before: tracemalloc.Snapshot, after: tracemalloc.Snapshot, control: P
     total = sum(s.size_diff for s in after.compare_to(before, "filename"))
     lines.append(f"traced growth {total / 2**20:.1f} MiB for {tickets:,} queued tickets:"
                  f" {total / tickets:,.0f} B per request")  # fmt: skip
+    idle = before.statistics("filename")
+    lines.append(f"\nidle (first snapshot): {sum(x.size for x in idle) / 2**20:.1f} MiB traced;"
+                 " largest files:")  # fmt: skip
+    for x in idle[:8]:
+        lines.append(f"  {x.size / 2**20:6.1f} MiB  {x.traceback[0].filename}")
     lines.append("\nby file (B per request, allocations per request):")
     for s in after.compare_to(before, "filename")[:15]:
         lines.append(f"  {s.size_diff / tickets:8,.0f} B {s.count_diff / tickets:6.1f}"
