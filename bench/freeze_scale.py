@@ -347,7 +347,12 @@ async def run_size(n: int, sites_n: int, seed: int, keep: Path | None) -> Result
             "SELECT count(*) FROM entries WHERE round_id = $1 AND status = 'won'", ROUND
         )
         result.steps["award"] = Step(awarded, _hwm_mib(worker), f"ledger written {written:.1f} s")
-        result.facts.update(winners=winners, won_entries=won)
+        result.facts.update(
+            winners=winners,
+            won_entries=won,
+            entries_table_mib=await pg.fetchval("SELECT pg_total_relation_size('entries')") / 2**20,
+            shared_buffers=await pg.fetchval("SHOW shared_buffers"),
+        )
 
         started = time.perf_counter()
         record = await _fetch(url, files)
@@ -503,6 +508,14 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
     vmem = linear("verify", lambda st: st.peak_mib) / 1024
     lines.append(f"| verify | {verify:,.0f} s | – | {vmem:,.1f} GiB |")
     ua, ub = rows_sql(a.steps["freeze"]), rows_sql(b.steps["freeze"])
+    da, db = rows_sql(a.steps["draw"]), rows_sql(b.steps["draw"])
+    table_mib = b.facts.get("entries_table_mib")
+    size = (
+        f"of {table_mib:,.0f} MiB with its indexes, {table_mib / 128:.0f} times "
+        if table_mib
+        else "several times "
+    )
+    buffers = b.facts.get("shared_buffers", "128MB")
     draw_gib = linear("draw", lambda st: st.peak_mib) / 1024
     without = sum(b.steps[k].wall_s - rows_sql(b.steps[k]) for k in ("freeze", "draw"))
     return (
@@ -516,12 +529,14 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
 job's own work (reading the rows, building and checking the files, the draw's hashing, two
 sorts) and every other statement grow about linearly, as in bench/draw_scale.py: projected on a
 straight line through the two sizes above. The two statements that rewrite one row per entry
-(the freeze's `weight = 1`, the draw's `status = 'not-drawn'` for every loser) grew faster
-than the entries here: the freeze's from {ua:.1f} s to {ub:.1f} s for {b.entries // a.entries}×
-the entries, once the table and its four indexes outgrew
-PostgreSQL's `shared_buffers` (128 MB here) and each updated row, with no room left on its
-freshly COPYed page, wrote a new row version and an entry in every index (no HOT update). They
-are projected at least linearly (×{scale:g}) and at the growth measured (n^power):
+(the freeze's `weight = 1`, the draw's `status = 'not-drawn'` for every loser) are most of each
+step's time: the freeze's took {ua:.1f} s and {ub:.1f} s, the draw's {da:.1f} s and {db:.1f} s
+for {b.entries // a.entries}× the entries. Each row they rewrite has no room left on its
+freshly COPYed page, so it is a new row version elsewhere and a new entry in each of the table's
+three indexes (no HOT update; `status` is indexed anyway), in one transaction, over a table
+{size}PostgreSQL's `shared_buffers` ({buffers} here); their growth on this shared machine is
+noisy (between runs the same statement at one million varied by 1.5×). They are projected at
+least linearly (×{scale:g}) and at the growth measured between the two sizes (n^power):
 
 | step | job's own work and other SQL | whole-table UPDATE | peak RSS |
 |---|---:|---:|---:|
@@ -533,6 +548,14 @@ hour, and the draw process needs about {draw_gib:,.0f} GiB
 `receipt -> entry_id` map of every entry): beyond both targets, and beyond what is useful on a
 machine of this size. Without the two whole-table rewrites, one million would take {without:.0f} s
 to freeze and draw here (target < 60 s).
+
+What would bring it there (allocator/drawjob.py; not changed by this benchmark): write a
+weight only where it is not 1, or COPY the weights into a table of their own, rather than
+rewriting every entry's row in the freeze; leave the losers' rows as they are and take
+`not-drawn` from the draw (a registered entry of a drawn round without an award: the answers
+already work it out so, service/shapes.py, and the loss streaks can read it the same way); and
+look up only the winners' entry_ids for `draw_awards` (`receipt = ANY(…)`), not a map of every
+entry, which is also a good part of the draw's memory.
 """
     )
 

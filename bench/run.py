@@ -41,7 +41,8 @@ against three private Redis servers, side by side and alternating, with ``append
 each behind its own ``allot serve --workers 1`` and ledger database. It rewrites only that
 section of docs/performance.md (a full run keeps it, and every other section).
 
-usage: python bench/run.py [--duration 8] [--rounds 3] [--connections 64] [--out FILE]
+usage: python bench/run.py [--duration 8] [--rounds 3] [--connections 256] [--sweep 64,1000]
+                           [--one-client] [--programme] [--out FILE]
        python bench/run.py --redis-persistence [--persistence-connections 64,512] [--rounds 3] ...
 """
 
@@ -145,7 +146,7 @@ class Scenario:
         return self.service.stream if self.service is not None else None
 
     def median(self, attr: str) -> float:
-        return statistics.median(getattr(r, attr) for r in self.runs)
+        return float(statistics.median(getattr(r, attr) for r in self.runs))
 
     def median_cpu(self, role: str) -> float | None:
         values = [r.cpu_us[role] for r in self.runs if role in r.cpu_us]
@@ -642,6 +643,7 @@ async def main(args: argparse.Namespace) -> int:
                       f"  p99 {run.p99_ms:6.2f} ms  non-2xx {run.non2xx}"
                       f"  socket errors {run.socket_errors}  CPU µs/req: {cpu}"
                       f"  busy {run.busy:.0%}{backlog}{redis_part}", flush=True)  # fmt: skip
+        sweep = await connection_sweep(scenarios, private.pid, pg, redis, offset, args)
         memory = await full_queue_rss(full, procs, tmp)
     finally:
         procs.stop_all()
@@ -652,13 +654,72 @@ async def main(args: argparse.Namespace) -> int:
         await pg.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    report = render(scenarios, memory, args)
+    report = render(scenarios, memory, args, sweep)
     print(report)
     out = Path(args.out)
     text = out.read_text() if out.exists() else "# Performance\n"
     out.write_text(replace_section(text, MAIN, report))
     print(f"written to {args.out}")
     return 0
+
+
+SWEPT = ("a", "c", "e")  # the scenarios measured again at the other connection counts
+
+
+async def connection_sweep(
+    scenarios: list[Scenario],
+    redis_pid: int,
+    pg: asyncpg.Connection,
+    redis: Redis,
+    offset: int,
+    args: argparse.Namespace,
+) -> dict[int, dict[str, list[Run]]]:
+    """(a), (c) and (e) again at each of ``--sweep``'s connection counts, alternating, the same
+    rounds and duration: connections -> scenario key -> runs."""
+    counts = [int(x) for x in args.sweep.split(",") if x.strip()]
+    chosen = [sc for sc in scenarios if sc.key in SWEPT]
+    found: dict[int, dict[str, list[Run]]] = {}
+    offset += 10_000_000  # clear of the main rounds' citizens
+    for connections in counts:
+        if connections == args.connections:
+            continue
+        at = argparse.Namespace(**{**vars(args), "connections": connections})
+        found[connections] = {sc.key: [] for sc in chosen}
+        for sc in chosen:  # warm-up at this count
+            wrk(sc, offset, 2, connections)
+            offset += 300_000
+        for r in range(args.rounds):
+            for sc in chosen:
+                run = await measured(sc, Meter(sc.service, redis_pid, pg), redis, offset, at)
+                offset += 300_000
+                found[connections][sc.key].append(run)
+                print(f"{connections} connections, round {r + 1} {sc.name:24} {run.rps:9.0f}"
+                      f" req/s  p50 {run.p50_ms:6.2f} ms  p99 {run.p99_ms:6.2f} ms"
+                      f"  non-2xx {run.non2xx}  socket errors {run.socket_errors}",
+                      flush=True)  # fmt: skip
+    return found
+
+
+def _sweep_table(
+    scenarios: list[Scenario], sweep: dict[int, dict[str, list[Run]]], connections: int
+) -> str:
+    """One row per connection count: req/s of (a), (c), (e), c/a, e/c and (c)'s p99."""
+    table = {connections: {sc.key: sc.runs for sc in scenarios if sc.key in SWEPT}, **sweep}
+
+    def med(runs: list[Run], attr: str) -> float:
+        return float(statistics.median(getattr(r, attr) for r in runs))
+
+    rows = []
+    for count in sorted(table):
+        runs = table[count]
+        a, c, e = (med(runs[k], "rps") for k in SWEPT)
+        errors = sum(r.non2xx + r.socket_errors for k in ("c", "e") for r in runs[k])
+        rows.append(
+            f"| {count:,}{' (main)' if count == connections else ''} | {a:,.0f} | {c:,.0f}"
+            f" | {e:,.0f} | {c / a:.2f} | {e / c:.2f} | {med(runs['c'], 'p99_ms'):.1f}"
+            f" | {med(runs['e'], 'p99_ms'):.1f} | {errors} |"
+        )
+    return "\n".join(rows)
 
 
 def _cpu_and_backlog(scenarios: list[Scenario]) -> tuple[str, str, float]:
@@ -693,7 +754,12 @@ def _cpu_and_backlog(scenarios: list[Scenario]) -> tuple[str, str, float]:
     return "\n".join(cpu_rows), "\n".join(backlog_rows), worst
 
 
-def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Namespace) -> str:
+def render(
+    scenarios: list[Scenario],
+    memory: dict[str, Any],
+    args: argparse.Namespace,
+    sweep: dict[int, dict[str, list[Run]]],
+) -> str:
     by = {s.key: s for s in scenarios}
     a, b, c, d, c2, e = (by[k] for k in ("a", "b", "c", "d", "c2", "e"))
     rps = {s.name: s.median("rps") for s in scenarios}
@@ -715,7 +781,10 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
         f" | {' / '.join(f'{r.rps:,.0f}' for r in s.runs)} |"
         for s in scenarios
     )
-    ratio = lambda x, y: rps[x.name] / rps[y.name]  # noqa: E731
+
+    def ratio(x: Scenario, y: Scenario) -> float:
+        return rps[x.name] / rps[y.name]
+
     peak_mb = memory["peak_rss_mib"] * 1.048576
     full = memory["queued"] >= 0.99 * memory["sent"]
     confirmed = (
@@ -744,6 +813,12 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
         f"- ledger backlog when wrk stopped ≤ {worst:.2f} s of traffic: target < 1 s,"
         f" {'met' if worst < 1 else 'NOT met'}."
     )
+    command = (
+        f"python bench/run.py --duration {args.duration:g} --rounds {args.rounds}"
+        f" --connections {args.connections} --sweep {args.sweep or chr(39) * 2}"
+        + (" --one-client" if not FRESH_CLIENTS["on"] else "")
+        + (" --programme" if PROGRAMME else "")
+    )
     clients = (
         "from a new client address (`X-Forwarded-For`) in every request"
         if FRESH_CLIENTS["on"]
@@ -751,14 +826,13 @@ def render(scenarios: list[Scenario], memory: dict[str, Any], args: argparse.Nam
     )
     return f"""## The front door: allot against a bare handler and the naive design
 
-Measured by `make bench` (`python bench/run.py --duration {args.duration} --rounds {args.rounds}
---connections {args.connections}`) on {dt.date.today()}, on this project's machine: {os.cpu_count()}
-cores ({cpu}), {platform.python_implementation()} {platform.python_version()}, Redis and
-PostgreSQL local. The load generator is wrk (1 thread, {args.connections} keep-alive connections,
-a new valid citizen in every request, {clients}), sharing the 2 cores with the server and
-Redis. Scenarios run side by side and alternating, {args.rounds} rounds of {args.duration} s each
-after a warm-up; figures are medians over the rounds. The machine is shared and noisy: read the
-ratios, not the absolute numbers.
+Measured by `make bench` (`{command}`) on {dt.date.today()}, on this project's machine:
+{os.cpu_count()} cores ({cpu}), {platform.python_implementation()} {platform.python_version()},
+Redis and PostgreSQL local. The load generator is wrk (1 thread, {args.connections} keep-alive
+connections, a new valid citizen in every request, {clients}), sharing the 2 cores with the
+server and Redis. Scenarios run side by side and alternating, {args.rounds} rounds of
+{args.duration} s each after a warm-up; figures are medians over the rounds. The machine is
+shared and noisy: read the ratios, not the absolute numbers.
 
 | scenario | req/s | p50 ms | p99 ms | Redis µs/2xx | non-2xx | socket errors | req/s per round |
 |---|---:|---:|---:|---:|---:|---:|---|
@@ -782,6 +856,16 @@ request, a round registering now) on the same server as (c), run right after it 
 through the same gate, admission queue and batched script call, plus the entry's receipt and
 its Ed25519 signature. e/c round by round: {per_round}. Issue 10 asks for registration within
 10 % of reservations (e/c ≥ 0.9).
+
+### Other connection counts
+
+(a), (c) and (e) again at {", ".join(f"{n:,}" for n in sweep) or "no other count"} connections
+(`--sweep`), alternating, {args.rounds} rounds of {args.duration} s each after a warm-up; medians.
+"errors" counts non-2xx answers and socket errors of (c) and (e).
+
+| connections | (a) req/s | (c) req/s | (e) req/s | c/a | e/c | (c) p99 ms | (e) p99 ms | errors |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+{_sweep_table(scenarios, sweep, args.connections)}
 
 ### CPU per request, process by process
 
@@ -1031,7 +1115,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--duration", type=float, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--connections", type=int, default=256)
+    parser.add_argument(
+        "--sweep",
+        default="64,1000",
+        help="(a), (c), (e) again at these connection counts, comma-separated ('' for none)",
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     parser.add_argument(
         "--redis-persistence",
