@@ -826,13 +826,17 @@ def render(
     )
     return f"""## The front door: allot against a bare handler and the naive design
 
-Measured by `make bench` (`{command}`) on {dt.date.today()}, on this project's machine:
-{os.cpu_count()} cores ({cpu}), {platform.python_implementation()} {platform.python_version()},
-Redis and PostgreSQL local. The load generator is wrk (1 thread, {args.connections} keep-alive
-connections, a new valid citizen in every request, {clients}), sharing the 2 cores with the
-server and Redis. Scenarios run side by side and alternating, {args.rounds} rounds of
-{args.duration} s each after a warm-up; figures are medians over the rounds. The machine is
-shared and noisy: read the ratios, not the absolute numbers.
+Measured by `make bench`, that is
+
+    {command}
+
+on {dt.date.today()}, on this project's machine: {os.cpu_count()} cores ({cpu}),
+{platform.python_implementation()} {platform.python_version()}, Redis and PostgreSQL local. The
+load generator is wrk (1 thread, {args.connections} keep-alive connections, a new valid citizen
+in every request, {clients}), sharing the 2 cores with the server and Redis. Scenarios run side
+by side and alternating, {args.rounds} rounds of {args.duration} s each after a warm-up; figures
+are medians over the rounds. The machine is shared and noisy: read the ratios, not the
+absolute numbers.
 
 | scenario | req/s | p50 ms | p99 ms | Redis µs/2xx | non-2xx | socket errors | req/s per round |
 |---|---:|---:|---:|---:|---:|---:|---|
