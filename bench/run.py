@@ -269,8 +269,15 @@ def _ms(text: str) -> float:
 FRESH_CLIENTS = {"on": True}
 
 
+# reserve.lua's citizen n is born 1971-01-01 + n // 1000 days: past this n the birth date is in
+# the future and every request an invalid ID (422). Each run takes 300,000 citizens.
+CITIZENS = 1000 * (dt.date.today() - dt.date(1971, 1, 1)).days
+
+
 def wrk(sc: Scenario, offset: int, duration: float, connections: int) -> Run:
     """One wrk run; its own CPU time (rusage of the waited-for child) is ``cpu_us["wrk"]``."""
+    if offset + 300_000 > CITIZENS:
+        raise ValueError(f"citizens {offset:,}+ would be born in the future: fewer runs")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     xff = "1" if FRESH_CLIENTS["on"] else "0"
     out = subprocess.run(
@@ -679,7 +686,6 @@ async def connection_sweep(
     counts = [int(x) for x in args.sweep.split(",") if x.strip()]
     chosen = [sc for sc in scenarios if sc.key in SWEPT]
     found: dict[int, dict[str, list[Run]]] = {}
-    offset += 10_000_000  # clear of the main rounds' citizens
     for connections in counts:
         if connections == args.connections:
             continue
