@@ -113,6 +113,19 @@ class ClaimOutcome:
     refusal: Problem | None = None
 
 
+def in_cooldown(rnd: Round, until_ms: int) -> Problem:
+    """409 in-cooldown (a claim's or an entry's), with ``until`` in the offset the operator
+    gave the round's times."""
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    until = (epoch + dt.timedelta(milliseconds=until_ms)).astimezone(rnd.opens_at.tzinfo)
+    shown = until.isoformat(timespec="seconds" if until_ms % 1000 == 0 else "milliseconds")
+    return InCooldown(
+        f"This citizen ID has a reservation in another round of programme "
+        f"{rnd.programme!r}; it may take part again from {shown}.",
+        until=shown,
+    )
+
+
 class Claims:
     def __init__(
         self,
@@ -288,16 +301,7 @@ class Claims:
         raise AssertionError(f"claim.lua answered {status!r}")
 
     async def _in_cooldown(self, round_id: str, until_ms: int) -> Problem:
-        """The refusal, with ``until`` in the offset the operator gave the round's times."""
-        rnd = await self.catalogue.round(round_id)
-        epoch = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-        until = (epoch + dt.timedelta(milliseconds=until_ms)).astimezone(rnd.opens_at.tzinfo)
-        shown = until.isoformat(timespec="seconds" if until_ms % 1000 == 0 else "milliseconds")
-        return InCooldown(
-            f"This citizen ID has a reservation in another round of programme "
-            f"{rnd.programme!r}; it may take part again from {shown}.",
-            until=shown,
-        )
+        return in_cooldown(await self.catalogue.round(round_id), until_ms)
 
     async def _sold_out(self, round_id: str, site_id: str, left: int) -> Problem:
         """The refusal, with alternatives; the site is marked on the sold-out board."""

@@ -25,6 +25,7 @@ import asyncpg
 import orjson
 
 from allocator import draw as d
+from allocator import entitlement
 
 DRAW_LOCK = "SELECT pg_try_advisory_xact_lock(hashtext($1))"
 
@@ -52,9 +53,11 @@ def frozen_from_files(entries_csv: bytes, stock_csv: bytes) -> d.FrozenList:
     return frozen
 
 
-async def _site_units(con: asyncpg.Connection, round_id: str) -> dict[str, int]:
+async def _site_units(con: asyncpg.Connection, round_id: str, per_person: int) -> dict[str, int]:
     """Units ever loaded into the round (batches in the ledger) plus units of cancelled
-    reservations (in a lottery round every reservation is a win: cancelled ones came back)."""
+    reservations (in a lottery round every reservation is a win: cancelled ones came back) plus
+    the shares of winners award.lua refused for a cooldown (entries ``excluded`` after being
+    placed: their units never left the site)."""
     units: dict[str, int] = defaultdict(int)
     for b in await con.fetch("SELECT items FROM batches WHERE round_id = $1", round_id):
         for site_id, q in orjson.loads(b["items"]):
@@ -65,6 +68,12 @@ async def _site_units(con: asyncpg.Connection, round_id: str) -> dict[str, int]:
         round_id,
     ):
         units[r["site_id"]] += int(r["q"])
+    for r in await con.fetch(
+        "SELECT a.site_id, count(*) AS n FROM draw_awards a JOIN entries e USING (entry_id)"
+        " WHERE a.round_id = $1 AND e.status = 'excluded' GROUP BY a.site_id",
+        round_id,
+    ):
+        units[r["site_id"]] += int(r["n"]) * per_person
     return units
 
 
@@ -99,8 +108,89 @@ def _sites(frozen: d.FrozenList, winners: list[int] | None) -> list[dict[str, st
 
 # -- step 1-2: the freeze --------------------------------------------------------------------
 
+#: ``_freeze`` answers: ``frozen``; the draw's status when it is past registering; ``busy``;
+#: ``behind`` (the ledger lacks a change Redis has, of this round or of another round of its
+#: programme); ``waiting`` (an earlier-closing lottery round of the programme is not drawn yet).
+WAITING = "waiting"
 
-async def _freeze(database_url: str, round_id: str, redis_seq: int) -> str:
+
+async def _programme_ready(
+    con: asyncpg.Connection, rnd: asyncpg.Record, redis_seqs: dict[str, int]
+) -> str | None:
+    """Why a round of a programme cannot be frozen yet, or None.
+
+    Lottery rounds of one programme are frozen and drawn in the order they close (ties: by
+    round_id): a round is frozen only once every earlier-closing lottery round of its programme
+    is ``drawn`` (its winners' reservations made), because the cooldowns and the loss weights
+    fixed at this freeze depend on those results. And every change Redis had made to the
+    programme's rounds when the worker looked (after this round's close) must be in the ledger,
+    so that the cooldowns read below are every reservation made before the close."""
+    earlier = await con.fetchval(
+        "SELECT count(*) FROM rounds r JOIN draws d USING (round_id)"
+        " WHERE r.programme = $1 AND r.round_id <> $2 AND d.status <> 'drawn'"
+        " AND (r.closes_at, r.round_id) < ($3, $2)",
+        rnd["programme"],
+        rnd["round_id"],
+        rnd["closes_at"],
+    )
+    if earlier:
+        return WAITING
+    behind = await con.fetchval(
+        "SELECT count(*) FROM rounds r JOIN unnest($1::text[], $2::bigint[]) AS s(round_id, seq)"
+        " USING (round_id) WHERE r.programme = $3 AND r.ledger_seq < s.seq",
+        list(redis_seqs),
+        list(redis_seqs.values()),
+        rnd["programme"],
+    )
+    return "behind" if behind else None
+
+
+async def _in_cooldown(con: asyncpg.Connection, rnd: asyncpg.Record) -> set[str]:
+    """Citizens (hashes) of this round's registered entries who are in the programme's cooldown
+    now (the freeze's time): a reservation in another round of the programme, not cancelled,
+    with created_at + that round's cooldown_days after now. The ledger is the record."""
+    rows = await con.fetch(
+        "SELECT DISTINCT res.citizen_hash FROM reservations res JOIN rounds r USING (round_id)"
+        " WHERE r.programme = $1 AND res.round_id <> $2 AND res.status <> 'cancelled'"
+        " AND r.cooldown_days > 0 AND res.created_at + r.cooldown_days * interval '1 day' > now()"
+        " AND res.citizen_hash IN"
+        " (SELECT citizen_hash FROM entries WHERE round_id = $2 AND status = 'registered')",
+        rnd["programme"],
+        rnd["round_id"],
+    )
+    return {r["citizen_hash"] for r in rows}
+
+
+async def _loss_weights(
+    con: asyncpg.Connection, rnd: asyncpg.Record, citizens: list[str]
+) -> dict[str, int]:
+    """``loss_weighting``: weight = 1 + the citizen's losing streak over the programme's lottery
+    rounds drawn before this freeze (allocator/entitlement.py). Only the three most recently
+    drawn rounds are read. A registered entry of a drawn round was placed by the draw or a pass
+    (its award refused: no stock, already reserved) and counts as drawn, not as a loss."""
+    drawn = [
+        (r["round_id"], r["drawn_at"])
+        for r in await con.fetch(
+            "SELECT d.round_id, d.drawn_at FROM draws d JOIN rounds r USING (round_id)"
+            " WHERE r.programme = $1 AND d.round_id <> $2 AND d.drawn_at IS NOT NULL"
+            " AND d.drawn_at < now()",
+            rnd["programme"],
+            rnd["round_id"],
+        )
+    ]
+    recent = entitlement.recent_rounds(drawn)
+    rows = await con.fetch(
+        "SELECT e.round_id, e.citizen_hash, CASE WHEN e.status <> 'registered' THEN e.status"
+        " WHEN EXISTS (SELECT 1 FROM draw_awards a WHERE a.entry_id = e.entry_id) THEN 'won'"
+        " ELSE 'not-drawn' END AS outcome FROM entries e WHERE e.round_id = ANY($1::text[])",
+        recent,
+    )
+    return entitlement.loss_weights(
+        drawn, ((r["round_id"], r["citizen_hash"], r["outcome"]) for r in rows), citizens
+    )
+
+
+async def _freeze(database_url: str, round_id: str, redis_seqs: dict[str, int]) -> str:
     con = await asyncpg.connect(database_url)
     try:
         async with con.transaction():
@@ -109,18 +199,35 @@ async def _freeze(database_url: str, round_id: str, redis_seq: int) -> str:
                 return row or "no-draw"
             if row["status"] != "registering":
                 return str(row["status"])
-            if int(row["ledger_seq"]) < redis_seq:
+            if int(row["ledger_seq"]) < redis_seqs.get(round_id, 0):
                 return "behind"  # an entry answered 201/200 is not in the ledger yet
+            rnd = await con.fetchrow(
+                "SELECT round_id, programme, closes_at,"
+                " coalesce(spec->>'loss_weighting', '0') = '1' AS loss_weighting"
+                " FROM rounds WHERE round_id = $1",
+                round_id,
+            )
+            assert rnd is not None  # draws.round_id references rounds
+            barred: set[str] = set()
+            weights: dict[str, int] = {}
+            if rnd["programme"] is not None:
+                why = await _programme_ready(con, rnd, redis_seqs)
+                if why is not None:
+                    return why
+                barred = await _in_cooldown(con, rnd)
             districts = {
                 r["site_id"]: r["district"]
                 for r in await con.fetch("SELECT site_id, district FROM sites")
             }
-            entries = await con.fetch(
-                "SELECT receipt, site_id, accept_district FROM entries"
+            registered = await con.fetch(
+                "SELECT entry_id, receipt, site_id, accept_district, citizen_hash FROM entries"
                 " WHERE round_id = $1 AND status = 'registered'",
                 round_id,
             )
-            units = await _site_units(con, round_id)
+            entries = [e for e in registered if e["citizen_hash"] not in barred]
+            if rnd["programme"] is not None and rnd["loss_weighting"]:
+                weights = await _loss_weights(con, rnd, [e["citizen_hash"] for e in entries])
+            units = await _site_units(con, round_id, int(row["per_person"]))
             chosen = {e["site_id"] for e in entries}
             stock = [
                 d.StockLine(s, districts[s], units.get(s, 0))
@@ -129,7 +236,11 @@ async def _freeze(database_url: str, round_id: str, redis_seq: int) -> str:
             ]
             lines = (
                 d.EntryLine(
-                    e["receipt"], e["site_id"], districts[e["site_id"]], e["accept_district"], 1
+                    e["receipt"],
+                    e["site_id"],
+                    districts[e["site_id"]],
+                    e["accept_district"],
+                    weights.get(e["citizen_hash"], 1),
                 )
                 for e in entries
             )
@@ -147,19 +258,38 @@ async def _freeze(database_url: str, round_id: str, redis_seq: int) -> str:
                 orjson.dumps({s.site_id: s.units for s in frozen.stock}).decode(),
                 orjson.dumps(_sites(frozen, None)).decode(),
             )
+            if barred:  # in cooldown at the freeze: excluded, not in entries.csv, no weight
+                await con.execute(
+                    "UPDATE entries SET status = 'excluded' WHERE round_id = $1"
+                    " AND status = 'registered' AND citizen_hash = ANY($2::text[])",
+                    round_id,
+                    list(barred),
+                )
             await con.execute(
                 "UPDATE entries SET weight = 1 WHERE round_id = $1 AND status = 'registered'",
                 round_id,
             )
+            heavier = [(e["entry_id"], weights.get(e["citizen_hash"], 1)) for e in entries]
+            heavier = [(i, w) for i, w in heavier if w > 1]
+            if heavier:
+                await con.execute(
+                    "UPDATE entries e SET weight = w.weight"
+                    " FROM unnest($1::text[], $2::int[]) AS w(entry_id, weight)"
+                    " WHERE e.entry_id = w.entry_id",
+                    [i for i, _ in heavier],
+                    [w for _, w in heavier],
+                )
             return "frozen"
     finally:
         await con.close()
 
 
-def freeze(database_url: str, round_id: str, redis_seq: int) -> str:
+def freeze(database_url: str, round_id: str, redis_seqs: dict[str, int]) -> str:
     """Freeze the round's entry list and stock: ``frozen``, or the status found instead
-    (``busy``, ``behind``: the ledger has not every change up to ``redis_seq`` yet)."""
-    return asyncio.run(_freeze(database_url, round_id, redis_seq))
+    (``busy``; ``behind``: the ledger has not every change up to ``redis_seqs``, Redis's ``seq``
+    of this round and of the other rounds of its programme, read after the close; ``waiting``:
+    an earlier-closing lottery round of the programme is not drawn yet)."""
+    return asyncio.run(_freeze(database_url, round_id, redis_seqs))
 
 
 # -- steps 3-6: the draw ---------------------------------------------------------------------
@@ -267,7 +397,7 @@ async def _next_pass(database_url: str, round_id: str) -> str:
                     raise d.DrawInputError(f"pass {p['pass']} does not replay")
                 previous.append(again)
             accounted: dict[str, int] = orjson.loads(row["accounted"])
-            units = await _site_units(con, round_id)
+            units = await _site_units(con, round_id, int(row["per_person"]))
             released = {s: units.get(s, 0) - given for s, given in accounted.items()}
             released = {s: u for s, u in released.items() if u > 0}
             done = d.next_pass(result, previous, released)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from allocator.catalogue import Catalogue
-from allocator.claims import CHANNELS, DESK
+from allocator.claims import CHANNELS, DESK, in_cooldown
 from allocator.entitlement import age_band
 from allocator.errors import AlreadyEntered, NotFound, Problem, RoundNotOpen, WrongMode
 from allocator.gate import Gate
@@ -114,7 +114,15 @@ class Entries:
     async def enter_many(self, round_id: str, items: Sequence[EntryRequest]) -> list[EntryOutcome]:
         """Admit (the gate) and decide several entries on one round in one script call."""
         rk = await self.catalogue.round_keys(round_id)
-        keys = [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, self.gate.round_bucket(rk)]
+        keys = [
+            rk.round,
+            rk.entries,
+            rk.entrants,
+            rk.tally,
+            rk.ledger,
+            self.gate.round_bucket(rk),
+            rk.entitled,  # the programme's cooldowns, same slot (allocator/keys.py)
+        ]
         refs = ScriptKeys(keys)
 
         # an unknown site is refused before the script (entries take no stock to look at)
@@ -155,10 +163,10 @@ class Entries:
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [EntryOutcome(refusal=round_refusal()) for _ in items]
         self.watch.seen_whole(round_id)
-        decided = iter(self._outcome(round_id, reply) for reply in replies)
+        decided = iter([await self._outcome(round_id, reply) for reply in replies])
         return [o if o is not None else next(decided) for o in outcomes]
 
-    def _outcome(self, round_id: str, reply: list[bytes]) -> EntryOutcome:
+    async def _outcome(self, round_id: str, reply: list[bytes]) -> EntryOutcome:
         status = reply[0].decode()
         if status in ("created", "existing"):
             entry = Entry.from_record(round_id, reply[1])
@@ -186,6 +194,9 @@ class Entries:
                     closes_at=closes,
                 )
             )
+        if status == "in-cooldown":
+            rnd = await self.catalogue.round(round_id)
+            return EntryOutcome(refusal=in_cooldown(rnd, int(reply[1])))
         if status == "already-entered":
             return EntryOutcome(
                 refusal=AlreadyEntered(

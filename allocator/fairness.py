@@ -103,15 +103,23 @@ class Asks:
             return
         pending, self._pending = self._pending, set()
         sites = await self.catalogue.sites()
-        members: dict[str, set[str]] = {}
+        # the keys of each group (round, site, age band, channel) built once, not once an ask:
+        # a sold-out herd is one or a few groups of many citizens
+        groups: dict[tuple[str, str, str, str], list[str]] = {}
         for round_id, site_id, age, channel, citizen in pending:
+            group = groups.get((round_id, site_id, age, channel))
+            if group is None:
+                group = groups[(round_id, site_id, age, channel)] = []
+            group.append(citizen)
+        members: dict[str, set[str]] = {}
+        for (round_id, site_id, age, channel), citizens in groups.items():
             rk = await self.catalogue.round_keys(round_id)
             site = sites.get(site_id)
             targets = [rk.fair_asked("age_band", age), rk.fair_asked("channel", channel)]
             if site is not None:
                 targets.append(rk.fair_asked("district", site.district))
             for key in targets:
-                members.setdefault(key, set()).add(citizen)
+                members.setdefault(key, set()).update(citizens)
         async with self.store.redis.pipeline(transaction=False) as pipe:
             for key, found in members.items():
                 pipe.sadd(key, *found)

@@ -34,7 +34,7 @@ from allocator.catalogue import Catalogue
 from allocator.claims import fresh_identifiers
 from allocator.draw import ALGORITHM
 from allocator.errors import DrawConflict, DrawNotReady, NotFound, Unavailable, WrongMode
-from allocator.keys import Keys
+from allocator.keys import Keys, ScriptKeys
 from allocator.losswatch import LossWatch
 from allocator.model import Round
 from allocator.redistyping import awaited
@@ -45,6 +45,7 @@ log = logging.getLogger("allot.lottery")
 
 TICK = 2.0  # seconds between a worker's looks at closed lottery rounds (freeze within 60 s)
 AWARD_BATCH = 256  # winners per award.lua call
+SETTLE_BATCH = 1000  # entries per settle.lua call
 ANSWER_WITHIN = 5.0  # seconds a draw request waits for the draw before answering 202 drawing
 FILE = re.compile(r"(entries|stock|results)\.csv|pass-([1-9][0-9]{0,5})\.csv")
 AWARD_LOCK = "allot-award:"
@@ -114,8 +115,15 @@ class Lottery:
         return rnd
 
     async def _publish(self, round_id: str, status: str, drawn: bool) -> None:
-        """Mirror the draw's status into the round hash (Round and Entry answers read it)."""
+        """Mirror the draw's status into the round hash (Round and Entry answers read it).
+        The first time Redis hears of a status past registering, the freeze's verdicts are
+        copied into the entry records first (``_settle``), so an entry shown from a frozen
+        round has its weight or its exclusion, whichever worker froze it."""
         rk = await self.catalogue.round_keys(round_id)
+        if status != "registering":
+            shown = await self.catalogue.find_round(round_id)
+            if shown is not None and shown.draw_status in (None, "registering"):
+                await self._settle(round_id)
         await self.store.redis_call(
             awaited(
                 self.store.redis.hset(
@@ -124,6 +132,27 @@ class Lottery:
             )
         )
         self.catalogue.forget_round(round_id)
+
+    async def _settle(self, round_id: str) -> None:
+        """Copy the freeze's verdicts (excluded, weights above 1) from the ledger into Redis's
+        entry records (lua/settle.lua, SETTLE_BATCH pairs a call; idempotent)."""
+        async with self.store.pg() as con:
+            rows = await con.fetch(
+                "SELECT entry_id, status, weight FROM entries WHERE round_id = $1"
+                " AND (status = 'excluded' OR weight > 1)",
+                round_id,
+            )
+        rk = await self.catalogue.round_keys(round_id)
+        pairs = [
+            (r["entry_id"], "x" if r["status"] == "excluded" else str(r["weight"])) for r in rows
+        ]
+        for i in range(0, len(pairs), SETTLE_BATCH):
+            args = [x for pair in pairs[i : i + SETTLE_BATCH] for x in pair]
+            reply = await self.store.redis_call(
+                self.scripts.settle(keys=[rk.round, rk.entries], args=args)
+            )
+            if reply[0] == b"open":  # a freeze is only ever made after the close
+                raise Unavailable(f"Round {round_id!r} has not closed yet by Redis's clock.")
 
     # -- the record and its files -------------------------------------------------------------
 
@@ -297,6 +326,13 @@ class Lottery:
                     self.watch.whole_or_lost(round_id, reply)  # raises RoundLost
                 if status == "no-code":
                     again.append(item)
+                elif status == "in-cooldown":  # award.lua: excluded, its units come back
+                    log.warning(
+                        "round %s: a winner at %s is in cooldown from another round of the"
+                        " programme and was excluded",
+                        round_id,
+                        item[1],
+                    )
                 elif status not in ("created", "existing"):
                     log.error(  # the entry_id is its owner's key: never in the log
                         "round %s: an award at %s was refused (%s)", round_id, item[1], status
@@ -309,15 +345,17 @@ class Lottery:
     async def _award_call(self, round_id: str, items: Sequence[tuple[str, str]]) -> Any:
         """One award.lua call for (entry_id, site_id) items."""
         rk = await self.catalogue.round_keys(round_id)
-        keys = [rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries]
-        index: dict[str, int] = {}
-
-        def key(name: str) -> int:
-            if name not in index:
-                keys.append(name)
-                index[name] = len(keys)
-            return index[name]
-
+        keys = [
+            rk.round,
+            rk.stock,
+            rk.holders,
+            rk.reservations,
+            rk.tally,
+            rk.ledger,
+            rk.entries,
+            rk.entitled,  # the programme's cooldowns: a win sets its bar (same slot)
+        ]
+        refs = ScriptKeys(keys)
         args: list[str | int] = [len(items), await self.watch.floor(round_id)]
         for (entry_id, site_id), (reservation_id, codes) in zip(
             items, fresh_identifiers(round_id, len(items)), strict=True
@@ -325,8 +363,8 @@ class Lottery:
             args.append(
                 " ".join(
                     (
-                        str(key(rk.codes(site_id))),
-                        str(key(rk.site_holders(site_id))),
+                        refs.ref(rk.codes(site_id)),
+                        refs.ref(rk.site_holders(site_id)),
                         entry_id,
                         site_id,
                         reservation_id,
@@ -388,26 +426,48 @@ class Lottery:
         if now - self._warned.get(round_id, -60.0) < 60.0:
             return
         self._warned[round_id] = now
+        if why == drawjob.WAITING:
+            log.warning(
+                "round %s closed over 60 s ago and is not frozen yet (waiting): an earlier-closing"
+                " lottery round of its programme is not drawn yet (rounds of a programme are"
+                " frozen and drawn in the order they close)",
+                round_id,
+            )
+            return
         log.warning(
             "round %s closed over 60 s ago and is not frozen yet (%s): the ledger has not every"
-            " change of the round; see its stats' ledger lag and the dead-letter stream",
+            " change of the round or of its programme's rounds; see their stats' ledger lag and"
+            " the dead-letter streams",
             round_id,
             why,
         )
 
     async def freeze(self, rnd: Round) -> str:
-        """Freeze once the ledger has every change of the round: ``frozen`` or why not yet."""
+        """Freeze once the ledger has every change of the round (and, for a round of a
+        programme, every change Redis had made to the programme's rounds when we looked, after
+        the close): ``frozen`` or why not yet (``open``, ``behind``, ``waiting``, ``busy``)."""
         rk = await self.catalogue.round_keys(rnd.round_id)
+        others = [
+            r.round_id
+            for r in await self.catalogue.rounds()
+            if rnd.programme and r.programme == rnd.programme and r.round_id != rnd.round_id
+        ]
+        others_keys = [await self.catalogue.round_keys(r) for r in others]
+        # one slot: a programme's rounds all live under its tag (allocator/keys.py)
         async with self.store.redis.pipeline(transaction=True) as pipe:
             pipe.time()
             pipe.hget(rk.tally, "seq")
             pipe.xlen(rk.ledger)
-            (secs, micros), seq, backlog = await self.store.redis_call(pipe.execute())
+            for ok in others_keys:
+                pipe.hget(ok.tally, "seq")
+            (secs, micros), seq, backlog, *other_seqs = await self.store.redis_call(pipe.execute())
         if secs * 1000 + micros // 1000 < _ms(rnd.closes_at):
             return "open"
         if backlog:
             return "behind"  # the stream still holds changes the ledger has not committed
-        found = await self._job(drawjob.freeze, rnd.round_id, int(seq or 0))
+        seqs = {rnd.round_id: int(seq or 0)}
+        seqs.update((r, int(s or 0)) for r, s in zip(others, other_seqs, strict=True))
+        found = await self._job(drawjob.freeze, rnd.round_id, seqs)
         if found == "frozen":
             log.info("round %s: entry list frozen", rnd.round_id)
         return found

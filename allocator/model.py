@@ -198,7 +198,8 @@ class Reservation:
 class Entry:
     """One citizen's entry in a lottery round, as recorded by lua/enter.lua.
 
-    ``status`` is as stored: registered | withdrawn | won (with ``reservation_id``); what a
+    ``status`` is as stored: registered | withdrawn | excluded (cooldown, from the freeze or
+    an award) | won (with ``reservation_id``); what a
     citizen is shown (not-drawn, weight) also depends on the draw: service/shapes.py."""
 
     entry_id: str
@@ -214,6 +215,7 @@ class Entry:
     reservation_id: str | None = None
     channel: str = "api"  # desk | web | mini-program | api, of the request that created it
     age_band: str | None = None  # at the round's opening date (None in entries made before)
+    weight: int | None = None  # set at the freeze only when above 1 (lua/settle.lua)
 
     @classmethod
     def from_record(cls, round_id: str, record: bytes | str) -> Entry:
@@ -232,4 +234,5 @@ class Entry:
             reservation_id=r.get("res") or None,
             channel=r.get("ch") or "api",
             age_band=r.get("age") or None,
+            weight=int(r["w"]) if r.get("w") else None,
         )

@@ -254,7 +254,7 @@ async def _rewrite_from(
     for e in await con.fetch(
         "SELECT * FROM entries WHERE round_id = $1 ORDER BY created_at", round_id
     ):
-        status = "registered" if e["status"] in ("not-drawn", "excluded") else e["status"]
+        status = "registered" if e["status"] == "not-drawn" else e["status"]
         record = {
             "id": e["entry_id"],
             "site": e["site_id"],
@@ -271,6 +271,8 @@ async def _rewrite_from(
             record["age"] = e["age_band"]
         if e["reservation_id"]:
             record["res"] = e["reservation_id"]
+        if e["weight"] is not None and e["weight"] > 1:
+            record["w"] = e["weight"]  # the freeze's loss weight (lua/settle.lua)
         entries[e["entry_id"]] = orjson.dumps(record)
         if status != "withdrawn":
             entrants[e["citizen_hash"]] = e["entry_id"]

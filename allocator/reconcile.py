@@ -14,7 +14,8 @@ wait in the stream (ledger lag, not loss); no citizen holds two live reservation
 the dead-letter stream is empty. For a round of a programme: every live reservation whose
 cooldown has not ended has its bar in the programme's entitlement hash, and no bar of the round
 there belongs to a reservation the ledger has cancelled or lacks; and Redis's round -> key tag
-mapping agrees with the ledger's.
+mapping agrees with the ledger's. For a lottery round: its entries, one by one and counted per
+status and site (allocator/reconcile_entries.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from allocator.carryover import carry_items
 from allocator.integrity import check_round, tally_counts
 from allocator.keys import Keys, RoundKeys
 from allocator.operators import batch_digest
+from allocator.reconcile_entries import entry_report
 from allocator.redistyping import awaited
 from allocator.tags import ledger_tag, load_tags
 
@@ -109,6 +111,7 @@ async def _round(
     )
     differences = await _differences(redis, con, rk, round_id)
     cooldowns = await _cooldowns(redis, con, rk, round_id)
+    entries = await entry_report(redis, con, rk, round_id, backlog=backlog)
 
     ledger_loaded: dict[str, int] = defaultdict(int)
     for row in await con.fetch("SELECT items FROM batches WHERE round_id = $1", round_id):
@@ -166,6 +169,8 @@ async def _round(
         ):
             if cooldowns[kind]["count"]:
                 problems.append(f"{cooldowns[kind]['count']} {text}")
+    if entries is not None:  # a lottery round's entries (allocator/reconcile_entries.py)
+        problems.extend(f"entries: {p}" for p in entries["problems"])
     if not backlog and recorded != n_res:
         problems.append(f"Redis has {n_res} reservations, the ledger {recorded}")
     for carry in carries:
@@ -236,6 +241,7 @@ async def _round(
         "reservations": {"redis": n_res, "ledger": recorded},
         "differences": differences,
         "cooldowns": cooldowns,
+        "entries": entries,
         "seq": {"redis": tally.get("seq", 0), "ledger": ledger_seq},
         "lost": lost.public() if lost is not None else None,
         "carries": carries,

@@ -25,6 +25,7 @@ SCRIPT_NAMES = (
     "enter",
     "withdraw",
     "award",
+    "settle",
 )
 
 
@@ -46,6 +47,7 @@ class Scripts:
     enter: AsyncScript  # lottery entries (allocator/entries.py)
     withdraw: AsyncScript
     award: AsyncScript  # lottery winners' reservations (allocator/lottery.py)
+    settle: AsyncScript  # the freeze's verdicts into the entry records (allocator/lottery.py)
 
     @classmethod
     def register(cls, redis: Redis) -> Scripts:

@@ -236,19 +236,47 @@ def check_verify_draw(lottery: LotteryFacts) -> Check:
 
 
 def lottery_fairness(lottery: LotteryFacts, records: Records) -> Verdict:
-    """Entrants (an entry answered 201/200) and winners (a site in results.csv), by group."""
+    """Entrants (an entry answered 201/200) and winners (a site in results.csv), by group.
+
+    Each group's row also carries ``expected_rate``: the rate its entrants' own choices predict,
+    each entrant counted at the win rate of everyone who made the same choice (site and
+    accept_district, as entries.csv has it). A site's odds are its units over its entrants, so
+    they differ widely (a popular site is a poor bet), and groups choose differently (polite
+    citizens sometimes move to another site, a duplicate's last choice is often its second):
+    a gap between ``rate`` and ``expected_rate`` is the draw's doing, a gap between two groups'
+    ``expected_rate`` is their choices'. Information only; the verdict is ``judge``'s."""
     won_receipts = {row["receipt"] for row in lottery.results if row["site_id"]}
+    frozen = {row["receipt"]: (row["site_id"], row["accept_district"]) for row in lottery.entries}
     asked: dict[str, set[int]] = defaultdict(set)
     won: dict[str, set[int]] = defaultdict(set)
+    choice_of: dict[str, list[tuple[str, str] | None]] = defaultdict(list)
     for n, rows in _entry_records(records).items():
         ok_rows = [e for e in rows if e["st"] in (200, 201)]
         if not ok_rows:
             continue
         who = ok_rows[-1]["who"]
         asked[who].add(n)
-        if crowd.receipt(lottery.round_id, ok_rows[-1]["eid"]) in won_receipts:
+        receipt = crowd.receipt(lottery.round_id, ok_rows[-1]["eid"])
+        if receipt in won_receipts:
             won[who].add(n)
-    return judge(groups_from(asked, won))
+        choice_of[who].append(frozen.get(receipt))
+    verdict = judge(groups_from(asked, won))
+    by_choice: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+    for row in lottery.entries:
+        tally = by_choice[(row["site_id"], row["accept_district"])]
+        tally[0] += 1
+        tally[1] += row["receipt"] in won_receipts
+    for g in verdict.groups:
+        odds = [by_choice[c][1] / by_choice[c][0] for c in choice_of[g["group"]] if c]
+        g["expected_rate"] = round(sum(odds) / len(odds), 4) if odds else None
+    expected = ", ".join(
+        f"{g['group']} {g['expected_rate']:.0%}"
+        for g in verdict.groups
+        if g.get("expected_rate") is not None
+    )
+    if expected:
+        verdict.figure += f"; expected from their site choices: {expected}"
+    return verdict
 
 
 def fcfs_fairness(records: Records) -> Verdict:

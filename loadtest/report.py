@@ -52,14 +52,18 @@ def print_fairness(summary: dict[str, Any]) -> None:
         how = "checked" if fairness.get("enforced") else "information only: speed decides FCFS"
         print()
         print(f"fairness by behaviour ({mode}, {how}): {verdict['result']}")
-        print(f"{'group':<10}  {'asked':>7}  {'won':>7}  {'rate':>6}  {'vs best':>7}")
+        choices = any(g.get("expected_rate") is not None for g in verdict["groups"])
+        head = f"{'group':<10}  {'asked':>7}  {'won':>7}  {'rate':>6}  {'vs best':>7}"
+        print(head + ("  expected from choices" if choices else ""))
         for g in verdict["groups"]:
             mark = "  < 4/5 of best" if g["under_four_fifths"] else ""
             if g["significantly_under"]:
                 mark += " (beyond chance)"
+            expected = g.get("expected_rate")
+            shown = f"  {expected:>21.1%}" if choices and expected is not None else ""
             print(
                 f"{g['group']:<10}  {g['asked']:>7,}  {g['won']:>7,}  {g['rate']:>6.1%}"
-                f"  {g['ratio_to_best']:>7.2f}{mark}"
+                f"  {g['ratio_to_best']:>7.2f}{shown}{mark}"
             )
         print(f"chi-square {verdict['chi2']:.2f}, df {verdict['df']}, p {verdict['p_value']:.3g}")
     report = summary.get("fairness_report")

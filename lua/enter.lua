@@ -3,18 +3,23 @@
 --
 -- Each item is checked in order, as claim.lua checks a claim: the token buckets (whole round,
 -- client address, citizen; the same gate as claim.lua, allocator/gate.py), the round (it must
--- be a lottery round), the registration window, then the citizen, and only then is anything
--- changed. There is no stock check: entries take no units. One item's refusal never affects
+-- be a lottery round), the registration window, then the citizen, then the citizen's cooldown
+-- in the round's programme (as claim.lua), and only then is anything changed. There is no stock check: entries take no units. One item's refusal never affects
 -- another; items are decided in order, so the same citizen twice in one call behaves exactly as
 -- two calls would. The round's integrity comes first, as in claim.lua (`seq` against the floor).
 --
--- KEYS[1]   round metadata hash    <p>:{r:<round>}:round      opens_ms, closes_ms, mode
+-- KEYS[1]   round metadata hash    <p>:{r:<round>}:round      opens_ms, closes_ms, mode,
+--                                                             programme
 -- KEYS[2]   entries hash           <p>:{r:<round>}:entries    entry_id -> record (JSON)
 -- KEYS[3]   entrants hash          <p>:{r:<round>}:entrants   citizen hash -> entry_id (live)
 -- KEYS[4]   tally hash             <p>:{r:<round>}:tally      entries:<site>, seq, lost
 -- KEYS[5]   ledger stream          <p>:{r:<round>}:ledger     one entry per state change
 -- KEYS[6]   round token bucket     <p>:{r:<round>}:gate:global
--- KEYS[7..] per-item keys, referred to by index from ARGV: client and citizen token buckets
+-- KEYS[7]   entitlement hash       <p>:{p:<programme>}:entitled citizen hash ->
+--           "<until_ms> <reservation_id>" (claim.lua and award.lua write it): read, never
+--           written, and only when the round hash has a `programme` (then every key here is
+--           under the programme's tag, one slot)
+-- KEYS[8..] per-item keys, referred to by index from ARGV: client and citizen token buckets
 --           <p>:{r:<round>}:gate:client:<hmac of address>, <p>:{r:<round>}:gate:citizen:<hash>
 -- ARGV[1]   number of items n
 -- ARGV[2..7] bucket rates (tokens per second) and bursts (tokens), as claim.lua's ARGV[2..7]
@@ -27,6 +32,8 @@
 -- returns   one reply per item, in order:
 --           {'created', record} | {'existing', record} (same citizen and phone: the entry, now
 --           with this item's site_id and accept_district) | {'already-entered'} (another phone) |
+--           {'in-cooldown', until_ms} (a live reservation in another round of the programme
+--           bars the citizen until then: no entry is made, an existing one is left unchanged) |
 --           {'not-open', opens_ms, closes_ms} | {'no-round'} | {'wrong-mode'} (an fcfs round) |
 --           {'gated', retry_after_ms, bucket} | {'lost', mark} for every item when lost
 --           record: JSON {id, site, acc (0|1), status, cit, ph, mask, created, updated, ch,
@@ -34,11 +41,12 @@
 --           the same citizen changes only site and acc)
 -- errors    redis.error_reply 'ERR enter: ...' when ARGV is not a whole n >= 1, six bucket
 --           settings (numbers > 0), a whole floor and n items, or an item has not 10 fields, a
---           key index outside KEYS[7..] (0 allowed for the client bucket) or accept_district
+--           key index outside KEYS[8..] (0 allowed for the client bucket) or accept_district
 --           not 0/1; all checked before any write
 -- Times are milliseconds since the epoch, from Redis TIME, never from the client.
 
 local HEAD = 9
+local ITEM_KEYS = 8 -- first per-item key in KEYS
 
 local function number(text)
   local x = tonumber(text)
@@ -83,8 +91,8 @@ for i = 1, n do
   end
   for k = 1, 2 do
     local at = whole(f[k])
-    if not at or (at < 7 and not (k == 1 and at == 0)) or at > #KEYS then
-      return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[7..]')
+    if not at or (at < ITEM_KEYS and not (k == 1 and at == 0)) or at > #KEYS then
+      return refuse('item ' .. i .. ': key index ' .. k .. ' must point into KEYS[8..]')
     end
     f[k] = at
   end
@@ -113,8 +121,36 @@ if lost then
 end
 local first_seq = seq
 
-local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'mode')
+local round = redis.call('HMGET', KEYS[1], 'opens_ms', 'closes_ms', 'mode', 'programme')
 local opens, closes, mode = tonumber(round[1]), tonumber(round[2]), round[3]
+
+-- Cooldown, as claim.lua reads it: the bars of this call's citizens, one HMGET. A bar set by a
+-- reservation of this very round (a won entry's, after the draw) is not a bar on entering it:
+-- entering is closed by then anyway. Entries set no bar (only reservations do).
+local bars = {}
+if round[4] and round[4] ~= '' then
+  local citizens = {}
+  for i = 1, n do
+    citizens[i] = items[i][4]
+  end
+  local found = redis.call('HMGET', KEYS[7], unpack(citizens))
+  for i = 1, n do
+    if found[i] then
+      local until_ms, held_id = string.match(found[i], '^(%d+) (%S+)$')
+      bars[citizens[i]] = {until_ms = tonumber(until_ms), id = held_id}
+    end
+  end
+end
+local function round_of(id)
+  return string.match(id or '', '%.(.*)$')
+end
+local function barred(citizen, entry_id)
+  local bar = bars[citizen]
+  if bar and bar.until_ms and bar.until_ms > now and round_of(bar.id) ~= round_of(entry_id) then
+    return bar.until_ms
+  end
+  return nil
+end
 
 -- The gate, exactly as in claim.lua (tests/test_lottery.py compares the two functions).
 local limits = {
@@ -182,11 +218,14 @@ for i = 1, n do
       reply = {'not-open', tostring(opens), tostring(closes)}
     else
       local held = redis.call('HGET', KEYS[3], citizen)
+      local until_ms = barred(citizen, entry_id)
       if held then
         local record = redis.call('HGET', KEYS[2], held)
         local r = cjson.decode(record)
         if r.ph ~= phone then
           reply = {'already-entered'}
+        elseif until_ms then
+          reply = {'in-cooldown', tostring(until_ms)}
         else
           -- the last choice before close counts
           if r.site ~= site_id or r.acc ~= accept then
@@ -201,6 +240,8 @@ for i = 1, n do
           end
           reply = {'existing', record}
         end
+      elseif until_ms then
+        reply = {'in-cooldown', tostring(until_ms)}
       else
         local record = cjson.encode({
           id = entry_id, site = site_id, acc = accept, status = 'registered',

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -22,7 +23,9 @@ from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import LedgerWriter, consumer_name
+from allocator.redispack import PackedConnection
 from allocator.redistyping import awaited
+from allocator.rules import ID_REGEX
 from allocator.throttle import FailureThrottle
 from service import pages
 from service.appkeys import (
@@ -38,12 +41,13 @@ from service.appkeys import (
     SITE_FEEDS,
     TRUSTED_PROXIES,
 )
+from service.client import Network
 from service.desk_views import routes as desk_routes
 from service.feeds import feed_cache
 from service.metrics import LedgerMetrics, Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
-from service.views import routes
+from service.views import citizen_reservation, ready_problem, routes
 
 log = logging.getLogger("allot.service")
 
@@ -78,6 +82,89 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+# The hot route's path, as the router would match it: only this exact form (no query, no
+# percent-escapes, a well-formed round id) is taken by HotRoutes; anything else, including
+# every malformed variant, goes the ordinary way and is answered as before.
+RESERVATIONS = "/api/v1/rounds/{round_id}/reservations"
+_RESERVATIONS_PATH = re.compile(rf"/api/v1/rounds/({ID_REGEX})/reservations", re.ASCII)
+
+
+class HotRoutes:
+    """The application's request handler, with the reservation route served beneath the web
+    layer; every other request goes to aiohttp's own handler (routing, then ``front``).
+
+    A POST to ``/api/v1/rounds/{round_id}/reservations`` is the one request a flash crowd
+    sends, and its cost per request decides the front door's throughput (docs/performance.md,
+    "A lean worker"). aiohttp's web layer spends a sizeable share of it before and around the
+    handler: resolving the route (resources are tried in turn), freezing the match, building
+    the middleware chain's partials, a frame per middleware. This answers that one route
+    directly: :func:`service.views.citizen_reservation` with what it needs bound once, wrapped
+    in the same failure handling and timing as ``front``, so every answer, header and metric is
+    the one the routed path gives (the contract tests run through here).
+
+    It replaces ``Application._handle`` on this application's instance (aiohttp builds its
+    ``Server`` from that bound method in ``Application._make_handler``, for every runner: the
+    test server, ``web.run_app`` and service/http.py's GuardedRunner alike). pyproject.toml pins
+    aiohttp's minor version; tests/test_reserve_api.py checks the route is served from here.
+    """
+
+    __slots__ = ("_admission", "_allocator", "_handle", "_metrics", "_trusted")
+
+    def __init__(self, handle: Handler) -> None:
+        self._handle = handle  # the application's own request handler
+        self._allocator: Allocator | None = None
+        self._admission: AdmissionQueue | None = None
+        self._metrics: Metrics | None = None
+        self._trusted: tuple[Network, ...] = ()
+
+    def bind(
+        self,
+        allocator: Allocator,
+        admission: AdmissionQueue,
+        metrics: Metrics,
+        trusted: tuple[Network, ...],
+    ) -> None:
+        """Serve the hot route with these (from the application's startup on)."""
+        self._allocator = allocator
+        self._admission = admission
+        self._metrics = metrics
+        self._trusted = trusted
+
+    @property
+    def serving(self) -> bool:
+        return self._admission is not None
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        if request.method == "POST" and self._admission is not None:
+            found = _RESERVATIONS_PATH.fullmatch(request.raw_path)
+            if found is not None and hdrs.EXPECT not in request.headers:
+                return await self._reserve(request, found.group(1))
+        return await self._handle(request)
+
+    async def _reserve(self, request: web.Request, round_id: str) -> web.StreamResponse:
+        """``front`` around ``citizen_reservation``, the route's pattern known beforehand."""
+        assert self._allocator is not None
+        assert self._admission is not None
+        assert self._metrics is not None
+        started = time.perf_counter()
+        try:
+            response: web.StreamResponse = await citizen_reservation(
+                request, round_id, self._allocator, self._admission, self._metrics, self._trusted
+            )
+        except Problem as problem:
+            response = ready_problem(problem)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = problem_response(http_problem(request, exc, RESERVATIONS))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            response = unforeseen(request, exc, RESERVATIONS)
+        self._metrics.observe_request(RESERVATIONS, response.status, time.perf_counter() - started)
+        return response
+
+
 def route_name(request: web.Request) -> str:
     """The route's pattern (``/api/v1/reservations/{reservation_id}``), never the path itself:
     a path can hold a reservation_id, the citizen's only key to a reservation."""
@@ -85,16 +172,17 @@ def route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def unforeseen(request: web.Request, exc: Exception) -> web.Response:
+def unforeseen(request: web.Request, exc: Exception, route: str | None = None) -> web.Response:
     """An error nobody foresaw: logged with its trace (not the path), answered 503. Except
-    the client hanging up mid-request: nobody is left to answer, and nothing is wrong here."""
+    the client hanging up mid-request: nobody is left to answer, and nothing is wrong here.
+    ``route``: the route's pattern, when the request was not routed by the router (HotRoutes)."""
     if isinstance(exc, ConnectionResetError) and request.transport is None:
         return problem_response(BadRequest("The connection closed before the request was read."))
-    log.exception("unhandled error for %s %s", request.method, route_name(request))
+    log.exception("unhandled error for %s %s", request.method, route or route_name(request))
     return problem_response(Unavailable("Something went wrong on our side; please try again."))
 
 
-def http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
+def http_problem(request: web.Request, exc: web.HTTPException, route: str | None = None) -> Problem:
     """aiohttp's own refusals (no route, wrong method, body too large) in the contract's terms."""
     if exc.status == 404:
         return NotFound(f"Nothing is at {request.path}.")
@@ -105,7 +193,11 @@ def http_problem(request: web.Request, exc: web.HTTPException) -> Problem:
     if exc.status == 413:
         return PayloadTooLarge("The body is too large.")
     log.warning(
-        "HTTP %s for %s %s: %s", exc.status, request.method, route_name(request), exc.reason
+        "HTTP %s for %s %s: %s",
+        exc.status,
+        request.method,
+        route or route_name(request),
+        exc.reason,
     )
     return Unavailable(exc.reason or "Please try again.")
 
@@ -125,6 +217,7 @@ def redis_client(settings: Settings) -> Redis:
         socket_connect_timeout=min(timeout, 0.5),
         health_check_interval=10,
         retry=Retry(NoBackoff(), 0),
+        connection_class=PackedConnection,  # commands packed in C (rediss://, unix:// keep theirs)
     )
     return Redis(connection_pool=pool)
 
@@ -152,6 +245,8 @@ def create_app(
     app[SETTINGS] = settings
     app[TRUSTED_PROXIES] = settings.gate.trusted_networks()
     app[METRICS] = Metrics()
+    hot = HotRoutes(app._handle)
+    object.__setattr__(app, "_handle", hot)  # see HotRoutes; a plain setattr warns in dev mode
     app[SITE_FEEDS] = feed_cache(monotonic)
     hasher = Hasher(settings.pepper_bytes)
 
@@ -199,8 +294,9 @@ def create_app(
             monotonic=monotonic,
         )
         app[DESK_TOKENS] = desks
-        queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].queue_depth.set)
+        queue = AdmissionQueue(allocator, settings.queue, on_depth=app[METRICS].set_queue_depth)
         app[ADMISSION] = queue
+        hot.bind(allocator, queue, app[METRICS], app[TRUSTED_PROXIES])
         stop = asyncio.Event()
         tasks = [
             asyncio.create_task(queue.run(), name="admission-dispatcher"),

@@ -29,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
@@ -319,6 +322,66 @@ class GuardedHandler(RequestHandler):
             self._guard.client(self._host),
             kind,
         )
+
+
+class ReadyResponse(web.StreamResponse):
+    """A whole answer (a status, a content type, a few headers, a body of bytes) written in one
+    piece, for the hot route (service/app.py, HotRoutes).
+
+    The bytes on the wire are those ``web.Response`` sends for the same answer: the status line,
+    the given headers, then Content-Type, Content-Length, Date (aiohttp's clock, cached per
+    second), Server and, as aiohttp decides it from the request, Connection; then the body, in
+    one write. What it leaves out is the general machinery a fixed answer does not use
+    (payload types, compression, chunking, cookies, re-checking each header) and the
+    ``on_response_prepare`` signal, which the application does not use and the hot route,
+    being unrouted, would not send anyway. tests/test_hot_route.py compares its answers with
+    the routed way's, header by header, over HTTP/1.0 and 1.1.
+    """
+
+    def __init__(
+        self,
+        body: bytes,
+        *,
+        status: int,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(status=status)
+        self._ready_body = body
+        given = "".join(f"{k}: {v}\r\n" for k, v in headers.items()) if headers else ""
+        self._ready_head = f"{given}Content-Type: {content_type}\r\n"
+
+    async def prepare(self, request: BaseRequest) -> AbstractStreamWriter | None:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        self._req = request
+        writer = self._payload_writer = request.writer
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        version = request.version
+        connection = ""
+        if keep_alive:
+            if version == HttpVersion10:
+                connection = "Connection: keep-alive\r\n"
+        elif version == HttpVersion11:
+            connection = "Connection: close\r\n"
+        body = self._ready_body
+        head = (
+            f"HTTP/{version[0]}.{version[1]} {self._status} {self._reason}\r\n"
+            f"{self._ready_head}Content-Length: {len(body)}\r\n"
+            f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n{connection}\r\n"
+        )
+        await writer.write_eof(head.encode() + body)
+        self._eof_sent = True
+        self._body_length = writer.output_size
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        self._req = None
+        self._payload_writer = None  # written in full by prepare
 
 
 def _where(exc: BaseException | None) -> str:

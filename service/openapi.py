@@ -250,6 +250,9 @@ ROUTES: tuple[Route, ...] = (
             "already-entered": None,
             "not-eligible": "the citizen fails a rule of the round's `eligibility` (checked on the "
             "ID before anything else).",
+            "in-cooldown": "a live reservation in another round of the same `programme` bars the "
+            "citizen until its `created_at` + that round's `cooldown_days`; no entry is made "
+            "(an existing one is left unchanged).",
             "rate-limited": None,
             "overloaded": None,
             "unavailable": None,
@@ -543,6 +546,7 @@ ROUTES: tuple[Route, ...] = (
             "round-not-open": "before `opens_at` or after `closes_at` (registration window).",
             "wrong-mode": "the round is an `fcfs` round: reserve for the citizen instead.",
             "already-entered": None,
+            "in-cooldown": None,
             "rate-limited": (
                 "a token bucket (whole round or citizen) refused the request; or " + AUTH_THROTTLED
             ),

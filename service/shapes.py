@@ -60,16 +60,40 @@ def site_body(entry: SiteStock) -> dict[str, Any]:
     }
 
 
+class _PickupWindow:
+    """The last round's pickup window as a reservation body shows it. A worker answers a crowd
+    from one snapshot of a round (the same object for up to a second), so its strings are
+    made once per snapshot, not once per answer."""
+
+    __slots__ = ("end_ms", "rnd", "shown")
+
+    def __init__(self, rnd: Round | None) -> None:
+        self.rnd = rnd
+        self.end_ms = 0
+        self.shown = ("", "")
+        if rnd is not None:
+            self.end_ms = to_ms(rnd.pickup_end)
+            self.shown = (rnd.pickup_start.isoformat(), rnd.pickup_end.isoformat())
+
+
+_window = _PickupWindow(None)
+
+
 def reservation_body(reservation: Reservation, rnd: Round, now_ms: int) -> dict[str, Any]:
+    global _window
+    window = _window
+    if window.rnd is not rnd:
+        window = _window = _PickupWindow(rnd)
+    start, end = window.shown
     return {
         "reservation_id": reservation.reservation_id,
         "round_id": reservation.round_id,
         "site_id": reservation.site_id,
         "quantity": reservation.quantity,
-        "status": reservation.effective_status(now_ms, to_ms(rnd.pickup_end)),
+        "status": reservation.effective_status(now_ms, window.end_ms),
         "pickup_code": reservation.pickup_code,
-        "pickup_start": rnd.pickup_start.isoformat(),
-        "pickup_end": rnd.pickup_end.isoformat(),
+        "pickup_start": start,
+        "pickup_end": end,
         "created_at": ms_to_rfc3339(reservation.created_ms),
         "citizen_id_masked": reservation.citizen_id_masked,
     }
@@ -84,10 +108,13 @@ def entry_status(entry: Entry, rnd: Round) -> str:
 
 
 def entry_weight(entry: Entry, rnd: Round) -> int | None:
-    """``weight``: null until the freeze; then 1 for every entry in the frozen list (rounds are
-    frozen without loss weighting for now: docs/lottery.md, "In the service")."""
+    """``weight``: null until the freeze, and for an entry not in the frozen list (withdrawn,
+    excluded); then the weight in entries.csv: the entry's own when the freeze gave it more
+    than 1 (loss weighting, copied in by lua/settle.lua), else 1."""
     frozen = rnd.draw_status in ("frozen", "drawing", "drawn")
-    return 1 if frozen and entry.status != "withdrawn" else None
+    if not frozen or entry.status in ("withdrawn", "excluded"):
+        return None
+    return entry.weight or 1
 
 
 def entry_body(entry: Entry, rnd: Round, key: DrawKey) -> dict[str, Any]:

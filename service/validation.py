@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from allocator.draw import DrawInputError, check_public_randomness
 from allocator.entitlement import Eligibility, parse_cooldown_days, parse_programme
@@ -146,8 +146,17 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
-    if not _is_json(media_type(request)):
+    headers = request.headers
+    # the common case first, without parsing the header: exactly application/json
+    if headers.get(hdrs.CONTENT_TYPE) != "application/json" and not _is_json(media_type(request)):
         raise UnsupportedMediaType("Send the body as application/json.")
+    if hdrs.CONTENT_ENCODING not in headers:
+        # The whole body has arrived (the parser has seen its Content-Length, within the
+        # limit): take it from the buffer at once. What read_body does too, in fewer steps.
+        length = request.content_length
+        payload = request.content
+        if length is not None and length <= JSON_LIMIT and payload.is_eof():
+            return parse_json_object(payload.read_nowait())
     raw = await read_body(request, JSON_LIMIT)
     return parse_json_object(raw)
 
@@ -285,6 +294,21 @@ class ReservationRequest:
 
 
 def parse_reservation(body: Mapping[str, Any]) -> ReservationRequest:
+    citizen_id, phone, site_id = body.get("citizen_id"), body.get("phone"), body.get("site_id")
+    if (
+        isinstance(citizen_id, str)
+        and isinstance(phone, str)
+        and isinstance(site_id, str)
+        and ID_PATTERN.fullmatch(site_id)
+    ):  # the body of nearly every request: three good strings, checked without a collector
+        try:
+            return ReservationRequest(
+                site_id=site_id,
+                citizen_id=normalise_citizen_id(citizen_id),
+                phone=validate_phone(phone),
+            )
+        except InvalidIdentity:
+            pass  # answered below, naming every bad field
     errors = _Errors()
     citizen_id = errors.checked(body, "citizen_id", normalise_citizen_id)
     phone = errors.checked(body, "phone", validate_phone)

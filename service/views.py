@@ -8,11 +8,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from allocator.admission import AdmissionQueue
 from allocator.errors import Problem
+from allocator.facade import Allocator
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
 from service.auth import check_site, require_operator, require_staff
-from service.client import client_address
+from service.client import Network, client_address
+from service.http import ReadyResponse
+from service.metrics import Metrics
 from service.openapi import openapi_document
+from service.problems import PROBLEM_JSON, problem_body, problem_headers, status_of
 from service.shapes import (
     batch_body,
     entry_body,
@@ -130,6 +135,64 @@ async def reserve(
     metrics.count_ask(channel, granted=True)
     location = f"/api/v1/reservations/{reservation.reservation_id}"
     return json_response(body, status=201, headers={"Location": location})
+
+
+async def citizen_reservation(
+    request: web.Request,
+    round_id: str,
+    allocator: Allocator,
+    admission: AdmissionQueue,
+    metrics: Metrics,
+    trusted: tuple[Network, ...],
+) -> web.StreamResponse:
+    """:func:`reserve` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
+    the same checks in the same order and the same answers, with what ``reserve`` reads from
+    the request's app passed in, and the sold-out herd answered from memory without raising.
+    ``round_id`` is already known to be well-formed (the hot route's path pattern)."""
+    channel = citizen_channel(request)
+    try:
+        ask = parse_reservation(await read_json(request))
+        rnd = await allocator.round_before_claim(round_id)
+        allocator.check_eligibility(rnd, ask.citizen_id)
+        claim = allocator.claim_request(
+            round_id,
+            ask.site_id,
+            ask.citizen_id,
+            ask.phone,
+            client_address(request, trusted),
+            channel=channel,
+            opens_on=rnd.opens_at.date(),
+        )
+        refusal = admission.from_memory(claim)
+        if refusal is not None:
+            metrics.count_reservation("sold-out")
+            metrics.count_ask(channel, granted=False)
+            return ready_problem(refusal)
+        reservation, created = await admission.claim(claim)
+    except Problem as problem:
+        metrics.count_reservation(problem.code)
+        if problem.code == "sold-out":
+            metrics.count_ask(channel, granted=False)
+        raise
+    metrics.count_reservation("created" if created else "existing")
+    body = orjson.dumps(reservation_body(reservation, rnd, allocator.now_ms()))
+    if not created:
+        return ReadyResponse(body, status=200, content_type="application/json")
+    metrics.count_ask(channel, granted=True)
+    location = f"/api/v1/reservations/{reservation.reservation_id}"
+    return ReadyResponse(
+        body, status=201, content_type="application/json", headers={"Location": location}
+    )
+
+
+def ready_problem(problem: Problem) -> ReadyResponse:
+    """:func:`service.problems.problem_response`, as the hot route writes it."""
+    return ReadyResponse(
+        problem_body(problem),
+        status=status_of(problem),
+        content_type=PROBLEM_JSON,
+        headers=problem_headers(problem),
+    )
 
 
 @routes.post("/api/v1/rounds/{round_id}/entries")

@@ -962,3 +962,130 @@ async def test_citizen_registers_for_a_lottery_and_the_console_draws_it(
     await assert_contrast(page)
     assert page_errors(page) == []
     await context.close()
+
+
+async def test_console_creates_a_lottery_round_and_runs_its_freeze_draw_and_passes(
+    client: Client, browser: Browser, shots: Path
+) -> None:
+    """An operator makes a lottery round in the console (mode, randomness source, programme,
+    cooldown, eligibility), watches its entries per site and the freeze, draws it with the
+    public randomness, runs a pass after a winner cancels, and finds the record's files."""
+    import datetime as dt
+
+    from tests.test_lottery import enter, wait_for_status
+
+    sites = [
+        {"site_id": s, "name": f"Site {s}", "address": "road 1", "district": "d1"}
+        for s in ("s1", "s2")
+    ]
+    r = await client.put("/api/v1/admin/sites", json={"sites": sites}, headers=ADMIN)
+    assert r.status == 200
+    context, page = await open_page(browser, client, "/admin", size=DESKTOP)
+    await login(page)
+
+    now = dt.datetime.now(dt.UTC)
+
+    def at(seconds: float) -> str:  # a datetime-local value (to the second), in UTC
+        return (now + dt.timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+
+    await page.locator("#rf-id").fill("lot")
+    await page.locator("#rf-title").fill("口罩抽签")
+    await page.locator("#rf-offset").fill("+00:00")
+    await page.locator("#rf-opens").fill(at(-60))
+    await page.locator("#rf-closes").fill(at(20))
+    await page.locator("#rf-pstart").fill(at(-60))
+    await page.locator("#rf-pend").fill(at(7 * 86400))
+    await page.locator("#rf-per").fill("1")
+    await expect(page.get_by_test_id("rf-lottery-box")).to_be_hidden()
+    await page.get_by_label("登记抽签").check()
+    await expect(page.get_by_test_id("rf-lottery-box")).to_be_visible()
+    # a lottery needs its randomness source: the service's 422 names the field
+    await page.get_by_role("button", name="保存轮次").click()
+    await expect(page.locator("#round-result")).to_contain_text("public_randomness_source")
+    assert (await client.get("/api/v1/rounds/lot")).status == 404
+    await page.locator("#rf-source").fill("drand quicknet, the first round after closes_at")
+    await page.locator("#rf-programme").fill("masks")
+    await page.locator("#rf-cooldown").fill("7")
+    await page.locator("#rf-eligibility summary").click()
+    await page.locator("#rf-digits").fill("0, 1, 2")
+    await page.locator("#rf-min-age").fill("18")
+    await page.get_by_role("button", name="保存轮次").click()
+    await expect(page.locator("#round-result")).to_contain_text("已新建轮次 lot")
+    rnd = await (await client.get("/api/v1/rounds/lot")).json()
+    assert rnd["mode"] == "lottery"
+    assert (
+        rnd["draw"]["public_randomness_source"] == "drand quicknet, the first round after closes_at"
+    )
+    assert re.fullmatch(r"[0-9a-f]{64}", rnd["draw"]["commitment"])
+    assert (rnd["programme"], rnd["cooldown_days"]) == ("masks", 7)
+    assert rnd["eligibility"] == {"birth_year_last_digit": [0, 1, 2], "min_age": 18}
+    await expect(page.locator("#round-table")).to_contain_text("登记抽签")
+    # the edit form reads the round back as it is
+    await page.get_by_role("button", name="编辑轮次 lot").click()
+    await expect(page.locator("#rf-mode-lottery")).to_be_checked()
+    await expect(page.locator("#rf-source")).to_have_value(rnd["draw"]["public_randomness_source"])
+    await expect(page.locator("#rf-digits")).to_have_value("0,1,2")
+
+    r = await client.post(
+        "/api/v1/admin/rounds/lot/batches",
+        json={"batch_id": "b1", "items": [{"site_id": "s1", "quantity": 1}]},
+        headers=ADMIN,
+    )
+    assert r.status == 201, await r.text()
+    made = [await enter(client, n, site, "lot") for n, site in ((1, "s1"), (2, "s1"), (3, "s2"))]
+    assert [m.status for m in made] == [201, 201, 201], [await m.text() for m in made]
+
+    await page.locator("#stats-round").select_option("lot")
+    await expect(page.get_by_test_id("lottery-box")).to_be_visible()
+    await expect(page.get_by_test_id("stat-entries")).to_have_text("3")
+    await expect(page.locator("#site-table tr", has_text="s1")).to_contain_text("2")
+    await expect(page.get_by_test_id("draw-status")).to_have_text("登记中，尚未冻结名单")
+    await expect(page.locator("#draw-submit")).to_be_disabled()
+    files = page.get_by_test_id("draw-files")
+    await expect(files.locator("a")).to_have_count(1)  # the record only, before the freeze
+
+    await wait_for_status(client, "frozen", "lot")
+    await expect(page.get_by_test_id("draw-status")).to_have_text("名单已冻结，等待公开随机数开奖")
+    await expect(files.locator("a")).to_have_text(["draw.json", "entries.csv", "stock.csv"])
+    await page.locator("#draw-randomness").fill("drand 9123457: 77ab")
+    await page.get_by_role("button", name="开奖", exact=True).click()
+    await expect(page.get_by_test_id("draw-result")).to_contain_text("已开奖")
+    await expect(page.get_by_test_id("draw-status")).to_have_text("已开奖")
+    await expect(files.locator("a")).to_have_text(
+        ["draw.json", "entries.csv", "stock.csv", "results.csv"]
+    )
+    href = await files.locator("a", has_text="results.csv").get_attribute("href")
+    assert href == "/api/v1/rounds/lot/draw/results.csv"
+    published = await (await client.get(href)).read()
+    assert published.startswith(b"rank,receipt,site_id\n")
+
+    # the one winner cancels; a pass gives the unit to the next not-drawn entry in rank order
+    winners = [
+        e
+        for e in [await (await client.get(f"/api/v1/entries/{(await m.json())['entry_id']}")).json()
+                  for m in made]
+        if e["status"] == "won"
+    ]  # fmt: skip
+    assert len(winners) == 1
+    r = await client.delete(f"/api/v1/reservations/{winners[0]['reservation_id']}")
+    assert r.status == 200
+    async with asyncio.timeout(10):  # a pass counts what the ledger has
+        while True:
+            stats = await (await client.get("/api/v1/admin/rounds/lot/stats", headers=ADMIN)).json()
+            if stats["ledger"]["lag"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    await page.get_by_role("button", name="补抽一轮").click()
+    await expect(page.get_by_test_id("draw-result")).to_contain_text("已开奖")
+    await expect(page.get_by_test_id("draw-record")).to_contain_text("pass 1")
+    await expect(page.get_by_test_id("draw-record")).to_contain_text("s1 +1")
+    await expect(files.locator("a", has_text="pass-1.csv")).to_have_attribute(
+        "href", "/api/v1/rounds/lot/draw/pass-1.csv"
+    )
+    record = await (await client.get("/api/v1/rounds/lot/draw")).json()
+    assert [p["pass"] for p in record["passes"]] == [1]
+    await page.locator("#lottery-box").scroll_into_view_if_needed()
+    await page.screenshot(path=shots / "admin-lottery-round.png", full_page=True)
+    await assert_contrast(page)
+    assert page_errors(page) == []
+    await context.close()

@@ -743,3 +743,37 @@ def test_fairness_fails_a_rigged_split_and_forgives_a_small_group_its_luck() -> 
     assert {g["group"] for g in rigged.groups if g["significantly_under"]} == {"citizen"}
     assert {g["group"] for g in rigged.groups if g["under_four_fifths"]} == {"citizen", "impatient"}
     assert judge([Group("citizen", 10, 0), Group("bot", 10, 0)]).fair is None  # nobody won
+
+
+def test_lottery_fairness_says_what_each_groups_site_choices_predict() -> None:
+    """Groups that choose differently have different odds in a fair draw: the expected rate is
+    each entrant's choice's win rate among everyone who made it, averaged over the group."""
+    from loadtest.lottery import LotteryFacts, lottery_fairness
+
+    round_id = "l1"
+    records = Records()
+    entries, results = [], []
+    # site a: 4 entrants (2 citizens, 2 impatient), 1 unit; site b: 2 citizens, 2 units
+    for n, (who, site, wins) in enumerate(
+        [
+            ("citizen", "a", True),
+            ("citizen", "a", False),
+            ("impatient", "a", False),
+            ("impatient", "a", False),
+            ("citizen", "b", True),
+            ("citizen", "b", True),
+        ]
+    ):
+        eid = f"e{n}.{round_id}"
+        records.entries.append(
+            {"n": n, "eid": eid, "site": site, "acc": False, "st": 201, "who": who, "t": n}
+        )
+        receipt = crowd.receipt(round_id, eid)
+        entries.append({"receipt": receipt, "site_id": site, "accept_district": "0"})
+        results.append({"receipt": receipt, "site_id": site if wins else ""})
+    facts = LotteryFacts(round_id, 1, entries=entries, results=results)
+    verdict = lottery_fairness(facts, records)
+    rows = {g["group"]: g for g in verdict.groups}
+    assert (rows["citizen"]["rate"], rows["citizen"]["expected_rate"]) == (0.75, 0.625)
+    assert (rows["impatient"]["rate"], rows["impatient"]["expected_rate"]) == (0.0, 0.25)
+    assert "expected from their site choices: citizen 62%, impatient 25%" in verdict.figure

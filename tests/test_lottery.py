@@ -4,6 +4,7 @@ freeze, the draw, passes and winners' reservations (API.md, "Lottery rounds").""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import os
 import random
@@ -23,11 +24,12 @@ from redis.asyncio import Redis
 from allocator.config import Settings
 from allocator.draw import entry_receipt
 from allocator.keys import Keys
+from allocator.rebuild import rebuild_round
 from allocator.receipts import verify_entry
 from allocator.redistyping import awaited
 from allocator.scripts import script_source
 from service.app import create_app
-from tests.helpers import ADMIN, citizen_id, phone, round_body, seed
+from tests.helpers import ADMIN, citizen_id, phone, reserve, round_body, seed
 
 SOURCE = "drand quicknet round 9123456"
 
@@ -593,3 +595,306 @@ async def test_withdrawals_racing_re_entries_leave_at_most_one_live_entry_per_ci
     assert {(r["entry_id"], r["status"], r["site_id"]) for r in rows} == {
         (r["id"], r["status"], r["site"]) for r in records
     }
+
+
+# -- entitlement: cooldown on entries, winners' bars, exclusion and weights at the freeze -------
+
+
+async def settled_entry(client: TestClient[Any, Any], entry_id: str) -> dict[str, Any]:
+    """The entry once this worker shows it frozen (weight or exclusion set): a worker's round
+    snapshot lags another worker's freeze by up to its cache's second."""
+    async with asyncio.timeout(5):
+        while True:
+            got: dict[str, Any] = await (await client.get(f"/api/v1/entries/{entry_id}")).json()
+            if got["weight"] is not None or got["status"] != "registered":
+                return got
+            await asyncio.sleep(0.1)
+
+
+def _until(body: dict[str, Any]) -> dt.datetime:
+    return dt.datetime.fromisoformat(body["until"])
+
+
+async def test_an_entry_in_the_programmes_cooldown_is_refused_with_until_and_makes_nothing(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys
+) -> None:
+    """A live reservation in another round of the programme bars entering, as reserving: 409
+    in-cooldown with until = its created_at + that round's cooldown_days, no entry made; an
+    existing entry is left as it is; cancelling lifts the bar; other programmes are not barred."""
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l1", programme="masks", cooldown_days=3)
+    await seed_lottery(client, "l9")  # in no programme
+    rk = keys.round("l1", "p:masks")
+    made = await reserve(client, 1, round_id="f1")
+    assert made.status == 201
+    created = dt.datetime.fromisoformat((await made.json())["created_at"])
+    seq = await awaited(redis.hget(rk.tally, "seq"))
+
+    r = await enter(client, 1)
+    body = await problem(r, 409, "in-cooldown")
+    assert r.content_type == "application/problem+json"
+    assert _until(body) == created + dt.timedelta(days=7)  # f1's cooldown, to the millisecond
+    assert _until(body).utcoffset() == dt.timedelta(hours=8)  # the offset the operator used
+    assert "masks" in body["detail"]
+    assert await awaited(redis.hlen(rk.entries)) == 0
+    assert await awaited(redis.hlen(rk.entrants)) == 0
+    assert await awaited(redis.hget(rk.tally, "seq")) == seq  # no change logged
+    tally = await awaited(redis.hgetall(rk.tally))
+    assert not [k for k in tally if k.startswith(b"entries:")]
+    # the bar is the citizen's: another phone, another site, same answer
+    await problem(await enter(client, 1, ph=phone(77)), 409, "in-cooldown")
+    assert (await enter(client, 1, round_id="l9")).status == 201  # no programme: no bar
+
+    # entered first, reserved afterwards (an entry sets no bar): a change is refused, the
+    # entry stays as it was (it is excluded at the freeze if still barred then)
+    entered = await (await enter(client, 2)).json()
+    assert (await reserve(client, 2, round_id="f1")).status == 201
+    await problem(await enter(client, 2, accept=True), 409, "in-cooldown")
+    got = await (await client.get(f"/api/v1/entries/{entered['entry_id']}")).json()
+    assert (got["status"], got["accept_district"], got["weight"]) == ("registered", False, None)
+
+    assert (await enter(client, 3)).status == 201  # not barred
+    assert (await client.delete(made.headers["Location"])).status == 200
+    again = await enter(client, 1)
+    assert again.status == 201, await again.text()
+
+
+async def test_entries_racing_reservations_of_the_programme_end_in_one_share_each(
+    client: TestClient[Any, Any], settings: Settings, aiohttp_client: Any, redis: Redis, keys: Keys
+) -> None:
+    """80 citizens enter a lottery round while the even ones reserve in an fcfs round of the
+    same programme at the same instant, through two workers. An entry made after the
+    reservation is refused in-cooldown; one made before is excluded at the freeze; so the
+    frozen list is exactly the odd citizens', and no even citizen can win a second share."""
+    second: TestClient[Any, Any] = await aiohttp_client(create_app(settings))
+    await seed(client, "f1", stock={"s1": 200}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l1", stock={"s1": 10}, closes_in=6, programme="masks")
+    citizens = range(80)
+    workers = (client, second)
+    asks = [enter(workers[n % 2], n) for n in citizens]
+    asks += [reserve(workers[(n // 2) % 2], n, round_id="f1") for n in citizens if n % 2 == 0]
+    answers = await asyncio.gather(*asks)
+    entries, reservations = answers[: len(citizens)], answers[len(citizens) :]
+    assert {r.status for r in reservations} == {201}
+    made: dict[int, dict[str, Any]] = {}
+    for n, r in zip(citizens, entries, strict=True):
+        body = await r.json()
+        if n % 2:
+            assert r.status == 201, body
+        else:
+            assert (r.status, body.get("code")) in ((201, None), (409, "in-cooldown")), body
+        if r.status == 201:
+            made[n] = body
+    refused = len(citizens) - len(made)
+
+    record = await wait_for_status(client, "frozen")
+    listed = await (await client.get("/api/v1/rounds/l1/draw/entries.csv")).read()
+    receipts = {line.split(b",")[0].decode() for line in listed.splitlines()[1:]}
+    assert receipts == {e["receipt"] for n, e in made.items() if n % 2}
+    assert record["entries"] == 40
+    # the other worker may have frozen it: this one's round snapshot follows within a second
+    await settled_entry(client, made[1]["entry_id"])
+    for n, e in made.items():
+        got = await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        want = ("registered", 1) if n % 2 else ("excluded", None)
+        assert (got["status"], got["weight"]) == want, n
+    rows = await ledger_entries(settings.database_url)
+    assert Counter(r["status"] for r in rows) == {"registered": 40, "excluded": 40 - refused}
+
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "9 9 9"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    assert await asyncio.to_thread(verify_url, client) == 0
+    rk = keys.round("l1", "p:masks")
+    won = [orjson.loads(v) for v in (await awaited(redis.hvals(rk.reservations)))]
+    assert len(won) == 10
+    listed_citizens = {r["citizen_hash"] for r in rows if r["status"] == "registered"}
+    assert {w["cit"] for w in won} <= listed_citizens  # the odd ones, who hold nothing else
+
+
+async def test_a_win_bars_the_programme_until_its_cooldown_ends_and_cancelling_it_lifts_it(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """A winner's reservation sets the bar a claim sets (award.lua): reserving or entering
+    another round of the programme is 409 in-cooldown until created_at + cooldown_days; a loser
+    is not barred; cancelling the win lifts the bar; rebuild brings the bar back."""
+    entries = await closed_lottery(client, 6, {"s1": 2}, programme="masks", cooldown_days=5)
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "1 2 3"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    await seed_lottery(client, "l2", programme="masks")
+    got = {
+        n: await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        for n, e in enumerate(entries)
+    }
+    winners = [n for n, e in got.items() if e["status"] == "won"]
+    losers = [n for n, e in got.items() if e["status"] == "not-drawn"]
+    assert (len(winners), len(losers)) == (2, 4)
+    rk = keys.round("l1", "p:masks")
+    assert await awaited(redis.hlen(rk.entitled)) == 2
+    for n in winners:
+        won = got[n]["reservation_id"]
+        res = await (await client.get(f"/api/v1/reservations/{won}")).json()
+        until = dt.datetime.fromisoformat(res["created_at"]) + dt.timedelta(days=5)
+        body = await problem(await reserve(client, n, round_id="f1"), 409, "in-cooldown")
+        assert _until(body) == until
+        body = await problem(await enter(client, n, round_id="l2"), 409, "in-cooldown")
+        assert _until(body) == until
+    assert (await reserve(client, losers[0], round_id="f1")).status == 201
+    assert (await enter(client, losers[1], round_id="l2")).status == 201
+
+    # rebuild after Redis lost the programme's bars: the winners' come back from the ledger
+    await awaited(redis.delete(rk.entitled))
+    async with asyncio.timeout(10):
+        while await awaited(redis.xlen(rk.ledger)):
+            await asyncio.sleep(0.05)
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        summary = await rebuild_round(redis, con, keys, "l1", force=True)
+    finally:
+        await con.close()
+    assert summary["cooldowns"] == 2
+    await problem(await reserve(client, winners[0], round_id="f1"), 409, "in-cooldown")
+
+    cancelled = await client.delete(f"/api/v1/reservations/{got[winners[0]]['reservation_id']}")
+    assert cancelled.status == 200
+    assert (await reserve(client, winners[0], round_id="f1")).status == 201
+    await problem(await enter(client, winners[1], round_id="l2"), 409, "in-cooldown")
+
+
+async def frozen_weights(client: TestClient[Any, Any], round_id: str) -> dict[str, int]:
+    """receipt -> weight, as entries.csv of the round publishes them."""
+    listed = await (await client.get(f"/api/v1/rounds/{round_id}/draw/entries.csv")).read()
+    rows = [line.decode().split(",") for line in listed.splitlines()[1:]]
+    return {row[0]: int(row[-1]) for row in rows}
+
+
+async def test_programme_lotteries_freeze_in_close_order_with_exclusions_and_loss_weights(
+    client: TestClient[Any, Any], redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """Three lottery rounds of one programme, the same six citizens in each. A round is not
+    frozen (nor drawable) before the earlier-closing ones are drawn; then the winners of the
+    earlier ones are excluded (cooldown) and, with loss_weighting, the losers weigh 1 + their
+    losing streak; entries.csv carries the weights, verify-draw replays them, the entry shows
+    its weight or exclusion and the fairness report's weight dimension counts them."""
+    common: dict[str, Any] = {"programme": "masks", "cooldown_days": 7}
+    await seed_lottery(client, "l1", stock={"s1": 2}, closes_in=4, **common)
+    await seed_lottery(client, "l2", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
+    await seed_lottery(client, "l3", stock={"s1": 2}, closes_in=5, loss_weighting=True, **common)
+    citizens = range(6)
+    asks = [enter(client, n, round_id=r) for r in ("l1", "l2", "l3") for n in citizens]
+    answers = await asyncio.gather(*asks)
+    assert {a.status for a in answers} == {201}
+    bodies = [await a.json() for a in answers]
+    entry = {(r, n): bodies[i * 6 + n] for i, r in enumerate(("l1", "l2", "l3")) for n in citizens}
+
+    await wait_for_status(client, "frozen", "l1")
+    await asyncio.sleep(5)  # two freeze looks of the worker at least: l2 and l3 wait for l1
+    for later in ("l2", "l3"):
+        assert (await (await client.get(f"/api/v1/rounds/{later}/draw")).json())["status"] == (
+            "registering"
+        )
+    draw = "/api/v1/admin/rounds/{}/draw"
+    r = await client.post(draw.format("l2"), json={"public_randomness": "x"}, headers=ADMIN)
+    await problem(r, 409, "draw-not-ready")
+    assert (await frozen_weights(client, "l1")) == {entry["l1", n]["receipt"]: 1 for n in citizens}
+
+    async def drawn(round_id: str) -> dict[int, str]:
+        r = await client.post(draw.format(round_id), json={"public_randomness": "7"}, headers=ADMIN)
+        assert r.status == 200, await r.text()
+        assert (await r.json())["status"] == "drawn"
+        assert await asyncio.to_thread(verify_url, client, round_id) == 0
+        return {
+            n: (
+                await (await client.get(f"/api/v1/entries/{entry[round_id, n]['entry_id']}")).json()
+            )["status"]
+            for n in citizens
+        }
+
+    first = await drawn("l1")
+    won1 = {n for n, s in first.items() if s == "won"}
+    assert len(won1) == 2
+    await wait_for_status(client, "frozen", "l2")
+    assert (await (await client.get("/api/v1/rounds/l3/draw")).json())["status"] == "registering"
+    # l1's winners are in cooldown at l2's freeze: excluded; l1's losers weigh 2
+    assert await frozen_weights(client, "l2") == {
+        entry["l2", n]["receipt"]: 2 for n in citizens if n not in won1
+    }
+    for n in citizens:
+        got = await settled_entry(client, entry["l2", n]["entry_id"])
+        want = ("excluded", None) if n in won1 else ("registered", 2)
+        assert (got["status"], got["weight"]) == want, n
+    # Redis lost l2's entries: rebuild brings back the exclusions and weights from the ledger
+    await awaited(redis.delete(keys.round("l2", "p:masks").entries))
+    con = await asyncpg.connect(settings.database_url)
+    try:
+        await rebuild_round(redis, con, keys, "l2", force=True)
+    finally:
+        await con.close()
+    async with asyncio.timeout(5):  # the worker serves the rebuilt round within a second
+        while (await client.get(f"/api/v1/entries/{entry['l2', 0]['entry_id']}")).status != 200:
+            await asyncio.sleep(0.1)
+    for n in citizens:
+        got = await (await client.get(f"/api/v1/entries/{entry['l2', n]['entry_id']}")).json()
+        want = ("excluded", None) if n in won1 else ("registered", 2)
+        assert (got["status"], got["weight"]) == want, n
+
+    second = await drawn("l2")
+    assert {n for n, s in second.items() if s == "excluded"} == won1
+    won2 = {n for n, s in second.items() if s == "won"}
+    assert len(won2) == 2
+    async with asyncio.timeout(10):  # the report reads the ledger: the wins arrive a moment later
+        while True:
+            r = await client.get("/api/v1/admin/rounds/l2/fairness", headers=ADMIN)
+            groups = (await r.json())["groups"]
+            by_weight = {
+                g["group"]: (g["asked"], g["granted"]) for g in groups if g["dimension"] == "weight"
+            }
+            if by_weight == {"2": (4, 2)} or len(by_weight) != 1:
+                break
+            await asyncio.sleep(0.1)
+    assert by_weight == {"2": (4, 2)}
+
+    await wait_for_status(client, "frozen", "l3")
+    # winners of l1 and of l2 excluded; who lost both weighs 3
+    lost_both = set(citizens) - won1 - won2
+    assert await frozen_weights(client, "l3") == {entry["l3", n]["receipt"]: 3 for n in lost_both}
+    third = await drawn("l3")
+    assert {n for n, s in third.items() if s == "excluded"} == won1 | won2
+    assert {n for n, s in third.items() if s == "won"} == lost_both  # 2 units, 2 entries
+
+
+async def test_a_winner_who_reserved_in_the_programme_after_the_freeze_gets_no_second_share(
+    client: TestClient[Any, Any], database_url: str
+) -> None:
+    """The freeze could not know of a reservation made after it: the award refuses the second
+    share (the entry becomes excluded), the unit stays at the site and the next pass releases
+    it; the published draw still replays."""
+    entries = await closed_lottery(client, 3, {"s1": 3}, programme="masks", cooldown_days=7)
+    await seed(client, "f1", stock={"s1": 5}, programme="masks", cooldown_days=7)
+    assert (await reserve(client, 0, round_id="f1")).status == 201  # an entry sets no bar
+    r = await client.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "5"}, headers=ADMIN
+    )
+    assert r.status == 200, await r.text()
+    results = (await (await client.get("/api/v1/rounds/l1/draw/results.csv")).read()).decode()
+    assert all(line.split(",")[2] for line in results.splitlines()[1:])  # all three placed
+    shown = [await (await client.get(f"/api/v1/entries/{e['entry_id']}")).json() for e in entries]
+    assert [(e["status"], e["reservation_id"] is None) for e in shown] == [
+        ("excluded", True), ("won", False), ("won", False),
+    ]  # fmt: skip
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert (stats["reserved"], stats["remaining"]) == (2, 1)
+    await wait_for_entries(database_url, 3)
+    for _ in range(100):  # the ledger has the exclusion a moment later
+        r = await client.post("/api/v1/admin/rounds/l1/draw/next", headers=ADMIN)
+        assert r.status == 200, await r.text()
+        record = await r.json()
+        if record["passes"][-1]["released"]:
+            break
+        await asyncio.sleep(0.1)
+    assert record["passes"][-1]["released"] == [{"site_id": "s1", "units": 1}]
+    assert await asyncio.to_thread(verify_url, client) == 0

@@ -202,34 +202,39 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
         ["r1", "c", "99999999999999", "{rid}", "d", "x", "{rid}"],
     ),
     "enter: n zero": ("enter", ["0", *GATE, "-1"]),
-    "enter: n does not match": ("enter", ["2", *GATE, "-1", "7 8 s1 c p m e.r1 0 api 18-39"]),
-    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "7 8 s1 c p m e.r1 0 api 18-39"]),
-    "enter: item short": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1 0 api"]),
+    "enter: n does not match": ("enter", ["2", *GATE, "-1", "8 9 s1 c p m e.r1 0 api 18-39"]),
+    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "8 9 s1 c p m e.r1 0 api 18-39"]),
+    "enter: item short": ("enter", ["1", *GATE, "-1", "8 9 s1 c p m e.r1 0 api"]),
     "enter: key index into the fixed keys": (
         "enter",
-        ["1", *GATE, "-1", "2 8 s1 c p m e.r1 0 api 18-39"],
+        ["1", *GATE, "-1", "2 9 s1 c p m e.r1 0 api 18-39"],
     ),
     "enter: citizen bucket index zero": (
         "enter",
-        ["1", *GATE, "-1", "7 0 s1 c p m e.r1 0 desk 65+"],
+        ["1", *GATE, "-1", "8 0 s1 c p m e.r1 0 desk 65+"],
     ),
     "enter: key index outside KEYS": (
         "enter",
-        ["1", *GATE, "-1", "7 99 s1 c p m e.r1 0 api 18-39"],
+        ["1", *GATE, "-1", "8 99 s1 c p m e.r1 0 api 18-39"],
     ),
-    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", "7 8 s1 c p m e.r1 2 api 18-39"]),
+    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", "8 9 s1 c p m e.r1 2 api 18-39"]),
     "enter: bad second item, floor marks lost": (
         "enter",
-        ["2", *GATE, "99", "7 8 s1 c p m e.r1 0 api 18-39", "7 8 s1"],
+        ["2", *GATE, "99", "8 9 s1 c p m e.r1 0 api 18-39", "8 9 s1"],
     ),
     "withdraw: no ARGV": ("withdraw", []),
     "withdraw: empty entry_id": ("withdraw", ["", "-1"]),
     "withdraw: floor not a number": ("withdraw", ["e.r1", "x"]),
     "award: n zero": ("award", ["0", "-1"]),
-    "award: n does not match": ("award", ["2", "-1", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
-    "award: item short": ("award", ["1", "-1", "8 9 e.r1 s1 rid.r1"]),
-    "award: key index into the fixed keys": ("award", ["1", "-1", f"3 9 e.r1 s1 rid.r1 {CODES}"]),
-    "award: floor not a number": ("award", ["1", "x", f"8 9 e.r1 s1 rid.r1 {CODES}"]),
+    "award: n does not match": ("award", ["2", "-1", f"9 10 e.r1 s1 rid.r1 {CODES}"]),
+    "award: item short": ("award", ["1", "-1", "9 10 e.r1 s1 rid.r1"]),
+    "award: key index into the fixed keys": ("award", ["1", "-1", f"3 10 e.r1 s1 rid.r1 {CODES}"]),
+    "award: floor not a number": ("award", ["1", "x", f"9 10 e.r1 s1 rid.r1 {CODES}"]),
+    "settle: no ARGV": ("settle", []),
+    "settle: half a pair": ("settle", ["e.r1"]),
+    "settle: empty entry_id": ("settle", ["", "2"]),
+    "settle: weight out of range": ("settle", ["e.r1", "5"]),
+    "settle: second pair bad": ("settle", ["e.r1", "x", "e2.r1", "2.5"]),
 }
 
 
@@ -253,17 +258,18 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
         "carry": [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
         "enter": [
             rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.gate_global,
-            rk.gate_client("client"), rk.gate_citizen("c" * 64),
+            rk.entitled, rk.gate_client("client"), rk.gate_citizen("c" * 64),
         ],
         "withdraw": [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
         "award": [
             rk.round, rk.stock, rk.holders, rk.reservations, rk.tally, rk.ledger, rk.entries,
-            rk.codes("s1"), rk.site_holders("s1"),
+            rk.entitled, rk.codes("s1"), rk.site_holders("s1"),
         ],
         "retire": [
             rk.round, rk.stock, rk.loaded, rk.batches, rk.tally, rk.reservations, rk.holders,
             rk.ledger,
         ],
         "restore_cooldowns": [rk.entitled],
+        "settle": [rk.round, rk.entries],
     }[name]  # fmt: skip
     await refused(redis, redis_prefix, getattr(allocator.scripts, name), name, script_keys, args)

@@ -392,6 +392,7 @@
       });
       rows.push(['pass ' + p.pass, (units.join(', ') || '—') + ' · ' + p.digest]);
     });
+    renderDrawFiles(rec);
     var table = A.clear($('draw-table'));
     var body = el('tbody');
     rows.forEach(function (r) {
@@ -403,6 +404,22 @@
       );
     });
     table.appendChild(body);
+  }
+
+  /** Links to the draw record and each published file, once it exists (API.md). */
+  function renderDrawFiles(rec) {
+    var base = '/api/v1/rounds/' + encodeURIComponent(rec.round_id) + '/draw';
+    var files = [['draw.json', base]];
+    if (rec.status !== 'registering') files.push(['entries.csv', base + '/entries.csv'], ['stock.csv', base + '/stock.csv']);
+    if (rec.results_digest) files.push(['results.csv', base + '/results.csv']);
+    (rec.passes || []).forEach(function (p) {
+      files.push(['pass-' + p.pass + '.csv', base + '/pass-' + p.pass + '.csv']);
+    });
+    var box = A.clear($('draw-files'));
+    files.forEach(function (f, i) {
+      if (i) box.appendChild(document.createTextNode(' · '));
+      box.appendChild(el('a', { href: f[1], text: f[0], target: '_blank', rel: 'noopener' }));
+    });
   }
 
   async function postDraw(next) {
@@ -988,7 +1005,52 @@
     $('rf-pend').value = localInput(new Date(start.getTime() + 7 * 86400000));
     $('rf-per').value = 5;
     $('rf-offset').value = browserOffset();
+    $('rf-mode-fcfs').checked = true;
+    $('rf-source').value = '';
+    $('rf-loss').checked = false;
+    $('rf-programme').value = '';
+    $('rf-cooldown').value = 0;
+    fillEligibility(null);
+    showRoundMode();
     $('round-form-title').textContent = t('round_new');
+  }
+  /** The lottery's own fields are shown for a lottery round only. */
+  function showRoundMode() {
+    $('rf-lottery-box').hidden = !$('rf-mode-lottery').checked;
+  }
+  function fillEligibility(e) {
+    e = e || {};
+    $('rf-digits').value = (e.birth_year_last_digit || []).join(',');
+    $('rf-regions').value = (e.regions || []).join(',');
+    $('rf-min-age').value = e.min_age === undefined || e.min_age === null ? '' : e.min_age;
+    $('rf-max-age').value = e.max_age === undefined || e.max_age === null ? '' : e.max_age;
+    $('rf-eligibility').open = !!(e.birth_year_last_digit || e.regions || e.min_age != null || e.max_age != null);
+  }
+  /** The eligibility object from the form, or null (anyone). What is not a digit or a whole
+   * number is sent as typed, so that the service's 422 names the field. */
+  function eligibilityFromForm() {
+    function list(id) {
+      return $(id)
+        .value.split(/[,\s\u3001\uff0c]+/)
+        .filter(function (x) {
+          return x !== '';
+        });
+    }
+    function whole(id) {
+      var v = $(id).value.trim();
+      return /^\d+$/.test(v) ? Number(v) : v;
+    }
+    var e = {};
+    var digits = list('rf-digits');
+    if (digits.length)
+      e.birth_year_last_digit = digits.map(function (d) {
+        return /^\d$/.test(d) ? Number(d) : d;
+      });
+    var regions = list('rf-regions');
+    if (regions.length) e.regions = regions;
+    if ($('rf-min-age').value.trim() !== '') e.min_age = whole('rf-min-age');
+    if ($('rf-max-age').value.trim() !== '') e.max_age = whole('rf-max-age');
+    return Object.keys(e).length ? e : null;
   }
   function editRound(r) {
     var m = /([+-]\d\d:\d\d|Z)$/.exec(r.opens_at);
@@ -1001,6 +1063,15 @@
     $('rf-pend').value = r.pickup_end.slice(0, 16);
     $('rf-per').value = r.per_person;
     $('rf-offset').value = m ? (m[1] === 'Z' ? '+00:00' : m[1]) : browserOffset();
+    $(r.mode === 'lottery' ? 'rf-mode-lottery' : 'rf-mode-fcfs').checked = true;
+    $('rf-source').value = (r.draw && r.draw.public_randomness_source) || '';
+    // the Round does not carry loss_weighting (API.md): the box starts unticked; on an opened
+    // round a different value is refused (422 naming the field), so nothing changes unseen
+    $('rf-loss').checked = false;
+    $('rf-programme').value = r.programme || '';
+    $('rf-cooldown').value = r.cooldown_days || 0;
+    fillEligibility(r.eligibility);
+    showRoundMode();
     $('round-form-title').textContent = t('round_edit', { id: r.round_id });
     $('rf-title').focus();
   }
@@ -1012,6 +1083,7 @@
           el('th', { scope: 'col', text: 'round_id' }),
           el('th', { scope: 'col', text: t('rf_title') }),
           el('th', { scope: 'col', text: t('round_status_col') }),
+          el('th', { scope: 'col', text: t('rf_mode') }),
           el('th', { scope: 'col', text: t('rf_opens') }),
           el('th', { scope: 'col', class: 'num', text: t('stat_remaining') }),
           el('th', { scope: 'col' }),
@@ -1025,6 +1097,7 @@
           el('td', {}, [el('code', { text: r.round_id })]),
           el('td', { text: r.title }),
           el('td', { text: t('round_' + r.status) }),
+          el('td', { text: t(r.mode === 'lottery' ? 'rf_mode_lottery' : 'rf_mode_fcfs') }),
           el('td', { text: A.fmtTime(r.opens_at) }),
           el('td', { class: 'num', text: fmt(r.remaining) }),
           el('td', {}, [
@@ -1041,7 +1114,7 @@
         ])
       );
     });
-    if (!state.rounds.length) body.appendChild(el('tr', {}, [el('td', { colspan: 6, text: t('no_rounds') })]));
+    if (!state.rounds.length) body.appendChild(el('tr', {}, [el('td', { colspan: 7, text: t('no_rounds') })]));
     table.appendChild(body);
   }
   async function saveRound(ev) {
@@ -1061,7 +1134,15 @@
       per_person: Number($('rf-per').value),
       pickup_start: at('rf-pstart'),
       pickup_end: at('rf-pend'),
+      mode: $('rf-mode-lottery').checked ? 'lottery' : 'fcfs',
+      programme: $('rf-programme').value.trim() || null,
+      cooldown_days: Number($('rf-cooldown').value || 0),
+      eligibility: eligibilityFromForm(),
     };
+    if (body.mode === 'lottery') {
+      body.public_randomness_source = $('rf-source').value.trim() || null;
+      body.loss_weighting = $('rf-loss').checked;
+    }
     var res = await adminRetrying('PUT', '/api/v1/admin/rounds/' + encodeURIComponent(id), body);
     if (res.status === 201 || res.status === 200) {
       showBox('round-result', 'ok', t(res.status === 201 ? 'round_created' : 'round_updated', { id: id }));
@@ -1223,6 +1304,8 @@
     });
     $('round-form').addEventListener('submit', saveRound);
     $('rf-reset').addEventListener('click', resetRoundForm);
+    $('rf-mode-fcfs').addEventListener('change', showRoundMode);
+    $('rf-mode-lottery').addEventListener('change', showRoundMode);
     $('sites-form').addEventListener('submit', uploadSites);
     fileInto('batch-file', 'batch-csv');
     fileInto('sites-file', 'sites-csv');
