@@ -941,16 +941,16 @@ item. On 2 cores shared with wrk and Redis one worker is CPU-bound, which is als
 worker adds little here (c2/c).
 
 What a waiting request holds (`python bench/queue_memory.py`: tracemalloc in one worker, the
-growth from idle to 10,000 queued requests, one connection each): 14.3 KB of Python objects per
-request, about what the RSS grows by, so nearly all of it is Python's. aiohttp holds 9.8 KB:
-web_protocol.py 7.2 KB (the parsed request from `HttpRequestParser.feed_data`, its message,
-headers, URL and strings, 2.9 KB in 44 objects; per connection the parser, the keep-alive
-timer, the task that runs the connection and a second task per request, two empty `deque`s of
-760 B each), streams.py 1.0 KB (the body's stream, a third 760 B `deque`), and 1.6 KB for the
-request object and the middleware and handler coroutines (web_app, web_middlewares,
-web_urldispatcher, web_request). service/http.py's guarded protocol and what the event loop
-allocates for its transport and tasks: 1.8 KB. allot's own handler, ticket, future and hashes:
-1.5 KB (views.py 0.6, admission.py 0.5, identity.py 0.3).
+growth from idle to 10,000 queued requests, one connection each; on this tree, with the
+reservation route beneath the web layer): 13.4 KB of Python objects per request, about what the
+RSS grows by, so nearly all of it is Python's. aiohttp holds 8.7 KB: web_protocol.py 7.2 KB
+(the parsed request from `HttpRequestParser.feed_data`, its message, headers, URL and strings,
+2.9 KB in 45 objects; per connection the parser, the keep-alive timer, the task that runs the
+connection and a second task per request, two empty `deque`s of 760 B each), streams.py 1.0 KB
+(the body's stream, a third 760 B `deque`), the request object and web_app 0.5 KB.
+service/http.py's guarded protocol and what the event loop allocates for its transport and
+tasks: 1.8 KB; service/app.py's hot route 0.9 KB; allot's ticket, future, hashes, validation and
+handler: 1.3 KB (admission.py 0.5, identity.py 0.3, validation.py 0.2, views.py 0.2).
 """
 
 
