@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import gc
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -178,6 +179,7 @@ async def probe(args: argparse.Namespace) -> int:
         con = await asyncpg.connect(with_database(base_db, "postgres"))
         await con.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
         await con.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
