@@ -387,7 +387,7 @@ def child(step: str, database: str, seq: int) -> str:
 
     waited = _time_sql()
     if step == "freeze":
-        found = drawjob.freeze(database, ROUND, seq)
+        found = drawjob.freeze(database, ROUND, {ROUND: seq})  # no programme: no other rounds
     else:
         found = drawjob.draw_round(database, ROUND, RANDOMNESS)
     return found + "\n" + json.dumps({k: round(v, 2) for k, v in waited.items()})
