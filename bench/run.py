@@ -278,16 +278,32 @@ FRESH_CLIENTS = {"on": True}
 CITIZENS = 1000 * (dt.date.today() - dt.date(1971, 1, 1)).days
 
 
-def wrk(sc: Scenario, offset: int, duration: float, connections: int) -> Run:
-    """One wrk run; its own CPU time (rusage of the waited-for child) is ``cpu_us["wrk"]``."""
+def load(sc: Scenario, offset: int, duration: float, connections: int) -> Run:
+    """One wrk run of a scenario (its server, round, route and site)."""
+    return wrk(sc.url, sc.site, offset, duration, connections, round_id=sc.round_id, kind=sc.kind)
+
+
+def wrk(
+    url: str,
+    site: str,
+    offset: int,
+    duration: float,
+    connections: int,
+    *,
+    round_id: str = "bench",
+    kind: str = "reservations",
+) -> Run:
+    """One wrk run POSTing to ``{url}/api/v1/rounds/{round_id}/{kind}`` at ``site``, citizens
+    from ``offset``; its own CPU time (rusage of the waited-for child) is ``cpu_us["wrk"]``.
+    (scripts/worker_ab.py calls it too.)"""
     if offset + 300_000 > CITIZENS:
         raise ValueError(f"citizens {offset:,}+ would be born in the future: fewer runs")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     xff = "1" if FRESH_CLIENTS["on"] else "0"
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--latency", "--timeout", "5s",
-         "-s", str(ROOT / "bench" / "reserve.lua"), sc.url,
-         "--", sc.round_id, sc.site, str(offset), sc.kind, xff],
+         "-s", str(ROOT / "bench" / "reserve.lua"), url,
+         "--", round_id, site, str(offset), kind, xff],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -307,7 +323,7 @@ async def measured(
     ledger backlog (read the moment wrk stops, then drained before the "after" reading)."""
     before, ticks = await meter.read()
     calls0, usec0 = await evalsha_usec(redis)
-    run = await asyncio.to_thread(wrk, scenario, offset, args.duration, args.connections)
+    run = await asyncio.to_thread(load, scenario, offset, args.duration, args.connections)
     calls1, usec1 = await evalsha_usec(redis)
     if scenario.expect_2xx and calls1 > calls0:  # the claim (or entry) script ran
         answered = max(1, run.requests - run.non2xx)
@@ -629,7 +645,7 @@ async def main(args: argparse.Namespace) -> int:
         ]  # fmt: skip
         offset = 0
         for sc in scenarios:  # warm-up: imports, connections, JIT-free but caches and pools
-            wrk(sc, offset, 2, args.connections)
+            load(sc, offset, 2, args.connections)
             offset += 300_000
         assert private.pid is not None
         for r in range(args.rounds):
@@ -696,7 +712,7 @@ async def connection_sweep(
         at = argparse.Namespace(**{**vars(args), "connections": connections})
         found[connections] = {sc.key: [] for sc in chosen}
         for sc in chosen:  # warm-up at this count
-            wrk(sc, offset, 2, connections)
+            load(sc, offset, 2, connections)
             offset += 300_000
         for r in range(args.rounds):
             for sc in chosen:
@@ -1039,12 +1055,12 @@ async def persistence(args: argparse.Namespace) -> int:
         for connections in counts:
             table = tables[connections] = [Scenario(k, urls[k], "s1", True) for k in urls]
             for sc in table:  # warm-up
-                wrk(sc, offset, 2, connections)
+                load(sc, offset, 2, connections)
                 offset += 300_000
             for r in range(args.rounds):
                 fsyncs.append(_fsync_ms(tmp))  # the disk's own pace, which others share
                 for sc in table:
-                    run = wrk(sc, offset, args.duration, connections)
+                    run = load(sc, offset, args.duration, connections)
                     offset += 300_000
                     sc.runs.append(run)
                     print(f"{connections} connections, round {r + 1} {sc.name:9}"

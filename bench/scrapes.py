@@ -43,7 +43,6 @@ from run import (  # bench/ is not a package: run.py is the benchmark's toolbox
     WIDE_OPEN,
     Processes,
     Run,
-    Scenario,
     free_port,
     seed,
     wait_up,
@@ -162,9 +161,8 @@ async def main(args: argparse.Namespace) -> int:
         def reserve() -> asyncio.Task[Run]:
             nonlocal offset
             offset += 1_000_000
-            load = Scenario("reserve", url, "s1", True)
             return asyncio.create_task(
-                asyncio.to_thread(wrk, load, offset, args.duration, args.connections)
+                asyncio.to_thread(wrk, url, "s1", offset, args.duration, args.connections)
             )
 
         await reserve()  # warm-up
