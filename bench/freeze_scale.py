@@ -511,12 +511,18 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
     da, db = rows_sql(a.steps["draw"]), rows_sql(b.steps["draw"])
     table_mib = b.facts.get("entries_table_mib")
     size = (
-        f"of {table_mib:,.0f} MiB with its indexes, {table_mib / 128:.0f} times "
+        f"of {table_mib:,.0f} MiB with its indexes, {table_mib / 128:.0f} times\n"
         if table_mib
         else "several times "
     )
     buffers = b.facts.get("shared_buffers", "128MB")
     draw_gib = linear("draw", lambda st: st.peak_mib) / 1024
+    low = sum(rows_sql(b.steps[k]) * scale for k in ("freeze", "draw"))
+    high = 0.0
+    for k in ("freeze", "draw"):
+        grew = rows_sql(b.steps[k]) / max(rows_sql(a.steps[k]), 1e-9)
+        power = math.log(grew) / math.log(b.entries / a.entries)
+        high += rows_sql(b.steps[k]) * scale ** max(power, 1.0)
     without = sum(b.steps[k].wall_s - rows_sql(b.steps[k]) for k in ("freeze", "draw"))
     return (
         text
@@ -534,16 +540,17 @@ step's time: the freeze's took {ua:.1f} s and {ub:.1f} s, the draw's {da:.1f} s 
 for {b.entries // a.entries}× the entries. Each row they rewrite has no room left on its
 freshly COPYed page, so it is a new row version elsewhere and a new entry in each of the table's
 three indexes (no HOT update; `status` is indexed anyway), in one transaction, over a table
-{size}PostgreSQL's `shared_buffers` ({buffers} here); their growth on this shared machine is
-noisy (between runs the same statement at one million varied by 1.5×). They are projected at
-least linearly (×{scale:g}) and at the growth measured between the two sizes (n^power):
+{size}PostgreSQL's `shared_buffers` ({buffers} here). Their time is noisy on this shared
+machine (the freeze's at one million took from 26.6 s to 45.6 s in three runs on 2026-12-01).
+They are projected at least linearly (×{scale:g}) and at the growth measured between the two
+sizes (n^power):
 
 | step | job's own work and other SQL | whole-table UPDATE | peak RSS |
 |---|---:|---:|---:|
 {chr(10).join(lines)}
 
-So at 10 million the two whole-table UPDATEs alone would take from several minutes to over an
-hour, and the draw process needs about {draw_gib:,.0f} GiB
+So at 10 million the two whole-table UPDATEs alone would take {low / 60:,.0f} to {high / 60:,.0f}
+minutes, and the draw process needs about {draw_gib:,.0f} GiB
 (the entries.csv bytes, one Python object per entry line and per result, and the draw's
 `receipt -> entry_id` map of every entry): beyond both targets, and beyond what is useful on a
 machine of this size. Without the two whole-table rewrites, one million would take {without:.0f} s
