@@ -166,8 +166,9 @@ async def _loss_weights(
 ) -> dict[str, int]:
     """``loss_weighting``: weight = 1 + the citizen's losing streak over the programme's lottery
     rounds drawn before this freeze (allocator/entitlement.py). Only the three most recently
-    drawn rounds are read. A registered entry of a drawn round was placed by the draw or a pass
-    (its award refused: no stock, already reserved) and counts as drawn, not as a loss."""
+    drawn rounds are read, as the ledger shows them (entries_shown): an entry still registered
+    there was placed by the draw (its award refused: no stock, already reserved) and counts as
+    drawn, not as a loss."""
     drawn = [
         (r["round_id"], r["drawn_at"])
         for r in await con.fetch(
@@ -181,8 +182,7 @@ async def _loss_weights(
     recent = entitlement.recent_rounds(drawn)
     rows = await con.fetch(
         "SELECT e.round_id, e.citizen_hash, CASE WHEN e.status <> 'registered' THEN e.status"
-        " WHEN EXISTS (SELECT 1 FROM draw_awards a WHERE a.entry_id = e.entry_id) THEN 'won'"
-        " ELSE 'not-drawn' END AS outcome FROM entries e WHERE e.round_id = ANY($1::text[])",
+        " ELSE 'won' END AS outcome FROM entries_shown e WHERE e.round_id = ANY($1::text[])",
         recent,
     )
     return entitlement.loss_weights(
@@ -265,10 +265,9 @@ async def _freeze(database_url: str, round_id: str, redis_seqs: dict[str, int]) 
                     round_id,
                     list(barred),
                 )
-            await con.execute(
-                "UPDATE entries SET weight = 1 WHERE round_id = $1 AND status = 'registered'",
-                round_id,
-            )
+            # only the weights above 1 are written: the rest of the frozen list keeps NULL and
+            # reads as 1 (the entries_shown view, migration 0009), so that a freeze of a million
+            # entries does not rewrite a million rows
             heavier = [(e["entry_id"], weights.get(e["citizen_hash"], 1)) for e in entries]
             heavier = [(i, w) for i, w in heavier if w > 1]
             if heavier:
@@ -298,10 +297,14 @@ def freeze(database_url: str, round_id: str, redis_seqs: dict[str, int]) -> str:
 async def _award_rows(
     con: asyncpg.Connection, round_id: str, number: int, placed: list[d.Placed]
 ) -> None:
+    """The placed entries' draw_awards rows; only their ids are read (receipt is unique)."""
     ids = {
         r["receipt"]: r["entry_id"]
         for r in await con.fetch(
-            "SELECT receipt, entry_id FROM entries WHERE round_id = $1", round_id
+            "SELECT receipt, entry_id FROM entries WHERE round_id = $1"
+            " AND receipt = ANY($2::text[])",
+            round_id,
+            [p.receipt for p in placed],
         )
     }
     await con.copy_records_to_table(
@@ -325,13 +328,9 @@ async def _draw(database_url: str, round_id: str, public_randomness: str) -> str
                 round_id, int(row["per_person"]), bytes(row["secret"]), public_randomness, frozen
             )
             winners = list(result.winners())
+            # not-drawn is not written: a registered entry of a drawn round without a pass-0
+            # award reads as not-drawn (the entries_shown view, migration 0009)
             await _award_rows(con, round_id, 0, winners)
-            await con.execute(
-                "UPDATE entries SET status = 'not-drawn' WHERE round_id = $1"
-                " AND status = 'registered' AND entry_id NOT IN"
-                " (SELECT entry_id FROM draw_awards WHERE round_id = $1)",
-                round_id,
-            )
             await con.execute(
                 "UPDATE draws SET status = 'drawing', public_randomness = $2, seed = $3,"
                 " drawn_at = now(), results_csv = $4, results_digest = $5, sites = $6,"

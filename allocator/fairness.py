@@ -63,7 +63,8 @@ SELECT s.district, r.age_band, r.channel, count(DISTINCT r.citizen_hash) AS n,
 """
 
 # A lottery round: every live entry asks; a winner whose reservation stands is granted.
-# `w` is NULL before the freeze (and for entries not in the frozen list).
+# `w` is NULL before the freeze (and for entries not in the frozen list); entries_shown
+# (migration 0009) reads the frozen list's unwritten weights as 1.
 LOTTERY = """
 SELECT s.district, e.age_band, e.channel, e.weight::text AS w,
        count(DISTINCT e.citizen_hash) AS asked,
@@ -72,7 +73,7 @@ SELECT s.district, e.age_band, e.channel, e.weight::text AS w,
        ) AS granted,
        GROUPING(s.district) AS no_district, GROUPING(e.age_band) AS no_age,
        GROUPING(e.channel) AS no_channel
-  FROM entries e
+  FROM entries_shown e
   LEFT JOIN sites s USING (site_id)
   LEFT JOIN reservations r ON r.reservation_id = e.reservation_id
  WHERE e.round_id = $1 AND e.status <> 'withdrawn'

@@ -107,7 +107,8 @@ ON CONFLICT (from_round, to_round, batch_id) DO NOTHING
 
 # A lottery entry (lua/enter.lua, withdraw.lua, award.lua). The row keeps the state of the
 # highest change number `seq` it has seen: a redelivered or reordered older entry changes
-# nothing. `not-drawn` is set by the draw itself (allocator/lottery.py), never by the stream.
+# nothing. `not-drawn` is never stored by the stream nor (since migration 0009) by the draw:
+# the entries_shown view derives it from the draw's awards.
 UPSERT_ENTRY = """
 INSERT INTO entries (entry_id, round_id, receipt, site_id, accept_district, status,
                      citizen_hash, phone_hash, citizen_id_masked, reservation_id, seq,

@@ -13,9 +13,10 @@ live entries per site agree; Redis's own counters agree with its records (``entr
 with the live records, ``entrants`` with the live records' citizens); and no citizen holds two
 live entries in the ledger.
 
-Statuses: Redis stores ``registered`` | ``withdrawn`` | ``won``; the freeze and the draw write
-``excluded`` and ``not-drawn`` into the ledger only (allocator/drawjob.py; the citizen is shown
-them through service/shapes.py), so a Redis ``registered`` matches a ledger ``registered``,
+Statuses: Redis stores ``registered`` | ``withdrawn`` | ``won``; the freeze writes ``excluded``
+into the ledger only and the draw's ``not-drawn`` is derived there (the ``entries_shown`` view,
+migration 0009, read here; allocator/drawjob.py; the citizen is shown both through
+service/shapes.py), so a Redis ``registered`` matches a ledger ``registered``,
 ``excluded`` or ``not-drawn``. Should Redis ever store those two itself, they compare as they
 are.
 
@@ -80,7 +81,7 @@ async def entry_report(
         r["entry_id"]: r
         for r in await con.fetch(
             "SELECT entry_id, site_id, accept_district, status, citizen_hash, reservation_id,"
-            " citizen_id_masked FROM entries WHERE round_id = $1 ORDER BY created_at",
+            " citizen_id_masked FROM entries_shown WHERE round_id = $1 ORDER BY created_at",
             round_id,
         )
     }
