@@ -19,10 +19,11 @@ redis-server:
   freeze  ``allocator.drawjob.freeze`` in a process of its own, as a worker runs it in its
           process pool once the round has closed and the ledger has caught up: the entry list
           read from PostgreSQL, the stock from the ledger's batches, entries.csv and stock.csv
-          built and stored, every entry's weight written.
+          built and stored, the weights above 1 written (none here: no loss weighting).
   draw    ``allocator.drawjob.draw_round`` in a process of its own, as ``POST …/draw`` runs it:
           the files read back and checked byte for byte, seed, keys, ranking, rule 5,
-          results.csv, the ``draw_awards`` work list (COPY) and every loser marked not-drawn.
+          results.csv and the ``draw_awards`` work list (COPY; losers are not written, see
+          migration 0009).
   award   `allot serve` started again: its lottery watch finds the round ``drawing`` and makes
           every winner's reservation in Redis with lua/award.lua (256 a call), then marks the
           draw ``drawn``; the ledger writer then writes those reservations and won entries to
@@ -490,40 +491,27 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
         lo, hi = value(a.steps[step]), value(b.steps[step])
         return hi + (hi - lo) / (b.entries - a.entries) * (ten - b.entries)
 
-    def rows_sql(st: Step) -> float:  # the statements that rewrite every entry's row
+    def rows_sql(st: Step) -> float:  # statements that rewrite entry rows (none since 0009)
         return sum(t for q, t in st.sql.items() if q.startswith("execute: UPDATE entries"))
 
     lines = []
-    for step in ("freeze", "draw"):
-        big, small = b.steps[step], a.steps[step]
-        growth = rows_sql(big) / max(rows_sql(small), 1e-9)
-        power = math.log(growth) / math.log(b.entries / a.entries)
-        rest = linear(step, lambda st: st.wall_s - rows_sql(st))
+    for step in ("freeze", "draw", "verify"):
+        wall = linear(step, lambda st: st.wall_s)
         mem = linear(step, lambda st: st.peak_mib) / 1024
+        grew = b.steps[step].wall_s / max(a.steps[step].wall_s, 1e-9)
+        power = math.log(max(grew, 1.0)) / math.log(b.entries / a.entries)
         lines.append(
-            f"| {step} | {rest:,.0f} s | {rows_sql(big) * scale:,.0f} s (n^{power:.2f}:"
-            f" {rows_sql(big) * scale**power:,.0f} s) | {mem:,.1f} GiB |"
+            f"| {step} | {wall:,.0f} s | {b.steps[step].wall_s * scale ** max(power, 1.0):,.0f} s"
+            f" (n^{power:.2f}) | {mem:,.1f} GiB |"
         )
-    verify = linear("verify", lambda st: st.wall_s)
-    vmem = linear("verify", lambda st: st.peak_mib) / 1024
-    lines.append(f"| verify | {verify:,.0f} s | – | {vmem:,.1f} GiB |")
-    ua, ub = rows_sql(a.steps["freeze"]), rows_sql(b.steps["freeze"])
-    da, db = rows_sql(a.steps["draw"]), rows_sql(b.steps["draw"])
-    table_mib = b.facts.get("entries_table_mib")
-    size = (
-        f"of {table_mib:,.0f} MiB with its indexes, {table_mib / 128:.0f} times\n"
-        if table_mib
-        else "several times "
+    rewrites = max(rows_sql(b.steps[k]) for k in ("freeze", "draw"))
+    rewrote = (
+        f"the longest statement updating `entries` took {rewrites:.1f} s here"
+        if rewrites
+        else "no statement updating `entries` ran here"
     )
-    buffers = b.facts.get("shared_buffers", "128MB")
+    both = sum(linear(k, lambda st: st.wall_s) for k in ("freeze", "draw"))
     draw_gib = linear("draw", lambda st: st.peak_mib) / 1024
-    low = sum(rows_sql(b.steps[k]) * scale for k in ("freeze", "draw"))
-    high = 0.0
-    for k in ("freeze", "draw"):
-        grew = rows_sql(b.steps[k]) / max(rows_sql(a.steps[k]), 1e-9)
-        power = math.log(grew) / math.log(b.entries / a.entries)
-        high += rows_sql(b.steps[k]) * scale ** max(power, 1.0)
-    without = sum(b.steps[k].wall_s - rows_sql(b.steps[k]) for k in ("freeze", "draw"))
     return (
         text
         + f"""
@@ -531,38 +519,26 @@ worker's VmHWM (start-up included). PostgreSQL's and Redis's own memory is not i
 |---:|---:|---:|---:|---:|---:|---:|
 {table}
 
-**10 million entries (projection).** Each step's time is two parts that grow differently. The
-job's own work (reading the rows, building and checking the files, the draw's hashing, two
-sorts) and every other statement grow about linearly, as in bench/draw_scale.py: projected on a
-straight line through the two sizes above. The two statements that rewrite one row per entry
-(the freeze's `weight = 1`, the draw's `status = 'not-drawn'` for every loser) are most of each
-step's time: the freeze's took {ua:.1f} s and {ub:.1f} s, the draw's {da:.1f} s and {db:.1f} s
-for {b.entries // a.entries}× the entries. Each row they rewrite has no room left on its
-freshly COPYed page, so it is a new row version elsewhere and a new entry in each of the table's
-three indexes (no HOT update; `status` is indexed anyway), in one transaction, over a table
-{size}PostgreSQL's `shared_buffers` ({buffers} here). Their time is noisy on this shared
-machine (the freeze's at one million took from 26.6 s to 45.6 s in three runs on 2026-12-01).
-They are projected at least linearly (×{scale:g}) and at the growth measured between the two
-sizes (n^power):
+**10 million entries (projection).** Neither step rewrites the entry rows any more
+(migration 0009: the freeze writes a weight only where it is above 1, the draw writes no
+`not-drawn`; both are read through the `entries_shown` view; {rewrote}; before it, on
+2026-12-01, one million took 35.9 s / 972 MiB to freeze and 38.7 s / 1,160 MiB to draw, 26.6 s
+and 23.3 s of it in those two UPDATEs): what is left is the job's own work (reading the rows,
+building and checking the files, the draw's hashing, two sorts) and statements that read or write
+the round's own rows (`draws`, the winners' `draw_awards`), all about linear in the entries, as
+in bench/draw_scale.py. Projected on a straight line through the two sizes above, and at the
+growth measured between them (n^power, at least linear):
 
-| step | job's own work and other SQL | whole-table UPDATE | peak RSS |
+| step | straight line | n^power | peak RSS |
 |---|---:|---:|---:|
 {chr(10).join(lines)}
 
-So at 10 million the two whole-table UPDATEs alone would take {low / 60:,.0f} to {high / 60:,.0f}
-minutes, and the draw process needs about {draw_gib:,.0f} GiB
-(the entries.csv bytes, one Python object per entry line and per result, and the draw's
-`receipt -> entry_id` map of every entry): beyond both targets, and beyond what is useful on a
-machine of this size. Without the two whole-table rewrites, one million would take {without:.0f} s
-to freeze and draw here (target < 60 s).
-
-What would bring it there (allocator/drawjob.py; not changed by this benchmark): write a
-weight only where it is not 1, or COPY the weights into a table of their own, rather than
-rewriting every entry's row in the freeze; leave the losers' rows as they are and take
-`not-drawn` from the draw (a registered entry of a drawn round without an award: the answers
-already work it out so, service/shapes.py, and the loss streaks can read it the same way); and
-look up only the winners' entry_ids for `draw_awards` (`receipt = ANY(…)`), not a map of every
-entry, which is also a good part of the draw's memory.
+So at 10 million the freeze and the draw would take about {both / 60:,.0f} minutes together
+(target < 60 s at one million, met above), and the draw process needs about {draw_gib:,.0f} GiB:
+the entries.csv bytes and one Python object per entry line and per result (the draw now looks up
+only the winners' entry_ids for `draw_awards`). That is beyond a machine of this size; what would
+bring it down is streaming the entry lines (files written and hashed as they are read, and the
+draw's keys kept in arrays rather than objects), not the SQL.
 """
     )
 

@@ -437,6 +437,29 @@ async def test_the_freeze_lists_every_entry_and_the_draw_replays_with_the_verifi
     assert statuses == {"won": 6, "not-drawn": 6}
     stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
     assert (stats["remaining"], stats["reserved"], stats["reservations"]) == (0, 6, 6)
+    await the_ledger_shows_without_rewriting(database_url, {"won": 6, "not-drawn": 6})
+
+
+async def the_ledger_shows_without_rewriting(database_url: str, want: dict[str, int]) -> None:
+    """Neither the freeze nor the draw rewrote the entry rows (no weight 1, no not-drawn is
+    stored: migration 0009); entries_shown reads them as the answers show them."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10.0
+    con = await asyncpg.connect(database_url)
+    try:
+        while True:  # the winners' entries reach the ledger through the stream
+            shown = await con.fetch(
+                "SELECT status, weight FROM entries_shown WHERE round_id = 'l1'"
+            )
+            if Counter(r["status"] for r in shown) == want or loop.time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert Counter(r["status"] for r in shown) == want
+        assert {r["weight"] for r in shown} == {1}
+        stored = await ledger_entries(database_url)
+        assert {(r["status"], r["weight"]) for r in stored} == {("won", None), ("registered", None)}
+    finally:
+        await con.close()
 
 
 async def test_a_lottery_round_of_a_programme_keeps_every_key_under_the_programme_tag(

@@ -645,7 +645,7 @@ class LotteryMachine(RuleBasedStateMachine):
         async with self.pool.acquire() as con:
             rows = await con.fetch(
                 "SELECT entry_id, site_id, accept_district, status, citizen_hash, reservation_id"
-                " FROM entries WHERE round_id = $1",
+                " FROM entries_shown WHERE round_id = $1",
                 self.round_id,
             )
             shown = {"registered": "not-drawn"} if self.drawn else {}
