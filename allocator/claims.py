@@ -213,16 +213,16 @@ class Claims:
         """Hash and mask the canonical ID once; it goes no further in clear. Only its age band
         at ``opens_on`` (the round's opening date; today when not given) and its six-digit
         issuing region are kept, for the fairness report."""
-        return ClaimRequest(
-            round_id=round_id,
-            site_id=site_id,
-            citizen_hash=self.hasher.citizen(citizen_id),
-            masked_id=mask_citizen_id(citizen_id),
-            phone=phone,
-            client=client,
-            channel=channel if channel in CHANNELS else "api",
-            age_band=age_band(citizen_id, opens_on or self.now().date()),
-            region=region(citizen_id),
+        return ClaimRequest(  # positional, in the fields' order: a request's one dataclass
+            round_id,
+            site_id,
+            self.hasher.citizen(citizen_id),
+            mask_citizen_id(citizen_id),
+            phone,
+            client,
+            channel if channel in CHANNELS else "api",
+            age_band(citizen_id, opens_on or self.now().date()),
+            region(citizen_id),
         )
 
     # -- claim.lua: packing and decoding ------------------------------------------------------
