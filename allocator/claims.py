@@ -34,13 +34,14 @@ from allocator.errors import (
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.integrity import Lost
-from allocator.keys import Keys, ScriptKeys
+from allocator.keys import Keys, RoundKeys, ScriptKeys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import (
     PICKUP_ALPHABET,
     RESERVATION_ID,
     Reservation,
     Round,
+    Site,
     ms_to_rfc3339,
     to_ms,
 )
@@ -77,6 +78,29 @@ def fresh_identifiers(round_id: str, count: int) -> list[tuple[str, list[str]]]:
         codes = [letters[j : j + 8] for j in range(0, len(letters), 8)]
         fresh.append((f"{token}.{round_id}", codes))
     return fresh
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+# the 22nd character of a 16-byte token carries its last 2 bits and 4 zero bits: from the same
+# character of an 18-byte group (whose last 4 of those 6 bits are the next byte's), canonical
+_LAST = {c: _B64[i & 0b110000] for i, c in enumerate(_B64)}
+_GROUP_BYTES = 18  # base64 of 18 bytes is 24 characters, no padding: groups encode alone
+
+
+def fresh_batch(round_id: str, count: int) -> tuple[list[str], str]:
+    """What :func:`fresh_identifiers` makes, for claim.lua's packing: ``count`` new
+    reservation_ids, and one string of ``count`` * 24 pickup-code letters (claim ``i``'s three
+    candidates are ``[24 i, 24 i + 24)``, 8 each). One read of the OS's random source, one
+    base64 encoding and one translation for the whole batch: each reservation_id is the first
+    21 characters of its 18-byte group's encoding and the canonical 22nd, i.e. exactly
+    ``urlsafe_b64encode(16 random bytes)`` without padding, 128 random bits."""
+    raw = os.urandom((_GROUP_BYTES + 8 * CODE_CANDIDATES) * count)
+    split = _GROUP_BYTES * count
+    text = base64.urlsafe_b64encode(raw[:split]).decode()
+    suffix = "." + round_id
+    last = _LAST
+    ids = [text[i : i + 21] + last[text[i + 21]] + suffix for i in range(0, 24 * count, 24)]
+    return ids, raw[split:].translate(_TO_LETTER).decode()
 
 
 def wrong_mode_for_reservation(round_id: str) -> WrongMode:
@@ -189,16 +213,16 @@ class Claims:
         """Hash and mask the canonical ID once; it goes no further in clear. Only its age band
         at ``opens_on`` (the round's opening date; today when not given) and its six-digit
         issuing region are kept, for the fairness report."""
-        return ClaimRequest(
-            round_id=round_id,
-            site_id=site_id,
-            citizen_hash=self.hasher.citizen(citizen_id),
-            masked_id=mask_citizen_id(citizen_id),
-            phone=phone,
-            client=client,
-            channel=channel if channel in CHANNELS else "api",
-            age_band=age_band(citizen_id, opens_on or self.now().date()),
-            region=region(citizen_id),
+        return ClaimRequest(  # positional, in the fields' order: a request's one dataclass
+            round_id,
+            site_id,
+            self.hasher.citizen(citizen_id),
+            mask_citizen_id(citizen_id),
+            phone,
+            client,
+            channel if channel in CHANNELS else "api",
+            age_band(citizen_id, opens_on or self.now().date()),
+            region(citizen_id),
         )
 
     # -- claim.lua: packing and decoding ------------------------------------------------------
@@ -226,39 +250,32 @@ class Claims:
             await self.watch.floor(round_id),
         ]
         sites = await self.catalogue.sites()
-        made: list[tuple[str, str]] = []  # (reservation_id, phone hash): a created reply's rest
-        for item, (reservation_id, codes) in zip(
-            items, fresh_identifiers(round_id, len(items)), strict=True
-        ):
-            site = sites.get(item.site_id)
-            phone_hash = self.hasher.phone(item.phone)
-            made.append((reservation_id, phone_hash))
+        ids, letters = fresh_batch(round_id, len(items))
+        phone = self.hasher.phone
+        client = self.hasher.client
+        phones: list[str] = []  # each item's phone hash: a created reply's record needs it
+        # claims of one (site, age band, channel) share their five key references and site: made
+        # once per group and call, in the order ScriptKeys would have met them item by item
+        # (tests/test_claim_packing.py compares with the item-by-item packing)
+        groups: dict[tuple[str, str, str], str] = {}
+        at = 0
+        for item, reservation_id in zip(items, ids, strict=True):
+            group = (item.site_id, item.age_band, item.channel)
+            shared = groups.get(group)
+            if shared is None:
+                shared = groups[group] = _group_fields(refs, rk, sites.get(item.site_id), *group)
+            phone_hash = phone(item.phone)
+            phones.append(phone_hash)
             # one argument per item, laid out as lua/claim.lua's ARGV[9..] says: the three
             # hashes at fixed widths (a desk's claim skips the per-address bucket: no client
             # hash), then the other fields after a space each
             args.append(
-                item.citizen_hash
-                + phone_hash
-                + (NO_CLIENT if item.channel == DESK else self.hasher.client(item.client))
-                + " "
-                + " ".join(
-                    (
-                        refs.ref(rk.codes(item.site_id)),
-                        refs.ref(rk.site_holders(item.site_id)),
-                        # the fairness report's askers; an unknown site is nobody's district
-                        refs.ref(rk.fair_asked("district", site.district)) if site else "0",
-                        refs.ref(rk.fair_asked("age_band", item.age_band)),
-                        refs.ref(rk.fair_asked("channel", item.channel)),
-                        item.site_id,
-                        item.masked_id,
-                        reservation_id,
-                        item.channel,
-                        item.age_band,
-                        item.region,
-                        *codes,
-                    )
-                )
+                f"{item.citizen_hash}{phone_hash}"
+                f"{NO_CLIENT if item.channel == DESK else client(item.client)} {shared}"
+                f" {item.masked_id} {reservation_id} {item.channel} {item.age_band} {item.region}"
+                f" {letters[at : at + 8]} {letters[at + 8 : at + 16]} {letters[at + 16 : at + 24]}"
             )
+            at += 24
         # the script, then (wait_replicas > 0) WAIT on its connection: allocator/topology.py
         replies = await self.store.redis_call(
             self.replicas.run(self.scripts.claim, keys, args), key=rk.round
@@ -267,27 +284,30 @@ class Claims:
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [ClaimOutcome(refusal=round_refusal()) for _ in items]
         self.watch.seen_whole(round_id)
-        outcomes = []
-        for item, (reservation_id, phone_hash), reply in zip(items, made, replies, strict=True):
+        outcomes: list[ClaimOutcome] = []
+        for item, reservation_id, phone_hash, reply in zip(
+            items, ids, phones, replies, strict=True
+        ):
             if reply[0] == b"created":  # the record claim.lua wrote, from this item and its reply
                 _, code, created_ms, quantity = reply
+                # positional, in the fields' order (model.py): half the cost of keywords
                 reservation = Reservation(
-                    reservation_id=reservation_id,
-                    round_id=round_id,
-                    site_id=item.site_id,
-                    quantity=quantity,
-                    status="confirmed",
-                    pickup_code=code.decode(),
-                    citizen_hash=item.citizen_hash,
-                    phone_hash=phone_hash,
-                    citizen_id_masked=item.masked_id,
-                    created_ms=created_ms,
-                    updated_ms=created_ms,
-                    channel=item.channel,
-                    age_band=item.age_band,
-                    region=item.region,
+                    reservation_id,
+                    round_id,
+                    item.site_id,
+                    quantity,
+                    "confirmed",
+                    code.decode(),
+                    item.citizen_hash,
+                    phone_hash,
+                    item.masked_id,
+                    created_ms,
+                    created_ms,
+                    item.channel,
+                    item.age_band,
+                    item.region,
                 )
-                outcomes.append(ClaimOutcome(reservation=reservation, created=True))
+                outcomes.append(ClaimOutcome(reservation, True))
             else:
                 outcomes.append(await self._outcome(round_id, item, reply))
         return outcomes
@@ -454,6 +474,29 @@ class Claims:
             if rnd is not None and rnd.pickup_start <= now < rnd.pickup_end:
                 return r
         return holders[-1]
+
+
+def _group_fields(
+    refs: ScriptKeys,
+    rk: RoundKeys,
+    site: Site | None,
+    site_id: str,
+    age_band: str,
+    channel: str,
+) -> str:
+    """An item's fields that depend only on its site, age band and channel (claim.lua's ARGV
+    item: the codes and site-holders key indexes, the three askers' indexes, the site_id)."""
+    return " ".join(
+        (
+            refs.ref(rk.codes(site_id)),
+            refs.ref(rk.site_holders(site_id)),
+            # the fairness report's askers; an unknown site is nobody's district
+            refs.ref(rk.fair_asked("district", site.district)) if site else "0",
+            refs.ref(rk.fair_asked("age_band", age_band)),
+            refs.ref(rk.fair_asked("channel", channel)),
+            site_id,
+        )
+    )
 
 
 def _not_eligible(rnd: Round, rule: Rule) -> str:

@@ -14,6 +14,7 @@ validated, so the helpers here only slice them; anything else raises ``ValueErro
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -202,8 +203,14 @@ def age_at(canonical_id: str, on: dt.date) -> int:
     instead. 1 March never counts anyone a year older before they have lived the full year.
     Born after ``on`` gives a negative age (below any ``min_age``; band ``0-17``).
     """
-    born = birth_date(canonical_id)
-    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    # the same comparison as ((on.month, on.day) < (born.month, born.day)) on the ID's digits,
+    # without a date object a request (zero-padded "MMDD" strings order as the pairs do)
+    return on.year - int(canonical_id[6:10]) - (_month_day(on) < canonical_id[10:14])
+
+
+@functools.lru_cache(maxsize=64)
+def _month_day(on: dt.date) -> str:
+    return f"{on.month:02d}{on.day:02d}"
 
 
 AgeBand = Literal["0-17", "18-39", "40-64", "65+"]
