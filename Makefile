@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install run test lint format bench loadtest clean clean-run services-up services-down
+.PHONY: help install run test lint format bench bench-freeze loadtest clean clean-run services-up services-down
 
 help:
 	@echo "make install    create $(VENV) and install allot with the dev and loadtest extras"
@@ -21,6 +21,7 @@ help:
 	@echo "make loadtest   the release gate: flash crowd + conservation checks (LOADTEST_ARGS='--fault kill-worker')"
 	@echo "make format     ruff format and ruff check --fix"
 	@echo "make bench      allot vs a bare aiohttp handler and the naive design -> docs/performance.md"
+	@echo "make bench-freeze  a 1,000,000-entry lottery through the service: freeze, draw, awards, verify-draw"
 	@echo "make clean      remove $(VENV) and build artefacts (keeps .run/)"
 	@echo "make clean-run  stop the private servers and remove .run/"
 
@@ -59,6 +60,14 @@ bench: install
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	services="$$(scripts/services.sh up)"; eval "$$services"; \
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Not a test: a lottery of 1,000,000 entries over 500 sites through the service's freeze, draw,
+# awards and verify-draw (and 250,000 for the 10-million projection) -> docs/performance.md.
+# FREEZE_ARGS='--scaling 250000' by default; takes several minutes and ~2 GB of memory.
+FREEZE_ARGS ?= --scaling 250000
+bench-freeze: install
+	services="$$(scripts/services.sh up)"; eval "$$services"; \
+	$(BIN)/python bench/freeze_scale.py --update-doc docs/performance.md $(FREEZE_ARGS)
 
 # The release gate: a flash crowd against a fresh self-hosted service, then conservation checks
 # (docs/loadtest.md). Exit 0 only when every check holds; the report lands in loadtest/reports/.

@@ -125,18 +125,36 @@ def _self_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measured(argv: list[str]) -> tuple[float, float, subprocess.CompletedProcess[str]]:
+# Runs the measured program as its own child and writes that child's peak RSS (wait4) to the
+# file named first. Linux keeps a process's peak RSS across fork and execve, so a child forked
+# straight from a large parent (freeze_scale.py holds a million entries' worth of heap) would
+# report the parent's peak; forked from this small launcher (python -I -S, ~10 MiB) it does not.
+LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status) % 256)
+"""
+
+
+def measured(
+    argv: list[str], env: dict[str, str] | None = None
+) -> tuple[float, float, subprocess.CompletedProcess[str]]:
     """Run a child; (wall seconds, peak RSS MiB, the finished process)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    _pid, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
-    return wall, usage.ru_maxrss / 1024, done
+    with tempfile.NamedTemporaryFile("r", prefix="allot-maxrss-") as rss:
+        start = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", LAUNCHER, rss.name, *argv],
+            cwd=ROOT, capture_output=True, text=True, env=env, check=False,
+        )  # fmt: skip
+        wall = time.perf_counter() - start
+        kib = int(rss.read() or 0)
+    return wall, kib / 1024, subprocess.CompletedProcess(argv, done.returncode, done.stdout,
+                                                         done.stderr)  # fmt: skip
 
 
 @dataclass(frozen=True)

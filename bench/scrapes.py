@@ -35,13 +35,14 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import asyncpg
+from redis.asyncio import Redis
 from run import (  # bench/ is not a package: run.py is the benchmark's toolbox
     BIN,
     TOKEN,
     WIDE_OPEN,
     Processes,
     Run,
-    cleanup,
     free_port,
     seed,
     wait_up,
@@ -49,6 +50,22 @@ from run import (  # bench/ is not a package: run.py is the benchmark's toolbox
 )
 
 from allocator.db import with_database
+
+
+async def cleanup(redis_url: str, prefix: str, base_db: str, db_name: str) -> None:
+    """Delete this run's keys (its own prefix) and drop its database."""
+    redis = Redis.from_url(redis_url)
+    try:
+        async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+            await redis.delete(key)
+    finally:
+        await redis.aclose()
+    con = await asyncpg.connect(with_database(base_db, "postgres"))
+    try:
+        await con.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+    finally:
+        await con.close()
+
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
