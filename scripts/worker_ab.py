@@ -6,7 +6,8 @@ prefix; PYTHONPATH picks the tree's code); then wrk (bench/reserve.lua: a new va
 request) against each in turn, alternating the order every round: (a) the bare handler, (c)
 reservations at a site with ample stock, (d) the sold-out herd, and with --entries (e) lottery
 entries (bench/run.py's round ``bench-lottery``, registering now) on the same server. For
-each run: requests/s and the worker process's utime + stime (/proc/<pid>/stat) per request. Nothing here asserts time.
+each run: requests/s and the worker process's utime + stime (/proc/<pid>/stat) per request.
+Nothing here asserts time.
 
 usage: python scripts/worker_ab.py before=/path/to/main/tree,after=. [--duration 5]
        [--rounds 4] [--connections 256]
