@@ -92,6 +92,7 @@ async def main(args: argparse.Namespace, trees: dict[str, str]) -> None:
         if args.entries:
             runs += [(n, "e") for n in trees]
         offset = 0
+
         def wrk(key: str, site: str, offset: int, duration: float) -> bench.Run:
             if site == "e":  # (e): entries at s1 of the lottery round
                 return bench.wrk(
