@@ -15,13 +15,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from allocator.catalogue import Catalogue
-from allocator.claims import CHANNELS, DESK, in_cooldown
+from allocator.claims import CHANNELS, DESK, NO_CLIENT, in_cooldown
 from allocator.entitlement import age_band
 from allocator.errors import AlreadyEntered, NotFound, Problem, RoundNotOpen, WrongMode
 from allocator.gate import Gate
 from allocator.identity import Hasher, mask_citizen_id
 from allocator.integrity import Lost
-from allocator.keys import Keys, ScriptKeys
+from allocator.keys import Keys
 from allocator.losswatch import LossWatch, round_refusal
 from allocator.model import Entry, ms_to_rfc3339
 from allocator.redistyping import awaited
@@ -114,18 +114,18 @@ class Entries:
     async def enter_many(self, round_id: str, items: Sequence[EntryRequest]) -> list[EntryOutcome]:
         """Admit (the gate) and decide several entries on one round in one script call."""
         rk = await self.catalogue.round_keys(round_id)
+        even, odd = self.gate.claim_buckets(rk)  # the claims' bucket hashes: one gate
         keys = [
             rk.round,
             rk.entries,
             rk.entrants,
             rk.tally,
             rk.ledger,
-            self.gate.round_bucket(rk),
             rk.entitled,  # the programme's cooldowns, same slot (allocator/keys.py)
+            even,
+            odd,
         ]
-        refs = ScriptKeys(keys)
 
-        # an unknown site is refused before the script (entries take no stock to look at)
         sites = await self.catalogue.sites()
         known = [i.site_id in sites or await self.catalogue.site_exists(i.site_id) for i in items]
         outcomes: list[EntryOutcome | None] = [
@@ -137,40 +137,53 @@ class Entries:
             return [o for o in outcomes if o is not None]
         floor = await self.watch.floor(round_id)
         args: list[str | int | float] = [len(asked), *self.gate.args, floor]
-        for item, entry_id in zip(asked, fresh_entry_ids(round_id, len(asked)), strict=True):
-            client_bucket, citizen_bucket = self.gate.item_buckets(
-                rk, self.hasher.client(item.client), item.citizen_hash
-            )
-            args.append(  # one space-separated argument per item: see lua/enter.lua
-                " ".join(
-                    (
-                        # a desk's entry: the per-address bucket is not applied (0: none)
-                        "0" if item.channel == DESK else refs.ref(client_bucket),
-                        refs.ref(citizen_bucket),
-                        item.site_id,
-                        item.citizen_hash,
-                        self.hasher.phone(item.phone),
-                        item.masked_id,
-                        entry_id,
-                        "1" if item.accept_district else "0",
-                        item.channel,
-                        item.age_band,
-                    )
-                )
+        entry_ids = fresh_entry_ids(round_id, len(asked))
+        phone_hashes = [self.hasher.phone(item.phone) for item in asked]
+        for item, entry_id, phone_hash in zip(asked, entry_ids, phone_hashes, strict=True):
+            args.append(  # one argument per item, laid out as lua/enter.lua's ARGV[9..]
+                item.citizen_hash
+                + phone_hash
+                + (NO_CLIENT if item.channel == DESK else self.hasher.client(item.client))
+                + f" {item.site_id} {item.masked_id} {entry_id}"
+                f" {'1' if item.accept_district else '0'} {item.channel} {item.age_band}"
             )
         replies = await self.store.redis_call(self.scripts.enter(keys=keys, args=args))
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [EntryOutcome(refusal=round_refusal()) for _ in items]
         self.watch.seen_whole(round_id)
-        decided = iter([await self._outcome(round_id, reply) for reply in replies])
+        decided = iter(
+            [
+                EntryOutcome(
+                    entry=Entry(
+                        entry_id=entry_id,
+                        round_id=round_id,
+                        site_id=item.site_id,
+                        accept_district=item.accept_district,
+                        status="registered",
+                        citizen_hash=item.citizen_hash,
+                        phone_hash=phone_hash,
+                        citizen_id_masked=item.masked_id,
+                        created_ms=int(reply[1]),
+                        updated_ms=int(reply[1]),
+                        channel=item.channel,
+                        age_band=item.age_band,
+                    ),
+                    created=True,
+                )
+                if reply[0] == b"created"  # the record is the item's (lua/enter.lua)
+                else await self._outcome(round_id, reply)
+                for item, entry_id, phone_hash, reply in zip(
+                    asked, entry_ids, phone_hashes, replies, strict=True
+                )
+            ]
+        )
         return [o if o is not None else next(decided) for o in outcomes]
 
     async def _outcome(self, round_id: str, reply: list[bytes]) -> EntryOutcome:
         status = reply[0].decode()
-        if status in ("created", "existing"):
-            entry = Entry.from_record(round_id, reply[1])
-            return EntryOutcome(entry=entry, created=status == "created")
+        if status == "existing":
+            return EntryOutcome(entry=Entry.from_record(round_id, reply[1]))
         if status == "gated":
             return EntryOutcome(refusal=self.gate.refusal(reply[2].decode(), int(reply[1])))
         if status == "no-round":

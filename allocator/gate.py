@@ -45,19 +45,10 @@ class Gate:
         )
 
     @staticmethod
-    def round_bucket(rk: RoundKeys) -> str:
-        """KEYS[6] of enter.lua: the round's own bucket."""
-        return rk.gate_global
-
-    @staticmethod
-    def item_buckets(rk: RoundKeys, client_hash: str, citizen_hash: str) -> tuple[str, str]:
-        """An entry's client and citizen buckets (enter.lua)."""
-        return rk.gate_client(client_hash), rk.gate_citizen(citizen_hash)
-
-    @staticmethod
     def claim_buckets(rk: RoundKeys) -> tuple[str, str]:
-        """KEYS[7] and KEYS[8] of claim.lua: the hash of all the round's buckets, in its two
-        generations (an item names its buckets by the client and citizen hashes it carries)."""
+        """KEYS[7] and KEYS[8] of claim.lua and of enter.lua: the hash of all the round's
+        buckets, in its two generations (an item names its buckets by the client and citizen
+        hashes it carries)."""
         return rk.gate_generations
 
     @staticmethod

@@ -54,14 +54,17 @@ class RoundKeys:
 
     @property
     def gate_global(self) -> str:
-        """Token bucket of the whole round (hash: t tokens, ts ms), as enter.lua keeps it; it
-        and the next two are lua/enter.lua's buckets (claim.lua's: ``gate_generations``)."""
+        """Token bucket of the whole round (hash: t tokens, ts ms) in the one-key-per-bucket
+        layout of the scripts claim.lua and enter.lua replaced (tests/fixtures/*_v1.lua, kept
+        for the differential tests and bench/claim_cpu.py); it and the next two are that
+        layout's keys. Both scripts now use ``gate_generations``."""
         return f"{self._tag}gate:global"
 
     @property
     def gate_generations(self) -> tuple[str, str]:
-        """claim.lua's token buckets: every bucket of the round is a field of one hash, in two
-        generations that take turns (``gate:0``, ``gate:1``; lua/claim.lua explains)."""
+        """The token buckets of claim.lua and enter.lua: every bucket of the round is a field of
+        one hash, in two generations that take turns (``gate:0``, ``gate:1``; lua/claim.lua
+        explains)."""
         return f"{self._tag}gate:0", f"{self._tag}gate:1"
 
     def gate_client(self, client_hash: str) -> str:

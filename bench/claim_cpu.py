@@ -15,6 +15,10 @@ tests/fixtures/claim_v1.lua, packed as allocator/claims.py packed it; the new on
 exactly what allocator/claims.py packs now (Allocator.claim_many). With ``--callgrind`` the
 redis-server runs under valgrind and the instructions it executed per claim (everything in the
 process over the same window) are counted too: a figure the machine's other load cannot move.
+
+With ``--enter`` the same for lua/enter.lua and lottery entries (a lottery round registering
+now): the old script is tests/fixtures/enter_v1.lua, packed as allocator/entries.py packed it,
+the new one fed by Allocator.enter_many.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from redis.asyncio import Redis
 
 from allocator.claims import ClaimRequest, fresh_identifiers
 from allocator.config import GateSettings
+from allocator.entries import EntryRequest, fresh_entry_ids
 from allocator.facade import Allocator
 from allocator.identity import Hasher
 from allocator.keys import Keys, ScriptKeys
@@ -40,6 +45,7 @@ from allocator.model import Round, Site
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD = (ROOT / "tests" / "fixtures" / "claim_v1.lua").read_text(encoding="utf-8")
+OLD_ENTER = (ROOT / "tests" / "fixtures" / "enter_v1.lua").read_text(encoding="utf-8")
 
 
 def citizen(n: int) -> str:
@@ -53,6 +59,36 @@ def requests(al: Allocator, start: int, count: int, sites: int) -> list[ClaimReq
         )
         for n in range(start, start + count)
     ]
+
+
+def entry_requests(al: Allocator, start: int, count: int, sites: int) -> list[EntryRequest]:
+    opens_on = dt.date.today()
+    return [
+        al.entry_request(
+            "l1", f"s{n % sites}", citizen(n), f"139{n:08d}", n % 2 == 0, address(n),
+            channel="web", opens_on=opens_on,
+        )
+        for n in range(start, start + count)
+    ]  # fmt: skip
+
+
+async def old_enter(al: Allocator, script: Any, items: list[EntryRequest]) -> list[Any]:
+    """One enter_v1.lua call, packed as allocator/entries.py packed it before the lean script."""
+    rk = await al.catalogue.round_keys("l1")
+    refs = ScriptKeys(
+        [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.gate_global, rk.entitled]
+    )
+    args: list[Any] = [len(items), *al.claims.gate.args, -1]
+    for item, entry_id in zip(items, fresh_entry_ids("l1", len(items)), strict=True):
+        fields = (
+            refs.ref(rk.gate_client(al.hasher.client(item.client))),
+            refs.ref(rk.gate_citizen(item.citizen_hash)),
+            item.site_id, item.citizen_hash, al.hasher.phone(item.phone), item.masked_id,
+            entry_id, "1" if item.accept_district else "0", item.channel, item.age_band,
+        )  # fmt: skip
+        args.append(" ".join(fields))
+    replies: list[Any] = await script(keys=refs.keys, args=args)
+    return replies
 
 
 def address(n: int) -> str:
@@ -103,6 +139,13 @@ async def seeded(redis: Redis, prefix: str, sites: int) -> Allocator:
         )
     )  # fmt: skip
     await al.load_batch("r1", "b1", [(f"s{i}", 10**8) for i in range(sites)])
+    await al.mirror_round(
+        Round(
+            round_id="l1", title="l1", per_person=1, mode="lottery",
+            opens_at=now - dt.timedelta(hours=1), closes_at=now + dt.timedelta(hours=5),
+            pickup_start=now, pickup_end=now + dt.timedelta(hours=6),
+        )
+    )  # fmt: skip
     return al
 
 
@@ -140,7 +183,8 @@ async def measure(args: argparse.Namespace, port: int, grind: Callgrind | None) 
     redis = Redis(port=port)
     old_al = await seeded(redis, "v1", args.sites)
     new_al = await seeded(redis, "lean", args.sites)
-    old_script = redis.register_script(OLD)
+    old_script = redis.register_script(OLD_ENTER if args.enter else OLD)
+    made = entry_requests if args.enter else requests
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     counted: dict[tuple[int, str], list[float]] = {}
     base = 0
@@ -149,10 +193,14 @@ async def measure(args: argparse.Namespace, port: int, grind: Callgrind | None) 
             for name in ("old", "new"):
                 al = old_al if name == "old" else new_al
 
-                async def call(
-                    items: list[ClaimRequest], al: Allocator = al, name: str = name
-                ) -> None:
-                    if name == "old":
+                async def call(items: list[Any], al: Allocator = al, name: str = name) -> None:
+                    if args.enter and name == "old":
+                        replies = await old_enter(al, old_script, items)
+                        assert all(r[0] == b"created" for r in replies), replies[:1]
+                    elif args.enter:
+                        entered = await al.enter_many("l1", items)
+                        assert all(o.created for o in entered), entered[:1]
+                    elif name == "old":
                         replies = await old_claim(al, old_script, items)
                         assert all(r[0] == b"created" for r in replies), replies[:1]
                     else:
@@ -161,7 +209,7 @@ async def measure(args: argparse.Namespace, port: int, grind: Callgrind | None) 
 
                 warm = -(-1000 // batch) * batch  # about 1000 claims first, not measured
                 for start in range(base, base + warm, batch):
-                    await call(requests(al, start, batch, args.sites))
+                    await call(made(al, start, batch, args.sites))
                 base += warm
                 await redis.config_resetstat()
                 if grind:
@@ -169,7 +217,7 @@ async def measure(args: argparse.Namespace, port: int, grind: Callgrind | None) 
                 before = await cpu(redis)
                 count = 0
                 while count < args.claims:
-                    await call(requests(al, base + count, batch, args.sites))
+                    await call(made(al, base + count, batch, args.sites))
                     count += batch
                 base += count
                 await asyncio.sleep(args.tail)
@@ -216,6 +264,7 @@ def main() -> None:
     p.add_argument("--sites", type=int, default=1)
     p.add_argument("--tail", type=float, default=5.0)
     p.add_argument("--port", type=int, default=6398)
+    p.add_argument("--enter", action="store_true", help="lua/enter.lua and lottery entries")
     p.add_argument(
         "--callgrind",
         action="store_true",

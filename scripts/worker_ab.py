@@ -4,8 +4,10 @@ What docs/performance.md ("A lean worker") quotes. One private Redis; the bare h
 bench/apps.py and one `allot serve --workers 1` per tree (each its own database and key
 prefix; PYTHONPATH picks the tree's code); then wrk (bench/reserve.lua: a new valid citizen a
 request) against each in turn, alternating the order every round: (a) the bare handler, (c)
-reservations at a site with ample stock, (d) the sold-out herd. For each run: requests/s and
-the worker process's utime + stime (/proc/<pid>/stat) per request. Nothing here asserts time.
+reservations at a site with ample stock, (d) the sold-out herd, and with --entries (e) lottery
+entries (bench/run.py's round ``bench-lottery``, registering now) on the same server. For
+each run: requests/s and the worker process's utime + stime (/proc/<pid>/stat) per request.
+Nothing here asserts time.
 
 usage: python scripts/worker_ab.py before=/path/to/main/tree,after=. [--duration 5]
        [--rounds 4] [--connections 256]
@@ -85,11 +87,22 @@ async def main(args: argparse.Namespace, trees: dict[str, str]) -> None:
             await bench.wait_up(url)
         for name in trees:
             await bench.wait_up(targets[name][0], "/readyz")
-            await bench.seed(targets[name][0])
+            await bench.seed(targets[name][0], lottery=args.entries)
         runs = [("a", "s1")] + [(n, "s1") for n in trees] + [(n, "s0") for n in trees]
+        if args.entries:
+            runs += [(n, "e") for n in trees]
         offset = 0
+
+        def wrk(key: str, site: str, offset: int, duration: float) -> bench.Run:
+            if site == "e":  # (e): entries at s1 of the lottery round
+                return bench.wrk(
+                    targets[key][0], "s1", offset, duration, args.connections,
+                    round_id=bench.LOTTERY, kind="entries",
+                )  # fmt: skip
+            return bench.wrk(targets[key][0], site, offset, duration, args.connections)
+
         for key, site in runs:  # warm-up
-            bench.wrk(targets[key][0], site, offset, 2, args.connections)
+            wrk(key, site, offset, 2)
             offset += 300_000
         results: dict[str, list[tuple[float, float]]] = {}
         for r in range(args.rounds):
@@ -97,13 +110,12 @@ async def main(args: argparse.Namespace, trees: dict[str, str]) -> None:
                 url, service = targets[key]
                 pids = service.pids()["workers"]
                 before = {p: bench.cpu_seconds(p) for p in pids}
-                run = await asyncio.to_thread(
-                    bench.wrk, url, site, offset, args.duration, args.connections
-                )
+                run = await asyncio.to_thread(wrk, key, site, offset, args.duration)
                 offset += 300_000
                 spent = sum(bench.cpu_seconds(p) - before[p] for p in pids)
                 us = spent * 1e6 / max(run.requests, 1)
-                label = "a" if key == "a" else f"{key}/{'c' if site == 's1' else 'd'}"
+                kind = {"s1": "c", "s0": "d", "e": "e"}[site]
+                label = "a" if key == "a" else f"{key}/{kind}"
                 results.setdefault(label, []).append((run.rps, us))
                 print(
                     f"round {r + 1} {label:10} {run.rps:8.0f} req/s  worker {us:6.1f} µs/req"
@@ -136,6 +148,7 @@ if __name__ == "__main__":
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--connections", type=int, default=256)
+    parser.add_argument("--entries", action="store_true", help="(e) lottery entries too")
     parsed = parser.parse_args()
     named = (t.split("=", 1) for t in parsed.trees.split(","))
     asyncio.run(main(parsed, {name: str(Path(tree).resolve()) for name, tree in named}))

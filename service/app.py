@@ -44,7 +44,7 @@ from service.feeds import feed_cache
 from service.metrics import LedgerMetrics, Metrics
 from service.problems import BadRequest, MethodNotAllowed, PayloadTooLarge, problem_response
 from service.validation import CSV_LIMIT
-from service.views import citizen_reservation, ready_problem, routes
+from service.views import citizen_entry, citizen_reservation, ready_problem, routes
 
 log = logging.getLogger("allot.service")
 
@@ -83,7 +83,8 @@ async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
 # percent-escapes, a well-formed round id) is taken by HotRoutes; anything else, including
 # every malformed variant, goes the ordinary way and is answered as before.
 RESERVATIONS = "/api/v1/rounds/{round_id}/reservations"
-_RESERVATIONS_PATH = re.compile(rf"/api/v1/rounds/({ID_REGEX})/reservations", re.ASCII)
+ENTRIES = "/api/v1/rounds/{round_id}/entries"
+_HOT_PATH = re.compile(rf"/api/v1/rounds/({ID_REGEX})/(reservations|entries)", re.ASCII)
 
 
 class HotRoutes:
@@ -133,8 +134,10 @@ class HotRoutes:
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         if request.method == "POST" and self._admission is not None:
-            found = _RESERVATIONS_PATH.fullmatch(request.raw_path)
+            found = _HOT_PATH.fullmatch(request.raw_path)
             if found is not None and hdrs.EXPECT not in request.headers:
+                if found.group(2) == "entries":
+                    return await self._enter(request, found.group(1))
                 return await self._reserve(request, found.group(1))
         return await self._handle(request)
 
@@ -159,6 +162,29 @@ class HotRoutes:
         except Exception as exc:
             response = unforeseen(request, exc, RESERVATIONS)
         self._metrics.observe_request(RESERVATIONS, response.status, time.perf_counter() - started)
+        return response
+
+    async def _enter(self, request: web.Request, round_id: str) -> web.StreamResponse:
+        """``front`` around ``citizen_entry``, the route's pattern known beforehand."""
+        assert self._allocator is not None
+        assert self._admission is not None
+        assert self._metrics is not None
+        started = time.perf_counter()
+        try:
+            response: web.StreamResponse = await citizen_entry(
+                request, round_id, self._allocator, self._admission, self._trusted
+            )
+        except Problem as problem:
+            response = ready_problem(problem)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = problem_response(http_problem(request, exc, ENTRIES))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            response = unforeseen(request, exc, ENTRIES)
+        self._metrics.observe_request(ENTRIES, response.status, time.perf_counter() - started)
         return response
 
 

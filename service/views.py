@@ -245,6 +245,44 @@ async def enter(
     )
 
 
+async def citizen_entry(
+    request: web.Request,
+    round_id: str,
+    allocator: Allocator,
+    admission: AdmissionQueue,
+    trusted: tuple[Network, ...],
+) -> web.StreamResponse:
+    """:func:`enter` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
+    the same checks in the same order and the same answers, with what ``enter`` reads from the
+    request's app passed in. ``round_id`` is already known to be well-formed (the hot route's
+    path pattern)."""
+    channel = citizen_channel(request)
+    ask = parse_entry(await read_json(request))
+    rnd = await allocator.round_before_claim(round_id)
+    allocator.check_eligibility(rnd, ask.citizen_id)
+    key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
+    asked = allocator.entry_request(
+        round_id,
+        ask.site_id,
+        ask.citizen_id,
+        ask.phone,
+        ask.accept_district,
+        client_address(request, trusted),
+        channel=channel,
+        opens_on=rnd.opens_at.date(),
+    )
+    entry, created = await admission.enter(asked)
+    body = orjson.dumps(entry_body(entry, await allocator.round(round_id), key))
+    if not created:
+        return ReadyResponse(body, status=200, content_type="application/json")
+    return ReadyResponse(
+        body,
+        status=201,
+        content_type="application/json",
+        headers={"Location": f"/api/v1/entries/{entry.entry_id}"},
+    )
+
+
 @routes.get("/api/v1/entries/{entry_id}")
 async def get_entry(request: web.Request) -> web.Response:
     allocator = request.app[ALLOCATOR]

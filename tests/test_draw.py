@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from allocator import draw as d
 from allocator import verify_draw as v
-from allocator.receipts import DrawKey, DrawKeyError, b64url, verify_entry
+from allocator.receipts import DrawKey, DrawKeyError, b64url, entry_statement, verify_entry
 from service import cli
 from tests import lottery_vectors as vectors
 
@@ -728,6 +729,20 @@ def test_the_signature_vector_matches_rfc8032_ed25519() -> None:
     assert rfc.public_key() == b64url(
         bytes.fromhex("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
     )
+
+
+def test_entry_signatures_are_openssls_byte_for_byte() -> None:
+    """sign_entry signs with libsodium (PyNaCl, the faster); its signatures are the ones
+    cryptography's OpenSSL Ed25519 makes over the same statement, and they verify."""
+    rng = random.Random(8032)
+    for n in range(50):
+        key = DrawKey.from_text(b64url(rng.randbytes(32)))
+        receipt = d.entry_receipt(f"r{n}", f"e{rng.getrandbits(64):x}")
+        site, accept = f"s{rng.randrange(1000)}", rng.random() < 0.5
+        signature = key.sign_entry(f"r{n}", receipt, site, accept)
+        statement = entry_statement(f"r{n}", receipt, site, accept)
+        assert signature == b64url(key.private.sign(statement))
+        assert verify_entry(key.public_key(), signature, f"r{n}", receipt, site, accept)
 
 
 def _citizen(name: str, *extra: str) -> tuple[int, str, str]:

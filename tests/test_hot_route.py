@@ -12,9 +12,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry, Histogram
 
+from allocator.errors import Unavailable
 from service.app import HotRoutes
+from service.appkeys import ADMISSION, ALLOCATOR
 from service.metrics import BUCKETS, Metrics
-from tests.helpers import citizen_id, phone, reserve, seed
+from tests.helpers import ADMIN, citizen_id, phone, reserve, seed
+from tests.test_lottery import seed_lottery
 
 # Headers an answer carries whoever built it (the date moves, and so does the length of a
 # body that holds a fresh reservation_id or time); the rest must be equal.
@@ -223,3 +226,118 @@ async def test_connection_header_as_the_routed_way(
         answers.append((status_line, names, kept))
     assert answers[0][0].endswith(b" 409 Conflict")  # sold out: from memory, then from memory
     assert answers[0] == answers[1]
+
+
+# -- lottery entries on the hot route ---------------------------------------------------------
+
+ENTRIES = "/api/v1/rounds/l1/entries"
+ROUTED_ENTRIES = "/api/v1/rounds/l1/entries?via=router"  # a query string: not the hot form
+
+
+def entry_ask(n: int, **changes: Any) -> dict[str, Any]:
+    return {"citizen_id": citizen_id(n), "phone": phone(n), "site_id": "s1", **changes}
+
+
+async def both_ways(client: TestClient[Any, Any], body: Any) -> tuple[Any, Any]:
+    """The same entry asked on the hot route, then the routed way."""
+    return await client.post(ENTRIES, json=body), await client.post(ROUTED_ENTRIES, json=body)
+
+
+async def assert_alike(one: Any, other: Any, status: int) -> None:
+    assert (one.status, other.status) == (status, status), (await one.text(), await other.text())
+    assert list(headers_of(one).items()) == list(headers_of(other).items())
+    assert await one.read() == await other.read()
+
+
+async def test_entries_are_served_beneath_the_router(
+    client: TestClient[Any, Any], resolved: list[str]
+) -> None:
+    await seed_lottery(client)
+    resolved.clear()
+    r = await client.post(ENTRIES, json=entry_ask(1))
+    assert r.status == 201, await r.text()
+    assert resolved == []  # answered without the router
+    got = await client.get(r.headers["Location"])
+    assert got.status == 200
+    assert resolved == [r.headers["Location"]]
+    assert await got.json() == await r.json()
+
+
+async def test_every_entry_answer_on_the_hot_route_is_the_routed_ones(
+    client: TestClient[Any, Any], resolved: list[str]
+) -> None:
+    await seed_lottery(client, stock={"s1": 5, "s2": 5})
+    await seed(client, stock={"s1": 5})  # r1: a first-come round, where entries are wrong-mode
+    resolved.clear()
+    hot = await client.post(ENTRIES, json=entry_ask(1))
+    routed = await client.post(ROUTED_ENTRIES, json=entry_ask(2))
+    assert resolved == [ROUTED_ENTRIES]
+    assert (hot.status, routed.status) == (201, 201)
+    assert list(headers_of(hot)) == list(headers_of(routed))  # the same headers, in order
+    assert hot.headers["Location"] == f"/api/v1/entries/{(await hot.json())['entry_id']}"
+    assert (await hot.json()).keys() == (await routed.json()).keys()
+
+    # 200: the same citizen again with another choice, both ways the same entry and answer
+    again = entry_ask(1, site_id="s2", accept_district=True)
+    one, other = await both_ways(client, again)
+    await assert_alike(one, other, 200)
+    assert "Location" not in one.headers
+    assert (await one.json())["site_id"] == "s2"
+    # 409 already-entered: the citizen under another phone
+    one, other = await both_ways(client, entry_ask(1, phone=phone(99)))
+    await assert_alike(one, other, 409)
+    assert (await one.json())["code"] == "already-entered"
+    # 409 wrong-mode: an entry on the first-come round
+    one = await client.post("/api/v1/rounds/r1/entries", json=entry_ask(3))
+    other = await client.post("/api/v1/rounds/r1/entries?via=router", json=entry_ask(3))
+    await assert_alike(one, other, 409)
+    assert (await one.json())["code"] == "wrong-mode"
+    # 422s: bad fields (each named); 400s: a body that is not an object, or not JSON
+    for bad in (
+        entry_ask(4, citizen_id="110101198001010011", phone="12"),
+        entry_ask(4, accept_district="yes"),
+    ):
+        one, other = await both_ways(client, bad)
+        await assert_alike(one, other, 422)
+    one, other = await both_ways(client, [entry_ask(4)])
+    await assert_alike(one, other, 400)
+    headers = {"Content-Type": "application/json"}
+    one = await client.post(ENTRIES, data=b"{not json", headers=headers)
+    other = await client.post(ROUTED_ENTRIES, data=b"{not json", headers=headers)
+    await assert_alike(one, other, 400)
+    # 404: an unknown round (well-formed: the hot form) and an unknown site
+    one = await client.post("/api/v1/rounds/nosuch/entries", json=entry_ask(5))
+    other = await client.post("/api/v1/rounds/nosuch/entries?via=router", json=entry_ask(5))
+    await assert_alike(one, other, 404)
+    one, other = await both_ways(client, entry_ask(5, site_id="nosuch"))
+    await assert_alike(one, other, 404)
+
+    # 429 overloaded: the line full
+    admission = client.app[ADMISSION]
+    depth = admission.max_depth
+    admission.max_depth = 0
+    try:
+        one, other = await both_ways(client, entry_ask(6))
+    finally:
+        admission.max_depth = depth
+    await assert_alike(one, other, 429)
+    assert (await one.json())["code"] == "overloaded"
+    assert "Retry-After" in one.headers
+
+    # 503 unavailable: the draw key (read before Redis) cannot be had
+    allocator = client.app[ALLOCATOR]
+    draw_key = allocator.draw_key
+
+    async def no_key() -> Any:
+        raise Unavailable("The draw key cannot be read right now.")
+
+    allocator.draw_key = no_key
+    one, other = await both_ways(client, entry_ask(7))
+    await assert_alike(one, other, 503)
+    assert "Retry-After" in one.headers
+    allocator.draw_key = draw_key
+
+    # nothing the refusals asked was made: only citizens 1 and 2 hold entries
+    assert (await client.post(ENTRIES, json=entry_ask(6))).status == 201
+    stats = await (await client.get("/api/v1/admin/rounds/l1/stats", headers=ADMIN)).json()
+    assert stats["entries"] == 3

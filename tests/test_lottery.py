@@ -313,29 +313,33 @@ async def test_many_entrants_at_once_each_hold_exactly_one_entry_in_the_ledger(
     assert sum(s["entries"] for s in stats["sites"]) == 600
 
 
-def _lua_function(text: str, name: str) -> str:
-    start = text.index(f"local function {name}(")
-    return text[start : text.index("\nend\n", start) + 5]
+def _block(text: str, start: str, end: str) -> str:
+    at = text.index(start)
+    return text[at : text.index(end, at) + len(end)]
+
+
+GATE_BLOCKS = (
+    ("-- The gate: three token buckets", "  return b\nend\n"),  # the settings, the read
+    ("-- the longest wait of the buckets so far", "  return wait, refused_by\nend\n"),
+    (
+        "local global = bucket('g', 'global')\n",
+        "  wait, refused_by = short(citizen_b, wait, refused_by)\n",
+    ),
+    ("    global.tokens = global.tokens - 1\n", "    citizen_b.dirty = true\n"),  # the spend
+    ("local gate_args = {}\n", "return replies\n"),  # the write
+)
 
 
 def test_the_entry_script_spends_the_same_gate_as_the_claim_script() -> None:
-    """Registration is a flash crowd too: its buckets must behave exactly like the claims'.
-
-    The two scripts keep their buckets in different layouts (claim.lua: fields of one hash
-    per round in two generations; enter.lua: one key per bucket, until it follows), so what
-    must match is the gate's arithmetic: the same settings, a missing bucket full, the same
-    refill, the same wait."""
+    """Registration is a flash crowd too: its buckets must behave exactly like the claims'. The
+    entry script keeps them in the claim script's hashes and its gate is the claim script's,
+    block for block: the settings and the read, the wait, each item's buckets, the spend and
+    the write."""
     claim, entry = script_source("claim"), script_source("enter")
-    limits = claim[claim.index("local limits = {") : claim.index("}\n", claim.index("citizen ="))]
-    assert limits in entry
-    for line in (
-        "      tokens, ts = burst, now\n",
-        "    tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)\n",
-        "    b = {tokens = tokens, rate = rate, burst = burst, kind = kind, dirty = false}\n",
-        "math.ceil((1 - b.tokens) * 1000 / b.rate)\n",
-    ):
-        assert line in claim
-        assert line in entry
+    for start, end in GATE_BLOCKS:
+        block = _block(claim, start, end)
+        assert block.count("\n") >= 3
+        assert block == _block(entry, start, end)
 
 
 # -- freeze, draw, passes -----------------------------------------------------------------------

@@ -24,6 +24,8 @@ from tests.helpers import citizen_id, claim_once, phone
 
 GATE = ["1000", "1000", "1000", "1000", "1000", "1000"]
 CODES = "AAAAAAAA BBBBBBBB CCCCCCCC"
+# an entry item as lua/enter.lua lays it out (ARGV[9..])
+ENTRY = "c" * 64 + "p" * 64 + "k" * 32 + " s1 110101********0011 e.r1 0 api 18-39"
 
 
 def claim_keys(rk: RoundKeys) -> list[str]:
@@ -221,25 +223,28 @@ BAD_OTHERS: dict[str, tuple[str, list[str]]] = {
         ["r1", "c", "99999999999999", "{rid}", "d", "x", "{rid}"],
     ),
     "enter: n zero": ("enter", ["0", *GATE, "-1"]),
-    "enter: n does not match": ("enter", ["2", *GATE, "-1", "8 9 s1 c p m e.r1 0 api 18-39"]),
-    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", "8 9 s1 c p m e.r1 0 api 18-39"]),
-    "enter: item short": ("enter", ["1", *GATE, "-1", "8 9 s1 c p m e.r1 0 api"]),
-    "enter: key index into the fixed keys": (
+    "enter: n does not match": ("enter", ["2", *GATE, "-1", ENTRY]),
+    "enter: n above 2000": ("enter", ["2001", *GATE, "-1", *[ENTRY] * 2001]),
+    "enter: a rate zero": ("enter", ["1", "0", *GATE[1:], "-1", ENTRY]),
+    "enter: item short": ("enter", ["1", *GATE, "-1", ENTRY.removesuffix(" 18-39")]),
+    "enter: citizen hash short": ("enter", ["1", *GATE, "-1", ENTRY[1:]]),
+    "enter: a hash not alphanumeric": ("enter", ["1", *GATE, "-1", " " + ENTRY[1:]]),
+    "enter: client hash not alphanumeric": (
         "enter",
-        ["1", *GATE, "-1", "2 9 s1 c p m e.r1 0 api 18-39"],
+        ["1", *GATE, "-1", ENTRY[:128] + "-" * 31 + "k" + ENTRY[160:]],
     ),
-    "enter: citizen bucket index zero": (
+    "enter: a quote in the site": ("enter", ["1", *GATE, "-1", ENTRY.replace(" s1 ", ' s"1 ')]),
+    "enter: masked id not digits and stars": (
         "enter",
-        ["1", *GATE, "-1", "8 0 s1 c p m e.r1 0 desk 65+"],
+        ["1", *GATE, "-1", ENTRY.replace("0011", "00a1")],
     ),
-    "enter: key index outside KEYS": (
-        "enter",
-        ["1", *GATE, "-1", "8 99 s1 c p m e.r1 0 api 18-39"],
-    ),
-    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", "8 9 s1 c p m e.r1 2 api 18-39"]),
+    "enter: entry_id without its round": ("enter", ["1", *GATE, "-1", ENTRY.replace("e.r1", "e")]),
+    "enter: accept not 0/1": ("enter", ["1", *GATE, "-1", ENTRY.replace(" 0 api", " 2 api")]),
+    "enter: unknown channel": ("enter", ["1", *GATE, "-1", ENTRY.replace("api", "fax")]),
+    "enter: unknown age band": ("enter", ["1", *GATE, "-1", ENTRY.replace("18-39", "18-40")]),
     "enter: bad second item, floor marks lost": (
         "enter",
-        ["2", *GATE, "99", "8 9 s1 c p m e.r1 0 api 18-39", "8 9 s1"],
+        ["2", *GATE, "99", ENTRY, ENTRY[:160] + " s1"],
     ),
     "withdraw: no ARGV": ("withdraw", []),
     "withdraw: empty entry_id": ("withdraw", ["", "-1"]),
@@ -276,8 +281,8 @@ async def test_every_other_script_refuses_malformed_argv_and_writes_nothing(
         "expire": [rk.round, rk.reservations, rk.tally, rk.ledger, rk.sweep],
         "carry": [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
         "enter": [
-            rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.gate_global,
-            rk.entitled, rk.gate_client("client"), rk.gate_citizen("c" * 64),
+            rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger, rk.entitled,
+            *rk.gate_generations,
         ],
         "withdraw": [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
         "award": [
