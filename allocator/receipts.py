@@ -67,7 +67,7 @@ class DrawKey:
     # The key in libsodium's form (seed and public key, 64 bytes), for signing: every entry's
     # answer carries a signature, and libsodium's (PyNaCl) takes 14 µs of the worker's CPU here
     # where OpenSSL's (cryptography) takes 35. Ed25519 signatures are deterministic (RFC 8032),
-    # so both give the same bytes (tests/test_receipts.py compares them); cryptography keeps
+    # so both give the same bytes (tests/test_draw.py compares them); cryptography keeps
     # the key's loading, export and verification.
     _signing: bytes = field(init=False, repr=False, compare=False)
 
