@@ -23,12 +23,15 @@ from allocator.identity import Hasher
 from allocator.keys import Keys
 from allocator.ledger import (
     GROUP,
+    UPSERT_ENTRIES,
+    UPSERT_ENTRY,
     UPSERT_RESERVATION,
     UPSERT_RESERVATIONS,
     Entry,
     LedgerWriter,
     _columns,
     _fold,
+    _fold_entries,
     create_group,
 )
 from allocator.model import Round, Site
@@ -270,6 +273,61 @@ async def test_the_bulk_upsert_ends_as_the_same_upserts_one_after_the_other_woul
             await pg.execute(one_by_one, *entry)
         query = f"SELECT {columns} FROM {{}} ORDER BY reservation_id"  # noqa: S608 - constants
         bulk = [tuple(r) for r in await pg.fetch(query.format("reservations"))]
+        assert bulk == [tuple(r) for r in await pg.fetch(query.format("one_by_one"))], batch
+
+
+ENTRY_STATUSES = ("registered", "withdrawn", "won")
+
+
+async def test_the_bulk_entry_upsert_ends_as_the_same_upserts_one_after_the_other_would(
+    pg: asyncpg.Connection,
+) -> None:
+    """Differential, as for reservations: random batches of lottery-entry changes (several of
+    one entry, higher and lower and equal seq, redeliveries, rows already there) leave exactly
+    the rows the single-row statement applied change by change leaves, in every column."""
+    now = dt.datetime.now(dt.UTC)
+    await pg.execute(
+        "INSERT INTO rounds (round_id, title, opens_at, closes_at, per_person, pickup_start,"
+        " pickup_end, spec) VALUES ('r1', 't', $1, $2, 1, $1, $2, '{}')",
+        now,
+        now + dt.timedelta(hours=1),
+    )
+    await pg.execute("CREATE TABLE one_by_one (LIKE entries INCLUDING ALL)")
+    one_by_one = UPSERT_ENTRY.replace("INTO entries", "INTO one_by_one").replace(
+        "WHERE entries.seq", "WHERE one_by_one.seq"
+    )
+    assert one_by_one.count("one_by_one") == 2
+    columns = "entry_id, round_id, receipt, site_id, accept_district, status, citizen_hash,"
+    columns += " phone_hash, citizen_id_masked, reservation_id, seq, created_at, updated_at,"
+    columns += " channel, age_band"
+    rng = random.Random(17)
+
+    def row(eid: int) -> tuple[Any, ...]:
+        status = rng.choice(ENTRY_STATUSES)
+        return (f"e{eid}", "r1", f"{eid:064x}", rng.choice(("s1", "s2", "s3")),
+                rng.random() < 0.5, status, f"c{eid}", f"p{eid}", "m",
+                f"res{eid}" if status == "won" else None, rng.randrange(0, 6),
+                now + dt.timedelta(seconds=rng.randrange(60)),  # differs change by change:
+                now + dt.timedelta(seconds=rng.randrange(3600)),  # only the first insert counts
+                rng.choice(("api", "web", "desk")), rng.choice(("18-39", None)))  # fmt: skip
+
+    for _ in range(300):
+        await pg.execute("TRUNCATE entries, one_by_one")
+        ids = range(rng.randrange(1, 5))
+        for eid in ids:
+            if rng.random() < 0.5:
+                there = row(eid)
+                for table in ("entries", "one_by_one"):
+                    values = ", ".join(f"${i}" for i in range(1, 16))
+                    insert = f"INSERT INTO {table} ({columns}) VALUES ({values})"  # noqa: S608
+                    await pg.execute(insert, *there)
+        batch = [row(rng.choice(ids)) for _ in range(rng.randrange(1, 9))]
+        async with pg.transaction():
+            await pg.execute(UPSERT_ENTRIES, *_columns(_fold_entries(batch)))
+        for change in batch:
+            await pg.execute(one_by_one, *change)
+        query = f"SELECT {columns} FROM {{}} ORDER BY entry_id"  # noqa: S608 - constants
+        bulk = [tuple(r) for r in await pg.fetch(query.format("entries"))]
         assert bulk == [tuple(r) for r in await pg.fetch(query.format("one_by_one"))], batch
 
 
