@@ -121,7 +121,7 @@ class PrivateCluster:
     """Six nodes, three primaries with one replica each, on free ports."""
 
     def __init__(self, directory: Path, *, primaries: int = 3) -> None:
-        self.directory = Path(directory)
+        self.directory = Path(directory).resolve()  # see _Server.__init__
         self.nodes: list[ClusterNodeServer] = []
         for i in range(primaries * 2):
             port, bus = _free_pair()

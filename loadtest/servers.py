@@ -101,7 +101,10 @@ class _Server:
     """Shared lifecycle: one Popen kept per run, a lock, context management."""
 
     def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+        # Absolute: redis-server applies --dir (a chdir) before it opens --logfile, so a
+        # relative directory (allot loadtest's reports/...) would name a log file that does
+        # not exist from there, and the server would exit at once, every retry.
+        self.directory = Path(directory).resolve()
         self._port: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._paused = False

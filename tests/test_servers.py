@@ -10,6 +10,7 @@ import asyncpg
 import pytest
 import redis
 
+from loadtest.cluster import ClusterNodeServer
 from loadtest.servers import PrivatePostgres, PrivateRedis, free_port, redis_ping
 
 
@@ -27,6 +28,28 @@ def _get(url: str, key: str) -> bytes | None:
     with redis.Redis.from_url(url, socket_timeout=2) as r:
         value: bytes | None = r.get(key)
         return value
+
+
+def test_private_redis_and_a_cluster_node_start_from_a_relative_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """allot loadtest hands its private servers directories under a relative reports path;
+    redis-server changes into --dir before it opens --logfile, so a relative path used to
+    name a log that did not exist and the node never came up (the kill-redis-primary gate)."""
+    monkeypatch.chdir(tmp_path)
+    with PrivateRedis(Path("reports/redis")) as srv, redis.Redis.from_url(srv.url) as r:
+        assert r.ping() is True
+    assert (tmp_path / "reports" / "redis" / "redis.log").exists()
+    port, bus = free_port(), free_port()
+    while bus == port:
+        bus = free_port()
+    node = ClusterNodeServer(Path("reports/node0"), port, bus)
+    try:
+        node.start()
+        with redis.Redis(port=node.port, socket_timeout=2) as r:
+            assert r.ping() is True
+    finally:
+        node.stop()
 
 
 @pytest.mark.slow
