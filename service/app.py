@@ -7,7 +7,8 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from aiohttp import hdrs, web
 from redis.asyncio import Redis
@@ -133,58 +134,47 @@ class HotRoutes:
         return self._admission is not None
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
-        if request.method == "POST" and self._admission is not None:
+        admission = self._admission
+        if request.method == "POST" and admission is not None:
             found = _HOT_PATH.fullmatch(request.raw_path)
             if found is not None and hdrs.EXPECT not in request.headers:
+                allocator, metrics = self._allocator, self._metrics
+                assert allocator is not None  # bind() sets all three together
+                assert metrics is not None
                 if found.group(2) == "entries":
-                    return await self._enter(request, found.group(1))
-                return await self._reserve(request, found.group(1))
+                    answer = citizen_entry(
+                        request, found.group(1), allocator, admission, self._trusted
+                    )
+                    return await self._front(request, ENTRIES, answer, metrics)
+                answer = citizen_reservation(
+                    request, found.group(1), allocator, admission, metrics, self._trusted
+                )
+                return await self._front(request, RESERVATIONS, answer, metrics)
         return await self._handle(request)
 
-    async def _reserve(self, request: web.Request, round_id: str) -> web.StreamResponse:
-        """``front`` around ``citizen_reservation``, the route's pattern known beforehand."""
-        assert self._allocator is not None
-        assert self._admission is not None
-        assert self._metrics is not None
+    @staticmethod
+    async def _front(
+        request: web.Request,
+        route: str,
+        answer: Coroutine[Any, Any, web.StreamResponse],
+        metrics: Metrics,
+    ) -> web.StreamResponse:
+        """``front`` around a hot route's handler (its coroutine, not yet started), the
+        route's pattern known beforehand."""
         started = time.perf_counter()
         try:
-            response: web.StreamResponse = await citizen_reservation(
-                request, round_id, self._allocator, self._admission, self._metrics, self._trusted
-            )
+            response = await answer
         except Problem as problem:
             response = ready_problem(problem)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            response = problem_response(http_problem(request, exc, RESERVATIONS))
+            response = problem_response(http_problem(request, exc, route))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            response = unforeseen(request, exc, RESERVATIONS)
-        self._metrics.observe_request(RESERVATIONS, response.status, time.perf_counter() - started)
-        return response
-
-    async def _enter(self, request: web.Request, round_id: str) -> web.StreamResponse:
-        """``front`` around ``citizen_entry``, the route's pattern known beforehand."""
-        assert self._allocator is not None
-        assert self._admission is not None
-        assert self._metrics is not None
-        started = time.perf_counter()
-        try:
-            response: web.StreamResponse = await citizen_entry(
-                request, round_id, self._allocator, self._admission, self._trusted
-            )
-        except Problem as problem:
-            response = ready_problem(problem)
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            response = problem_response(http_problem(request, exc, ENTRIES))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            response = unforeseen(request, exc, ENTRIES)
-        self._metrics.observe_request(ENTRIES, response.status, time.perf_counter() - started)
+            response = unforeseen(request, exc, route)
+        metrics.observe_request(route, response.status, time.perf_counter() - started)
         return response
 
 
