@@ -41,6 +41,7 @@ import os
 import random
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -603,11 +604,7 @@ class CrowdUser(FastHttpUser):
             self.record_entry(person, answer, "lookup")
             return None
 
-        for attempt in range(3):
-            answer = self.call(person, "GET", f"/api/v1/entries/{eid}", "lookup", check=check)
-            if answer.status not in (0, 429, 503) or attempt == 2:
-                return
-            gevent.sleep(answer.retry_after + random.random() if answer.status else 0.5)
+        self.look_up_path(person, f"/api/v1/entries/{eid}", check)
 
     def look_up(self, person: Person, rid: str) -> None:
         def check(answer: Answer) -> str | None:
@@ -626,8 +623,15 @@ class CrowdUser(FastHttpUser):
                 return "the lookup answered another reservation"
             return None
 
+        self.look_up_path(person, f"/api/v1/reservations/{rid}", check)
+
+    def look_up_path(
+        self, person: Person, path: str, check: Callable[[Answer], str | None]
+    ) -> None:
+        """GET one's own reservation or entry, up to three times while the answer is a refusal
+        to come back later (429, 503) or no answer at all, as a citizen reloads the page."""
         for attempt in range(3):
-            answer = self.call(person, "GET", f"/api/v1/reservations/{rid}", "lookup", check=check)
+            answer = self.call(person, "GET", path, "lookup", check=check)
             if answer.status not in (0, 429, 503) or attempt == 2:
                 return
             gevent.sleep(answer.retry_after + random.random() if answer.status else 0.5)
