@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from allocator.admission import AdmissionQueue
-from allocator.errors import Problem
+from allocator.errors import Problem, SoldOut
 from allocator.facade import Allocator
 from service.appkeys import ADMISSION, ALLOCATOR, METRICS, TRUSTED_PROXIES
 from service.auth import check_site, require_operator, require_staff
@@ -99,59 +99,51 @@ async def reserve(
     called with the site asked for before anything is claimed, and ``channel`` is ``desk``).
     A citizen's channel is its ``X-Allot-Channel`` header when that is ``web`` or
     ``mini-program``, else ``api``."""
-    allocator = request.app[ALLOCATOR]
     metrics = request.app[METRICS]
-    if channel is None:
-        channel = citizen_channel(request)
     try:
         round_id = path_id(request, "round_id")
-        ask = parse_reservation(await read_json(request))
-        if allowed is not None:
-            await allowed(ask.site_id)
-        # the worker's last snapshot of the round, never waiting for Redis before the queue:
-        # its eligibility is checked on the ID here (before any token or unit is touched), and
-        # its opening date gives the age band
-        rnd = await allocator.round_before_claim(round_id)
-        allocator.check_eligibility(rnd, ask.citizen_id)
-        claim = allocator.claim_request(
-            round_id,
-            ask.site_id,
-            ask.citizen_id,
-            ask.phone,
-            client_address(request, request.app[TRUSTED_PROXIES]),
-            channel=channel,
-            opens_on=rnd.opens_at.date(),
-        )
-        reservation, created = await request.app[ADMISSION].reserve(claim)
     except Problem as problem:
         metrics.count_reservation(problem.code)
-        if problem.code == "sold-out":
-            metrics.count_ask(channel, granted=False)
         raise
-    metrics.count_reservation("created" if created else "existing")
-    body = reservation_body(reservation, rnd, allocator.now_ms())
+    outcome = await reservation_outcome(
+        request,
+        round_id,
+        request.app[ALLOCATOR],
+        request.app[ADMISSION],
+        metrics,
+        request.app[TRUSTED_PROXIES],
+        channel if channel is not None else citizen_channel(request),
+        allowed,
+    )
+    if isinstance(outcome, Problem):
+        raise outcome
+    body, created, location = outcome
     if not created:
         return json_response(body)
-    metrics.count_ask(channel, granted=True)
-    location = f"/api/v1/reservations/{reservation.reservation_id}"
     return json_response(body, status=201, headers={"Location": location})
 
 
-async def citizen_reservation(
+async def reservation_outcome(
     request: web.Request,
     round_id: str,
     allocator: Allocator,
     admission: AdmissionQueue,
     metrics: Metrics,
     trusted: tuple[Network, ...],
-) -> web.StreamResponse:
-    """:func:`reserve` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
-    the same checks in the same order and the same answers, with what ``reserve`` reads from
-    the request's app passed in, and the sold-out herd answered from memory without raising.
-    ``round_id`` is already known to be well-formed (the hot route's path pattern)."""
-    channel = citizen_channel(request)
+    channel: str,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+) -> tuple[dict[str, Any], bool, str] | SoldOut:
+    """What both ways of serving a reservation share (:func:`reserve`, routed, and
+    :func:`citizen_reservation`, the hot route): the body, whether it is new and its Location;
+    or the sold-out board's refusal, returned, not raised (a raise costs the sold-out herd a
+    few µs each). Every other refusal is raised. The metrics are counted here, once."""
     try:
         ask = parse_reservation(await read_json(request))
+        if allowed is not None:
+            await allowed(ask.site_id)
+        # the worker's last snapshot of the round, never waiting for Redis before the queue:
+        # its eligibility is checked on the ID here (before any token or unit is touched), and
+        # its opening date gives the age band
         rnd = await allocator.round_before_claim(round_id)
         allocator.check_eligibility(rnd, ask.citizen_id)
         claim = allocator.claim_request(
@@ -167,7 +159,7 @@ async def citizen_reservation(
         if refusal is not None:
             metrics.count_reservation("sold-out")
             metrics.count_ask(channel, granted=False)
-            return ready_problem(refusal)
+            return refusal
         reservation, created = await admission.claim(claim)
     except Problem as problem:
         metrics.count_reservation(problem.code)
@@ -175,13 +167,36 @@ async def citizen_reservation(
             metrics.count_ask(channel, granted=False)
         raise
     metrics.count_reservation("created" if created else "existing")
-    body = orjson.dumps(reservation_body(reservation, rnd, allocator.now_ms()))
+    if created:
+        metrics.count_ask(channel, granted=True)
+    body = reservation_body(reservation, rnd, allocator.now_ms())
+    return body, created, f"/api/v1/reservations/{reservation.reservation_id}"
+
+
+async def citizen_reservation(
+    request: web.Request,
+    round_id: str,
+    allocator: Allocator,
+    admission: AdmissionQueue,
+    metrics: Metrics,
+    trusted: tuple[Network, ...],
+) -> web.StreamResponse:
+    """:func:`reserve` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
+    the same outcome, written in one piece. ``round_id`` is already known to be well-formed
+    (the hot route's path pattern)."""
+    outcome = await reservation_outcome(
+        request, round_id, allocator, admission, metrics, trusted, citizen_channel(request)
+    )
+    if isinstance(outcome, Problem):
+        return ready_problem(outcome)
+    body, created, location = outcome
     if not created:
-        return ReadyResponse(body, status=200, content_type="application/json")
-    metrics.count_ask(channel, granted=True)
-    location = f"/api/v1/reservations/{reservation.reservation_id}"
+        return ReadyResponse(orjson.dumps(body), status=200, content_type="application/json")
     return ReadyResponse(
-        body, status=201, content_type="application/json", headers={"Location": location}
+        orjson.dumps(body),
+        status=201,
+        content_type="application/json",
+        headers={"Location": location},
     )
 
 
@@ -214,10 +229,32 @@ async def enter(
 ) -> web.Response:
     """A lottery entry, through the same gate, queue and batches as a reservation; for the
     citizen's own endpoint and the desk's (``allowed`` and ``channel`` as for :func:`reserve`)."""
-    allocator = request.app[ALLOCATOR]
-    if channel is None:
-        channel = citizen_channel(request)
-    round_id = path_id(request, "round_id")
+    body, created, location = await entry_outcome(
+        request,
+        path_id(request, "round_id"),
+        request.app[ALLOCATOR],
+        request.app[ADMISSION],
+        request.app[TRUSTED_PROXIES],
+        channel if channel is not None else citizen_channel(request),
+        allowed,
+    )
+    if not created:
+        return json_response(body)
+    return json_response(body, status=201, headers={"Location": location})
+
+
+async def entry_outcome(
+    request: web.Request,
+    round_id: str,
+    allocator: Allocator,
+    admission: AdmissionQueue,
+    trusted: tuple[Network, ...],
+    channel: str,
+    allowed: Callable[[str], Awaitable[None]] | None = None,
+) -> tuple[dict[str, Any], bool, str]:
+    """What both ways of serving an entry share (:func:`enter`, routed, and
+    :func:`citizen_entry`, the hot route): the body, whether it is new and its Location;
+    refusals are raised."""
     ask = parse_entry(await read_json(request))
     if allowed is not None:
         await allowed(ask.site_id)
@@ -232,17 +269,13 @@ async def enter(
         ask.citizen_id,
         ask.phone,
         ask.accept_district,
-        client_address(request, request.app[TRUSTED_PROXIES]),
+        client_address(request, trusted),
         channel=channel,
         opens_on=rnd.opens_at.date(),
     )
-    entry, created = await request.app[ADMISSION].enter(asked)
+    entry, created = await admission.enter(asked)
     body = entry_body(entry, await allocator.round(round_id), key)
-    if not created:
-        return json_response(body)
-    return json_response(
-        body, status=201, headers={"Location": f"/api/v1/entries/{entry.entry_id}"}
-    )
+    return body, created, f"/api/v1/entries/{entry.entry_id}"
 
 
 async def citizen_entry(
@@ -253,33 +286,18 @@ async def citizen_entry(
     trusted: tuple[Network, ...],
 ) -> web.StreamResponse:
     """:func:`enter` for a citizen, as the hot route serves it (service/app.py, HotRoutes):
-    the same checks in the same order and the same answers, with what ``enter`` reads from the
-    request's app passed in. ``round_id`` is already known to be well-formed (the hot route's
-    path pattern)."""
-    channel = citizen_channel(request)
-    ask = parse_entry(await read_json(request))
-    rnd = await allocator.round_before_claim(round_id)
-    allocator.check_eligibility(rnd, ask.citizen_id)
-    key = await allocator.draw_key()  # before Redis: no entry is made that cannot be signed
-    asked = allocator.entry_request(
-        round_id,
-        ask.site_id,
-        ask.citizen_id,
-        ask.phone,
-        ask.accept_district,
-        client_address(request, trusted),
-        channel=channel,
-        opens_on=rnd.opens_at.date(),
+    the same outcome, written in one piece. ``round_id`` is already known to be well-formed
+    (the hot route's path pattern)."""
+    body, created, location = await entry_outcome(
+        request, round_id, allocator, admission, trusted, citizen_channel(request)
     )
-    entry, created = await admission.enter(asked)
-    body = orjson.dumps(entry_body(entry, await allocator.round(round_id), key))
     if not created:
-        return ReadyResponse(body, status=200, content_type="application/json")
+        return ReadyResponse(orjson.dumps(body), status=200, content_type="application/json")
     return ReadyResponse(
-        body,
+        orjson.dumps(body),
         status=201,
         content_type="application/json",
-        headers={"Location": f"/api/v1/entries/{entry.entry_id}"},
+        headers={"Location": location},
     )
 
 
