@@ -33,6 +33,7 @@ from redis.crc import key_slot
 
 from allocator import topology
 from allocator.claims import fresh_batch
+from allocator.redistyping import awaited
 
 HOLD_MS = 5000  # a pending entry's life: how long a dead worker can keep a citizen waiting
 DAY_MS = 86_400_000
@@ -229,7 +230,7 @@ class Spread:
             name: topology.script(client, script_source(name)) for name in SCRIPT_NAMES
         }
 
-    async def _call(self, name: str, keys: list[str], args: list[str | int | float]) -> Any:
+    async def _call(self, name: str, keys: list[str], args: Sequence[str | int | float]) -> Any:
         return await self.scripts[name](keys=keys, args=args)
 
     # -- stock ---------------------------------------------------------------------------------
@@ -241,7 +242,7 @@ class Spread:
         parts = [units // m + (1 if j < units % m else 0) for j in range(m)]
         await asyncio.gather(
             *(
-                self.client.hincrby(self.layout.stock(j), site, part)
+                awaited(self.client.hincrby(self.layout.stock(j), site, part))
                 for j, part in enumerate(parts)
                 if part
             )
@@ -414,10 +415,10 @@ class Spread:
         now = self.clock_ms()
         found: list[tuple[int, str, str]] = []  # (citizen shard, cit, id)
         for k in range(lay.n):
-            cits = await self.client.zrangebyscore(lay.pending(k), "-inf", f"({now}")
+            cits = await awaited(self.client.zrangebyscore(lay.pending(k), "-inf", f"({now}"))
             if not cits:
                 continue
-            entries = await self.client.hmget(lay.holders(k), cits)
+            entries = await awaited(self.client.hmget(lay.holders(k), cits))
             for cit, entry in zip(cits, entries, strict=True):
                 if entry is None:
                     continue
@@ -485,26 +486,26 @@ class Snapshot:
     bars: dict[str, tuple[int, str]]  # citizen hash -> (until_ms, reservation_id)
     left: dict[tuple[str, int], int]  # (site, sub-pool) -> units left
     records: dict[str, tuple[int, dict[str, Any]]]  # id -> (sub-pool, record)
-    void: set[str]
+    void: dict[str, set[int]]  # id -> the sub-pools where reap.lua fenced it
 
 
 async def snapshot(client: Redis, layout: Layout) -> Snapshot:
-    snap = Snapshot({}, {}, {}, {}, {}, set())
+    snap = Snapshot({}, {}, {}, {}, {}, {})
     for k in range(layout.n):
-        for cit, entry in (await client.hgetall(layout.holders(k))).items():
+        for cit, entry in (await awaited(client.hgetall(layout.holders(k)))).items():
             state, held_id, site, at = _text(entry).split(" ")
             snap.holders[_text(cit)] = Holder(state, held_id, site, int(at))
-        for cit, score in await client.zrange(layout.pending(k), 0, -1, withscores=True):
+        for cit, score in await awaited(client.zrange(layout.pending(k), 0, -1, withscores=True)):
             snap.pending[_text(cit)] = int(score)
-        for cit, bar in (await client.hgetall(layout.bars(k))).items():
+        for cit, bar in (await awaited(client.hgetall(layout.bars(k)))).items():
             until, held_id = _text(bar).split(" ")
             snap.bars[_text(cit)] = (int(until), held_id)
     for j in range(layout.m):
-        for site, left in (await client.hgetall(layout.stock(j))).items():
+        for site, left in (await awaited(client.hgetall(layout.stock(j)))).items():
             snap.left[(_text(site), j)] = int(left)
-        for rid, rec in (await client.hgetall(layout.records(j))).items():
+        for rid, rec in (await awaited(client.hgetall(layout.records(j)))).items():
             if rec == b"void":
-                snap.void.add(_text(rid))
+                snap.void.setdefault(_text(rid), set()).add(j)
             else:
                 snap.records[_text(rid)] = (j, orjson.loads(rec))
     return snap
