@@ -215,7 +215,7 @@ class Bench:
 
 
 def median_of(runs: list[dict[str, Any]], kind: str, port: int) -> float:
-    return statistics.median(r[kind][port] for r in runs)
+    return float(statistics.median(r[kind][port] for r in runs))
 
 
 async def main(args: argparse.Namespace, cluster: PrivateCluster) -> None:
@@ -228,12 +228,8 @@ async def main(args: argparse.Namespace, cluster: PrivateCluster) -> None:
     print("spread round: citizen shards", lay.citizen_tags, "stock shards", lay.stock_tags)
     idle = {p: await node_cpu(n) for p, n in b.primaries.items()}
     await asyncio.sleep(2)
-    print(
-        "idle redis-server CPU, µs per second: "
-        + ", ".join(
-            f"{label[p]} {(await node_cpu(b.primaries[p]) - idle[p]) * 1e6 / 2:.0f}" for p in ports
-        )
-    )
+    idle = {p: (await node_cpu(n) - idle[p]) * 1e6 / 2 for p, n in b.primaries.items()}
+    print("idle redis-server CPU, µs per second: " + ", ".join(f"{idle[p]:.0f}" for p in ports))
     try:
         for size in args.batches:
             runs: dict[str, list[dict[str, Any]]] = {"today": [], "spread": []}
