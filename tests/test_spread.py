@@ -514,3 +514,77 @@ async def test_many_workers_claiming_for_overlapping_citizens_at_once(
         f" claims of dead workers {dict(died)}, units left"
         f" {sum(snap.left.values())} of {sum(loaded.values())}"
     )
+
+
+@pytest.mark.slow
+async def test_the_reaper_racing_stalled_workers_and_cancels(
+    spread_cluster: tuple[RedisCluster, str],
+) -> None:
+    """40 workers claim for 200 citizens at 2 sites (120 units); a batch may stall after entitle
+    or take and carry on a moment later, while a reaper moves the clock 2 s and reaps, over and
+    over, and workers cancel some of their ok answers at once. A stalled take the reaper got to
+    first is fenced (void); every other claim ends ok or refused. Then the invariants, and after
+    a last reap nothing pending."""
+    client, prefix = spread_cluster
+    lay = layout_on(client, prefix, 3, 3)
+    clock = [T0]
+    spread = Spread(cast(Redis, client), lay, clock_ms=lambda: clock[0], cooldown_ms=COOLDOWN)
+    loaded: dict[tuple[str, int], int] = {}
+    for site, units in (("a", 90), ("b", 30)):
+        for j, part in enumerate(await spread.load(site, units)):
+            loaded[(site, j)] = part
+    citizens = [hashlib.sha256(f"racer {i}".encode()).hexdigest() for i in range(200)]
+    answered: dict[str, str] = {}
+    statuses: Counter[str] = Counter()
+    done = asyncio.Event()
+
+    async def worker(w: int) -> None:
+        own = random.Random(1000 + w)
+        for _ in range(4):
+            batch = [
+                Claim(own.choice(citizens), own.choice(("a", "b")))
+                for _ in range(own.randint(1, 20))
+            ]
+            stall: Stage | None = own.choice([None, None, "entitle", "take"])
+            run = await spread.claim_many(batch, die_after=stall)
+            if stall:
+                await asyncio.sleep(own.random() / 50)  # the reaper may get there first
+                run = await spread.resume(run)
+            assert run.outcomes is not None
+            mine = []
+            for c, o in zip(batch, run.outcomes, strict=True):
+                statuses[o.status] += 1
+                if o.status == "ok":
+                    assert o.reservation_id is not None
+                    answered[o.reservation_id] = c.cit
+                    mine.append((o.reservation_id, c.cit, o.stock))
+            for rid, cit, stock in mine:
+                if own.random() < 0.2:
+                    assert stock is not None
+                    assert await spread.cancel(rid, cit, stock) == "cancelled"
+                    del answered[rid]
+                    statuses["cancelled"] += 1
+
+    async def reaper() -> int:
+        passes = 0
+        while not done.is_set():
+            clock[0] += 2000
+            _ = await spread.reap()
+            passes += 1
+            await asyncio.sleep(0.005)
+        return passes
+
+    reaping = asyncio.create_task(reaper())
+    await asyncio.gather(*(worker(w) for w in range(40)))
+    done.set()
+    passes = await reaping
+    snap = await snapshot(cast(Redis, client), lay)
+    check_invariants(snap, loaded, answered, lay.m)
+    clock[0] += HOLD_MS + 1
+    _ = await spread.reap()
+    snap = await snapshot(cast(Redis, client), lay)
+    check_invariants(snap, loaded, answered, lay.m)
+    assert not snap.pending
+    assert statuses["ok"] > 0
+    assert statuses["sold-out"] > 0
+    print(f"\nreaper passes {passes}, answers {dict(statuses)}, fenced ids {len(snap.void)}")
