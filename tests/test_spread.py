@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar, cast
 
 import pytest
-from hypothesis import Phase, settings
+from hypothesis import Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -166,7 +166,7 @@ class Confirmed:
     rid: str
     site: str
     created: int
-    stock: int | None  # None: confirmed by the reaper (the model does not follow its pool)
+    stock: int  # the sub-pool holding it
 
 
 def claims_of(batch: list[tuple[int, str]]) -> list[Claim]:
@@ -269,6 +269,14 @@ class SpreadMachine(RuleBasedStateMachine):
         assert set(run.entitled) == entitled
         assert all(e == self.now + HOLD_MS for e in run.entitled.values())
         assert {i: (o.status, o.reservation_id) for i, o in run.answered.items()} == expected
+        for i, (status, rid) in expected.items():
+            # the citizen now knows a share the reaper confirmed, and may cancel it (a stalled
+            # worker's confirm then finds it gone); not one whose cancel is half done
+            if status == "existing" and rid not in self.half_cancelled:
+                h = self.holders[claims[i].cit]
+                assert isinstance(h, Confirmed)
+                assert rid is not None
+                self.ok.setdefault(rid, (claims[i].cit, h.stock))
         self.follow(run)
 
     def follow(self, run: Run, before: str = "entitle") -> None:
@@ -319,6 +327,7 @@ class SpreadMachine(RuleBasedStateMachine):
                     self.ok[rid] = (cit, t.stock)
                 else:  # confirmed by the reaper and cancelled since
                     assert (o.status, o.detail) == ("void", "gone")
+                    event("a stalled worker's confirm found its share cancelled")
             else:
                 assert o.status == run.refused[i]
                 h = self.holders.get(cit)
@@ -411,7 +420,7 @@ class SpreadMachine(RuleBasedStateMachine):
         assert snap.bars == self.bars
         for site in SITES:
             assert sum(v for (s, _), v in snap.left.items() if s == site) == self.left[site]
-        assert all(snap.void.get(rid) == {0, 1} for rid in self.fenced)
+        assert all(snap.void.get(rid) == set(range(self.layout.m)) for rid in self.fenced)
         if self.reaped_at is not None:
             # after the reaper, nothing pending past its expiry remains
             assert all(h.at_ms >= self.reaped_at for h in snap.holders.values() if h.state == "P")
@@ -588,3 +597,34 @@ async def test_the_reaper_racing_stalled_workers_and_cancels(
     assert statuses["ok"] > 0
     assert statuses["sold-out"] > 0
     print(f"\nreaper passes {passes}, answers {dict(statuses)}, fenced ids {len(snap.void)}")
+
+
+async def test_a_stalled_confirm_after_the_reaper_confirmed_and_the_citizen_cancelled(
+    spread_cluster: tuple[RedisCluster, str],
+) -> None:
+    """A worker stalls after take; the reaper confirms the share; the citizen, claiming again,
+    is shown it (existing) and cancels it; the worker's confirm then finds it gone and answers
+    void (503), not ok. The unit is back, nothing is held."""
+    client, prefix = spread_cluster
+    lay = layout_on(client, prefix, 3, 3)
+    clock = [T0]
+    spread = Spread(cast(Redis, client), lay, clock_ms=lambda: clock[0], cooldown_ms=COOLDOWN)
+    loaded = {("a", j): part for j, part in enumerate(await spread.load("a", 3))}
+    cit = CITIZENS[0]
+    stalled = await spread.claim_many([Claim(cit, "a")], die_after="take")
+    [taken] = stalled.taken.values()
+    clock[0] += HOLD_MS + 1
+    reaped = await spread.reap()
+    assert reaped.confirmed == [(cit, stalled.ids[0])]
+    again = await spread.claim_many([Claim(cit, "a")])
+    assert again.outcomes is not None
+    assert [(o.status, o.reservation_id) for o in again.outcomes] == [("existing", stalled.ids[0])]
+    assert await spread.cancel(stalled.ids[0], cit, taken.stock) == "cancelled"
+    late = await spread.resume(stalled)
+    assert late.outcomes is not None
+    assert [(o.status, o.detail) for o in late.outcomes] == [("void", "gone")]
+    snap = await snapshot(cast(Redis, client), lay)
+    check_invariants(snap, loaded, {}, lay.m)
+    assert not snap.holders
+    assert not snap.bars
+    assert sum(snap.left.values()) == 3
