@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 LOADTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: help install run test lint format bench bench-freeze loadtest clean clean-run services-up services-down
+.PHONY: help install run test lint format bench bench-freeze bench-spread loadtest clean clean-run services-up services-down
 
 help:
 	@echo "make install    create $(VENV) and install allot with the dev and loadtest extras"
@@ -22,6 +22,7 @@ help:
 	@echo "make format     ruff format and ruff check --fix"
 	@echo "make bench      allot vs a bare aiohttp handler and the naive design -> docs/performance.md"
 	@echo "make bench-freeze  a 1,000,000-entry lottery through the service: freeze, draw, awards, verify-draw"
+	@echo "make bench-spread  one round over 3 primaries (bench/spread) vs 1 primary: Redis CPU per claim"
 	@echo "make clean      remove $(VENV) and build artefacts (keeps .run/)"
 	@echo "make clean-run  stop the private servers and remove .run/"
 
@@ -88,3 +89,10 @@ clean:
 clean-run:
 	scripts/services.sh down
 	rm -rf .run
+
+# Not a test: one round spread over 3 primaries (bench/spread, docs/scaling.md) against the same
+# round on 1 primary with lua/claim.lua, side by side on a private 3+3 Redis Cluster: Redis CPU
+# per claim by primary and script, and the implied ceilings. BENCH_SPREAD_ARGS='--rounds 3'.
+BENCH_SPREAD_ARGS ?=
+bench-spread: install
+	$(BIN)/python -m bench.spread $(BENCH_SPREAD_ARGS)
