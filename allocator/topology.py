@@ -288,9 +288,12 @@ def script(client: Redis, source: str) -> AsyncScript:
 class ReplicaWait:
     """``[redis] wait_replicas``: a script's reply is used only after that many replicas
     acknowledged its writes, with WAIT on the script's own connection (one pipeline: the
-    script, then WAIT; WAIT counts the replication offset of that connection's last write, so
-    it covers everything the primary did before it too). Fewer within ``wait_timeout_ms``:
-    Unavailable (with a retry_after).
+    script, then WAIT). WAIT counts from the replication offset of that connection's last
+    write: after a script that wrote (claim.lua and enter.lua spend the gate's buckets for
+    every item), it covers everything the primary did before too; after one that wrote
+    nothing (a cancel found already cancelled, say) only that connection's own earlier
+    writes. Fewer within
+    ``wait_timeout_ms``: Unavailable (with a retry_after).
 
     One object, made by the facade (allocator/facade.py) and shared by every part whose script
     answers someone: claims, lottery entries and withdrawals, cancel, pickup, batches, retire,
