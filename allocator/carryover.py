@@ -32,6 +32,7 @@ from allocator.model import ms_to_rfc3339
 from allocator.operators import BatchResult, Operators
 from allocator.scripts import Scripts
 from allocator.store import Store
+from allocator.topology import ReplicaWait
 
 log = logging.getLogger("allot.carryover")
 
@@ -59,6 +60,8 @@ class CarryOver:
         watch: LossWatch,
         operators: Operators,
         expiry: Expiry,
+        *,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -67,6 +70,9 @@ class CarryOver:
         self.watch = watch
         self.operators = operators
         self.expiry = expiry
+        # [redis] wait_replicas: step (a) is answered only once a replica has it, and so is (b)
+        # (Operators.load_batch); the facade passes the one ReplicaWait it shares
+        self.replicas = replicas or ReplicaWait(store.redis, 0, 0)
 
     async def carry(self, round_id: str, batch_id: str, carry_from: str) -> BatchResult:
         """Carry ``carry_from``'s unclaimed units into ``round_id`` as batch ``batch_id``."""
@@ -113,11 +119,15 @@ class CarryOver:
         rk = await self.catalogue.round_keys(carry_from)
         for _ in range(SWEEP_ATTEMPTS):
             floor = await self.watch.floor(carry_from)
+            # WAIT after carry.lua also covers the expire.lua chunks the sweep below ran on the
+            # same primary before it. A 503 past the wait: the retry replays (a), then (b)
             reply = await self.store.redis_call(
-                self.scripts.carry(
-                    keys=[rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
-                    args=[round_id, batch_id, floor],
-                )
+                self.replicas.run(
+                    self.scripts.carry,
+                    [rk.round, rk.stock, rk.tally, rk.ledger, rk.carries],
+                    [round_id, batch_id, floor],
+                ),
+                key=rk.round,
             )
             status = self.watch.whole_or_lost(carry_from, reply)
             if status in ("carried", "replay"):

@@ -166,6 +166,7 @@ class Claims:
         events: StockEvents,
         *,
         clock: Callable[[], float] = time.time,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -177,8 +178,9 @@ class Claims:
         self.board = board
         self.events = events
         self.clock = clock
-        # [redis] wait_replicas: the facade sets the configured one (allocator/topology.py)
-        self.replicas = ReplicaWait(store.redis, 0, 0)
+        # [redis] wait_replicas: every script whose answer someone receives runs through it
+        # (the facade passes the one it shares; allocator/topology.py)
+        self.replicas = replicas or ReplicaWait(store.redis, 0, 0)
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -391,9 +393,11 @@ class Claims:
         round_id = _round_of(reservation_id)
         rk = await self.catalogue.round_keys(round_id)
         floor = await self.watch.floor(round_id)
+        # a 503 past the replica wait: the retry answers 200 cancelled (cancel.lua is idempotent)
         reply = await self.store.redis_call(
-            self.scripts.cancel(
-                keys=[
+            self.replicas.run(
+                self.scripts.cancel,
+                [
                     rk.round,
                     rk.stock,
                     rk.holders,
@@ -402,8 +406,9 @@ class Claims:
                     rk.ledger,
                     rk.entitled,
                 ],
-                args=[reservation_id, floor],
-            )
+                [reservation_id, floor],
+            ),
+            key=rk.round,
         )
         status = self.watch.whole_or_lost(round_id, reply)
         if status == "not-found":
@@ -436,11 +441,14 @@ class Claims:
         rk = await self.catalogue.round_keys(round_id)
         citizen = self.hasher.citizen(citizen_id) if citizen_id else ""
         floor = await self.watch.floor(round_id)
+        # a 503 past the replica wait: the retry answers 409 not-collectable, reason collected
         reply = await self.store.redis_call(
-            self.scripts.pickup(
-                keys=[rk.round, rk.reservations, rk.codes(site_id), rk.tally, rk.ledger],
-                args=[code, citizen, floor],
-            )
+            self.replicas.run(
+                self.scripts.pickup,
+                [rk.round, rk.reservations, rk.codes(site_id), rk.tally, rk.ledger],
+                [code, citizen, floor],
+            ),
+            key=rk.round,
         )
         status = self.watch.whole_or_lost(round_id, reply)
         if status == "not-found":

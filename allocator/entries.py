@@ -28,6 +28,7 @@ from allocator.redistyping import awaited
 from allocator.rules import ENTRY_ID
 from allocator.scripts import Scripts
 from allocator.store import Store
+from allocator.topology import ReplicaWait
 
 _ID_BYTES = 16  # 128 random bits in every entry_id
 
@@ -75,6 +76,7 @@ class Entries:
         watch: LossWatch,
         *,
         now_ms: Callable[[], int],
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -84,6 +86,9 @@ class Entries:
         self.catalogue = catalogue
         self.watch = watch
         self.now_ms = now_ms
+        # [redis] wait_replicas: an entry's 201 and a withdrawal's 200 go out only once a replica
+        # has them (the facade passes the one ReplicaWait it shares; allocator/topology.py)
+        self.replicas = replicas or ReplicaWait(store.redis, 0, 0)
 
     def entry_request(
         self,
@@ -147,7 +152,12 @@ class Entries:
                 + f" {item.site_id} {item.masked_id} {entry_id}"
                 f" {'1' if item.accept_district else '0'} {item.channel} {item.age_band}"
             )
-        replies = await self.store.redis_call(self.scripts.enter(keys=keys, args=args))
+        # the script, then (wait_replicas > 0) WAIT on its connection. Past the wait every item
+        # is answered 503; the entries were made, and each citizen's retry gets 200 with the
+        # same entry (enter.lua: "existing")
+        replies = await self.store.redis_call(
+            self.replicas.run(self.scripts.enter, keys, args), key=rk.round
+        )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))
             return [EntryOutcome(refusal=round_refusal()) for _ in items]
@@ -237,11 +247,14 @@ class Entries:
         round_id = _round_of(entry_id)
         rk = await self.catalogue.round_keys(round_id)
         floor = await self.watch.floor(round_id)
+        # a 503 past the replica wait: the retry answers 200 withdrawn (withdraw.lua is idempotent)
         reply = await self.store.redis_call(
-            self.scripts.withdraw(
-                keys=[rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
-                args=[entry_id, floor],
-            )
+            self.replicas.run(
+                self.scripts.withdraw,
+                [rk.round, rk.entries, rk.entrants, rk.tally, rk.ledger],
+                [entry_id, floor],
+            ),
+            key=rk.round,
         )
         status = self.watch.whole_or_lost(round_id, reply)
         if status == "not-found":

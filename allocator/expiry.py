@@ -84,6 +84,11 @@ class Expiry:
         expired = 0
         while True:
             floor = await self.watch.floor(round_id)
+            # Not through ReplicaWait ([redis] wait_replicas): the sweep answers nobody. A chunk
+            # that a failover undoes leaves those reservations confirmed on the promoted replica
+            # (the ledger, which WAITs too, never saw them expire), and the next pass expires
+            # them again. The carry-over's sweep (locked=False) is covered by the WAIT after its
+            # carry.lua on the same primary (allocator/carryover.py).
             reply = await self.store.redis_call(
                 self.scripts.expire(
                     keys=[rk.round, rk.reservations, rk.tally, rk.ledger, rk.sweep],

@@ -87,6 +87,9 @@ class Allocator:
             on_redis_failure=self.floors.redis_failed,
         )
         self.loop_lag = self.store.loop_lag  # its run() is started by the app
+        # [redis] wait_replicas: one ReplicaWait for every part whose script answers someone
+        # (a citizen, desk staff, an operator): the answer goes out only once replicas have it
+        self.replicas = ReplicaWait(redis, wait_replicas, wait_timeout_ms)
         self.scripts = Scripts.register(redis)
         self.sold_out = SoldOutBoard(clock=monotonic)
         self.tags = RoundTags(self.store, keys, monotonic=monotonic)
@@ -106,9 +109,8 @@ class Allocator:
             self.sold_out,
             self.stock_events,
             clock=clock,
+            replicas=self.replicas,
         )
-        # [redis] wait_replicas: claim answers only once replicas have them
-        self.claims.replicas = ReplicaWait(redis, wait_replicas, wait_timeout_ms)
         self.entries = Entries(
             self.store,
             keys,
@@ -118,10 +120,17 @@ class Allocator:
             self.catalogue,
             self.watch,
             now_ms=self.claims.now_ms,
+            replicas=self.replicas,
         )
         self.draw_keys = DrawKeys(self.store, draw_key)
         self.lottery = Lottery(
-            self.store, keys, self.scripts, self.catalogue, self.watch, database_url
+            self.store,
+            keys,
+            self.scripts,
+            self.catalogue,
+            self.watch,
+            database_url,
+            replicas=self.replicas,
         )
         self.operators = Operators(
             self.store,
@@ -132,6 +141,7 @@ class Allocator:
             self.stock_events,
             self.tags,
             clock=clock,
+            replicas=self.replicas,
         )
         self.figures = Stats(self.store, keys, self.catalogue, self.watch)
         self.asks = Asks(self.store, keys, self.catalogue)  # its run() is started by the app
@@ -147,6 +157,7 @@ class Allocator:
             self.watch,
             self.operators,
             self.expiry,
+            replicas=self.replicas,
         )
 
         # -- the calls handlers, the queue and the CLI make -------------------------------------

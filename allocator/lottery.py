@@ -40,6 +40,7 @@ from allocator.model import Round
 from allocator.redistyping import awaited
 from allocator.scripts import Scripts
 from allocator.store import Store
+from allocator.topology import ReplicaWait
 
 log = logging.getLogger("allot.lottery")
 
@@ -63,6 +64,8 @@ class Lottery:
         catalogue: Catalogue,
         watch: LossWatch,
         database_url: str | None,
+        *,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -70,6 +73,9 @@ class Lottery:
         self.catalogue = catalogue
         self.watch = watch
         self.database_url = database_url
+        # [redis] wait_replicas: award.lua and settle.lua replies are used (and the draw marked
+        # drawn) only once a replica has them; the facade passes the one ReplicaWait it shares
+        self.replicas = replicas or ReplicaWait(store.redis, 0, 0)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._warned: dict[str, float] = {}
@@ -149,7 +155,8 @@ class Lottery:
         for i in range(0, len(pairs), SETTLE_BATCH):
             args = [x for pair in pairs[i : i + SETTLE_BATCH] for x in pair]
             reply = await self.store.redis_call(
-                self.scripts.settle(keys=[rk.round, rk.entries], args=args)
+                self.replicas.run(self.scripts.settle, [rk.round, rk.entries], args),
+                key=rk.round,
             )
             if reply[0] == b"open":  # a freeze is only ever made after the close
                 raise Unavailable(f"Round {round_id!r} has not closed yet by Redis's clock.")
@@ -372,7 +379,11 @@ class Lottery:
                     )
                 )
             )
-        return await self.store.redis_call(self.scripts.award(keys=keys, args=args))
+        # past the replica wait: Unavailable; the draw stays `drawing` and the awards are made
+        # again (award.lua is idempotent per entry) by the operator's retry or the next tick
+        return await self.store.redis_call(
+            self.replicas.run(self.scripts.award, keys, args), key=rk.round
+        )
 
     # -- the freeze, and keeping Redis in step ------------------------------------------------
 

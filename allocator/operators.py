@@ -37,6 +37,7 @@ from allocator.scripts import Scripts
 from allocator.stock_events import StockEvents
 from allocator.store import Store
 from allocator.tags import RoundTags
+from allocator.topology import ReplicaWait
 
 #: Round fields that cannot change once the round has opened (API.md).
 FIXED_ONCE_OPEN = ("mode", "programme", "eligibility", "loss_weighting", "public_randomness_source")
@@ -68,6 +69,7 @@ class Operators:
         tags: RoundTags,
         *,
         clock: Callable[[], float] = time.time,
+        replicas: ReplicaWait | None = None,
     ) -> None:
         self.store = store
         self.keys = keys
@@ -77,6 +79,9 @@ class Operators:
         self.events = events
         self.tags = tags
         self.clock = clock
+        # [redis] wait_replicas: a batch's 201 and a retire go out only once a replica has them
+        # (the facade passes the one ReplicaWait it shares; allocator/topology.py)
+        self.replicas = replicas or ReplicaWait(store.redis, 0, 0)
         self._known_groups: set[str] = set()
 
     # -- sites --------------------------------------------------------------------------------
@@ -211,9 +216,12 @@ class Operators:
         )
         old = self.keys.round(round_id, old_tag)
         if not held:
+            # a 503 past the replica wait rolls the PostgreSQL change back; the operator's retry
+            # retires again (retire.lua: "retired" when the round hash is already gone)
             reply = await self.store.redis_call(
-                self.scripts.retire(
-                    keys=[
+                self.replicas.run(
+                    self.scripts.retire,
+                    [
                         old.round,
                         old.stock,
                         old.loaded,
@@ -223,8 +231,9 @@ class Operators:
                         old.holders,
                         old.ledger,
                     ],
-                    args=[await self.watch.floor(round_id)],
-                )
+                    [await self.watch.floor(round_id)],
+                ),
+                key=old.round,
             )
             held = reply[0] != b"retired"
         if held:
@@ -272,17 +281,21 @@ class Operators:
         rk = await self.tags.round_keys(round_id, fresh=True)
         canonical = sorted(items)
         floor = await self.watch.floor(round_id)
+        # a 503 past the replica wait: the batch was loaded on the primary, and the operator's
+        # retry with the same batch_id is a replay (200, nothing added twice)
         reply = await self.store.redis_call(
-            self.scripts.load_batch(
-                keys=[rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
-                args=[
+            self.replicas.run(
+                self.scripts.load_batch,
+                [rk.round, rk.stock, rk.loaded, rk.batches, rk.ledger, rk.tally],
+                [
                     batch_id,
                     batch_digest(items),
                     orjson.dumps(canonical).decode(),
                     floor,
                     *(v for pair in canonical for v in pair),
                 ],
-            )
+            ),
+            key=rk.round,
         )
         status = self.watch.whole_or_lost(round_id, reply)
         if status == "no-round":

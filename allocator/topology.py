@@ -16,7 +16,7 @@ here, each where it is used:
 * its asyncio cluster client has no pub/sub. Classic PUBLISH in a cluster is forwarded over the
   cluster bus to every node, so a subscriber on any one node hears every message:
   :func:`subscription` subscribes on one node at a time (the next one after a failure);
-* a keyless WAIT would go to a random node: :func:`run_replicated` sends it in the same
+* a keyless WAIT would go to a random node: :class:`ReplicaWait` sends it in the same
   pipeline as the script, to the script's node, so that it runs on the script's connection.
 """
 
@@ -282,15 +282,25 @@ def script(client: Redis, source: str) -> AsyncScript:
     return client.register_script(source)
 
 
-# -- a claim batch that waits for replicas -------------------------------------------------
+# -- a script whose answer waits for replicas ----------------------------------------------
 
 
 class ReplicaWait:
-    """``[redis] wait_replicas``: a claim batch's replies are used only after that many replicas
-    acknowledged it, with WAIT on the script's own connection (one pipeline: the script, then
-    WAIT). Fewer within ``wait_timeout_ms``: Unavailable (with a retry_after). The claims did
-    happen on the primary: the citizen's retry gets the same reservation back (or, if the
-    primary died before a replica had it, a new one), never a second share."""
+    """``[redis] wait_replicas``: a script's reply is used only after that many replicas
+    acknowledged its writes, with WAIT on the script's own connection (one pipeline: the
+    script, then WAIT). WAIT counts from the replication offset of that connection's last
+    write: after a script that wrote (claim.lua and enter.lua spend the gate's buckets for
+    every item), it covers everything the primary did before too; after one that wrote
+    nothing (a cancel found already cancelled, say) only that connection's own earlier
+    writes. Fewer within
+    ``wait_timeout_ms``: Unavailable (with a retry_after).
+
+    One object, made by the facade (allocator/facade.py) and shared by every part whose script
+    answers someone: claims, lottery entries and withdrawals, cancel, pickup, batches, retire,
+    carry-over, the lottery's award and settle. The change did happen on the primary; each
+    script is idempotent for its retry (the same reservation or entry back, cancelled or
+    withdrawn again, already collected, the same batch_id replayed), and if the primary died
+    before a replica had it, the retry simply makes it again."""
 
     def __init__(self, redis: Redis, replicas: int, timeout_ms: int) -> None:
         self.redis = redis
@@ -309,13 +319,14 @@ class ReplicaWait:
             raise acked
         if int(acked) < self.replicas:
             log.warning(
-                "WAIT %d: %s replicas acknowledged a claim batch within %d ms; unavailable",
+                "WAIT %d: %s replicas acknowledged a write on %s within %d ms; unavailable",
                 self.replicas,
                 acked,
+                keys[0],  # a round's (or programme's) key: no citizen in it
                 self.timeout_ms,
             )
             raise Unavailable(
-                "The reservation is not yet safely stored; please try again.", retry_after=1
+                "This change is not yet safely stored; please try again.", retry_after=1
             )
         return reply
 

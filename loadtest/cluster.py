@@ -6,6 +6,7 @@ for the tests and the load test's ``--fault kill-redis-primary``. Never the syst
         cluster.primary_of_slot(slot)    # the node serving a slot now
         cluster.kill(node)               # kill -9, like a crashed host
         cluster.failover(replica)        # CLUSTER FAILOVER on a replica (planned, no loss)
+        cluster.cut_off(replica)         # its primary's writes no longer reach it (a partition)
         cluster.wait_healthy()           # every slot served, every primary with a synced replica
 
 Each node is a :class:`~loadtest.servers.PrivateRedis` started with ``cluster-enabled yes``, its
@@ -218,6 +219,23 @@ class PrivateCluster:
     def revive(self, node: ClusterNodeServer) -> None:
         """Start a killed node again (empty: it rejoins as a replica of its successor)."""
         node.start()
+
+    def cut_off(self, replica: ClusterNodeServer) -> None:
+        """The replica stops receiving its primary's writes, as behind a network partition,
+        while the cluster bus goes on (it still counts as a replica fit to be promoted): it is
+        told to log in to its primary as a user that does not exist, and its replication link
+        is dropped, so every reconnection fails. :meth:`reconnect` undoes it."""
+        primary_port = _info(replica.port, "replication").get("master_port", "")
+        ok = command(
+            replica.port, "config", "set", "masteruser", "allot-cut-off", "masterauth", "-"
+        )
+        if ok.strip() != "OK" or not primary_port:
+            raise RuntimeError(f"could not cut {replica.address} off its primary")
+        _ = command(int(primary_port), "client", "kill", "type", "replica")
+
+    def reconnect(self, replica: ClusterNodeServer) -> None:
+        """Undo :meth:`cut_off` (also on a replica promoted meanwhile)."""
+        _ = command(replica.port, "config", "set", "masteruser", "", "masterauth", "")
 
     def failover(self, replica: ClusterNodeServer, within: float = 15.0) -> None:
         """CLUSTER FAILOVER on a replica: a planned switch, the replica becomes the primary."""

@@ -311,6 +311,10 @@ class _stores:
             timeout=5,
             draw_key=self.settings.draw_key,
             database_url=self.settings.database_url,
+            # `allot demo` loads a batch, `allot draw` awards: answered only once replicas have
+            # them, as over HTTP
+            wait_replicas=self.settings.redis.wait_replicas,
+            wait_timeout_ms=self.settings.redis.wait_timeout_ms,
         )
         return self.allocator, self.redis, self.con
 
