@@ -160,6 +160,17 @@ class Keys:
         return f"{self.prefix}:stock-events"
 
 
+def wait_fence(key: str) -> str:
+    """The key that :class:`allocator.topology.ReplicaWait` writes just before its WAIT, in the
+    slot of ``key`` (a round's or programme's key: ``<prefix>:{<tag>}:...``), so that the WAIT
+    counts from the primary's newest write even when the script before it wrote nothing. One
+    per hash tag; it expires a minute after its last write."""
+    close = key.find("}")
+    if not key.count("{") or close < 0:
+        raise ValueError(f"not a key with a hash tag: {key!r}")
+    return f"{key[: close + 1]}:wait-fence"
+
+
 class ScriptKeys:
     """The KEYS of one batched script call: the script's fixed keys first, then each per-item
     key once, referred to from ARGV by its 1-based position (as claim.lua and enter.lua read

@@ -44,6 +44,7 @@ from redis.typing import EncodableT, KeyT
 
 from allocator.config import Settings
 from allocator.errors import Unavailable
+from allocator.keys import wait_fence
 from allocator.redispack import PackedConnection
 
 log = logging.getLogger("allot.allocator")
@@ -285,14 +286,16 @@ def script(client: Redis, source: str) -> AsyncScript:
 # -- a script whose answer waits for replicas ----------------------------------------------
 
 
+FENCE_TTL_MS = 60_000  # the wait fence (allocator/keys.py) outlives any retry, then goes
+
+
 class ReplicaWait:
     """``[redis] wait_replicas``: a script's reply is used only after that many replicas
     acknowledged its writes, with WAIT on the script's own connection (one pipeline: the
-    script, then WAIT). WAIT counts from the replication offset of that connection's last
-    write: after a script that wrote (claim.lua and enter.lua spend the gate's buckets for
-    every item), it covers everything the primary did before too; after one that wrote
-    nothing (a cancel found already cancelled, say) only that connection's own earlier
-    writes. Fewer within
+    script, a write to the slot's wait fence, then WAIT). WAIT promises to cover that
+    connection's previous writes; the fence is one, made after everything the primary did
+    before, so the WAIT covers a first try's change too when the retry's script writes
+    nothing (a cancel found already cancelled, say). Fewer within
     ``wait_timeout_ms``: Unavailable (with a retry_after).
 
     One object, made by the facade (allocator/facade.py) and shared by every part whose script
@@ -342,8 +345,18 @@ class ReplicaWait:
             wait["target_nodes"] = node
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.execute_command(*head, len(keys), *keys, *args)
+            # WAIT promises only "the previous write commands sent in the context of the
+            # current connection". A script that wrote nothing (a retried cancel that finds the
+            # reservation cancelled, on another pooled connection than the first try) would
+            # then leave the first try's change uncovered. Redis 7.0 in fact counts from the
+            # primary's offset after any command (tests/test_replica_wait.py pins that); this
+            # write in the script's slot, on the same connection, makes the documented promise
+            # enough, for one small SET per waited call.
+            pipe.execute_command("SET", wait_fence(keys[0]), b"1", "PX", FENCE_TTL_MS)
             pipe.execute_command("WAIT", self.replicas, self.timeout_ms, **wait)
-            reply, acked = await pipe.execute(raise_on_error=False)
+            reply, fenced, acked = await pipe.execute(raise_on_error=False)
+        if isinstance(fenced, Exception) and not isinstance(reply, Exception):
+            raise fenced
         now = as_cluster(self.redis).get_node_from_key(keys[0]) if node is not None else None
         if node is not None and (now is None or now.name != node.name):
             # the slot moved meanwhile (MOVED): the script ran elsewhere, WAIT says nothing of it
