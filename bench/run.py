@@ -385,9 +385,10 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT)  # fmt: skip
+        # the child keeps its own descriptor of the log; ours is closed at once
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=ROOT)  # fmt: skip
         self.procs.append(proc)
         return proc
 
@@ -1269,6 +1270,7 @@ async def cluster_bench(args: argparse.Namespace) -> list[ClusterRun]:
         offset = 0
         for wait in WAITS:  # warm-up: connections, script caches, the writer's first batches
             _ = await driver.drive(wait, "three", 2)()
+            await driver.discard_ledger()
             svc = services[wait]
             load(Scenario("warm-up", svc.url, "s1", True, round_id=",".join(rounds)),
                  offset, 2, args.connections)  # fmt: skip

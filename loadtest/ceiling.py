@@ -231,6 +231,7 @@ class DirectDriver:
         self.rounds, self.batch = rounds, batch
         self.dbname, self.base_url = dbname, base_url
         self.n = 0  # the last citizen used: every claim is a new citizen's
+        self.ledgers = [allocators[0].keys.round(r).ledger for r in rounds]
 
     @classmethod
     async def open(
@@ -304,6 +305,12 @@ class DirectDriver:
 
         return run
 
+    async def discard_ledger(self) -> None:
+        """Empty the rounds' ledger streams, which no writer drains here (between runs, outside
+        the measurement): a few million claims' entries would hold gigabytes on each node."""
+        for ledger in self.ledgers:
+            await self.redis.xtrim(ledger, maxlen=0)
+
     async def aclose(self) -> None:
         for alloc in self.allocators.values():
             alloc.lottery.close()
@@ -331,6 +338,7 @@ async def direct_runs(
         meter, ports, driver.drive(wait, layout, seconds)
     )
     client = time.process_time() - started
+    await driver.discard_ledger()
     total = sum(claims.values())
     return ClusterRun(
         driver.name, wait, layout, took, claims, nodes, refused,
@@ -376,6 +384,7 @@ async def measure(duration: float, rounds: int, batch: int) -> list[ClusterRun]:
         try:
             for wait in WAITS:  # warm-up
                 _ = await driver.drive(wait, "three", 1)()
+                await driver.discard_ledger()
             for _ in range(rounds):
                 for wait in WAITS:
                     for layout in LAYOUTS:
