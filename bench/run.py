@@ -1406,13 +1406,23 @@ def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
     # what a primary with no round of the run spent anyway (cron, cluster bus, replication pings)
     idle = [c.cpu_s / r.seconds for r in runs if r.layout == "one" for c in r.idle().values()]
     idle_ms = statistics.median(idle) * 1000 if idle else 0.0
-    single = [
-        v
-        for r in runs
-        if r.driver == "claim_many" and r.layout == "one"
-        for v in [c.cpu_us_per_claim() for c in r.loaded().values()]
-        if v
-    ]
+
+    def cpu(driver: str, wait: int, layout: str) -> list[float]:
+        """Median Redis CPU µs per claim of each loaded primary, in port order."""
+        chosen = [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, layout)]
+        ports = sorted({p for r in chosen for p in r.loaded()})
+        found = [median([r.nodes[p].cpu_us_per_claim() for r in chosen]) for p in ports]
+        return [v for v in found if v]
+
+    def one_round(driver: str) -> str:
+        return " and ".join(
+            f"{v:.1f} µs (~{1e6 / v:,.0f} claims/s) with `wait_replicas = {wait}`"
+            for wait in WAITS
+            for v in cpu(driver, wait, "one")
+        )
+
+    spread = [v for wait in WAITS for v in cpu("claim_many", wait, "three")]
+    three = [sum(1e6 / v for v in cpu("claim_many", wait, "three")) for wait in WAITS]
     per_round = "; ".join(
         f"`{driver}` {wait}: "
         + " / ".join(
@@ -1427,7 +1437,6 @@ def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
         for driver in DRIVERS
         for wait in WAITS
     )
-    ceiling = 1e6 / statistics.median(single) if single else 0.0
     command = (
         f"python bench/run.py --cluster-only --duration {args.duration:g} --rounds {args.rounds}"
         f" --connections {args.connections} --cluster-batch {args.cluster_batch}"
@@ -1475,12 +1484,16 @@ The `allot serve` rows also count, on the same primary, the ledger writer's read
 acknowledgements of the round's stream, and one worker's queue split over three rounds makes
 smaller batches (EVALSHA per 1,000 claims). The figure that carries over to a real cluster,
 where each primary has a core of its own and allot nodes are added until Redis is the limit,
-is the CPU per claim: one round decided
-{1e6 / ceiling if ceiling else 0:.1f} µs of primary CPU per claim with `claim_many`, a ceiling
-of **~{ceiling:,.0f} claims/s for one round** (one primary core), and a cluster with rounds
-spread decides the sum of its primaries' ceilings. A primary with no round in the run spent
-{idle_ms:.1f} ms of CPU per second anyway. One round took {served or 0:,.0f} claims/s through one
-`allot serve` worker and {direct or 0:,.0f} through `claim_many` (`wait_replicas = 0`)."""
+is the CPU per claim. One round on one primary: {one_round("claim_many")} from `claim_many`
+(Redis alone); {one_round("allot serve")} through `allot serve` (the ceilings: claims per
+second of one primary core). Three rounds on three primaries: {min(spread, default=0):.1f} to
+{max(spread, default=0):.1f} µs per claim on each primary (`claim_many`; three busy primaries on
+2 cores also share caches and switch more), so the cluster's ceiling is the sum of its
+primaries', here ~{three[0]:,.0f} (`wait_replicas = 0`) and ~{three[1]:,.0f} (1) claims/s for
+three rounds on three primary cores. A primary with no round in the run spent {idle_ms:.1f} ms of
+CPU per second anyway. What this machine's clients reached, one round, `wait_replicas = 0`:
+{served or 0:,.0f} claims/s through one `allot serve` worker, {direct or 0:,.0f} through
+`claim_many`."""
 
 
 if __name__ == "__main__":

@@ -12,14 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench
-from loadtest.ceiling import LAYOUTS, WAITS, ClusterRun
+from loadtest.ceiling import LAYOUTS, WAITS, ClusterRun, NodeCost
 from tests.helpers import PG_URL
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(300),
-    pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed"),
-]
 
 BATCH = 32
 
@@ -58,6 +52,9 @@ def check_run(run: ClusterRun) -> None:
     assert run.replica_cpu_us_per_claim() is not None, where
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 async def test_the_cluster_part_measures_one_primary_and_three_and_renders_its_section(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -96,6 +93,7 @@ async def test_the_cluster_part_measures_one_primary_and_three_and_renders_its_s
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells[5].split(" / ")) == 3, row
     assert "python bench/run.py --cluster-only --duration 1 --rounds 1" in section
+    assert section.count("µs (~") == 4  # one round's ceiling: each driver, each setting
 
     # the section replaces only its own part of the file
     out.write_text("# Performance\n\n<!-- bench: main -->\nkept\n<!-- /bench: main -->\n")
@@ -104,3 +102,49 @@ async def test_the_cluster_part_measures_one_primary_and_three_and_renders_its_s
     assert "<!-- bench: main -->\nkept\n<!-- /bench: main -->" in text
     assert text.count("<!-- bench: cluster -->") == 1
     assert text.rstrip().endswith("<!-- /bench: cluster -->")
+
+
+def known_run(driver: str, wait: int, layout: str) -> ClusterRun:
+    """A run with round numbers: each loaded primary decided 10,000 claims on 0.3 s of CPU
+    (30 µs a claim) and 0.2 s in scripts, in 40 calls; the replicas spent 0.1 s each."""
+    n = LAYOUTS[layout]
+    nodes = {
+        port: NodeCost("primary", 10_000, 40, 200_000, 0.3)
+        if port < 7000 + n
+        else NodeCost("primary", cpu_s=0.08)
+        for port in (7000, 7001, 7002)
+    }
+    nodes.update({port: NodeCost("replica", cpu_s=0.1) for port in (7003, 7004, 7005)})
+    claims = {f"r{i}": 10_000 for i in range(n)}
+    return ClusterRun(driver, wait, layout, 2.0, claims, nodes, client_cpu_us=12.5)
+
+
+def test_the_cluster_section_computes_its_figures_from_what_each_node_spent() -> None:
+    runs = [
+        known_run(d, w, lay) for d in bench.DRIVERS for w in WAITS for lay in LAYOUTS
+    ]  # fmt: skip
+    args = argparse.Namespace(
+        duration=2.0, rounds=1, connections=16, cluster_batch=BATCH, cluster_workers=1
+    )
+    section = bench.render_cluster(runs, args)
+    rows = {
+        tuple(c.strip() for c in row.strip("|").split("|")[:3]): row
+        for row in section.splitlines()
+        if row.startswith(("| claim_many", "| allot serve"))
+    }
+    assert len(rows) == 8
+    one = [c.strip() for c in rows["claim_many", "0", "1 on 1"].strip("|").split("|")]
+    # 10,000 claims in 2 s; 30 µs of CPU and 20 µs in scripts a claim; 1e6 / 30 a second;
+    # 40 calls per 10,000 claims; 3 x 0.1 s of replica CPU over 10,000 claims; the client's
+    assert one == ["claim_many", "0", "1 on 1", "5,000", "–", "30.0", "20.0", "33,333", "4.0",
+                   "30.0", "12.5", "0"]  # fmt: skip
+    three = [c.strip() for c in rows["allot serve", "1", "3 on 3"].strip("|").split("|")]
+    assert three[3:9] == ["15,000", "3.00", "30.0 / 30.0 / 30.0", "20.0 / 20.0 / 20.0",
+                          "33,333 / 33,333 / 33,333", "4.0"]  # fmt: skip
+    assert three[9] == "10.0"  # 0.3 s of replica CPU over 30,000 claims
+    # the idle primaries: 0.08 s of CPU in a 2 s run
+    text = " ".join(section.split())
+    assert "spent 40.0 ms of CPU per second" in text
+    # three primaries at 30 µs a claim: three times one primary's ceiling
+    assert "~100,000 (`wait_replicas = 0`)" in text
+    assert text.count("30.0 µs (~33,333 claims/s)") == 4
