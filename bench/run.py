@@ -86,7 +86,9 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from allocator.db import with_database
 from allocator.keys import Keys
 from loadtest.ceiling import (
+    DRIVERS,
     LAYOUTS,
+    TABLE_HEADER,
     WAITS,
     ClusterMeter,
     ClusterRun,
@@ -97,7 +99,9 @@ from loadtest.ceiling import (
     median,
     primary_port,
     rounds_on_primaries,
+    run_line,
     script_stats,
+    table_rows,
 )
 from loadtest.cluster import PrivateCluster
 from loadtest.servers import PrivateRedis, cpu_seconds
@@ -1174,15 +1178,6 @@ redis_timeout_ms = 2000
 [redis]
 wait_timeout_ms = 500
 """
-DRIVERS = ("claim_many", "allot serve")
-CLUSTER_COLUMNS = (
-    "driver", "wait_replicas", "rounds on primaries", "claims/s", "vs one round",
-    "Redis CPU µs/claim", "script µs/claim", "ceiling per primary core",
-    "EVALSHA per 1,000 claims", "replicas' CPU µs/claim", "client CPU µs/claim", "refused",
-)  # fmt: skip
-CLUSTER_HEADER = (
-    f"| {' | '.join(CLUSTER_COLUMNS)} |\n|---|---:|---|{'---:|' * (len(CLUSTER_COLUMNS) - 3)}"
-)
 
 
 @dataclass
@@ -1280,13 +1275,13 @@ async def cluster_bench(args: argparse.Namespace) -> list[ClusterRun]:
                 for layout in LAYOUTS:
                     run = await direct_runs(cluster, meter, driver, wait, layout, args.duration)
                     runs.append(run)
-                    print(f"round {r + 1} {_cluster_line(run)}", flush=True)
+                    print(f"round {r + 1} {run_line(run)}", flush=True)
                     run = await served_run(
                         meter, services[wait], ports, layout, offset, args, streams, pg, base_db
                     )
                     offset += 300_000
                     runs.append(run)
-                    print(f"round {r + 1} {_cluster_line(run)}", flush=True)
+                    print(f"round {r + 1} {run_line(run)}", flush=True)
     finally:
         procs.stop_all()
         if streams is not None:
@@ -1356,53 +1351,8 @@ async def served_run(
     )  # fmt: skip
 
 
-def _cluster_line(run: ClusterRun) -> str:
-    loaded = " / ".join(f"{c.cpu_us_per_claim() or 0:.1f}" for _, c in sorted(run.loaded().items()))
-    return (
-        f"{run.driver:11} wait_replicas={run.wait} {run.layout:5} {run.rate:9,.0f} claims/s"
-        f"  Redis CPU µs/claim per loaded primary {loaded}  refused {run.refused}"
-    )
-
-
-def _cluster_rows(runs: list[ClusterRun]) -> tuple[str, dict[tuple[str, int, str], float]]:
-    """The table's rows, and the median claims/s per (driver, wait, layout)."""
-
-    def us(value: float | None) -> str:
-        return "–" if value is None else f"{value:.1f}"
-
-    rates: dict[tuple[str, int, str], float] = {}
-    rows = []
-    for driver in DRIVERS:
-        for wait in WAITS:
-            for layout in LAYOUTS:
-                chosen = [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, layout)]
-                if not chosen:
-                    continue
-                rate = rates[driver, wait, layout] = statistics.median(r.rate for r in chosen)
-                primaries = sorted({p for r in chosen for p in r.loaded()})
-                cpu = [median([r.nodes[p].cpu_us_per_claim() for r in chosen]) for p in primaries]
-                script = [
-                    median([r.nodes[p].script_us_per_claim() for r in chosen]) for p in primaries
-                ]
-                ceilings = [f"{1e6 / v:,.0f}" for v in cpu if v]
-                calls = median([sum(c.calls for c in r.loaded().values()) / max(r.total, 1)
-                                for r in chosen])  # fmt: skip
-                one = rates.get((driver, wait, "one"))
-                versus = f"{rate / one:.2f}" if layout != "one" and one else "–"
-                rows.append(
-                    f"| {driver} | {wait} | {LAYOUTS[layout]} on {len(primaries)} | {rate:,.0f}"
-                    f" | {versus} | {' / '.join(us(v) for v in cpu)}"
-                    f" | {' / '.join(us(v) for v in script)} | {' / '.join(ceilings)}"
-                    f" | {us(calls and calls * 1000)}"
-                    f" | {us(median([r.replica_cpu_us_per_claim() for r in chosen]))}"
-                    f" | {us(median([r.client_cpu_us for r in chosen]))}"
-                    f" | {sum(r.refused for r in chosen)} |"
-                )
-    return "\n".join(rows), rates
-
-
 def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
-    rows, rates = _cluster_rows(runs)
+    rows, rates = table_rows(runs)
     # what a primary with no round of the run spent anyway (cron, cluster bus, replication pings)
     idle = [c.cpu_s / r.seconds for r in runs if r.layout == "one" for c in r.idle().values()]
     idle_ms = statistics.median(idle) * 1000 if idle else 0.0
@@ -1468,7 +1418,7 @@ claims per round: `claim_many`'s answers, or the ledger's rows once drained). A 
 loaded primary, in port order. The ceiling is 1,000,000 / CPU µs per claim: the claims per
 second one primary core could decide for one round.
 
-{CLUSTER_HEADER}
+{TABLE_HEADER}
 {rows}
 
 "vs one round" is the claims/s with three rounds on three primaries over one round on one,

@@ -56,6 +56,17 @@ OPEN_GATE = GateSettings(
 LAYOUTS = {"one": 1, "three": 3}
 WAITS = (0, 1)
 STOCK = 10**7  # per round: never the limit
+# the drivers, in the table's order: this module's, and bench/run.py's allot serve under wrk
+DRIVERS = ("claim_many", "allot serve")
+# the table both print (bench/run.py into docs/performance.md)
+TABLE_COLUMNS = (
+    "driver", "wait_replicas", "rounds on primaries", "claims/s", "vs one round",
+    "Redis CPU µs/claim", "script µs/claim", "ceiling per primary core",
+    "EVALSHA per 1,000 claims", "replicas' CPU µs/claim", "client CPU µs/claim", "refused",
+)  # fmt: skip
+TABLE_HEADER = (
+    f"| {' | '.join(TABLE_COLUMNS)} |\n|---|---:|---|{'---:|' * (len(TABLE_COLUMNS) - 3)}"
+)
 
 
 def citizen(n: int) -> str:
@@ -351,26 +362,49 @@ def median(values: Sequence[float | None]) -> float | None:
     return float(statistics.median(found)) if found else None
 
 
-def summary(runs: Sequence[ClusterRun]) -> list[str]:
-    """One line per (driver, wait, layout): medians over the runs."""
-    lines = []
-    keys = sorted({(r.driver, r.wait, r.layout) for r in runs}, key=str)
-    for driver, wait, layout in keys:
-        chosen = [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, layout)]
-        ports = sorted({p for r in chosen for p in r.loaded()})
-        per = []
-        for port in ports:
-            cpu = median([r.nodes[port].cpu_us_per_claim() for r in chosen])
-            script = median([r.nodes[port].script_us_per_claim() for r in chosen])
-            if cpu is not None and script is not None:
-                per.append(f"{port}: CPU {cpu:.1f} µs/claim (script {script:.1f})"
-                           f" -> {1e6 / cpu:,.0f} claims/s per primary core")  # fmt: skip
-        rate = median([r.rate for r in chosen]) or 0.0
-        lines.append(
-            f"{driver}, wait_replicas={wait}, {layout} round(s): {rate:,.0f} claims/s;"
-            f" {'; '.join(per)}; refused {sum(r.refused for r in chosen)}"
-        )
-    return lines
+def run_line(run: ClusterRun) -> str:
+    loaded = " / ".join(f"{c.cpu_us_per_claim() or 0:.1f}" for _, c in sorted(run.loaded().items()))
+    return (
+        f"{run.driver:11} wait_replicas={run.wait} {run.layout:5} {run.rate:9,.0f} claims/s"
+        f"  Redis CPU µs/claim per loaded primary {loaded}  refused {run.refused}"
+    )
+
+
+def table_rows(runs: Sequence[ClusterRun]) -> tuple[str, dict[tuple[str, int, str], float]]:
+    """The table's rows, and the median claims/s per (driver, wait, layout)."""
+
+    def us(value: float | None) -> str:
+        return "–" if value is None else f"{value:.1f}"
+
+    rates: dict[tuple[str, int, str], float] = {}
+    rows = []
+    for driver in DRIVERS:
+        for wait in WAITS:
+            for layout in LAYOUTS:
+                chosen = [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, layout)]
+                if not chosen:
+                    continue
+                rate = rates[driver, wait, layout] = statistics.median(r.rate for r in chosen)
+                primaries = sorted({p for r in chosen for p in r.loaded()})
+                cpu = [median([r.nodes[p].cpu_us_per_claim() for r in chosen]) for p in primaries]
+                script = [
+                    median([r.nodes[p].script_us_per_claim() for r in chosen]) for p in primaries
+                ]
+                ceilings = [f"{1e6 / v:,.0f}" for v in cpu if v]
+                calls = median([sum(c.calls for c in r.loaded().values()) / max(r.total, 1)
+                                for r in chosen])  # fmt: skip
+                one = rates.get((driver, wait, "one"))
+                versus = f"{rate / one:.2f}" if layout != "one" and one else "–"
+                rows.append(
+                    f"| {driver} | {wait} | {LAYOUTS[layout]} on {len(primaries)} | {rate:,.0f}"
+                    f" | {versus} | {' / '.join(us(v) for v in cpu)}"
+                    f" | {' / '.join(us(v) for v in script)} | {' / '.join(ceilings)}"
+                    f" | {us(calls and calls * 1000)}"
+                    f" | {us(median([r.replica_cpu_us_per_claim() for r in chosen]))}"
+                    f" | {us(median([r.client_cpu_us for r in chosen]))}"
+                    f" | {sum(r.refused for r in chosen)} |"
+                )
+    return "\n".join(rows), rates
 
 
 async def measure(duration: float, rounds: int, batch: int) -> list[ClusterRun]:
@@ -403,8 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating runs")
     parser.add_argument("--batch", type=int, default=256, help="claims per claim_many call")
     args = parser.parse_args(argv)
-    for line in summary(asyncio.run(measure(args.duration, args.rounds, args.batch))):
-        print(line)
+    runs = asyncio.run(measure(args.duration, args.rounds, args.batch))
+    rows, _ = table_rows(runs)
+    print(f"{TABLE_HEADER}\n{rows}")
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench
-from loadtest.ceiling import LAYOUTS, WAITS, ClusterRun, NodeCost
+from loadtest.ceiling import DRIVERS, LAYOUTS, TABLE_COLUMNS, WAITS, ClusterRun, NodeCost
 from tests.helpers import PG_URL
 
 BATCH = 32
@@ -65,11 +65,11 @@ async def test_the_cluster_part_measures_one_primary_and_three_and_renders_its_s
     runs = await bench.cluster_bench(args)
 
     kinds = sorted((r.driver, r.wait, r.layout) for r in runs)
-    assert kinds == sorted((d, w, lay) for d in bench.DRIVERS for w in WAITS for lay in LAYOUTS)
+    assert kinds == sorted((d, w, lay) for d in DRIVERS for w in WAITS for lay in LAYOUTS)
     for run in runs:
         check_run(run)
     by = {(r.driver, r.wait, r.layout): r for r in runs}
-    for driver in bench.DRIVERS:
+    for driver in DRIVERS:
         for wait in WAITS:
             one, three = by[driver, wait, "one"], by[driver, wait, "three"]
             # the one round is the first of the three: the same primary in both layouts
@@ -84,7 +84,7 @@ async def test_the_cluster_part_measures_one_primary_and_three_and_renders_its_s
     rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
     header, *body = rows
     assert len(body) == len(runs)  # one row per (driver, wait, layout); rounds=1
-    width = len(bench.CLUSTER_COLUMNS)
+    width = len(TABLE_COLUMNS)
     assert header.count("|") == width + 1
     assert all(row.count("|") == width + 1 for row in body)
     three_rows = [row for row in body if "| 3 on 3 |" in row]
@@ -121,7 +121,7 @@ def known_run(driver: str, wait: int, layout: str) -> ClusterRun:
 
 def test_the_cluster_section_computes_its_figures_from_what_each_node_spent() -> None:
     runs = [
-        known_run(d, w, lay) for d in bench.DRIVERS for w in WAITS for lay in LAYOUTS
+        known_run(d, w, lay) for d in DRIVERS for w in WAITS for lay in LAYOUTS
     ]  # fmt: skip
     args = argparse.Namespace(
         duration=2.0, rounds=1, connections=16, cluster_batch=BATCH, cluster_workers=1
