@@ -1371,6 +1371,15 @@ def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
             for v in cpu(driver, wait, "one")
         )
 
+    busy = (
+        median([
+            c.cpu_s / r.seconds
+            for r in runs
+            if (r.driver, r.wait, r.layout) == ("claim_many", 0, "one")
+            for c in r.loaded().values()
+        ])
+        or 0.0
+    )  # fmt: skip
     spread = [v for wait in WAITS for v in cpu("claim_many", wait, "three")]
     three = [sum(1e6 / v for v in cpu("claim_many", wait, "three")) for wait in WAITS]
     per_round = "; ".join(
@@ -1427,9 +1436,11 @@ same driver and setting; round by round (driver, `wait_replicas`): {per_round}.
 worker processes for `allot serve`. "refused": claims not created (`claim_many`) or non-2xx
 answers and socket errors (wrk); all should be 0.
 
-On this machine the client, not Redis, is the limit: one Python process (or one allot worker)
-and six Redis nodes share 2 cores, so three primaries cannot show three times the claims/s, and
-a loaded primary's script time reads higher than its CPU when it waits for a core mid-script.
+On this machine Redis is not what limits the claims/s: with one round (`claim_many`,
+`wait_replicas = 0`) its one primary used {busy:.0%} of a core. The 2 cores are shared by the
+client, wrk, six Redis nodes and whatever else runs on the machine, so three primaries cannot
+show three times the claims/s, and a loaded primary's script time reads higher than its CPU
+when it waits for a core mid-script.
 The `allot serve` rows also count, on the same primary, the ledger writer's reads and
 acknowledgements of the round's stream, and one worker's queue split over three rounds makes
 smaller batches (EVALSHA per 1,000 claims). The figure that carries over to a real cluster,
