@@ -1371,15 +1371,16 @@ def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
             for v in cpu(driver, wait, "one")
         )
 
-    busy = (
-        median([
-            c.cpu_s / r.seconds
-            for r in runs
-            if (r.driver, r.wait, r.layout) == ("claim_many", 0, "one")
-            for c in r.loaded().values()
-        ])
-        or 0.0
-    )  # fmt: skip
+    def busy_share(layout: str) -> list[float]:
+        """Each loaded primary's median share of a core (`claim_many`, wait_replicas 0)."""
+        chosen = [r for r in runs if (r.driver, r.wait, r.layout) == ("claim_many", 0, layout)]
+        ports = sorted({p for r in chosen for p in r.loaded()})
+        found = [median([r.nodes[p].cpu_s / r.seconds for r in chosen]) for p in ports]
+        return [v for v in found if v is not None]
+
+    busy = (busy_share("one") or [0.0])[0]
+    shares = busy_share("three") or [0.0]
+    spread_busy = f"{min(shares):.0%} to {max(shares):.0%}"
     spread = [v for wait in WAITS for v in cpu("claim_many", wait, "three")]
     three = [sum(1e6 / v for v in cpu("claim_many", wait, "three")) for wait in WAITS]
     per_round = "; ".join(
@@ -1436,23 +1437,27 @@ same driver and setting; round by round (driver, `wait_replicas`): {per_round}.
 worker processes for `allot serve`. "refused": claims not created (`claim_many`) or non-2xx
 answers and socket errors (wrk); all should be 0.
 
-On this machine Redis is not what limits the claims/s: with one round (`claim_many`,
-`wait_replicas = 0`) its one primary used {busy:.0%} of a core. The 2 cores are shared by the
-client, wrk, six Redis nodes and whatever else runs on the machine, so three primaries cannot
-show three times the claims/s, and a loaded primary's script time reads higher than its CPU
-when it waits for a core mid-script.
-The `allot serve` rows also count, on the same primary, the ledger writer's reads and
-acknowledgements of the round's stream, and one worker's queue split over three rounds makes
-smaller batches (EVALSHA per 1,000 claims). The figure that carries over to a real cluster,
-where each primary has a core of its own and allot nodes are added until Redis is the limit,
-is the CPU per claim. One round on one primary: {one_round("claim_many")} from `claim_many`
-(Redis alone); {one_round("allot serve")} through `allot serve` (the ceilings: claims per
-second of one primary core). Three rounds on three primaries: {min(spread, default=0):.1f} to
-{max(spread, default=0):.1f} µs per claim on each primary (`claim_many`; three busy primaries on
-2 cores also share caches and switch more), so the cluster's ceiling is the sum of its
-primaries', here ~{three[0]:,.0f} (`wait_replicas = 0`) and ~{three[1]:,.0f} (1) claims/s for
-three rounds on three primary cores. A primary with no round in the run spent {idle_ms:.1f} ms of
-CPU per second anyway. What this machine's clients reached, one round, `wait_replicas = 0`:
+With one round (`claim_many`, `wait_replicas = 0`) its one primary used {busy:.0%} of a core;
+with three rounds each of the three used {spread_busy}. The 2 cores are shared by the client,
+wrk, six Redis nodes and whatever else runs on the machine, so three primaries cannot show
+three times the claims/s here, and a loaded primary's script time reads higher than its CPU
+when it waits for a core mid-script. The `allot serve` rows also count, on the same primary,
+the ledger writer's reads and acknowledgements of the round's stream, and one worker's queue
+split over three rounds makes smaller batches (EVALSHA per 1,000 claims).
+
+The figure that carries over to a real cluster, where each primary has a core of its own and
+allot nodes are added until Redis is the limit, is the CPU per claim. One round on one
+primary (the ceilings: claims per second of one primary core):
+
+- from `claim_many` (Redis alone): {one_round("claim_many")};
+- through `allot serve`: {one_round("allot serve")}.
+
+Three rounds on three primaries: {min(spread, default=0):.1f} to {max(spread, default=0):.1f} µs
+per claim on each primary (`claim_many`; three busy primaries on 2 cores also share caches
+and switch more), so the cluster's ceiling is the sum of its primaries', here
+~{three[0]:,.0f} (`wait_replicas = 0`) and ~{three[1]:,.0f} (1) claims/s for three rounds on
+three primary cores. A primary with no round in the run spent {idle_ms:.1f} ms of CPU per
+second anyway. What this machine's clients reached, one round, `wait_replicas = 0`:
 {served or 0:,.0f} claims/s through one `allot serve` worker, {direct or 0:,.0f} through
 `claim_many`."""
 

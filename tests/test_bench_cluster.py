@@ -146,6 +146,7 @@ def test_the_cluster_section_computes_its_figures_from_what_each_node_spent() ->
     text = " ".join(section.split())
     assert "spent 40.0 ms of CPU per second" in text
     assert "its one primary used 15% of a core" in text  # 0.3 s of CPU in 2 s
+    assert "each of the three used 15% to 15%" in text
     # three primaries at 30 µs a claim: three times one primary's ceiling
     assert "~100,000 (`wait_replicas = 0`)" in text
     assert text.count("30.0 µs (~33,333 claims/s)") == 4
