@@ -410,7 +410,10 @@ def table_rows(runs: Sequence[ClusterRun]) -> tuple[str, dict[tuple[str, int, st
 async def measure(duration: float, rounds: int, batch: int) -> list[ClusterRun]:
     base = load_settings(environ={k: v for k, v in os.environ.items() if k == "ALLOT_DATABASE_URL"})
     found: list[ClusterRun] = []
-    with PrivateCluster(Path(tempfile.mkdtemp(prefix="allot-ceiling-"))) as cluster:
+    with (
+        tempfile.TemporaryDirectory(prefix="allot-ceiling-") as tmp,
+        PrivateCluster(Path(tmp)) as cluster,
+    ):
         meter = ClusterMeter(cluster)
         driver = await DirectDriver.open(
             cluster, base.database_url, rounds_on_primaries(cluster), batch
