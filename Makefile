@@ -21,6 +21,7 @@ help:
 	@echo "make loadtest   the release gate: flash crowd + conservation checks (LOADTEST_ARGS='--fault kill-worker')"
 	@echo "make format     ruff format and ruff check --fix"
 	@echo "make bench      allot vs a bare aiohttp handler and the naive design -> docs/performance.md"
+	@echo "                then one primary vs three on a private 3+3 Redis Cluster (BENCH_ARGS='--no-cluster' skips it)"
 	@echo "make bench-freeze  a 1,000,000-entry lottery through the service: freeze, draw, awards, verify-draw"
 	@echo "make bench-spread  one round over 3 primaries (bench/spread) vs 1 primary: Redis CPU per claim"
 	@echo "make clean      remove $(VENV) and build artefacts (keeps .run/)"
@@ -56,7 +57,9 @@ format: install
 	$(BIN)/ruff check --fix .
 
 # Not a test: measures allot against a bare aiohttp handler and the naive design, side by side,
-# and writes docs/performance.md. BENCH_ARGS='--duration 8 --rounds 3' by default.
+# then one round on one primary vs three rounds on three primaries of a private Redis Cluster,
+# and writes docs/performance.md. BENCH_ARGS='--duration 8 --rounds 3' by default;
+# '--no-cluster' skips the cluster part, '--cluster-only' runs it alone.
 bench: install
 	command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	services="$$(scripts/services.sh up)"; eval "$$services"; \

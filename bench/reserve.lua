@@ -1,6 +1,7 @@
 -- wrk script: POST a reservation (or a lottery entry) for a new, valid citizen from a new client
 -- address on every request.
 -- usage: wrk -s bench/reserve.lua <url> -- <round_id> <site_id> <citizen offset> [<kind> [<xff>]]
+--   round_id  one round, or several comma-separated: request n goes to round n mod their number
 --   kind  "reservations" (default) or "entries": POST /api/v1/rounds/<round_id>/<kind>
 --   xff   "1" (default): X-Forwarded-For names a new client address per request (10.0.0.0/8
 --         from n), as a real crowd has, so every request takes a fresh per-address token bucket
@@ -12,6 +13,7 @@ local weights = {7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2}
 local checks = "10X98765432"
 local threads = {}
 local round_id, site_id, offset, kind, xff = "bench", "s1", 0, "reservations", true
+local paths = {}
 local counter, base = 0, 0
 local headers = {["Content-Type"] = "application/json"}
 
@@ -28,7 +30,10 @@ function init(args)
   xff = (args[5] or "1") ~= "0"
   base = offset + index * 5000000
   wrk.method = "POST"
-  wrk.path = "/api/v1/rounds/" .. round_id .. "/" .. kind
+  for r in string.gmatch(round_id, "[^,]+") do
+    table.insert(paths, "/api/v1/rounds/" .. r .. "/" .. kind)
+  end
+  wrk.path = paths[1]
   wrk.headers["Content-Type"] = "application/json"
 end
 
@@ -55,6 +60,9 @@ function request()
     '{"citizen_id":"%s","phone":"139%08d","site_id":"%s"}', citizen(n), n % 100000000, site_id)
   if xff then
     headers["X-Forwarded-For"] = address(n)
+  end
+  if #paths > 1 then
+    return wrk.format(nil, paths[n % #paths + 1], headers, body)
   end
   return wrk.format(nil, nil, headers, body)
 end

@@ -35,6 +35,14 @@ a database and key prefix of its own; (b) writes into (c)'s stream, which (c)'s 
 docs/performance.md is shared: the full run rewrites only the part between its markers
 (``<!-- bench: main -->``), the persistence run only its own; other sections are kept.
 
+The cluster part (after the rest; ``--no-cluster`` skips it, ``--cluster-only`` runs it alone)
+starts a private Redis Cluster of 3 primaries and 3 replicas and measures claims of new
+citizens to one round (one primary) against three rounds on three primaries, with
+``wait_replicas`` 0 and 1, through ``claim_many`` straight from this process
+(loadtest/ceiling.py, which ``python -m loadtest.ceiling`` runs alone) and through ``allot
+serve`` in cluster mode under wrk; every node's CPU and script time per claim it decided. It
+rewrites its own section of docs/performance.md (``<!-- bench: cluster -->``).
+
 ``--redis-persistence`` measures instead what durability costs: the same claim load as (c)
 against three private Redis servers, side by side and alternating, with ``appendfsync always``
 (the default everywhere allot configures Redis), ``appendfsync everysec`` and no persistence,
@@ -42,8 +50,9 @@ each behind its own ``allot serve --workers 1`` and ledger database. It rewrites
 section of docs/performance.md (a full run keeps it, and every other section).
 
 usage: python bench/run.py [--duration 8] [--rounds 3] [--connections 256] [--sweep 64,1000]
-                           [--one-client] [--programme] [--out FILE]
+                           [--one-client] [--programme] [--no-cluster] [--out FILE]
        python bench/run.py --redis-persistence [--persistence-connections 64,512] [--rounds 3] ...
+       python bench/run.py --cluster-only [--cluster-batch 256] [--cluster-workers 1] ...
 """
 
 from __future__ import annotations
@@ -64,6 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,10 +81,30 @@ from typing import Any
 import aiohttp
 import asyncpg
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from allocator.db import with_database
 from allocator.keys import Keys
-from loadtest.servers import PrivateRedis
+from loadtest.ceiling import (
+    DRIVERS,
+    LAYOUTS,
+    TABLE_HEADER,
+    WAITS,
+    ClusterMeter,
+    ClusterRun,
+    DirectDriver,
+    citizen,
+    direct_runs,
+    measured_run,
+    median,
+    primary_port,
+    rounds_on_primaries,
+    run_line,
+    script_stats,
+    table_rows,
+)
+from loadtest.cluster import PrivateCluster
+from loadtest.servers import PrivateRedis, cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -208,19 +238,6 @@ def worker_pid(proc: subprocess.Popen[bytes], within: float = 30) -> int:
     raise RuntimeError("no worker process found")
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (0 once it is gone)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0.0
-    fields = text.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all cores, from /proc/stat."""
     values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -232,7 +249,9 @@ def machine_ticks() -> tuple[int, int]:
 class Meter:
     """CPU seconds per role, read before a run and after it."""
 
-    def __init__(self, service: Service | None, redis_pid: int, pg: asyncpg.Connection) -> None:
+    def __init__(
+        self, service: Service | None, redis_pid: int | None, pg: asyncpg.Connection
+    ) -> None:
         self.service, self.redis_pid, self.pg = service, redis_pid, pg
 
     async def read(self) -> tuple[dict[str, dict[int, float]], tuple[int, int]]:
@@ -245,7 +264,8 @@ class Meter:
                     "SELECT pid FROM pg_stat_activity WHERE datname = $1", self.service.database
                 )
                 found["postgres"] = {r["pid"]: cpu_seconds(r["pid"]) for r in rows}
-        found["redis"] = {self.redis_pid: cpu_seconds(self.redis_pid)}
+        if self.redis_pid is not None:  # None: the cluster part reads its nodes itself
+            found["redis"] = {self.redis_pid: cpu_seconds(self.redis_pid)}
         return found, machine_ticks()
 
     @staticmethod
@@ -369,9 +389,10 @@ class Processes:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.log_dir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=ROOT)  # fmt: skip
+        # the child keeps its own descriptor of the log; ours is closed at once
+        with (self.log_dir / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=ROOT)  # fmt: skip
         self.procs.append(proc)
         return proc
 
@@ -409,18 +430,23 @@ PROGRAMME_NOTE = (
 
 
 async def evalsha_usec(redis: Redis) -> tuple[int, int]:
-    """(calls, usec) of EVALSHA so far on this Redis (INFO commandstats)."""
-    stats = (await redis.info("commandstats")).get("cmdstat_evalsha", {})
-    return int(stats.get("calls", 0)), int(stats.get("usec", 0))
+    """(calls, usec) of EVALSHA (and EVAL) so far on this Redis (INFO commandstats)."""
+    return script_stats(await redis.info("commandstats"))
 
 
 LOTTERY = "bench-lottery"  # the entries scenario's round, open now (API.md "Lottery rounds")
 
 
-async def seed(url: str, *, sold_out_site: bool = True, lottery: bool = False) -> None:
-    """Sites s1 and s0, the FCFS round ``bench`` with ample stock at s1 (and, with
-    ``sold_out_site``, none left at s0); with ``lottery``, the lottery round ``bench-lottery``
-    too, registering now (it is never frozen: it closes in two hours)."""
+async def seed(
+    url: str,
+    *,
+    sold_out_site: bool = True,
+    lottery: bool = False,
+    rounds: Sequence[str] = ("bench",),
+) -> None:
+    """Sites s1 and s0, the FCFS round ``bench`` (or each of ``rounds``) with ample stock at s1
+    (and, with ``sold_out_site``, none left at s0 in ``bench``); with ``lottery``, the lottery
+    round ``bench-lottery`` too, registering now (it is never frozen: it closes in two hours)."""
     admin = {"Authorization": f"Bearer {TOKEN}"}
     now = dt.datetime.now(dt.UTC)
     rnd = {
@@ -434,13 +460,15 @@ async def seed(url: str, *, sold_out_site: bool = True, lottery: bool = False) -
     }
     sites = [{"site_id": s, "name": s, "address": "bench", "district": "d"} for s in ("s1", "s0")]
     async with aiohttp.ClientSession(headers=admin) as s:
-        for method, path, body in (
-            ("PUT", "/api/v1/admin/sites", {"sites": sites}),
-            ("PUT", "/api/v1/admin/rounds/bench", rnd),
-            ("POST", "/api/v1/admin/rounds/bench/batches",
-             {"batch_id": "b", "items": [{"site_id": "s1", "quantity": 10**7},
-                                         {"site_id": "s0", "quantity": 1}]}),
-        ):  # fmt: skip
+        stock = {"batch_id": "b", "items": [{"site_id": "s1", "quantity": 10**7},
+                                            {"site_id": "s0", "quantity": 1}]}  # fmt: skip
+        steps: list[tuple[str, str, dict[str, Any]]] = [
+            ("PUT", "/api/v1/admin/sites", {"sites": sites})
+        ]
+        for round_id in rounds:
+            steps.append(("PUT", f"/api/v1/admin/rounds/{round_id}", rnd))
+            steps.append(("POST", f"/api/v1/admin/rounds/{round_id}/batches", stock))
+        for method, path, body in steps:
             async with s.request(method, url + path, json=body) as r:
                 assert r.status in (200, 201), await r.text()
         if lottery:
@@ -555,14 +583,6 @@ def queue_depth(text: str) -> float:
         if family.name == "allot_queue_depth"
         for sample in family.samples
     )
-
-
-def citizen(n: int) -> str:
-    from stdnum.cn import ric
-
-    born = dt.date(1971, 1, 1) + dt.timedelta(days=n // 1000)
-    body = f"110101{born:%Y%m%d}{n % 1000:03d}"
-    return body + ric.calc_check_digit(body + "0")
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -1148,6 +1168,300 @@ waits for an fsync. What each setting promises on a power loss is in
 differences within the spread of the per-round figures are noise."""
 
 
+# -- Redis Cluster: one primary, and three with the rounds spread ------------------------------
+
+CLUSTER_SECTION = "cluster"
+# a claim batch waits for its replica within the time it has for Redis (allocator/config.py)
+CLUSTER_CONFIG = """
+[service]
+redis_timeout_ms = 2000
+[redis]
+wait_timeout_ms = 500
+"""
+
+
+@dataclass
+class ClusterService:
+    """One ``allot serve`` in cluster mode, for one ``wait_replicas`` setting."""
+
+    wait: int
+    service: Service
+    url: str
+    prefix: str
+    database: str
+
+
+async def cluster_main(args: argparse.Namespace) -> int:
+    """The cluster part: measure, then rewrite its section of ``--out``."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    runs = await cluster_bench(args)
+    section = render_cluster(runs, args)
+    print(section)
+    out = Path(args.out)
+    text = out.read_text() if out.exists() else "# Performance\n"
+    out.write_text(replace_section(text, CLUSTER_SECTION, section))
+    print(f"written to {args.out}")
+    return 0
+
+
+async def cluster_bench(args: argparse.Namespace) -> list[ClusterRun]:
+    """A private 3+3 cluster; rounds on three different primaries; claims of new citizens to
+    one round (one primary) and to all three, with wait_replicas 0 and 1, through two drivers:
+    ``claim_many`` straight from this process (loadtest/ceiling.py: Redis alone) and ``allot
+    serve`` in cluster mode under wrk (the citizen's path). Every run reads every node's script
+    time and CPU; runs alternate, ``--rounds`` times."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    base_db = os.environ.get("ALLOT_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/allot")
+    tmp = Path(tempfile.mkdtemp(prefix="allot-bench-cluster-"))
+    config = tmp / "cluster.toml"
+    config.write_text(WIDE_OPEN + CLUSTER_CONFIG)
+    cluster = PrivateCluster(tmp / "cluster")
+    procs = Processes(tmp)
+    pg = await asyncpg.connect(with_database(base_db, "postgres"))
+    services: dict[int, ClusterService] = {}
+    meter: ClusterMeter | None = None
+    driver: DirectDriver | None = None
+    streams: RedisCluster | None = None
+    runs: list[ClusterRun] = []
+    try:
+        await asyncio.to_thread(cluster.start)
+        meter = ClusterMeter(cluster)
+        rounds = rounds_on_primaries(cluster)
+        ports = {r: primary_port(cluster, r) for r in rounds}
+        driver = await DirectDriver.open(cluster, base_db, rounds, args.cluster_batch)
+        for wait in WAITS:
+            prefix, database = f"allot-bench-{stamp}-w{wait}", f"allot_bench_{stamp}_w{wait}"
+            env = {
+                **os.environ,
+                "ALLOT_REDIS_URL": cluster.url,
+                "ALLOT_REDIS_MODE": "cluster",
+                "ALLOT_REDIS_WAIT_REPLICAS": str(wait),
+                "ALLOT_DATABASE_URL": with_database(base_db, database),
+                "ALLOT_REDIS_PREFIX": prefix,
+                "ALLOT_ADMIN_TOKEN": TOKEN,
+                "ALLOT_ID_PEPPER": "bench-pepper",
+                "ALLOT_CONFIG": str(config),
+                "ALLOT_OPS_PORT": str(free_port()),
+            }
+            subprocess.run([str(BIN / "allot"), "migrate"], env=env, check=True,
+                           capture_output=True)  # fmt: skip
+            port = free_port()
+            proc = procs.start(f"allot-cluster-w{wait}",
+                               [str(BIN / "allot"), "serve", "--port", str(port),
+                                "--workers", str(args.cluster_workers)], env)  # fmt: skip
+            services[wait] = ClusterService(
+                wait, Service(proc, database), f"http://127.0.0.1:{port}", prefix, database
+            )
+        for svc in services.values():
+            await wait_up(svc.url, "/readyz")
+            await seed(svc.url, sold_out_site=False, rounds=rounds)
+        streams = RedisCluster(
+            startup_nodes=[ClusterNode("127.0.0.1", n.port) for n in cluster.nodes]
+        )
+        offset = 0
+        for wait in WAITS:  # warm-up: connections, script caches, the writer's first batches
+            _ = await driver.drive(wait, "three", 2)()
+            await driver.discard_ledger()
+            svc = services[wait]
+            load(Scenario("warm-up", svc.url, "s1", True, round_id=",".join(rounds)),
+                 offset, 2, args.connections)  # fmt: skip
+            offset += 300_000
+        for r in range(args.rounds):
+            for wait in WAITS:
+                for layout in LAYOUTS:
+                    run = await direct_runs(cluster, meter, driver, wait, layout, args.duration)
+                    runs.append(run)
+                    print(f"round {r + 1} {run_line(run)}", flush=True)
+                    run = await served_run(
+                        meter, services[wait], ports, layout, offset, args, streams, pg, base_db
+                    )
+                    offset += 300_000
+                    runs.append(run)
+                    print(f"round {r + 1} {run_line(run)}", flush=True)
+    finally:
+        procs.stop_all()
+        if streams is not None:
+            await streams.aclose()
+        if driver is not None:
+            await driver.aclose()
+        if meter is not None:
+            await meter.aclose()
+        await asyncio.to_thread(cluster.close)
+        for svc in services.values():
+            await pg.execute(f'DROP DATABASE IF EXISTS "{svc.database}" WITH (FORCE)')
+        await pg.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return runs
+
+
+async def served_run(
+    meter: ClusterMeter,
+    svc: ClusterService,
+    ports: dict[str, int],
+    layout: str,
+    offset: int,
+    args: argparse.Namespace,
+    streams: RedisCluster,
+    pg: asyncpg.Connection,
+    base_db: str,
+) -> ClusterRun:
+    """One wrk run against ``allot serve`` in cluster mode, every request a new citizen, to the
+    layout's rounds in turn. The claims per round are the ledger's rows (counted once the
+    rounds' streams are drained), so each primary is charged for the claims it decided."""
+    rounds = list(ports)[: LAYOUTS[layout]]
+    scenario = Scenario(f"cluster {layout}", svc.url, "s1", True, svc.service,
+                        round_id=",".join(rounds))  # fmt: skip
+    service_meter = Meter(svc.service, None, pg)
+    ledgers = [Keys(svc.prefix).round(r).ledger for r in rounds]
+    count = "SELECT round_id, count(*) AS n FROM reservations WHERE round_id = ANY($1) GROUP BY 1"
+    con = await asyncpg.connect(with_database(base_db, svc.database))
+    wrk_run: Run | None = None
+
+    async def drive() -> tuple[float, dict[str, int], int]:
+        nonlocal wrk_run
+        before = {row["round_id"]: row["n"] for row in await con.fetch(count, rounds)}
+        wrk_run = run = await asyncio.to_thread(
+            load, scenario, offset, args.duration, args.connections
+        )
+        async with asyncio.timeout(120):
+            while sum([await streams.xlen(s) for s in ledgers]):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        after = {row["round_id"]: row["n"] for row in await con.fetch(count, rounds)}
+        claims = {r: after.get(r, 0) - before.get(r, 0) for r in rounds}
+        seconds = run.requests / run.rps if run.rps else args.duration
+        return seconds, claims, run.non2xx + run.socket_errors
+
+    try:
+        spent_before, _ = await service_meter.read()
+        took, claims, refused, nodes = await measured_run(meter, ports, drive)
+        spent_after, _ = await service_meter.read()
+    finally:
+        await con.close()
+    workers = Meter.spent(spent_before, spent_after).get("workers", 0.0)
+    total = sum(claims.values())
+    assert wrk_run is not None
+    return ClusterRun(
+        "allot serve", svc.wait, layout, took, claims, nodes, refused,
+        client_cpu_us=workers * 1e6 / total if total else None,
+        extra={"p99_ms": wrk_run.p99_ms},
+    )  # fmt: skip
+
+
+def render_cluster(runs: list[ClusterRun], args: argparse.Namespace) -> str:
+    rows, rates = table_rows(runs)
+    # what a primary with no round of the run spent anyway (cron, cluster bus, replication pings)
+    idle = [c.cpu_s / r.seconds for r in runs if r.layout == "one" for c in r.idle().values()]
+    idle_ms = statistics.median(idle) * 1000 if idle else 0.0
+
+    def cpu(driver: str, wait: int, layout: str) -> list[float]:
+        """Median Redis CPU µs per claim of each loaded primary, in port order."""
+        chosen = [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, layout)]
+        ports = sorted({p for r in chosen for p in r.loaded()})
+        found = [median([r.nodes[p].cpu_us_per_claim() for r in chosen]) for p in ports]
+        return [v for v in found if v]
+
+    def one_round(driver: str) -> str:
+        return " and ".join(
+            f"{v:.1f} µs (~{1e6 / v:,.0f} claims/s) with `wait_replicas = {wait}`"
+            for wait in WAITS
+            for v in cpu(driver, wait, "one")
+        )
+
+    def busy_share(layout: str) -> list[float]:
+        """Each loaded primary's median share of a core (`claim_many`, wait_replicas 0)."""
+        chosen = [r for r in runs if (r.driver, r.wait, r.layout) == ("claim_many", 0, layout)]
+        ports = sorted({p for r in chosen for p in r.loaded()})
+        found = [median([r.nodes[p].cpu_s / r.seconds for r in chosen]) for p in ports]
+        return [v for v in found if v is not None]
+
+    busy = (busy_share("one") or [0.0])[0]
+    shares = busy_share("three") or [0.0]
+    spread_busy = f"{min(shares):.0%} to {max(shares):.0%}"
+    spread = [v for wait in WAITS for v in cpu("claim_many", wait, "three")]
+    three = [sum(1e6 / v for v in cpu("claim_many", wait, "three")) for wait in WAITS]
+    per_round = "; ".join(
+        f"`{driver}` {wait}: "
+        + " / ".join(
+            f"{three.rate / one.rate:.2f}"
+            for one, three in zip(
+                [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, "one")],
+                [r for r in runs if (r.driver, r.wait, r.layout) == (driver, wait, "three")],
+                strict=True,
+            )
+            if one.rate
+        )
+        for driver in DRIVERS
+        for wait in WAITS
+    )
+    command = (
+        f"python bench/run.py --cluster-only --duration {args.duration:g} --rounds {args.rounds}"
+        f" --connections {args.connections} --cluster-batch {args.cluster_batch}"
+        f" --cluster-workers {args.cluster_workers}"
+    )
+    served = rates.get(("allot serve", 0, "one"))
+    direct = rates.get(("claim_many", 0, "one"))
+    return f"""## Redis Cluster: one primary, and three with the rounds spread
+
+Measured by `make bench` (its cluster part; `--no-cluster` skips it), alone:
+
+    {command}
+
+on {dt.date.today()}, on the same shared 2-core machine: a private Redis Cluster of 3 primaries
+and 3 replicas (loadtest/cluster.py, no persistence), three rounds whose slots are on three
+different primaries, claims of new citizens (ample stock, open gates) either all to one round
+(one primary) or spread over the three in turn. Two drivers, each with `wait_replicas` 0 and 1:
+`claim_many` batches of {args.cluster_batch} straight from the bench's own Python process
+(loadtest/ceiling.py: no HTTP, three batches in flight in both layouts, so only the spread
+differs) and `allot serve --workers {args.cluster_workers}` in cluster mode under wrk
+({args.connections} connections, bench/reserve.lua: the citizen's path, with its admission
+queue and ledger writer). Runs alternate, {args.rounds} rounds of {args.duration:g} s each
+after a warm-up; medians.
+
+Every node is read before and after each run: the process's CPU (utime + stime from
+`/proc/<pid>/stat`: scripts, networking, replication, the cluster bus) and its script time
+(`INFO commandstats`, EVALSHA + EVAL), each divided by the claims that primary decided (the
+claims per round: `claim_many`'s answers, or the ledger's rows once drained). A figure per
+loaded primary, in port order. The ceiling is 1,000,000 / CPU µs per claim: the claims per
+second one primary core could decide for one round.
+
+{TABLE_HEADER}
+{rows}
+
+"vs one round" is the claims/s with three rounds on three primaries over one round on one,
+same driver and setting; round by round (driver, `wait_replicas`): {per_round}.
+"client CPU" is what the client spent per claim: the bench process for `claim_many`, allot's
+worker processes for `allot serve`. "refused": claims not created (`claim_many`) or non-2xx
+answers and socket errors (wrk); all should be 0.
+
+With one round (`claim_many`, `wait_replicas = 0`) its one primary used {busy:.0%} of a core;
+with three rounds each of the three used {spread_busy}. The 2 cores are shared by the client,
+wrk, six Redis nodes and whatever else runs on the machine, so three primaries cannot show
+three times the claims/s here, and a loaded primary's script time reads higher than its CPU
+when it waits for a core mid-script. The `allot serve` rows also count, on the same primary,
+the ledger writer's reads and acknowledgements of the round's stream, and one worker's queue
+split over three rounds makes smaller batches (EVALSHA per 1,000 claims).
+
+The figure that carries over to a real cluster, where each primary has a core of its own and
+allot nodes are added until Redis is the limit, is the CPU per claim. One round on one
+primary (the ceilings: claims per second of one primary core):
+
+- from `claim_many` (Redis alone): {one_round("claim_many")};
+- through `allot serve`: {one_round("allot serve")}.
+
+Three rounds on three primaries: {min(spread, default=0):.1f} to {max(spread, default=0):.1f} µs
+per claim on each primary (`claim_many`; three busy primaries on 2 cores also share caches
+and switch more), so the cluster's ceiling is the sum of its primaries', here
+~{three[0]:,.0f} (`wait_replicas = 0`) and ~{three[1]:,.0f} (1) claims/s for three rounds on
+three primary cores. A primary with no round in the run spent {idle_ms:.1f} ms of CPU per
+second anyway. What this machine's clients reached, one round, `wait_replicas = 0`:
+{served or 0:,.0f} claims/s through one `allot serve` worker, {direct or 0:,.0f} through
+`claim_many`."""
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -1181,8 +1495,29 @@ if __name__ == "__main__":
         action="store_true",
         help="no X-Forwarded-For: every request from one client address (as before 2026-12-01)",
     )
+    parser.add_argument(
+        "--no-cluster", action="store_true", help="skip the cluster part (a private 3+3 cluster)"
+    )
+    parser.add_argument(
+        "--cluster-only",
+        action="store_true",
+        help="only the cluster part: one round on one primary vs three rounds on three",
+    )
+    parser.add_argument(
+        "--cluster-batch", type=int, default=256, help="cluster part: claims per claim_many call"
+    )
+    parser.add_argument(
+        "--cluster-workers", type=int, default=1, help="cluster part: allot serve --workers"
+    )
     parsed = parser.parse_args()
     FRESH_CLIENTS["on"] = not parsed.one_client
     if parsed.programme:
         PROGRAMME.update(programme="bench", cooldown_days=7)
-    raise SystemExit(asyncio.run(persistence(parsed) if parsed.redis_persistence else main(parsed)))
+    if parsed.redis_persistence:
+        raise SystemExit(asyncio.run(persistence(parsed)))
+    if parsed.cluster_only:
+        raise SystemExit(asyncio.run(cluster_main(parsed)))
+    code = asyncio.run(main(parsed))
+    if code == 0 and not parsed.no_cluster:
+        code = asyncio.run(cluster_main(parsed))
+    raise SystemExit(code)

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-__all__ = ["PrivatePostgres", "PrivateRedis", "free_port", "redis_ping"]
+__all__ = ["PrivatePostgres", "PrivateRedis", "cpu_seconds", "free_port", "redis_ping"]
 
 REDIS_START_TIMEOUT = 10.0
 PG_START_TIMEOUT = 30.0
@@ -54,6 +54,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far, from /proc/<pid>/stat (0 once it is gone): what the
+    benchmarks charge a server process for a run (bench/run.py, loadtest/ceiling.py)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = text.rsplit(")", 1)[1].split()  # the name, in parentheses, may hold spaces
+    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def _which(name: str, *extra_dirs: str) -> str:
