@@ -703,10 +703,7 @@ async def main(args: argparse.Namespace) -> int:
 
     report = render(scenarios, memory, args, sweep)
     print(report)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n"
-    out.write_text(replace_section(text, MAIN, report))
-    print(f"written to {args.out}")
+    write_section(Path(args.out), MAIN, report)
     return 0
 
 
@@ -1005,6 +1002,13 @@ def _markers(name: str) -> tuple[str, str]:
     return f"<!-- bench: {name} -->", f"<!-- /bench: {name} -->"
 
 
+def write_section(out: Path, name: str, body: str) -> None:
+    """Write ``body`` as the section ``name`` of the report file ``out`` (made if missing)."""
+    text = out.read_text() if out.exists() else "# Performance\n"
+    out.write_text(replace_section(text, name, body))
+    print(f"written to {out}")
+
+
 def replace_section(text: str, name: str, body: str) -> str:
     """``text`` with the section ``name`` (between its markers) replaced by ``body``; every
     other part of the file is kept as it is. A section not there yet goes first (the main
@@ -1099,10 +1103,7 @@ async def persistence(args: argparse.Namespace) -> int:
 
     section = render_persistence(tables, where, fsyncs, args)
     print(section)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n"
-    out.write_text(replace_section(text, PERSISTENCE_SECTION, section))
-    print(f"written to {args.out}")
+    write_section(Path(args.out), PERSISTENCE_SECTION, section)
     return 0
 
 
@@ -1199,10 +1200,7 @@ async def cluster_main(args: argparse.Namespace) -> int:
     runs = await cluster_bench(args)
     section = render_cluster(runs, args)
     print(section)
-    out = Path(args.out)
-    text = out.read_text() if out.exists() else "# Performance\n"
-    out.write_text(replace_section(text, CLUSTER_SECTION, section))
-    print(f"written to {args.out}")
+    write_section(Path(args.out), CLUSTER_SECTION, section)
     return 0
 
 
