@@ -46,17 +46,26 @@ class TtlCache(Generic[K, V]):
     async def get_or_last(
         self, key: K, load: Callable[[], Awaitable[V]], failure: type[BaseException]
     ) -> V:
-        """As ``get``; when the load fails with ``failure``, the last value loaded (however
-        old), if there is one. For snapshots of things that change rarely and are kept on one
-        Redis Cluster node (the sites, the round-tags map): that node's failover must not stop
-        the rounds on every other node."""
-        try:
-            return await self.get(key, load)
-        except failure:
-            last = self.last(key)
-            if last is None:
-                raise
-            return last
+        """As ``get`` the first time; once a value was loaded, that value at once (however
+        old), the load of a fresh one started in the background when it has expired; when a
+        load fails with ``failure`` and nothing was loaded yet, the failure. For snapshots of
+        things that change rarely and are kept on one Redis Cluster node (the sites, the
+        round-tags map, the round list): that node's failover, or its hanging, must not stop
+        or slow the rounds on every other node. Awaiting the load after each expiry, every
+        request of every shard waited out the Redis timeout once a second while the node was
+        hung, and a failed load was tried again by the next request (tests/test_cluster.py,
+        the hung shard). So a value may be ``ttl`` plus one load old."""
+        hit = self._values.get(key)
+        if hit is None:
+            try:
+                return await self.get(key, load)
+            except failure:
+                last = self.last(key)  # loaded meanwhile by a caller of ``get``
+                if last is None:
+                    raise
+                return last
+        self.refresh(key, load)  # a no-op while fresh or loading
+        return hit[1]
 
     def last(self, key: K) -> V | None:
         """The last value loaded for ``key``, however old; None if there is none."""
