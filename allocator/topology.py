@@ -74,6 +74,7 @@ class _Cluster(RedisCluster):
             # took seconds (tests/test_cluster.py, the hung shard). A call on the old map that
             # meets a moved slot follows the MOVED answer (redis-py updates that slot itself).
             mark_stale(cast(Redis, self))
+            self._reclaim_pool_slots()  # as after a re-reading: see _one_node_per_name
             return self
         return await self.reread()
 
@@ -120,7 +121,11 @@ class _Cluster(RedisCluster):
                 kept[node.name].server_type = node.server_type
         for slot, nodes in manager.slots_cache.items():
             manager.slots_cache[slot] = [kept.get(n.name, n) for n in nodes]
-        for node in kept.values():
+        self._reclaim_pool_slots()
+
+    def _reclaim_pool_slots(self) -> None:
+        """Take back the pool slots of connections that never connected (see above)."""
+        for node in self.nodes_manager.nodes_cache.values():
             free = set(map(id, node._free))
             node._connections = [c for c in node._connections if c.is_connected or id(c) in free]
 

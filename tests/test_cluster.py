@@ -1105,6 +1105,67 @@ async def test_kill_9_of_an_allot_node_its_pending_ledger_entries_are_taken_over
     assert len(granted) == n
 
 
+async def test_two_nodes_freeze_award_and_expire_once_on_the_cluster(
+    cluster_settings: Settings,
+    cluster_redis: RedisCluster,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """Two nodes (apps with their own Redis clients, pools, watch loops, sweepers and ledger
+    writers) on one cluster and one PostgreSQL, both running the jobs that must happen once:
+    a closed lottery round is frozen once (its commitment and entry list stay as first
+    published while both nodes tick again), drawn once with its winners' reservations made
+    once, and a round past its pickup window has each reservation expired once (its units
+    counted once, one expired row each in the ledger)."""
+    from allocator.lottery import TICK
+    from tests.test_expiry import end_pickup, stats
+    from tests.test_lottery import closed_lottery, wait_for_status
+
+    fast = replace(cluster_settings, service=replace(cluster_settings.service, expiry_sweep_ms=100))
+    a = await aiohttp_client(create_app(fast))
+    b = await aiohttp_client(create_app(fast))
+
+    entries = await closed_lottery(a, 6, {"s1": 2, "s2": 1})
+    first = await wait_for_status(b, "frozen")
+    await asyncio.sleep(2 * TICK + 0.5)  # both nodes' watches have looked at it again
+    again = await wait_for_status(a, "frozen")
+    for field_name in ("commitment", "entries_digest", "entries", "frozen_at"):
+        assert again.get(field_name) == first.get(field_name), field_name
+    drawn = await b.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "3 5 8"}, headers=ADMIN
+    )
+    assert drawn.status == 200, await drawn.text()
+    replayed = await a.post(
+        "/api/v1/admin/rounds/l1/draw", json={"public_randomness": "3 5 8"}, headers=ADMIN
+    )
+    assert replayed.status in (200, 409), await replayed.text()
+    winners = set()
+    for e in entries:
+        got = await (await a.get(f"/api/v1/entries/{e['entry_id']}")).json()
+        if got["status"] == "won":
+            winners.add(got["reservation_id"])
+    assert len(winners) == 3  # 2 units at s1, 1 at s2
+
+    await seed(a, round_id="ex", stock={"s1": 10})
+    made = [await reserve(a if n % 2 else b, n, round_id="ex") for n in range(8)]
+    assert {r.status for r in made} == {201}
+    await end_pickup(a, "ex")
+
+    async def expired_in_the_ledger() -> bool:
+        counts = await ledger_counts(cluster_settings.database_url)
+        return counts.get(("ex", "expired")) == 8 and counts.get(("l1", "confirmed")) == 3
+
+    await until(expired_in_the_ledger, 20)
+    for node in (a, b):
+        figures = await stats(node, "ex")
+        assert (figures["loaded"], figures["reserved"], figures["expired"]) == (10, 0, 8)
+        assert figures["remaining"] == 2
+    counts = await ledger_counts(cluster_settings.database_url)
+    assert {k: v for k, v in counts.items() if k[0] in ("ex", "l1")} == {
+        ("ex", "expired"): 8,
+        ("l1", "confirmed"): 3,
+    }
+
+
 def test_the_release_gate_excuses_only_503s_with_retry_after_during_the_failover() -> None:
     from loadtest.checks import FaultFacts, fault_excused
 
