@@ -7,6 +7,7 @@ the same millisecond; only one of them goes to Redis, the others wait for its an
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
@@ -21,6 +22,7 @@ class TtlCache(Generic[K, V]):
         self._clock = clock
         self._values: dict[K, tuple[float, V]] = {}
         self._loading: dict[K, asyncio.Future[V]] = {}
+        self._failed: dict[K, float] = {}  # get_or_last: when a load last failed
 
     async def get(self, key: K, load: Callable[[], Awaitable[V]]) -> V:
         hit = self._values.get(key)
@@ -48,15 +50,41 @@ class TtlCache(Generic[K, V]):
     ) -> V:
         """As ``get``; when the load fails with ``failure``, the last value loaded (however
         old), if there is one. For snapshots of things that change rarely and are kept on one
-        Redis Cluster node (the sites, the round-tags map): that node's failover must not stop
-        the rounds on every other node."""
+        Redis Cluster node (the sites, the round-tags map, the round list): that node's
+        failover, or its hanging, must not stop or slow the rounds on every other node.
+
+        So after a load failed, for ``ttl`` the last value is served at once, while a fresh
+        one is tried in the background (whose failure starts another ``ttl``): awaiting the
+        load after each expiry, every request of every shard waited out the Redis timeout
+        once a second while the node was hung (tests/test_cluster.py, the hung shard). With
+        no failure, an expired value is loaded afresh before it is served, as by ``get``."""
+        noted = self._noting_failure(key, load, failure)
+        hit = self._values.get(key)
+        now = self._clock()
+        if hit is not None and hit[0] <= now and now - self._failed.get(key, -math.inf) < self._ttl:
+            self.refresh(key, noted)
+            return hit[1]
         try:
-            return await self.get(key, load)
+            return await self.get(key, noted)
         except failure:
             last = self.last(key)
             if last is None:
                 raise
             return last
+
+    def _noting_failure(
+        self, key: K, load: Callable[[], Awaitable[V]], failure: type[BaseException]
+    ) -> Callable[[], Awaitable[V]]:
+        async def noted() -> V:
+            try:
+                value = await load()
+            except failure:
+                self._failed[key] = self._clock()
+                raise
+            self._failed.pop(key, None)
+            return value
+
+        return noted
 
     def last(self, key: K) -> V | None:
         """The last value loaded for ``key``, however old; None if there is none."""

@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from allocator import topology
-from allocator.errors import InvalidRequest, NotFound, Unavailable
+from allocator.errors import InvalidRequest, NotFound, RetryLater, Unavailable
 from allocator.keys import Keys
 
 log = logging.getLogger("allot.desk")
@@ -157,7 +157,7 @@ class DeskTokens:
         self.forget()
         try:
             await self._redis_call(topology.publish(self._redis, self._keys.desk_events, "revoked"))
-        except Unavailable:
+        except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
             # the revocation is in PostgreSQL: every worker acts on it within ``ttl`` anyway
             log.warning("desk token %s revoked; Redis did not take the announcement", token_id)
         log.info("desk token %s of site %s revoked", desk.token_id, desk.site_id)

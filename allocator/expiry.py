@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from allocator.catalogue import Catalogue
-from allocator.errors import RoundLost, Unavailable
+from allocator.errors import RetryLater, RoundLost
 from allocator.keys import Keys
 from allocator.losswatch import LossWatch
 from allocator.model import to_ms
@@ -124,7 +124,7 @@ class Expiry:
         while not stop.is_set():
             try:
                 await self.sweep()
-            except Unavailable:
+            except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
                 pass  # Redis is down: the breaker and /readyz say so; the next pass retries
             except (RedisError, OSError, TimeoutError) as exc:  # a store hiccup, not a bug
                 log.warning(

@@ -19,7 +19,7 @@ import asyncpg
 from redis.exceptions import RedisError
 
 from allocator import topology
-from allocator.errors import RoundLost, Unavailable
+from allocator.errors import RetryLater, RoundLost, Unavailable
 from allocator.integrity import Floors, Lost, ledger_marks
 from allocator.keys import Keys
 from allocator.redistyping import awaited
@@ -174,12 +174,14 @@ class LossWatch:
         """Cluster mode: Unavailable naming each primary of these rounds that does not answer."""
         try:
             tags = await self.tags.all()
-        except Unavailable:
+        except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
             tags = {}  # the node of the round-tags hash is down: the rounds' own tags, then
         keys = {r: self.keys.round(r, tags.get(r)).round for r in round_ids}
         try:
-            async with asyncio.timeout(2 * self.store.timeout):
-                down = await topology.down_primaries(self.store.redis, list(keys.values()))
+            async with asyncio.timeout(2 * self.store.timeout + 0.5):
+                down = await topology.down_primaries(
+                    self.store.redis, list(keys.values()), self.store.timeout
+                )
         except TimeoutError:
             down = ["(the cluster does not answer)"]
         if not down:
@@ -204,7 +206,7 @@ class LossWatch:
                 if self.store.pool is not None:
                     await self._reload_floors()
                 await self.integrity(self.floors.rounds())
-            except Unavailable:
+            except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
                 pass  # Redis is down: the breaker and /readyz say so
             except Exception:
                 log.exception("integrity check failed")

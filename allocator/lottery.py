@@ -33,7 +33,14 @@ from allocator import drawjob
 from allocator.catalogue import Catalogue
 from allocator.claims import fresh_identifiers
 from allocator.draw import ALGORITHM
-from allocator.errors import DrawConflict, DrawNotReady, NotFound, Unavailable, WrongMode
+from allocator.errors import (
+    DrawConflict,
+    DrawNotReady,
+    NotFound,
+    RetryLater,
+    Unavailable,
+    WrongMode,
+)
 from allocator.keys import Keys, ScriptKeys
 from allocator.losswatch import LossWatch
 from allocator.model import Round
@@ -393,7 +400,7 @@ class Lottery:
         while not stop.is_set():
             try:
                 await self.tick()
-            except Unavailable:
+            except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
                 pass  # a store is down: the next tick tries again
             except Exception:
                 log.exception("lottery check failed")

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from allocator import topology
 from allocator.catalogue import Catalogue
-from allocator.errors import Unavailable
+from allocator.errors import RetryLater
 from allocator.keys import Keys
 from allocator.soldout import SoldOutBoard
 from allocator.store import Store
@@ -46,7 +46,7 @@ class StockEvents:
             await self.store.redis_call(
                 topology.publish(self.store.redis, self.keys.stock_events, message)
             )
-        except Unavailable:
+        except RetryLater:  # Unavailable, or Overloaded (a timeout in a busy loop)
             log.warning(
                 "could not announce returned units of %s; marks expire within 1 s", round_id
             )

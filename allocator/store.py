@@ -89,7 +89,7 @@ class Store:
             raise Unavailable("The reservation store is busy; please try again.") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             self._on_redis_failure()
-            topology.mark_stale(self.redis)  # cluster mode: a primary may have changed
+            topology.mark_stale(self.redis, node)  # cluster mode: a primary may have changed
             if isinstance(exc, TimeoutError | RedisTimeoutError) and self.loop_lag.saturated():
                 # the reply most likely sat unread while this worker was saturated: shed load
                 raise Overloaded("Too busy right now; please try again.", retry_after=1) from exc

@@ -65,6 +65,23 @@ class _Cluster(RedisCluster):
     async def initialize(self) -> RedisCluster:
         if not self._initialize:
             return self
+        if self.commands_parser.commands and self.nodes_manager.slots_cache:
+            # A map is known and marked stale: it is read again in the background (one
+            # re-reading at a time, :func:`mark_stale`), never by the call that found it stale.
+            # Re-reading asks the startup nodes one after the other, each for up to the socket
+            # timeout: with a hung node among them (its socket open, nothing answering), every
+            # call on every shard waited behind the re-reading, and the healthy shards' claims
+            # took seconds (tests/test_cluster.py, the hung shard). A call on the old map that
+            # meets a moved slot follows the MOVED answer (redis-py updates that slot itself).
+            mark_stale(cast(Redis, self))
+            self._reclaim_pool_slots()  # as after a re-reading: see _one_node_per_name
+            return self
+        return await self.reread()
+
+    async def reread(self) -> RedisCluster:
+        """Read the slot map (and, the first time, the command table) now."""
+        if not self._initialize:
+            return self
         if not self.commands_parser.commands:
             try:
                 _ = await super().initialize()
@@ -104,7 +121,11 @@ class _Cluster(RedisCluster):
                 kept[node.name].server_type = node.server_type
         for slot, nodes in manager.slots_cache.items():
             manager.slots_cache[slot] = [kept.get(n.name, n) for n in nodes]
-        for node in kept.values():
+        self._reclaim_pool_slots()
+
+    def _reclaim_pool_slots(self) -> None:
+        """Take back the pool slots of connections that never connected (see above)."""
+        for node in self.nodes_manager.nodes_cache.values():
             free = set(map(id, node._free))
             node._connections = [c for c in node._connections if c.is_connected or id(c) in free]
 
@@ -196,8 +217,10 @@ _refreshing: weakref.WeakKeyDictionary[RedisCluster, asyncio.Task[None]] = (
 )
 
 
-def mark_stale(client: Redis) -> None:
+def mark_stale(client: Redis, failed: str | None = None) -> None:
     """After a connection failure or timeout: read the slot map again, now, in the background.
+    ``failed``: the ``host:port`` that failed, asked last by that re-reading (a hung node would
+    cost it a socket timeout; redis-py 7.4 moves a node only after a failed single command).
 
     redis-py 7.4 marks its map stale itself after a failed single command, but not after a
     failed pipeline (its pipelines run with our zero retries), so a client whose calls are
@@ -207,6 +230,8 @@ def mark_stale(client: Redis) -> None:
     if not is_cluster(client):
         return
     cluster = as_cluster(client)
+    if failed is not None:
+        cluster.nodes_manager.move_node_to_end_of_cached_nodes(failed)
     task = _refreshing.get(cluster)
     if task is not None and not task.done():
         return  # a refresh is under way, or has just been made
@@ -221,14 +246,18 @@ REFRESH_EVERY = 0.25  # seconds: at most four re-readings of the slot map a seco
 async def _refresh(cluster: RedisCluster) -> None:
     with contextlib.suppress(Exception):  # still down: the next failure refreshes again
         async with asyncio.timeout(2):
-            _ = await initialized(cast(Redis, cluster))
+            if isinstance(cluster, _Cluster):
+                _ = await cluster.reread()
+            else:
+                _ = await cluster.initialize()
     # the failures of the next moment are the same outage: one reading of the map serves them
     # (each reading also costs sockets that redis-py 7.4 closes only when collected)
     await asyncio.sleep(REFRESH_EVERY)
 
 
 async def initialized(client: Redis) -> RedisCluster:
-    """The cluster client with a current slot map (at once unless it is stale)."""
+    """The cluster client, at once once it has a slot map (a stale one is read again in the
+    background, :meth:`_Cluster.initialize`); the first time, after reading one."""
     return await as_cluster(client).initialize()
 
 
@@ -413,13 +442,24 @@ async def subscription(client: Redis, *channels: str) -> AsyncIterator[PubSub]:
 # -- readiness -----------------------------------------------------------------------------
 
 
-async def down_primaries(client: Redis, keys: Sequence[str]) -> list[str]:
+async def down_primaries(client: Redis, keys: Sequence[str], each: float = 1.0) -> list[str]:
     """``host:port`` of each primary serving one of ``keys`` (all primaries when none is given)
-    that does not answer PING; [] for a single Redis (its own check is the script it runs)."""
+    that does not answer PING within ``each`` seconds; [] for a single Redis (its own check is the
+    script it runs). At most about twice ``each`` in all.
+
+    The PINGs go out at once, each straight to its node: one after the other, a hung primary
+    (its socket open, nothing answering) took a whole ``each`` before the next was asked, and
+    the cluster client's own routing first waits for any re-reading of the slot map under way,
+    which itself waits on the hung node: readiness then said "the cluster does not answer"
+    instead of naming the primary (tests/test_cluster.py, the hung shard)."""
     if not is_cluster(client):
         return []
+    cluster = as_cluster(client)
     try:
-        cluster = await initialized(client)
+        async with asyncio.timeout(each):
+            cluster = await initialized(client)
+    except TimeoutError:
+        pass  # a re-reading of the slot map is waiting on a hung node: the map we have
     except (RedisError, OSError) as exc:
         return [f"(no node answers: {type(exc).__name__})"]
     nodes: dict[str, ClusterNode] = {}
@@ -432,10 +472,19 @@ async def down_primaries(client: Redis, keys: Sequence[str]) -> list[str]:
             nodes[node.name] = node
     if not keys:
         nodes = {n.name: n for n in cluster.get_primaries()}
-    down = []
-    for name, node in sorted(nodes.items()):
+
+    async def answers(node: ClusterNode) -> bool:
+        # the client's own object for that address, whose connections its aclose() closes (a
+        # slot may point at another one after an interrupted reading of the map)
+        node = cluster.get_node(node_name=node.name) or node
         try:
-            await cluster.execute_command("PING", target_nodes=node)
+            # the socket timeout fires first; this bounds the connect and a full pool's wait
+            async with asyncio.timeout(each + 0.2):
+                _ = await node.execute_command("PING")
         except Exception:
-            down.append(name)
-    return down
+            return False
+        return True
+
+    names = sorted(nodes)
+    up = await asyncio.gather(*(answers(nodes[n]) for n in names))
+    return [name for name, ok in zip(names, up, strict=True) if not ok]

@@ -7,6 +7,7 @@ for the tests and the load test's ``--fault kill-redis-primary``. Never the syst
         cluster.kill(node)               # kill -9, like a crashed host
         cluster.failover(replica)        # CLUSTER FAILOVER on a replica (planned, no loss)
         cluster.cut_off(replica)         # its primary's writes no longer reach it (a partition)
+        cluster.hang(node)               # SIGSTOP: connections stay open, nothing answers
         cluster.wait_healthy()           # every slot served, every primary with a synced replica
 
 Each node is a :class:`~loadtest.servers.PrivateRedis` started with ``cluster-enabled yes``, its
@@ -219,6 +220,18 @@ class PrivateCluster:
     def revive(self, node: ClusterNodeServer) -> None:
         """Start a killed node again (empty: it rejoins as a replica of its successor)."""
         node.start()
+
+    def hang(self, *nodes: ClusterNodeServer) -> None:
+        """SIGSTOP, like a hung host: its sockets stay open (connects succeed, the kernel
+        queues them), nothing answers. A hung primary with a live replica is failed over after
+        cluster-node-timeout; hang the replica too for a shard that stays down."""
+        for node in nodes:
+            node.pause()
+
+    def unhang(self, *nodes: ClusterNodeServer) -> None:
+        """SIGCONT after :meth:`hang`."""
+        for node in nodes:
+            node.resume()
 
     def cut_off(self, replica: ClusterNodeServer) -> None:
         """The replica stops receiving its primary's writes, as behind a network partition,

@@ -65,6 +65,53 @@ async def test_last_serves_an_expired_value_at_once_while_refresh_loads_it_anew(
     assert loads == 2
 
 
+async def test_get_or_last_waits_for_a_fresh_value_but_not_on_a_node_that_just_failed() -> None:
+    """The sites, round tags and round list live on one cluster node. Healthy, an expired
+    snapshot is loaded afresh before it is served (a new round is listed within ttl); once a
+    load failed, for ttl the last value is served at once and a fresh one is tried in the
+    background (a hung node's timeout is never waited out by every request); back to
+    awaiting once a load succeeds."""
+    from allocator.errors import Unavailable
+
+    clock = FakeClock()
+    cache: TtlCache[str, int] = TtlCache(1.0, clock)
+    failing = False
+    hang = asyncio.Event()
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        if failing:
+            await hang.wait()  # a hung node: its timeout fires when the test says so
+            raise Unavailable("timed out")
+        return loads
+
+    assert await cache.get_or_last("k", load, Unavailable) == 1
+    clock.advance(1.5)
+    assert await cache.get_or_last("k", load, Unavailable) == 2  # awaited: fresh
+    clock.advance(1.5)
+    failing = True
+    waited = asyncio.ensure_future(cache.get_or_last("k", load, Unavailable))
+    await asyncio.sleep(0)
+    assert not waited.done()  # no failure seen yet: this one waits for the load
+    hang.set()
+    assert await waited == 2  # the load failed: the last value
+    hang.clear()
+    for _ in range(3):  # within ttl of the failure: at once, one background try
+        assert await asyncio.wait_for(cache.get_or_last("k", load, Unavailable), 0.1) == 2
+    assert loads == 4
+    hang.set()
+    await asyncio.sleep(0)
+    failing = False
+    clock.advance(0.5)  # the background try failed a moment ago: still served at once
+    assert await asyncio.wait_for(cache.get_or_last("k", load, Unavailable), 0.1) == 2
+    await asyncio.sleep(0)
+    assert cache.last("k") == 5  # that background try succeeded
+    clock.advance(1.5)
+    assert await cache.get_or_last("k", load, Unavailable) == 6  # healthy: awaited again
+
+
 def test_a_sold_out_mark_answers_from_memory_for_its_ttl_by_the_clock() -> None:
     """The herd on an empty site is answered from memory for at most TTL, then Redis decides."""
     clock = FakeClock()
