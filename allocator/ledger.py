@@ -20,6 +20,9 @@ stream. This writer reads the stream through a consumer group and commits entrie
   in Redis and the backlog (the stream's length) shows as ledger lag;
 * an entry PostgreSQL refuses for its data ``max_attempts`` times is moved to the round's
   dead-letter stream and logged, so one bad entry cannot stop the ledger;
+* Redis Cluster: every call on the streams goes out as one pipeline per node, the nodes at once,
+  each behind a breaker of its own (:class:`_Nodes`), so a node that fails or hangs costs only
+  its own rounds' ledger progress; the other nodes' entries are committed meanwhile;
 * every entry carries the round's change sequence number ``seq``; the transaction that writes
   the rows also raises ``rounds.ledger_seq`` to the highest one (never lowers it), and the
   worker's floors learn it at once (allocator/integrity.py: how a Redis that lost data the
@@ -34,14 +37,16 @@ import datetime as dt
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from allocator import topology
 from allocator.config import LedgerSettings
@@ -55,6 +60,107 @@ log = logging.getLogger("allot.ledger")
 GROUP = "ledger"
 LAG_INTERVAL = 1.0  # seconds between two readings of the backlog (allot_ledger_lag)
 POLL_MS = 50  # cluster mode: the pause after a pass that found no new entry (no blocking read)
+NODE_BREAKER = (0.25, 2.0)  # cluster mode: a failed node is skipped this long, doubling up to
+
+
+class _Nodes:
+    """Cluster mode: the writer's pipelines, one per node, and a breaker per node.
+
+    Why not one pipeline for all nodes: redis-py 7.4's cluster pipeline runs each node's share
+    as a task under one ``asyncio.gather`` (no ``return_exceptions``), and a node whose
+    connection must be (re)made sends the handshake outside the try that turns a command's
+    failure into its result. After its first timeout a hung node's connection is closed, so
+    every later pipeline reconnects to it, times out in the handshake, and the whole pipeline
+    raises, ``raise_on_error=False`` notwithstanding: the healthy nodes' replies were lost
+    with it, and the ledger stalled for every round (measured: tests/test_cluster.py, the hung
+    shard; issue 11). Apart, a node's failure is the result of its own pipeline only.
+
+    After a failure the node is skipped for ``NODE_BREAKER[0]`` seconds, doubling on each
+    further failure up to ``NODE_BREAKER[1]``: a hung node would cost each pass a socket
+    timeout, and the others' progress would wait on it."""
+
+    def __init__(self, writer: LedgerWriter) -> None:
+        self.writer = writer
+        self._down_until: dict[str, float] = {}
+        self._pause: dict[str, float] = {}
+
+    def by_node(self, streams: Sequence[str]) -> dict[str, list[str]]:
+        """node -> its streams, leaving out the nodes whose breaker is open and the streams
+        whose slot has no primary now (read on a later pass). A single Redis is one node, ""."""
+        redis = self.writer.redis
+        if not topology.is_cluster(redis):
+            return {"": list(streams)} if streams else {}
+        now = time.monotonic()
+        grouped: dict[str, list[str]] = {}
+        for stream in streams:
+            node = topology.node_name(redis, stream)
+            if node and self._down_until.get(node, 0.0) <= now:
+                grouped.setdefault(node, []).append(stream)
+        return grouped
+
+    def down(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(n for n, until in self._down_until.items() if until > now)
+
+    async def pipelines(
+        self, grouped: dict[str, list[str]], queue: Callable[[Pipeline, str, list[str]], None]
+    ) -> dict[str, list[Any] | BaseException]:
+        """Each node's replies (``queue`` fills its pipeline), or what failed it. The nodes
+        are asked at once; a failed node's breaker opens."""
+
+        async def one(node: str, names: list[str]) -> list[Any]:
+            async with self.writer.redis.pipeline(transaction=False) as pipe:
+                queue(pipe, node, names)
+                return list(await pipe.execute(raise_on_error=False))
+
+        return await self.each(grouped, one)
+
+    async def each(
+        self,
+        grouped: dict[str, list[str]],
+        call: Callable[[str, list[str]], Awaitable[Any]],
+    ) -> dict[str, Any]:
+        """``call(node, streams)`` for every node at once: node -> its result, or what failed
+        it (its breaker then opens)."""
+        names = list(grouped)
+        results = await asyncio.gather(
+            *(call(n, grouped[n]) for n in names), return_exceptions=True
+        )
+        out: dict[str, Any] = {}
+        for node, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, Exception):
+                raise result  # CancelledError and the like
+            if isinstance(result, RedisError | RedisClusterException | OSError):
+                self.failed(node, result)  # RedisClusterException: a slot not covered now
+            elif isinstance(result, Exception):
+                raise result
+            else:
+                self.answered(node)
+            out[node] = result
+        return out
+
+    def failed(self, node: str, exc: BaseException) -> None:
+        writer = self.writer
+        if not topology.is_cluster(writer.redis):
+            raise exc  # a single Redis: the pass fails, and the writer backs off
+        pause = min(NODE_BREAKER[1], self._pause.get(node, NODE_BREAKER[0] / 2) * 2)
+        self._pause[node] = pause
+        self._down_until[node] = time.monotonic() + pause
+        # a primary may have changed ("?": a slot without one, no node to name)
+        topology.mark_stale(writer.redis, None if node == "?" else node)
+        if writer.floors is not None:
+            writer.floors.redis_failed()  # the Redis that comes back may be an older copy
+        log.warning(
+            "ledger writer: node %s: %s: %s; its rounds' streams skipped for %.2fs",
+            node,
+            type(exc).__name__,
+            exc,
+            pause,
+        )
+
+    def answered(self, node: str) -> None:
+        self._pause.pop(node, None)
+        self._down_until.pop(node, None)
 
 
 async def create_group(redis: Redis, stream: str) -> None:
@@ -266,6 +372,11 @@ class LedgerWriter:
         self._failures: dict[bytes, int] = {}
         self._stopping = asyncio.Event()
         self._backoff = 0.0
+        self._nodes = _Nodes(self)
+        self._last_streams: dict[str, str] = {}  # cluster mode: used while the list's node fails
+        self._list_retry_at = 0.0
+        self._list_pause = 0.0
+        self._backlogs: dict[str, int] = {}  # node -> its streams' length when last read
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -344,28 +455,31 @@ class LedgerWriter:
                     GROUP, self.consumer, dict.fromkeys(streams, start), count, block=block
                 )
             )
+
         # Redis Cluster: one XREADGROUP per stream, each on its round's node (one read of
-        # several streams is CROSSSLOT), pipelined (each node gets its share in one write, the
-        # nodes at once) and never blocking (a blocked read would hold a node's connection, and
-        # one node's silence would delay the others). A node that fails costs only its streams.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
+        # several streams is CROSSSLOT), one pipeline per node, the nodes at once (_Nodes), and
+        # never blocking (a blocked read would hold a node's connection, and one node's silence
+        # would delay the others). A node that fails costs only its streams.
+        def queue(pipe: Pipeline, _node: str, names: list[str]) -> None:
+            for stream in names:
                 pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)
-            replies = await pipe.execute(raise_on_error=False)
-        failed = [r for r in replies if isinstance(r, Exception)]
-        if failed and len(failed) == len(replies):
-            raise failed[0]
-        if failed:
-            log.warning(
-                "ledger writer: %d of %d streams unreadable now (%s)",
-                len(failed),
-                len(replies),
-                type(failed[0]).__name__,
-            )
+
+        replies = await self._nodes.pipelines(self._nodes.by_node(list(streams)), queue)
+        entries: list[Entry] = []
+        unreadable = 0
+        for reply in replies.values():
+            if isinstance(reply, BaseException):
+                continue
+            for r in reply:
+                if isinstance(r, Exception):
+                    unreadable += 1
+                else:
+                    entries += self._parse(r)
+        if unreadable:
+            log.warning("ledger writer: %d streams unreadable now", unreadable)
             topology.mark_stale(self.redis)
             if self.floors is not None:
                 self.floors.redis_failed()
-        entries = [e for r in replies if not isinstance(r, Exception) for e in self._parse(r)]
         if not entries and block:
             await self._sleep(min(block, POLL_MS) / 1000)
         return entries
@@ -381,31 +495,27 @@ class LedgerWriter:
         cluster = topology.is_cluster(self.redis)
         if cluster:
             _ = await topology.initialized(self.redis)
-        by_node: dict[str, list[str]] = {}
-        for stream in streams:
-            node = topology.node_name(self.redis, stream) or ""
-            if cluster and not node:
-                continue  # its slot has no primary right now: read it on a later pass
-            by_node.setdefault(node, []).append(stream)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            order: list[tuple[str, list[str]]] = []
-            for node, names in by_node.items():
-                target: dict[str, Any] = {}
-                if cluster:
-                    target["target_nodes"] = topology.as_cluster(self.redis).get_node(
-                        node_name=node
-                    )
-                for stream in names:
-                    pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)  # by key
-                pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
-                order.append((node, names))
-            replies = iter(await pipe.execute(raise_on_error=False))
+        grouped = self._nodes.by_node(list(streams))
+
+        def queue(pipe: Pipeline, node: str, names: list[str]) -> None:
+            target: dict[str, Any] = {}
+            if cluster:
+                target["target_nodes"] = topology.as_cluster(self.redis).get_node(node_name=node)
+            for stream in names:
+                pipe.xreadgroup(GROUP, self.consumer, {stream: start}, count)  # by key
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms, **target)
+
+        replies = await self._nodes.pipelines(grouped, queue)
         entries: list[Entry] = []
         unconfirmed = 0
-        for _node, names in order:
-            read = [next(replies) for _ in names]
-            acked = next(replies)
-            if isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+        for node, reply in replies.items():
+            if isinstance(reply, BaseException):
+                continue  # the node failed: its streams wait for a later pass
+            names = grouped[node]
+            read, acked = reply[: len(names)], reply[len(names)]
+            moved = cluster and any(topology.node_name(self.redis, s) != node for s in names)
+            if moved or isinstance(acked, Exception) or int(acked) < self.wait_replicas:
+                # (moved: the map changed meanwhile, a read went elsewhere than the WAIT)
                 unconfirmed += sum(1 for r in read if r and not isinstance(r, Exception))
                 continue
             entries += [e for r in read if not isinstance(r, Exception) for e in self._parse(r)]
@@ -428,18 +538,68 @@ class LedgerWriter:
                 return
 
     async def backlog(self, streams: dict[str, str] | None = None) -> int:
-        """Entries not yet committed: every committed entry is deleted from its stream."""
+        """Entries not yet committed: every committed entry is deleted from its stream. Raises
+        while a node does not answer (or is skipped by its breaker): a count without it would
+        tell :meth:`drain` it is done."""
         if streams is None:
             streams = await self._streams()
-        if not streams:
-            return 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
+        lengths = await self._lengths(streams)
+        failed = [r for r in lengths.values() if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]
+        if topology.is_cluster(self.redis):
+            down = self._nodes.down()
+            if any(topology.node_name(self.redis, s) in (None, *down) for s in streams):
+                raise ConnectionError("ledger backlog unknown: a node skipped or without primary")
+        return sum(n for n in lengths.values() if isinstance(n, int))
+
+    async def _lengths(self, streams: dict[str, str]) -> dict[str, int | BaseException]:
+        """node -> its streams' entries (XLEN), or what failed it."""
+
+        def queue(pipe: Pipeline, _node: str, names: list[str]) -> None:
+            for stream in names:
                 pipe.xlen(stream)
-            return sum(await pipe.execute())
+
+        replies = await self._nodes.pipelines(self._nodes.by_node(list(streams)), queue)
+        out: dict[str, int | BaseException] = {}
+        for node, reply in replies.items():
+            if isinstance(reply, BaseException):
+                out[node] = reply
+                continue
+            bad = next((r for r in reply if isinstance(r, Exception)), None)
+            out[node] = bad if bad is not None else sum(int(r) for r in reply)
+        return out
 
     async def _streams(self) -> dict[str, str]:
-        """stream key -> round_id for every round, with its consumer group in place."""
+        """stream key -> round_id for every round, with its consumer group in place. Cluster
+        mode: while the list of rounds cannot be read (its keys' nodes fail), the list last
+        read, asked again after a pause that doubles (a round made meanwhile is read once they
+        answer): without it, a hung node holding the list stalled every round's ledger."""
+        if not topology.is_cluster(self.redis):
+            return await self._read_streams()
+        if self._last_streams and time.monotonic() < self._list_retry_at:
+            return await self._groups_in_place(self._last_streams)
+        try:
+            streams = await self._read_streams()
+        except (RedisError, OSError) as exc:
+            if not self._last_streams:
+                raise  # nothing known yet: the pass fails, the writer backs off
+            self._list_pause = min(NODE_BREAKER[1], max(NODE_BREAKER[0], self._list_pause * 2))
+            self._list_retry_at = time.monotonic() + self._list_pause
+            topology.mark_stale(self.redis)
+            log.warning(
+                "ledger writer: the list of rounds unreadable (%s: %s); the last one read, for"
+                " %.2fs",
+                type(exc).__name__,
+                exc,
+                self._list_pause,
+            )
+            return await self._groups_in_place(self._last_streams)
+        self._list_pause = 0.0
+        self._last_streams = streams
+        return dict(streams)
+
+    async def _read_streams(self) -> dict[str, str]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.smembers(self.keys.rounds)
             pipe.hgetall(self.keys.round_tags)  # each round's hash tag (allocator/tags.py)
@@ -448,11 +608,27 @@ class LedgerWriter:
         tags = {k.decode(): v.decode() for k, v in tags_raw.items()}
         self._round_keys = {r: self.keys.round(r, tags.get(r)) for r in round_ids}
         streams = {rk.ledger: r for r, rk in self._round_keys.items()}
-        for stream in streams:
-            if stream not in self._groups:
+        return await self._groups_in_place(streams)
+
+    async def _groups_in_place(self, streams: dict[str, str]) -> dict[str, str]:
+        """The streams, each with its consumer group made (once per writer); cluster mode: a
+        stream whose node fails is left out of this pass."""
+        missing = [s for s in streams if s not in self._groups]
+        if not missing:
+            return streams
+        if not topology.is_cluster(self.redis):
+            for stream in missing:
                 await create_group(self.redis, stream)
                 self._groups.add(stream)
-        return streams
+            return streams
+
+        async def create(_node: str, names: list[str]) -> None:
+            for stream in names:
+                await create_group(self.redis, stream)
+                self._groups.add(stream)
+
+        await self._nodes.each(self._nodes.by_node(missing), create)
+        return {s: r for s, r in streams.items() if s in self._groups}
 
     def _parse(self, reply: Any) -> list[Entry]:
         entries: list[Entry] = []
@@ -551,15 +727,34 @@ class LedgerWriter:
         for e in entries:
             by_stream.setdefault(self._rk(e.round_id).ledger, []).append(e.entry_id)
             self._failures.pop(e.entry_id, None)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream, ids in by_stream.items():
-                pipe.xack(stream, GROUP, *ids)
-                pipe.xdel(stream, *ids)
-            await pipe.execute()
+        if not topology.is_cluster(self.redis):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, GROUP, *ids)
+                    pipe.xdel(stream, *ids)
+                await pipe.execute()
+            self.committed += len(entries)
+            return
+
+        # per node: a node that fails now keeps its entries pending, committed again (the
+        # writes are idempotent) once it answers; the other nodes' acknowledgements stand
+        def queue(pipe: Pipeline, _node: str, names: list[str]) -> None:
+            for stream in names:
+                pipe.xack(stream, GROUP, *by_stream[stream])
+                pipe.xdel(stream, *by_stream[stream])
+
+        grouped: dict[str, list[str]] = {}
+        for stream in by_stream:  # every node, its breaker open or not: its entries are done
+            grouped.setdefault(topology.node_name(self.redis, stream) or "?", []).append(stream)
+        await self._nodes.pipelines(grouped, queue)
         self.committed += len(entries)
 
     async def _autoclaim(self, streams: dict[str, str]) -> None:
-        """Take over entries another consumer left pending for longer than claim_idle_ms."""
+        """Take over entries another consumer left pending for longer than claim_idle_ms; the
+        nodes at once, each node's streams one after the other."""
+        await self._nodes.each(self._nodes.by_node(list(streams)), self._autoclaim_streams)
+
+    async def _autoclaim_streams(self, _node: str, streams: list[str]) -> None:
         for stream in streams:
             start = "0-0"
             while True:
@@ -584,8 +779,17 @@ class LedgerWriter:
                     break
 
     async def _report_lag(self, streams: dict[str, str]) -> None:
-        if self.on_lag is not None:
-            self.on_lag(await self.backlog(streams))
+        """The backlog; cluster mode: a node that does not answer counts with its last reading."""
+        if self.on_lag is None:
+            return
+        lengths = await self._lengths(streams)
+        # a node skipped or failed now keeps its last reading; a node gone from the map, none
+        down = set(self._nodes.down())
+        self._backlogs = {
+            node: n if isinstance(n, int) else self._backlogs.get(node, 0)
+            for node, n in lengths.items()
+        } | {node: n for node, n in self._backlogs.items() if node in down}
+        self.on_lag(sum(self._backlogs.values()))
 
 
 def _marks(entries: Sequence[Entry]) -> dict[str, int]:

@@ -17,7 +17,11 @@ here, each where it is used:
   cluster bus to every node, so a subscriber on any one node hears every message:
   :func:`subscription` subscribes on one node at a time (the next one after a failure);
 * a keyless WAIT would go to a random node: :class:`ReplicaWait` sends it in the same
-  pipeline as the script, to the script's node, so that it runs on the script's connection.
+  pipeline as the script, to the script's node, so that it runs on the script's connection;
+* the node of a command whose keys Redis flags "movablekeys" (XREADGROUP, XREAD: the ledger's
+  reads) is found by asking one fixed node ``COMMAND GETKEYS`` before each call: with that
+  node hung, every such call on every node waited out the socket timeout on it.
+  :class:`_CommandsParser` finds those keys itself.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
+from redis._parsers.commands import AsyncCommandsParser
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
@@ -52,6 +57,45 @@ log = logging.getLogger("allot.allocator")
 MAX_CONNECTIONS = 64  # per node: a worker's claims are batched, 64 covers many rounds at once
 
 
+class _CommandsParser(AsyncCommandsParser):
+    """redis-py 7.4's key finder, without a round trip for the stream reads.
+
+    A command flagged "movablekeys" has its keys found by ``COMMAND GETKEYS`` on the node the
+    parser learnt the command table from (one node for the client's life), before the call is
+    routed. XREADGROUP and XREAD are such commands: while that node hung (its socket open,
+    nothing answering), every ledger read, on every node, first waited out the socket timeout
+    on it and failed (measured: an XREADGROUP on a healthy primary took 0.80 s and raised
+    "Timeout reading from" the hung one, an XLEN 0.000 s; tests/test_cluster.py, the ledger
+    while one primary hangs). Their keys are the first half of what follows STREAMS."""
+
+    async def get_keys(self, *args: Any) -> tuple[str, ...] | None:
+        keys = stream_read_keys(args)
+        if keys is not None:
+            return keys
+        return await super().get_keys(*args)
+
+
+def stream_read_keys(args: Sequence[Any]) -> tuple[Any, ...] | None:
+    """The stream keys of an XREADGROUP or XREAD command (its name first); None for any other
+    command. The options before STREAMS (COUNT n, BLOCK ms, NOACK; after GROUP name consumer)
+    take numbers, so the first STREAMS after them is the keyword."""
+    if not args:
+        return None
+    name = _text(args[0]).upper()
+    first = {"XREADGROUP": 4, "XREAD": 1}.get(name)
+    if first is None:
+        return None
+    for i in range(first, len(args)):
+        if _text(args[i]).upper() == "STREAMS":
+            rest = tuple(args[i + 1 :])
+            return rest[: len(rest) // 2] or None
+    return None
+
+
+def _text(arg: Any) -> str:
+    return arg.decode(errors="replace") if isinstance(arg, bytes) else str(arg)
+
+
 class _Cluster(RedisCluster):
     """redis-py 7.4's asyncio cluster client, with one method changed: ``initialize()``.
 
@@ -61,6 +105,10 @@ class _Cluster(RedisCluster):
     (after any failed call) would fail when that primary comes first, and take every shard's
     connections down with it. The command table does not change at a failover: once it is
     known, a re-initialization reads only the slot map (from any node that answers)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands_parser = _CommandsParser()
 
     async def initialize(self) -> RedisCluster:
         if not self._initialize:

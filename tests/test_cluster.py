@@ -75,6 +75,26 @@ def test_a_replica_wait_longer_than_the_redis_timeout_is_refused(tmp_path: Path)
     assert load_settings(config, environ={}).redis.wait_timeout_ms == 799
 
 
+@pytest.mark.parametrize(
+    ("args", "keys"),
+    [
+        (("XREADGROUP", "GROUP", "g", "c", "COUNT", 10, "STREAMS", "a", "0"), ("a",)),
+        (("xreadgroup", "GROUP", "streams", "streams", "STREAMS", "a", "b", ">", ">"), ("a", "b")),
+        ((b"XREAD", b"BLOCK", 5, b"streams", b"{r:1}:ledger", b"$"), (b"{r:1}:ledger",)),
+        (("XREADGROUP", "GROUP", "g", "c", "NOACK"), None),
+        (("XLEN", "a"), None),
+        ((), None),
+    ],
+)
+def test_stream_reads_find_their_keys_without_asking_a_node(
+    args: tuple[object, ...], keys: tuple[object, ...] | None
+) -> None:
+    """XREADGROUP and XREAD are routed by the keys after STREAMS, found without the
+    COMMAND GETKEYS round trip to one fixed node that redis-py 7.4 makes (a hung node there
+    stalled every node's ledger reads); a group or consumer named "streams" is no keyword."""
+    assert topology.stream_read_keys(args) == keys
+
+
 def test_cluster_settings_from_the_environment() -> None:
     s = load_settings(
         environ={
@@ -815,20 +835,22 @@ def hang_settings(cluster_settings: Settings) -> Settings:
     )
 
 
-async def in_ledger_within(database_url: str, reservation_ids: list[str], within: float) -> bool:
-    """Whether every one of these reservations is in PostgreSQL within ``within`` seconds."""
+async def in_ledger_within(
+    database_url: str, reservation_ids: list[str], within: float
+) -> float | None:
+    """Seconds until every one of these reservations is in PostgreSQL; None past ``within``."""
     con = await asyncpg.connect(database_url)
     try:
-        deadline = time.monotonic() + within
+        started = time.monotonic()
         while True:
             found = await con.fetchval(
                 "SELECT count(*) FROM reservations WHERE reservation_id = ANY($1)",
                 reservation_ids,
             )
             if found == len(reservation_ids):
-                return True
-            if time.monotonic() > deadline:
-                return False
+                return time.monotonic() - started
+            if time.monotonic() > started + within:
+                return None
             await asyncio.sleep(0.2)
     finally:
         await con.close()
@@ -919,11 +941,6 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
         assert took < 2 * PROMPT, took
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a gap of issue 11: while one primary hangs, the ledger writer's reads of the other"
-    " nodes' streams time out too, so no round reaches PostgreSQL until it answers again",
-)
 async def test_the_ledger_goes_on_committing_the_other_shards_while_one_hangs(
     cluster_settings: Settings,
     cluster_redis: RedisCluster,
@@ -933,7 +950,9 @@ async def test_the_ledger_goes_on_committing_the_other_shards_while_one_hangs(
 ) -> None:
     """One primary and its replica hung under a load of claims on three shards: the 201s of
     the other shards' rounds answered in the first second of the hang reach PostgreSQL
-    within 5 s, while it still hangs (each node's streams are read apart)."""
+    within 5 s, while it still hangs. (It failed while redis-py asked one fixed node, often the
+    hung one, COMMAND GETKEYS before every XREADGROUP on any node, and while one node's failure
+    failed the writer's whole pipeline over all nodes: allocator/topology.py, ledger.py.)"""
     settings = hang_settings(cluster_settings)
     client = await aiohttp_client(create_app(settings))
     rounds = rounds_on_each_primary(redis_cluster, keys)
@@ -953,16 +972,18 @@ async def test_the_ledger_goes_on_committing_the_other_shards_while_one_hangs(
             for t, r, s, rid in load.answers
             if s == 201 and rid and r != victim_round and hung_at < t < hung_at + 1
         ]
-        kept_up = await in_ledger_within(cluster_settings.database_url, healthy, 5)
+        took = await in_ledger_within(cluster_settings.database_url, healthy, 5)
+        still_hung = time.monotonic() - hung_at
     finally:
         await asyncio.to_thread(redis_cluster.unhang, victim, replica)
         load.stop.set()
         await asyncio.gather(*tasks)
     await asyncio.to_thread(redis_cluster.wait_healthy, 30)
+    seen = "not within 5 s" if took is None else f"{took:.2f} s after the check began"
     print(f"\n{len(healthy)} answered 201s of the other shards in the hang's first second:"
-          f" in PostgreSQL within 5 s while it hung: {kept_up}")  # fmt: skip
+          f" all in PostgreSQL {seen} (hung {still_hung:.1f} s then)")  # fmt: skip
     assert healthy
-    assert kept_up
+    assert took is not None
 
 
 async def test_a_hung_cluster_answers_every_claim_503_promptly_and_health_still_answers(
