@@ -2,15 +2,19 @@
 -- unit was taken (take.lua answered taken) becomes confirmed, and the programme's cooldown bar
 -- is set (until created_ms + cooldown_ms), with one ledger entry each. Only then is the
 -- citizen answered 201. Idempotent by reservation_id: the worker and the reaper may both
--- confirm the same entry.
+-- confirm the same entry; the one that finds it confirmed already is told so ('already'): it
+-- did not confirm it, and since then the citizen may have been shown the share ('existing')
+-- and cancelled it on its stock shard (cancel.lua) with the second half (release.lua) not yet
+-- done, which this shard cannot see. The driver reads the record before it answers 201.
 --
 -- KEYS[1]  holders hash  KEYS[2] pending zset  KEYS[3] bars hash (as entitle.lua's)
 -- KEYS[4]  tally hash    <p>:{c..}:tally   seq
 -- KEYS[5]  ledger stream <p>:{c..}:ledger  one entry per confirmed holder
 -- ARGV[1]  cooldown_ms (0: no bar)
 -- ARGV[2..] items "<citizen hash> <reservation_id> <created_ms>"
--- returns  per item 'confirmed' (now, or before) | 'gone' (the entry names another id or
---          none: never after a take that answered taken, see reap.lua)
+-- returns  per item 'confirmed' (now) | 'already' (confirmed before, by the reaper or an
+--          earlier call) | 'gone' (the entry names another id or none: never after a take
+--          that answered taken, see reap.lua, unless the share was cancelled since)
 
 local cooldown = tonumber(ARGV[1])
 local n = #ARGV - 1
@@ -43,7 +47,7 @@ for i = 1, n do
   if eid ~= it.id then
     replies[i] = 'gone'
   elseif state == 'C' then
-    replies[i] = 'confirmed'
+    replies[i] = 'already'
   else
     local v = 'C ' .. it.id .. ' ' .. site .. ' ' .. it.created
     entry[it.cit] = v

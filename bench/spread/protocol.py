@@ -365,19 +365,53 @@ class Spread:
             run.calls += len(confirm_calls) + len(release_calls)
         done = await asyncio.gather(*confirm_calls, *release_calls)
         answered = dict(run.answered)
+        already: dict[int, list[int]] = defaultdict(list)  # stock shard -> items
         for idx, replies in zip(confirm.values(), done[: len(confirm_calls)], strict=True):
             for i, reply in zip(idx, replies, strict=True):
                 t = run.taken[i]
-                if _text(reply) == "confirmed":
+                status = _text(reply)
+                if status == "confirmed":
                     answered[i] = Outcome("ok", ids[i], t.stock, t.code, t.created_ms)
+                elif status == "already":
+                    already[t.stock].append(i)
                 else:
                     # gone: only for a worker slower than the reaper, whose entry the reaper
                     # confirmed and the citizen (shown it as "existing") has cancelled since
                     answered[i] = Outcome("void", ids[i], t.stock, detail="gone")
+        if already:
+            await self._check_already(run, already, answered)
         for i, why in run.refused.items():
             answered[i] = Outcome(why)
         run.outcomes = [answered[i] for i in range(len(claims))]
         run.done = "finish"
+
+    async def _check_already(
+        self, run: Run, already: dict[int, list[int]], answered: dict[int, Outcome]
+    ) -> None:
+        """Entries confirmed before this worker's confirm (by the reaper: the worker was slower
+        than it): the citizen may have been shown the share and cancelled it since, and a cancel
+        that died between its halves (cancel.lua, then release.lua) leaves the confirmed entry
+        in place. So the record on its stock shard decides: 201 only if it is still confirmed
+        when read (a cancel after the read is a cancel after the 201), else void (503). One
+        read per stock shard, at once; only on this slow path."""
+        ids = run.ids
+        idx_of = list(already.items())
+        records = await asyncio.gather(
+            *(
+                awaited(self.client.hmget(self.layout.records(j), [ids[i] for i in idx]))
+                for j, idx in idx_of
+            )
+        )
+        run.stages += 1  # reads, not script calls: ``run.calls`` does not count them
+        for (_, idx), found in zip(idx_of, records, strict=True):
+            for i, rec in zip(idx, found, strict=True):
+                t = run.taken[i]
+                # a taken id's record is never replaced by the fence (reap.lua), so it is JSON
+                status = str(orjson.loads(rec)["status"]) if rec is not None else "missing"
+                if status == "confirmed":
+                    answered[i] = Outcome("ok", ids[i], t.stock, t.code, t.created_ms)
+                else:
+                    answered[i] = Outcome("void", ids[i], t.stock, detail=status)
 
     def _take(self, j: int, idx: list[int], run: Run, now: int) -> Any:
         claims, ids, letters = run.claims, run.ids, run.letters
