@@ -282,7 +282,7 @@ class Claims:
             at += 24
         # the script, then (wait_replicas > 0) WAIT on its connection: allocator/topology.py
         replies = await self.store.redis_call(
-            self.replicas.run(self.scripts.claim, keys, args), key=rk.round
+            self.replicas.run(self.scripts.claim, keys, args), key=rk.round, prompt=True
         )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))

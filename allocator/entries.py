@@ -158,7 +158,7 @@ class Entries:
         # is answered 503; the entries were made, and each citizen's retry gets 200 with the
         # same entry (enter.lua: "existing")
         replies = await self.store.redis_call(
-            self.replicas.run(self.scripts.enter, keys, args), key=rk.round
+            self.replicas.run(self.scripts.enter, keys, args), key=rk.round, prompt=True
         )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))

@@ -48,6 +48,7 @@ class Store:
         breaker: float = 0.5,
         monotonic: Callable[[], float] = time.monotonic,
         on_redis_failure: Callable[[], None] = lambda: None,
+        replica_wait: float = 0.0,
     ) -> None:
         self.redis = redis
         self.pool = pool
@@ -60,26 +61,33 @@ class Store:
         # Cluster mode: the socket timeout (the same ``timeout``) must fire first. A cancelled
         # cluster pipeline never gives its connection back to the node's pool (redis-py 7.4),
         # and a few dozen of those exhaust it; a socket timeout closes the connection cleanly.
-        # So the call itself is given ``timeout`` + 0.2 s, but its caller waits ``timeout`` at
-        # most (:meth:`_waited`): a call that also had to connect (a hung node accepts the
-        # connection and says nothing), or a pipeline of several reads, ran to the deadline,
-        # and a claim's 503 came after 1.0 s instead of 0.8 (tests/test_cluster.py).
+        # A claim or entry batch (``prompt``) is given the deadline too, but waited for at most
+        # ``timeout`` (:meth:`_waited`): a call that also had to connect (a hung node accepts
+        # the connection and says nothing) ran to the deadline, and a claim's 503 came after
+        # 1.0 s instead of 0.8 (tests/test_cluster.py, a hung shard). Never less than what its
+        # replica waits may take when they answer (``replica_wait``, ``[redis] wait_timeout_ms``
+        # when waited for): twice, after a NOSCRIPT (allocator/topology.py, ReplicaWait.run).
         self._deadline = timeout + 0.2 if self._cluster else timeout
+        self._prompt = min(self._deadline, max(timeout, 2 * replica_wait + 0.1))
         self._node_down_until: dict[str, float] = {}  # cluster mode: host:port -> until
         # the Redis that answers after a failure may be an older copy: the loss watch
         # (allocator/losswatch.py) compares it with the ledger before trusting it again
         self._on_redis_failure = on_redis_failure
 
-    async def redis_call(self, aw: Awaitable[T], *, key: str | None = None) -> T:
+    async def redis_call(
+        self, aw: Awaitable[T], *, key: str | None = None, prompt: bool = False
+    ) -> T:
         """Await a Redis call, turning any store failure into a prompt Unavailable. ``key``: a
-        key the call touches, whose node's breaker applies in cluster mode."""
+        key the call touches, whose node's breaker applies in cluster mode. ``prompt`` (a
+        claim or entry batch, whose citizens wait): in cluster mode, waited for at most
+        ``timeout`` in all (or its replica waits), not to the deadline."""
         node = topology.node_name(self.redis, key) if self._cluster and key else None
         if self._open(node):
             if inspect.iscoroutine(aw):
                 aw.close()  # never awaited: close it, or Python warns
             raise Unavailable("The reservation store is not answering; please try again.")
         try:
-            if self._cluster:
+            if self._cluster and prompt:
                 return await self._waited(aw)
             async with asyncio.timeout(self._deadline):
                 return await aw
@@ -104,20 +112,20 @@ class Store:
             raise Unavailable("The reservation store is not answering; please try again.") from exc
 
     async def _waited(self, aw: Awaitable[T]) -> T:
-        """Cluster mode: the call, waited for at most ``timeout`` (then TimeoutError). Past
-        that it is left to finish in the background, within its deadline, never cancelled by
-        the wait (see ``_deadline``); its outcome is dropped. Leaving a claim batch that
+        """Cluster mode: the call, waited for at most ``_prompt`` (then TimeoutError). Past that
+        it is left to finish in the background, within its deadline, never cancelled by the
+        wait (see ``_deadline``); its outcome is dropped. Leaving a claim batch that
         way is safe as a timeout is: the claim may have been made, and its retry gets the same
         reservation back (claim.lua's "existing"), as every script's retry does its own."""
         call = asyncio.ensure_future(_within(aw, self._deadline))
         try:
-            done, _ = await asyncio.wait((call,), timeout=self.timeout)
+            done, _ = await asyncio.wait((call,), timeout=self._prompt)
         except asyncio.CancelledError:
             call.add_done_callback(_dropped)  # the caller went away; the call ends by itself
             raise
         if not done:
             call.add_done_callback(_dropped)
-            raise TimeoutError(f"no answer within {self.timeout} s")
+            raise TimeoutError(f"no answer within {self._prompt} s")
         return call.result()
 
     def refuse_if_down(self, key: str) -> None:
