@@ -46,7 +46,12 @@ class TtlCache(Generic[K, V]):
             del self._loading[key]
 
     async def get_or_last(
-        self, key: K, load: Callable[[], Awaitable[V]], failure: type[BaseException]
+        self,
+        key: K,
+        load: Callable[[], Awaitable[V]],
+        failure: type[BaseException],
+        *,
+        grace: float = 0.0,
     ) -> V:
         """As ``get``; when the load fails with ``failure``, the last value loaded (however
         old), if there is one. For snapshots of things that change rarely and are kept on one
@@ -57,11 +62,17 @@ class TtlCache(Generic[K, V]):
         one is tried in the background (whose failure starts another ``ttl``): awaiting the
         load after each expiry, every request of every shard waited out the Redis timeout
         once a second while the node was hung (tests/test_cluster.py, the hung shard). With
-        no failure, an expired value is loaded afresh before it is served, as by ``get``."""
+        no failure, an expired value is loaded afresh before it is served, as by ``get``;
+        within ``grace`` of its expiry it is served at once while a fresh one loads in the
+        background (a claim batch: no snapshot's timeout in front of the claim's own)."""
         noted = self._noting_failure(key, load, failure)
         hit = self._values.get(key)
         now = self._clock()
-        if hit is not None and hit[0] <= now and now - self._failed.get(key, -math.inf) < self._ttl:
+        if (
+            hit is not None
+            and hit[0] <= now
+            and (now - hit[0] < grace or now - self._failed.get(key, -math.inf) < self._ttl)
+        ):
             self.refresh(key, noted)
             return hit[1]
         try:

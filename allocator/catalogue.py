@@ -60,7 +60,7 @@ class Catalogue:
 
     async def _load_round(self, round_id: str) -> Round | None:
         rk = await self.tags.round_keys(round_id)
-        h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)))
+        h = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.round)), key=rk.round)
         return Round.from_redis(round_id, h) if h else None
 
     async def round_before_claim(self, round_id: str) -> Round:
@@ -77,9 +77,10 @@ class Catalogue:
         self.rounds_cache.refresh(round_id, lambda: self._load_round(round_id))
         return last
 
-    async def round_keys(self, round_id: str) -> RoundKeys:
-        """The round's keys under its hash tag (from the worker's snapshot of the tags)."""
-        return await self.tags.round_keys(round_id)
+    async def round_keys(self, round_id: str, *, prompt: bool = False) -> RoundKeys:
+        """The round's keys under its hash tag (from the worker's snapshot of the tags;
+        ``prompt``: see :meth:`RoundTags.round_keys`)."""
+        return await self.tags.round_keys(round_id, prompt=prompt)
 
     async def round(self, round_id: str) -> Round:
         found = await self.find_round(round_id)
@@ -90,7 +91,7 @@ class Catalogue:
     async def round_ids(self) -> list[str]:
         async def load() -> list[str]:
             members = await self.store.redis_call(
-                awaited(self.store.redis.smembers(self.keys.rounds))
+                awaited(self.store.redis.smembers(self.keys.rounds)), key=self.keys.rounds
             )
             return sorted(m.decode() for m in members)
 
@@ -104,23 +105,33 @@ class Catalogue:
 
     # -- sites and stock ----------------------------------------------------------------------
 
-    async def sites(self, *, fresh: bool = False) -> dict[str, Site]:
+    async def sites(self, *, fresh: bool = False, prompt: bool = False) -> dict[str, Site]:
+        """Every site, from a snapshot at most SNAPSHOT_TTL old; ``prompt`` (a claim or entry
+        batch): at most twice that, an expired one serving while a fresh one loads (as
+        :meth:`RoundTags.round_keys`)."""
+
         async def load() -> dict[str, Site]:
-            raw = await self.store.redis_call(awaited(self.store.redis.hgetall(self.keys.sites)))
+            raw = await self.store.redis_call(
+                awaited(self.store.redis.hgetall(self.keys.sites)), key=self.keys.sites
+            )
             return {k.decode(): Site(site_id=k.decode(), **orjson.loads(v)) for k, v in raw.items()}
 
         if fresh:
             self.sites_cache.invalidate()
             return await self.sites_cache.get(None, load)
         # the sites hash lives on one node: while it fails over, the last snapshot serves
-        return await self.sites_cache.get_or_last(None, load, Unavailable)
+        return await self.sites_cache.get_or_last(
+            None, load, Unavailable, grace=SNAPSHOT_TTL if prompt else 0.0
+        )
 
     async def stock(self, round_id: str) -> dict[str, int]:
         """Units left per site with stock loaded in the round; may lag by up to SNAPSHOT_TTL."""
 
         async def load() -> dict[str, int]:
             rk = await self.tags.round_keys(round_id)
-            raw = await self.store.redis_call(awaited(self.store.redis.hgetall(rk.stock)))
+            raw = await self.store.redis_call(
+                awaited(self.store.redis.hgetall(rk.stock)), key=rk.stock
+            )
             return {k.decode(): int(v) for k, v in raw.items()}
 
         return await self.stock_cache.get(round_id, load)

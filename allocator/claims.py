@@ -231,7 +231,9 @@ class Claims:
 
     async def claim_many(self, round_id: str, items: Sequence[ClaimRequest]) -> list[ClaimOutcome]:
         """Admit (the gate) and decide several claims on one round in one script call."""
-        rk = await self.catalogue.round_keys(round_id)
+        rk = await self.catalogue.round_keys(round_id, prompt=True)
+        # a node found down a moment ago: answered now, without the floor and snapshots first
+        self.store.refuse_if_down(rk.round)
         even, odd = self.gate.claim_buckets(rk)
         keys = [
             rk.round,
@@ -251,7 +253,7 @@ class Claims:
             *self.gate.args,
             await self.watch.floor(round_id),
         ]
-        sites = await self.catalogue.sites()
+        sites = await self.catalogue.sites(prompt=True)
         ids, letters = fresh_batch(round_id, len(items))
         phone = self.hasher.phone
         client = self.hasher.client
@@ -280,7 +282,7 @@ class Claims:
             at += 24
         # the script, then (wait_replicas > 0) WAIT on its connection: allocator/topology.py
         replies = await self.store.redis_call(
-            self.replicas.run(self.scripts.claim, keys, args), key=rk.round
+            self.replicas.run(self.scripts.claim, keys, args), key=rk.round, prompt=True
         )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))

@@ -118,7 +118,9 @@ class Entries:
 
     async def enter_many(self, round_id: str, items: Sequence[EntryRequest]) -> list[EntryOutcome]:
         """Admit (the gate) and decide several entries on one round in one script call."""
-        rk = await self.catalogue.round_keys(round_id)
+        rk = await self.catalogue.round_keys(round_id, prompt=True)
+        # a node found down a moment ago: answered now, without the floor and snapshots first
+        self.store.refuse_if_down(rk.round)
         even, odd = self.gate.claim_buckets(rk)  # the claims' bucket hashes: one gate
         keys = [
             rk.round,
@@ -131,7 +133,7 @@ class Entries:
             odd,
         ]
 
-        sites = await self.catalogue.sites()
+        sites = await self.catalogue.sites(prompt=True)
         known = [i.site_id in sites or await self.catalogue.site_exists(i.site_id) for i in items]
         outcomes: list[EntryOutcome | None] = [
             None if ok else EntryOutcome(refusal=NotFound(f"There is no site {i.site_id!r}."))
@@ -156,7 +158,7 @@ class Entries:
         # is answered 503; the entries were made, and each citizen's retry gets 200 with the
         # same entry (enter.lua: "existing")
         replies = await self.store.redis_call(
-            self.replicas.run(self.scripts.enter, keys, args), key=rk.round
+            self.replicas.run(self.scripts.enter, keys, args), key=rk.round, prompt=True
         )
         if replies and replies[0][0] == b"lost":
             self.watch.note_lost(Lost.from_mark(round_id, replies[0][1]))

@@ -85,6 +85,7 @@ class Allocator:
             breaker=breaker,
             monotonic=monotonic,
             on_redis_failure=self.floors.redis_failed,
+            replica_wait=wait_timeout_ms / 1000 if wait_replicas > 0 else 0.0,
         )
         self.loop_lag = self.store.loop_lag  # its run() is started by the app
         # [redis] wait_replicas: one ReplicaWait for every part whose script answers someone

@@ -7,9 +7,9 @@ The ``round-tags`` hash holds round_id -> tag. It is written when a round is cre
 programmes existed, until their next ``PUT`` or ``allot rebuild`` writes their entry, and rounds
 that do not exist). A round's tag changes only while the round has
 not opened and holds nothing in Redis but its definition (no batch, no reservation), so a worker
-may serve a snapshot of the hash up to ``ttl`` old: in the one second after such a move its
-requests for the round find no round under the old tag (404, or 503 when the ledger has it) and
-change nothing.
+may serve a snapshot of the hash up to ``ttl`` old (a claim or entry batch: up to twice that, see
+``round_keys``): in the second or two after such a move its requests for the round find no
+round under the old tag (404, or 503 when the ledger has it) and change nothing.
 """
 
 from __future__ import annotations
@@ -67,13 +67,14 @@ class RoundTags:
         self.store = store
         self.keys = keys
         self.monotonic = monotonic
+        self._ttl = ttl
         self._cache: TtlCache[None, dict[str, str]] = TtlCache(ttl, monotonic)
         self._last_miss = -MISS_EVERY
 
-    async def all(self, *, fresh: bool = False) -> dict[str, str]:
+    async def all(self, *, fresh: bool = False, prompt: bool = False) -> dict[str, str]:
         async def load() -> dict[str, str]:
             raw = await self.store.redis_call(
-                awaited(self.store.redis.hgetall(self.keys.round_tags))
+                awaited(self.store.redis.hgetall(self.keys.round_tags)), key=self.keys.round_tags
             )
             return {k.decode(): v.decode() for k, v in raw.items()}
 
@@ -82,13 +83,22 @@ class RoundTags:
             return await self._cache.get(None, load)
         # a round's tag never changes once set: while the hash's node fails over, the last
         # snapshot serves (cluster mode; a single Redis down fails the call after it anyway)
-        return await self._cache.get_or_last(None, load, Unavailable)
+        return await self._cache.get_or_last(
+            None, load, Unavailable, grace=self._ttl if prompt else 0.0
+        )
 
-    async def round_keys(self, round_id: str, *, fresh: bool = False) -> RoundKeys:
+    async def round_keys(
+        self, round_id: str, *, fresh: bool = False, prompt: bool = False
+    ) -> RoundKeys:
         """The round's keys. A round missing from the snapshot (created a moment ago on another
         worker, or unknown) is looked up afresh, at most once per MISS_EVERY seconds, so that
-        requests for made-up round ids cannot make every request reload the hash."""
-        tags = await self.all(fresh=fresh)
+        requests for made-up round ids cannot make every request reload the hash.
+
+        ``prompt`` (a claim or entry batch): a snapshot expired less than ``ttl`` ago serves
+        while a fresh one loads in the background, so the batch's one Redis wait is its
+        script's. Awaiting the reload, a batch waited out a hung node's timeout twice: for
+        the hash, then for its script on another node (tests/test_cluster.py, a hung cluster)."""
+        tags = await self.all(fresh=fresh, prompt=prompt)
         if round_id not in tags and not fresh:
             now = self.monotonic()
             if now - self._last_miss >= MISS_EVERY:

@@ -184,3 +184,84 @@ async def test_lone_request_is_dispatched_without_waiting_for_a_batch(
     sizes = count_claim_calls(client.app[ALLOCATOR])
     assert (await reserve(client, 1)).status == 201
     assert sizes == [1]
+
+
+async def test_a_batch_out_on_one_round_does_not_hold_back_the_claims_on_another(
+    client: TestClient[Any, Any],
+) -> None:
+    """One lane per round: while a batch of r1 is out (its Redis node hung, say), a claim on
+    r2 goes to Redis and is answered; r1's own next claim waits for r1's batch only."""
+    await seed(client, stock={"s1": 10})
+    await seed(client, round_id="r2", stock={"s1": 10})
+    allocator = client.app[ALLOCATOR]
+    original = allocator.claim_many
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls: list[tuple[str, int]] = []
+
+    async def claim_many(round_id: str, items: Any) -> Any:
+        calls.append((round_id, len(items)))
+        if round_id == "r1" and len(calls) == 1:
+            entered.set()
+            await release.wait()  # the first batch of r1 stays out until the test says so
+        return await original(round_id, items)
+
+    allocator.claim_many = claim_many
+    held = asyncio.ensure_future(reserve(client, 1, round_id="r1"))
+    await entered.wait()
+    behind = asyncio.ensure_future(reserve(client, 2, round_id="r1"))
+    async with asyncio.timeout(5):  # with one batch at a time per worker: held until release
+        other = await reserve(client, 3, round_id="r2")
+    assert other.status == 201
+    assert not held.done()
+    assert not behind.done()  # r1's next batch waits for r1's batch out
+    assert calls == [("r1", 1), ("r2", 1)]
+    release.set()
+    assert (await held).status == 201
+    assert (await behind).status == 201
+    assert calls == [("r1", 1), ("r2", 1), ("r1", 1)]
+
+
+async def test_claims_queued_behind_a_batch_that_failed_are_answered_from_the_breaker(
+    client: TestClient[Any, Any],
+) -> None:
+    """A batch whose Redis call failed opened the breaker: the claims that waited behind it
+    go out as one batch, answered 503 at once from the breaker, without first reloading the
+    ledger's floors (which a Redis failure makes suspect)."""
+    await seed(client, stock={"s1": 10})
+    allocator = client.app[ALLOCATOR]
+    original = allocator.claim_many
+    entered, release = asyncio.Event(), asyncio.Event()
+    calls: list[int] = []
+    floors: list[str] = []
+    floor = allocator.watch.floor
+
+    async def claim_many(round_id: str, items: Any) -> Any:
+        calls.append(len(items))
+        if len(calls) == 1:
+            entered.set()
+            await release.wait()
+
+            async def fails() -> None:
+                raise ConnectionError("the node went away")
+
+            await allocator.store.redis_call(fails())  # raises Unavailable, opens the breaker
+        return await original(round_id, items)
+
+    async def counted_floor(round_id: str) -> int:
+        floors.append(round_id)
+        return int(await floor(round_id))
+
+    allocator.claim_many = claim_many
+    allocator.watch.floor = counted_floor  # the claims' watch is this one
+    first = asyncio.ensure_future(reserve(client, 1))
+    await entered.wait()
+    behind = [asyncio.ensure_future(reserve(client, n)) for n in range(2, 7)]
+    await asyncio.sleep(0.05)  # all five in line behind the batch out
+    release.set()
+    answers = [await first, *[await b for b in behind]]
+    assert [a.status for a in answers] == [503] * 6
+    for a in answers:
+        assert (await a.json())["code"] == "unavailable"
+        assert int(a.headers["Retry-After"]) >= 1
+    assert calls == [1, 5]  # the five as one batch, not sent again one by one
+    assert floors == []  # nor did that batch wait for the ledger's floors

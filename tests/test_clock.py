@@ -112,6 +112,46 @@ async def test_get_or_last_waits_for_a_fresh_value_but_not_on_a_node_that_just_f
     assert await cache.get_or_last("k", load, Unavailable) == 6  # healthy: awaited again
 
 
+async def test_get_or_last_with_grace_serves_a_just_expired_value_while_it_reloads() -> None:
+    """A claim batch's snapshots (round tags, sites): within ``grace`` of expiry the last value
+    is served at once while a fresh one loads in the background (one load, however many ask),
+    so a hung node's timeout is never in front of the claim's own; past that, awaited."""
+    from allocator.errors import Unavailable
+
+    clock = FakeClock()
+    cache: TtlCache[str, int] = TtlCache(1.0, clock)
+    release = asyncio.Event()
+    loads = 0
+
+    async def load() -> int:
+        nonlocal loads
+        loads += 1
+        if loads > 1:
+            await release.wait()  # Redis is slow, or hung
+        return loads
+
+    assert await cache.get_or_last("k", load, Unavailable, grace=1.0) == 1
+    clock.advance(1.5)  # expired half a second ago
+    for _ in range(3):
+        assert (
+            await asyncio.wait_for(cache.get_or_last("k", load, Unavailable, grace=1.0), 0.1) == 1
+        )
+    await asyncio.sleep(0)
+    assert loads == 2  # one load under way
+    waited = asyncio.ensure_future(cache.get_or_last("k", load, Unavailable))
+    await asyncio.sleep(0)
+    assert not waited.done()  # without grace: waits for that load
+    release.set()
+    assert await waited == 2
+    clock.advance(2.5)  # expired 1.5 s ago: past the grace, awaited
+    release.clear()
+    waited = asyncio.ensure_future(cache.get_or_last("k", load, Unavailable, grace=1.0))
+    await asyncio.sleep(0)
+    assert not waited.done()
+    release.set()
+    assert await waited == 3
+
+
 def test_a_sold_out_mark_answers_from_memory_for_its_ttl_by_the_clock() -> None:
     """The herd on an empty site is answered from memory for at most TTL, then Redis decides."""
     clock = FakeClock()
