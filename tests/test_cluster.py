@@ -34,7 +34,7 @@ from allocator import topology
 from allocator.config import ConfigError, RedisSettings, Settings, load_settings
 from allocator.keys import Keys
 from allocator.reconcile import reconcile
-from loadtest.cluster import NODE_TIMEOUT_MS, PrivateCluster
+from loadtest.cluster import NODE_TIMEOUT_MS, ClusterNodeServer, PrivateCluster
 from service.app import create_app
 from service.appkeys import ALLOCATOR, METRICS
 from service.ops import create_ops_app
@@ -650,6 +650,43 @@ async def seeded(client: TestClient[Any, Any], rounds: list[str], **kwargs: Any)
         replicas.timeout_ms = timeout_ms
 
 
+@dataclass
+class ShardLoad:
+    """Three rounds on three primaries, seeded, under a :class:`Load` of six tasks; the first
+    round's primary (``victim``) and its replica are the ones a test kills or hangs."""
+
+    client: TestClient[Any, Any]
+    rounds: list[str]
+    victim_round: str
+    victim: ClusterNodeServer
+    replica: ClusterNodeServer
+    load: Load
+    tasks: list[asyncio.Task[None]]
+
+
+async def shard_load(
+    aiohttp_client: AiohttpClient,
+    settings: Settings,
+    redis_cluster: PrivateCluster,
+    keys: Keys,
+    kind: str = "reservations",
+) -> ShardLoad:
+    """The app on ``settings``, its rounds (lottery rounds for ``kind`` "entries") and the
+    load started."""
+    client = await aiohttp_client(create_app(settings))
+    rounds = rounds_on_each_primary(redis_cluster, keys)
+    lottery: dict[str, Any] = (
+        {"mode": "lottery", "public_randomness_source": SOURCE} if kind == "entries" else {}
+    )
+    await seeded(client, rounds, stock={"s1": 100000}, **lottery)
+    victim = redis_cluster.primary_of_slot(key_slot(keys.round(rounds[0]).round.encode()))
+    load = Load(client, rounds, kind)
+    tasks = [asyncio.create_task(load.worker()) for _ in range(6)]
+    return ShardLoad(
+        client, rounds, rounds[0], victim, redis_cluster.replica_of(victim), load, tasks
+    )
+
+
 @pytest.mark.parametrize("wait_replicas", [1, 0])
 @pytest.mark.parametrize("kind", ["reservations", "entries"])
 async def test_kill_9_of_a_primary_under_load(
@@ -669,18 +706,16 @@ async def test_kill_9_of_a_primary_under_load(
         cluster_settings,
         redis=RedisSettings(mode="cluster", wait_replicas=wait_replicas, wait_timeout_ms=200),
     )
-    client = await aiohttp_client(create_app(settings))
-    ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
-    rounds = rounds_on_each_primary(redis_cluster, keys)
-    lottery: dict[str, Any] = (
-        {"mode": "lottery", "public_randomness_source": SOURCE} if kind == "entries" else {}
+    run = await shard_load(aiohttp_client, settings, redis_cluster, keys, kind)
+    client, victim_round, victim, heir, load, tasks = (
+        run.client,
+        run.victim_round,
+        run.victim,
+        run.replica,
+        run.load,
+        run.tasks,
     )
-    await seeded(client, rounds, stock={"s1": 100000}, **lottery)
-    victim_round = rounds[0]
-    victim = redis_cluster.primary_of_slot(key_slot(keys.round(victim_round).round.encode()))
-    heir = redis_cluster.replica_of(victim)
-    load = Load(client, rounds, kind)
-    tasks = [asyncio.create_task(load.worker()) for _ in range(6)]
+    ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
     await asyncio.sleep(1.5)
     killed_at = time.monotonic()
     await asyncio.to_thread(redis_cluster.kill, victim)
@@ -888,18 +923,16 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
     shards' rounds are answered 201 throughout; /readyz is 503 naming the hung primary. Once it
     answers again, so does its round."""
     settings = hang_settings(cluster_settings)
-    client = await aiohttp_client(create_app(settings))
-    ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
-    rounds = rounds_on_each_primary(redis_cluster, keys)
-    lottery: dict[str, Any] = (
-        {"mode": "lottery", "public_randomness_source": SOURCE} if kind == "entries" else {}
+    run = await shard_load(aiohttp_client, settings, redis_cluster, keys, kind)
+    client, victim_round, victim, replica, load, tasks = (
+        run.client,
+        run.victim_round,
+        run.victim,
+        run.replica,
+        run.load,
+        run.tasks,
     )
-    await seeded(client, rounds, stock={"s1": 100000}, **lottery)
-    victim_round = rounds[0]
-    victim = redis_cluster.primary_of_slot(key_slot(keys.round(victim_round).round.encode()))
-    replica = redis_cluster.replica_of(victim)
-    load = Load(client, rounds, kind)
-    tasks = [asyncio.create_task(load.worker()) for _ in range(6)]
+    ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
     try:
         await asyncio.sleep(1.0)
         hung_at = time.monotonic()
@@ -973,14 +1006,14 @@ async def test_the_ledger_goes_on_committing_the_other_shards_while_one_hangs(
     hung one, COMMAND GETKEYS before every XREADGROUP on any node, and while one node's failure
     failed the writer's whole pipeline over all nodes: allocator/topology.py, ledger.py.)"""
     settings = hang_settings(cluster_settings)
-    client = await aiohttp_client(create_app(settings))
-    rounds = rounds_on_each_primary(redis_cluster, keys)
-    await seeded(client, rounds, stock={"s1": 100000})
-    victim_round = rounds[0]
-    victim = redis_cluster.primary_of_slot(key_slot(keys.round(victim_round).round.encode()))
-    replica = redis_cluster.replica_of(victim)
-    load = Load(client, rounds)
-    tasks = [asyncio.create_task(load.worker()) for _ in range(6)]
+    run = await shard_load(aiohttp_client, settings, redis_cluster, keys)
+    victim_round, victim, replica, load, tasks = (
+        run.victim_round,
+        run.victim,
+        run.replica,
+        run.load,
+        run.tasks,
+    )
     try:
         await asyncio.sleep(1.0)
         hung_at = time.monotonic()
