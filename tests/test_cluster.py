@@ -860,7 +860,8 @@ async def test_kill_9_of_a_primary_whose_replica_lags_loses_no_answered_entry(
 # plus this margin for a loaded CI machine: a bound on the hang, not a figure of speed. A request
 # waits for at most one timeout: the batch out on its own round (allocator/admission.py, one lane
 # per round), after which the node's breaker answers at once; nothing it needs first waits on
-# Redis (the snapshots of the round tags and the sites serve while they reload).
+# Redis (the snapshots of the round tags and the sites serve while they reload). Two timeouts
+# while the worker's loop is saturated (LoopWatch below).
 MARGIN = 0.5
 # Pages and readiness make several calls, some one after the other: a bound on the hang only.
 PROMPT = 3.0
@@ -869,6 +870,29 @@ PROMPT = 3.0
 def prompt(settings: Settings) -> float:
     """The bound on a hung shard's 503 for a claim or an entry."""
     return settings.service.redis_timeout_ms / 1000 + MARGIN
+
+
+class LoopWatch:
+    """When this test's event loop (the app's: aiohttp_client runs it in-process) fell behind,
+    as allocator/looplag.py judges it (a 50 ms tick 0.2 s late). A Redis timeout while the loop
+    is saturated is answered 429 overloaded and opens no breaker (allocator/store.py: the
+    reply most likely sat unread), so the next batch of that round waits out a second timeout:
+    two timeouts are then the bound (seen once on a loaded CI run: 1.60 s)."""
+
+    def __init__(self) -> None:
+        self.late: list[float] = []  # monotonic times of late ticks
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.05
+            await asyncio.sleep(0.05)
+            if loop.time() - due > 0.2:
+                self.late.append(loop.time())
+
+    def saturated_between(self, start: float, end: float) -> bool:
+        """A late tick from a second before ``start`` (looplag's memory) to ``end``."""
+        return any(start - 1.0 <= t <= end for t in self.late)
 
 
 def hang_settings(cluster_settings: Settings) -> Settings:
@@ -933,6 +957,8 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
         run.tasks,
     )
     ops = await aiohttp_client(create_ops_app(settings, client.app[METRICS].render))
+    watch = LoopWatch()
+    watching = asyncio.create_task(watch.run())
     try:
         await asyncio.sleep(1.0)
         hung_at = time.monotonic()
@@ -954,10 +980,16 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
     finally:
         load.stop.set()
         await asyncio.gather(*tasks)
+        watching.cancel()
     await asyncio.to_thread(redis_cluster.wait_healthy, 30)
     answers = list(zip(load.answers, load.took, load.retry_after, strict=True))
     hung = [(s, took, ra) for (t, r, s, _), took, ra in answers
             if r == victim_round and hung_at + 0.3 < t - took and t < resumed_at]  # fmt: skip
+    # past one timeout only while the loop was saturated meanwhile, and never past two
+    slow = [(s, took, t) for (t, r, s, _), took, _ in answers
+            if r == victim_round and hung_at + 0.3 < t - took and t < resumed_at
+            and took >= prompt(settings)]  # fmt: skip
+    excused = [took for _, took, t in slow if watch.saturated_between(t - took, t)]
     others = [s for (t, r, s, _), _, _ in answers
               if r != victim_round and hung_at < t and t < resumed_at]  # fmt: skip
 
@@ -975,7 +1007,8 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
     print(
         f"\nshard {victim.address} and its replica hung {resumed_at - hung_at:.1f} s: "
         f"{len(hung)} {kind} answers on its round (statuses {statuses}, slowest"
-        f" {slowest:.3f} s, bound {prompt(settings):.1f} s), {len(others)} on the other shards"
+        f" {slowest:.3f} s, bound {prompt(settings):.1f} s; {len(excused)} slower while the"
+        f" loop was saturated, {len(watch.late)} late ticks), {len(others)} on the other shards"
         f" ({sorted(Counter(others).items())}); /readyz {early[0]} in {early[2]:.2f} s,"
         f" then {late[0]} in {late[2]:.2f} s"
     )
@@ -984,7 +1017,8 @@ async def test_a_hung_shard_answers_503_promptly_and_the_other_shards_201_throug
     assert hung
     assert all(s in (429, 503) and ra is not None and int(ra) >= 1 for s, _, ra in hung), hung
     assert [s for s, _, _ in hung].count(503) > len(hung) / 2, statuses
-    assert slowest < prompt(settings), hung
+    assert len(excused) == len(slow), (slow, watch.late)
+    assert slowest < prompt(settings) + settings.service.redis_timeout_ms / 1000, hung
     assert len(others) > 20
     assert set(others) == {201}, load.refusals
     for status, body, took in (early, late):
