@@ -1172,6 +1172,26 @@ async def test_a_hung_cluster_answers_every_claim_503_promptly_and_health_still_
 # -- two `allot serve` nodes on one cluster ----------------------------------------------------
 
 
+def cluster_nodes(
+    settings: Settings, tmp_path: Path, env: dict[str, str] | None = None
+) -> list[Server]:
+    """Two `allot serve` nodes (not started) on the cluster, wait_replicas 1, each ledger
+    writer under its own consumer name (``node<i>-ledger``), with ``env`` added."""
+    nodes = []
+    for i in (1, 2):
+        node = Server(settings, tmp_path / f"node{i}.log", settings.redis_url)
+        node.env.update(
+            {
+                **(env or {}),
+                "ALLOT_REDIS_MODE": "cluster",
+                "ALLOT_REDIS_WAIT_REPLICAS": "1",
+                "ALLOT_LEDGER_CONSUMER": f"node{i}-ledger",
+            }
+        )
+        nodes.append(node)
+    return nodes
+
+
 async def test_two_allot_nodes_share_one_cluster_and_one_ledger(
     cluster_settings: Settings,
     cluster_redis: RedisCluster,
@@ -1180,17 +1200,7 @@ async def test_two_allot_nodes_share_one_cluster_and_one_ledger(
     """Two `allot serve` instances (as on two machines: each its supervisor, workers and ledger
     writer under its own consumer name) on one cluster and one PostgreSQL: a citizen holds one
     share whichever node they ask, and every 201 of both reaches the ledger once."""
-    nodes = []
-    for i in (1, 2):
-        node = Server(cluster_settings, tmp_path / f"node{i}.log", cluster_settings.redis_url)
-        node.env.update(
-            {
-                "ALLOT_REDIS_MODE": "cluster",
-                "ALLOT_REDIS_WAIT_REPLICAS": "1",
-                "ALLOT_LEDGER_CONSUMER": f"node{i}-ledger",
-            }
-        )
-        nodes.append(node)
+    nodes = cluster_nodes(cluster_settings, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
             for node in nodes:
@@ -1238,18 +1248,7 @@ async def test_kill_9_of_an_allot_node_its_pending_ledger_entries_are_taken_over
 
     stream = keys.round("r1").ledger
     env = config_file(tmp_path / "allot.toml", "[ledger]\nclaim_idle_ms = 1000\n")
-    nodes = []
-    for i in (1, 2):
-        node = Server(cluster_settings, tmp_path / f"node{i}.log", cluster_settings.redis_url)
-        node.env.update(
-            {
-                **env,
-                "ALLOT_REDIS_MODE": "cluster",
-                "ALLOT_REDIS_WAIT_REPLICAS": "1",
-                "ALLOT_LEDGER_CONSUMER": f"node{i}-ledger",
-            }
-        )
-        nodes.append(node)
+    nodes = cluster_nodes(cluster_settings, tmp_path, env)
 
     async def pending() -> dict[str, int]:
         found = await cluster_redis.xinfo_consumers(stream, "ledger")
