@@ -34,35 +34,43 @@ async def test_a_cached_value_lives_its_ttl_by_the_clock_and_no_longer() -> None
     assert await cache.get("k", load) == 2  # expired: loaded again
 
 
+class SlowLoads:
+    """A snapshot's load: counts its calls and answers the count; every call after the first
+    waits for ``release`` (Redis slow, or hung)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.release = asyncio.Event()
+
+    async def __call__(self) -> int:
+        self.count += 1
+        if self.count > 1:
+            await self.release.wait()
+        return self.count
+
+
 async def test_last_serves_an_expired_value_at_once_while_refresh_loads_it_anew() -> None:
     """Checks made before a claim is queued read the last snapshot and never wait for Redis:
     one background load per expiry, whatever the number of callers."""
     clock = FakeClock()
     cache: TtlCache[str, int] = TtlCache(1.0, clock)
-    release = asyncio.Event()
-    loads = 0
-
-    async def load() -> int:
-        nonlocal loads
-        loads += 1
-        if loads > 1:
-            await release.wait()  # Redis is slow
-        return loads
+    load = SlowLoads()
+    release = load.release
 
     assert cache.last("k") is None
     assert await cache.get("k", load) == 1
     cache.refresh("k", load)  # fresh: nothing to do
-    assert loads == 1
+    assert load.count == 1
     clock.advance(1.5)
     for _ in range(3):
         cache.refresh("k", load)
         assert cache.last("k") == 1  # the old value, at once
     await asyncio.sleep(0)
-    assert loads == 2  # one load under way, not three
+    assert load.count == 2  # one load under way, not three
     release.set()
     assert await cache.get("k", load) == 2  # joins the load under way
     assert cache.last("k") == 2
-    assert loads == 2
+    assert load.count == 2
 
 
 async def test_get_or_last_waits_for_a_fresh_value_but_not_on_a_node_that_just_failed() -> None:
@@ -120,15 +128,8 @@ async def test_get_or_last_with_grace_serves_a_just_expired_value_while_it_reloa
 
     clock = FakeClock()
     cache: TtlCache[str, int] = TtlCache(1.0, clock)
-    release = asyncio.Event()
-    loads = 0
-
-    async def load() -> int:
-        nonlocal loads
-        loads += 1
-        if loads > 1:
-            await release.wait()  # Redis is slow, or hung
-        return loads
+    load = SlowLoads()
+    release = load.release
 
     assert await cache.get_or_last("k", load, Unavailable, grace=1.0) == 1
     clock.advance(1.5)  # expired half a second ago
@@ -137,7 +138,7 @@ async def test_get_or_last_with_grace_serves_a_just_expired_value_while_it_reloa
             await asyncio.wait_for(cache.get_or_last("k", load, Unavailable, grace=1.0), 0.1) == 1
         )
     await asyncio.sleep(0)
-    assert loads == 2  # one load under way
+    assert load.count == 2  # one load under way
     waited = asyncio.ensure_future(cache.get_or_last("k", load, Unavailable))
     await asyncio.sleep(0)
     assert not waited.done()  # without grace: waits for that load
